@@ -1,0 +1,108 @@
+"""Read Hugging Face safetensors checkpoints (single file or sharded), tensor by tensor, memory-mapped.
+
+`Checkpoint` knows files and tensor names, not models: it validates that every shard exists and every header parses
+before anything is read, and reads one tensor at a time, so neither the loader nor the quantizer ever holds the whole
+model twice. Every failure is a `MarcoError` naming the file (and tensor).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import MarcoError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class Checkpoint:
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                raise MarcoError(f"{index} is not a valid safetensors index: {e}") from e
+            files = sorted({self.folder / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise MarcoError(
+                    f"checkpoint shard(s) missing in {self.folder}: {', '.join(missing)}",
+                    hint="re-download the model (marco pull)",
+                )
+        elif (self.folder / SINGLE_NAME).is_file():
+            files = [self.folder / SINGLE_NAME]
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise MarcoError(f"no .safetensors weights in {self.folder}")
+        for f in files:
+            for name in self._open(f).keys():
+                self.file_of[name] = f
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            _check_complete(path)
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise MarcoError(
+                    f"cannot read {path}: {e}", hint="the file is corrupt or truncated; re-download it"
+                ) from e
+        return self._handles[path]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.file_of:
+            raise MarcoError(f"tensor {name} is missing from the checkpoint in {self.folder}")
+        path = self.file_of[name]
+        try:
+            return self._open(path).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise MarcoError(
+                f"cannot read tensor {name} from {path}: {e}", hint="the file is corrupt or truncated; re-download it"
+            ) from e
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.file_of.values()))
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.file_of:
+            yield name, self.get(name)
+
+
+def _check_complete(path: Path) -> None:
+    """A truncated download still has a valid header; compare the header's last data offset with the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise MarcoError(f"{path} is truncated (no safetensors header)", hint="re-download the model")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise MarcoError(f"{path} is truncated (header runs past the end of the file)", hint="re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MarcoError(f"{path} has a corrupt safetensors header: {e}") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise MarcoError(
+            f"{path} is truncated: {size} bytes, header promises {8 + n + end}", hint="re-download the model"
+        )

@@ -1,0 +1,78 @@
+"""All terminal presentation: the stderr console, error lines, progress bars and stats footers.
+
+stdout carries only model output; everything here goes to stderr. rich drops colours and animation by itself when
+stderr is not a terminal or NO_COLOR is set; `progress` shows nothing at all on a non-terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False, no_color=bool(os.environ.get("NO_COLOR")) or None)
+
+
+def error(message: str, hint: str | None = None) -> None:
+    console.print(f"[bold red]Error:[/] {message}", markup=True, soft_wrap=True, highlight=False)
+    if hint:
+        console.print(f"[yellow]Hint:[/] {hint}", markup=True, soft_wrap=True, highlight=False)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]Warning:[/] {message}", soft_wrap=True)
+
+
+def info(message: str) -> None:
+    console.print(message, soft_wrap=True, markup=False)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@contextmanager
+def progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback `(done, total)`, drawn as a bar on a terminal and silent elsewhere."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    with bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def stats_line(r) -> str:
+    """One line after a reply: speeds, time to first token, memory, expert cache hit rate."""
+    parts = [
+        f"prompt {r.prompt_tokens} tok @ {r.prompt_tps:.1f} tok/s",
+        f"decode {r.generation_tokens} tok @ {r.generation_tps:.1f} tok/s",
+        f"first token {r.time_to_first_token * 1000:.0f} ms",
+        f"peak mem {human_bytes(r.peak_memory)}",
+    ]
+    if r.cached_prompt_tokens:
+        parts.insert(1, f"{r.cached_prompt_tokens} cached")
+    hit = r.stats.get("expert_hit_rate") if r.stats else None
+    if hit is not None:
+        parts.append(f"expert hits {hit:.0%}")
+    return " · ".join(parts)

@@ -1,0 +1,183 @@
+"""Text generation in three layers that share one record.
+
+`generate_step` yields token ids (prefill in chunks, then one token per forward); `stream_generate` detokenizes,
+applies stop strings and yields a `GenerationResponse` per text delta; `generate` collects the text. A `PromptCache`
+keeps the KV cache and the token ids it holds between calls, so a chat only prefills what changed. The engine knows
+nothing about terminals or chat templates.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .kv_cache import KVCache
+from .sampling import LogitsProcessor, Sampler, make_sampler
+from .tokenizer import Tokenizer
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class PromptCache:
+    """A KV cache plus the token ids whose keys/values it holds (the reusable prefix of the next prompt)."""
+
+    cache: KVCache
+    tokens: list[int] = field(default_factory=list)
+
+    def reuse(self, prompt: Sequence[int]) -> int:
+        """Trim the cache to the longest prefix shared with `prompt` (leaving at least one token to compute)."""
+        common = 0
+        limit = min(len(self.tokens), len(prompt) - 1)
+        while common < limit and self.tokens[common] == prompt[common]:
+            common += 1
+        self.cache.trim(self.cache.offset - common)
+        del self.tokens[common:]
+        return common
+
+
+@dataclass
+class GenerationResponse:
+    text: str
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    time_to_first_token: float
+    peak_memory: int
+    cached_prompt_tokens: int = 0
+    finish_reason: str | None = None  # "stop", "length", or None while running
+    stats: dict = field(default_factory=dict)  # runtime extras (expert cache hit rate, ...)
+
+
+def peak_memory_bytes(device: torch.device | None = None) -> int:
+    """Peak VRAM on CUDA, else the process's peak RSS."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@torch.inference_mode()
+def generate_step(
+    model: nn.Module,
+    prompt: Sequence[int],
+    prompt_cache: PromptCache,
+    sampler: Sampler,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    max_tokens: int = 256,
+    prefill_step_size: int = 512,
+    progress: ProgressFn | None = None,
+) -> Iterator[int]:
+    """Yield up to `max_tokens` sampled ids. The cache always matches `prompt_cache.tokens`, even if interrupted."""
+    device = next(model.parameters()).device
+    reused = prompt_cache.reuse(prompt)
+    history = list(prompt)
+    todo = list(prompt[reused:])
+    while True:
+        chunk, todo = todo[:prefill_step_size], todo[prefill_step_size:]
+        logits = model(torch.tensor([chunk], device=device), prompt_cache.cache, last_only=True)
+        prompt_cache.tokens.extend(chunk)
+        if progress:
+            progress(len(prompt) - len(todo), len(prompt))
+        if not todo:
+            break
+    for _ in range(max_tokens):
+        scores = logits[0, -1].float()
+        for process in logits_processors:
+            scores = process(history, scores)
+        token = sampler(scores)
+        history.append(token)
+        yield token
+        logits = model(torch.tensor([[token]], device=device), prompt_cache.cache)
+        prompt_cache.tokens.append(token)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters might start a stop string and must wait for more text."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    stop_strings: Sequence[str] = (),
+    prompt_cache: PromptCache | None = None,
+    max_context: int = 4096,
+    progress: ProgressFn | None = None,
+    stats_fn: Callable[[], dict] | None = None,
+) -> Iterator[GenerationResponse]:
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if prompt_cache is None:
+        prompt_cache = PromptCache(model.make_cache(min(max_context, len(ids) + max_tokens)))
+    max_tokens = min(max_tokens, prompt_cache.cache.max_len - len(ids))
+    sampler = sampler or make_sampler()
+    device = next(model.parameters()).device
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer()
+    cached = prompt_cache.reuse(ids)
+    start = time.perf_counter()
+    prompt_time = first_token_time = 0.0
+    pending = ""  # text held back because it may begin a stop string
+    n = 0
+
+    def record(text: str, token: int | None, finish: str | None) -> GenerationResponse:
+        gen_time = time.perf_counter() - start - prompt_time
+        return GenerationResponse(
+            text=text,
+            token=token,
+            prompt_tokens=len(ids),
+            prompt_tps=(len(ids) - cached) / max(prompt_time, 1e-9),
+            generation_tokens=n,
+            generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
+            time_to_first_token=first_token_time,
+            peak_memory=peak_memory_bytes(device),
+            cached_prompt_tokens=cached,
+            finish_reason=finish,
+            stats=stats_fn() if stats_fn else {},
+        )
+
+    finish = "length"
+    token: int | None = None
+    steps = generate_step(model, ids, prompt_cache, sampler, logits_processors, max(max_tokens, 0), progress=progress)
+    for token in steps:
+        if n == 0:
+            prompt_time = first_token_time = time.perf_counter() - start
+        n += 1
+        if token in eos:
+            finish = "stop"
+            break
+        pending += detok.add(token)
+        hit = min(((pending.find(s), s) for s in stop_strings if s in pending), default=None)
+        if hit is not None:
+            pending, finish = pending[: hit[0]], "stop"
+            break
+        keep = _held_back(pending, stop_strings)
+        out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        if out:
+            yield record(out, token, None)
+    steps.close()
+    if finish == "length" or token in eos:
+        pending += detok.flush()
+    yield record(pending, token, finish)
+
+
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))

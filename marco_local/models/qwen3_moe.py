@@ -1,0 +1,219 @@
+"""The qwen3_moe decoder (Marco-Nano, Marco-Mini) in plain PyTorch.
+
+Numerics follow transformers' modeling_qwen3_moe.py: RMSNorm in float32, per-head q/k RMSNorm before rotate-half
+RoPE, softmax router in float32 then top-k (renormalised when `norm_topk_prob`), SwiGLU experts. Module and parameter
+names are the Hugging Face checkpoint names, except that the experts of a layer are stacked into `[E, out, in]`
+tensors (see `Experts`). No file I/O, no quantization imports: loaders build this module and fill its weights, and
+quantized or offloaded variants replace `nn.Linear`s and `Experts` with modules of the same call signature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half (NEOX) RoPE, computed in float32 like transformers and grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
+        super().__init__()
+        arange = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu")  # real even when built on "meta"
+        self.inv_freq = 1.0 / (theta ** (arange / head_dim))
+        self.position_scale = 1.0
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
+            self.position_scale = 1.0 / float(scaling["factor"])
+        self._cos = self._sin = torch.empty(0, device="cpu")
+
+    def forward(self, start: int, length: int, dtype: torch.dtype, device: torch.device):
+        end = start + length
+        if self._cos.shape[0] < end or self._cos.device != device:
+            size = max(256, 1 << (end - 1).bit_length())
+            positions = torch.arange(size, dtype=torch.float, device=device) * self.position_scale
+            freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin = emb.cos(), emb.sin()
+        return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B, T, _ = x.shape  # B batch, T new tokens
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        start = cache.offset
+        k, v = cache.update(self.layer, k, v)  # [B, H_kv, start + T, hd]
+        if T == 1:
+            mask, causal = None, False
+        elif start == 0:
+            mask, causal = None, True
+        else:  # new tokens after a cached prefix: token i sees the prefix and new tokens up to i
+            rows = torch.arange(start, start + T, device=x.device)[:, None]
+            mask, causal = torch.arange(start + T, device=x.device)[None, :] <= rows, False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward, for layers listed in `mlp_only_layers`."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """All experts of one layer, stacked: gate/up [E, I, D], down [E, D, I].
+
+    `forward` groups the routed (token, expert) pairs by expert and runs each used expert once on its tokens, so the
+    Python loop is over used experts, never over all E. Subclasses (quantized, offloaded) override `expert_forward`
+    and keep the routing. # T tokens, E experts, A active per token, D hidden, I expert width
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, D] -> [n, D] through expert e."""
+        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        A = idx.shape[1]  # x [T, D], idx/weights [T, A]
+        flat = idx.reshape(-1)  # [T*A]
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        flat_weights = weights.reshape(-1, 1)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in zip(experts.tolist(), counts.tolist(), strict=True):
+            pairs = order[start : start + n]
+            tokens = pairs // A
+            y = self.expert_forward(e, x[tokens]) * flat_weights[pairs]
+            out.index_add_(0, tokens, y.to(out.dtype))
+            start += n
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router, kept in high precision
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (expert ids [T, A], weights [T, A] in x's dtype)."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)  # [T, E]
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return idx, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        idx, weights = self.route(flat)
+        return self.experts(flat, idx, weights).reshape(B, T, D)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    """What the checkpoint calls `model.*`: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen3MoeForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def make_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
+        cfg, p = self.config, self.model.norm.weight
+        return KVCache(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            max_len,
+            batch_size,
+            dtype=p.dtype,
+            device=p.device,
+        )
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] (positions cache.offset ...) -> logits [B, T, V], or [B, 1, V] with last_only."""
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rotary(cache.offset, tokens.shape[1], x.dtype, x.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache)
+        cache.advance(tokens.shape[1])
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))

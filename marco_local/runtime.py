@@ -1,0 +1,84 @@
+"""Load a MODEL argument into a ready-to-generate bundle: model, tokenizer and where it lives.
+
+This is the one seam between "what the user named" and "what runs": it picks the loader by format (Hugging Face
+folder today; GGUF and quantized folders plug in here) and the device and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MarcoError
+from .loader import load_model
+from .registry import ResolvedModel, resolve
+from .tokenizer import Tokenizer
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "f16": torch.float16,
+    "float16": torch.float16,
+    "f32": torch.float32,
+    "float32": torch.float32,
+}
+
+
+@dataclass
+class LoadedModel:
+    source: ResolvedModel
+    model: nn.Module
+    tokenizer: Tokenizer
+    device: torch.device
+    generation_defaults: dict[str, Any]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MarcoError("--device cuda was asked for, but no CUDA device is available", hint="use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise MarcoError(f"unknown device {name!r}", hint="use auto, cpu or cuda") from e
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise MarcoError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _generation_defaults(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = {}
+    return {k: raw[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in raw}
+
+
+def load(
+    spec: str,
+    dtype: str = "bf16",
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> LoadedModel:
+    source = resolve(spec)
+    dev = pick_device(device)
+    if source.format == "gguf":
+        raise MarcoError(f"{source.path}: running .gguf files is not available yet", hint="use a checkpoint folder")
+    model = load_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
+    tokenizer = Tokenizer.from_folder(source.path, config_eos=model.config.eos_token_ids)
+    return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path))

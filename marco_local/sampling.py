@@ -1,0 +1,67 @@
+"""Samplers and logits processors, built once per generation.
+
+`make_sampler` returns a function from float32 logits [V] to a token id. Temperature 0 is greedy (argmax). The filters
+follow the usual order (top-k, top-p, min-p, then temperature) on probabilities; an explicit `torch.Generator` seeded
+from `seed` makes a run reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Sampler = Callable[[torch.Tensor], int]
+LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+
+
+def make_sampler(
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+) -> Sampler:
+    if temperature <= 0:
+        return lambda logits: int(torch.argmax(logits))
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else torch.seed())
+
+    def sample(logits: torch.Tensor) -> int:
+        logits = logits.float().cpu()
+        if top_k > 0 and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            drop = cumulative - sorted_probs > top_p  # keep the smallest set whose mass reaches top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        if min_p > 0.0:
+            probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+    return sample
+
+
+def make_repetition_penalty(penalty: float, context_size: int = 64) -> LogitsProcessor:
+    """The CTRL/transformers rule: divide positive logits of recent tokens by `penalty`, multiply negative ones."""
+
+    def process(tokens: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        recent = list(tokens[-context_size:])
+        if not recent:
+            return logits
+        ids = torch.tensor(recent, device=logits.device)
+        chosen = logits[ids]
+        logits = logits.clone()
+        logits[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
+        return logits
+
+    return process
+
+
+def make_logits_processors(repetition_penalty: float | None = None, context_size: int = 64) -> list[LogitsProcessor]:
+    if repetition_penalty is None or repetition_penalty == 1.0:
+        return []
+    return [make_repetition_penalty(repetition_penalty, context_size)]

@@ -1,0 +1,96 @@
+"""Fixtures: small random qwen3_moe checkpoints written by transformers, with an offline-trained tokenizer.
+
+Each checkpoint is a real Hugging Face folder (`save_pretrained`), so the loader is tested on what transformers
+writes, and the transformers model is returned alongside as the numeric reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MARCO_HOME", str(Path(__file__).parent / ".cache-marco"))
+
+from marco_local.demo import build_tokenizer, write_tokenizer_files  # noqa: E402
+
+BASE_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    tie_word_embeddings=True,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_obj():
+    return build_tokenizer(vocab_size=400)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """transformers' init (std 0.02) gives an almost uniform router whose top-k ties are arbitrary; widen it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norm weights
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(
+                    torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 * (3.0 if "gate.weight" in name else 1.0)
+                )
+
+
+def build_checkpoint(folder: Path, tok, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """Write a random qwen3_moe checkpoint + tokenizer to `folder`; return the float32 transformers model."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    eos = tok.token_to_id("<|im_end|>")
+    cfg = Qwen3MoeConfig(
+        **{**BASE_CONFIG, **overrides},
+        vocab_size=tok.get_vocab_size(),
+        eos_token_id=eos,
+        bos_token_id=tok.token_to_id("<|endoftext|>"),
+        pad_token_id=tok.token_to_id("<|endoftext|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    randomize(model, seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    write_tokenizer_files(tok, folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory, tokenizer_obj):
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def make(name: str = "base", seed: int = 0, **overrides):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(f"ckpt-{name}")
+            cache[name] = (folder, build_checkpoint(folder, tokenizer_obj, seed=seed, **overrides))
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def checkpoint(make_checkpoint):
+    """The default fixture model: (folder, transformers reference model)."""
+    return make_checkpoint()
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
