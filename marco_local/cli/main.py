@@ -15,7 +15,7 @@ from typer._click import exceptions as click  # typer vendors click; its excepti
 
 from .. import __version__
 from ..errors import MarcoError
-from . import ui
+from . import run_cmd, ui
 
 app = typer.Typer(
     name="marco",
@@ -25,22 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-ModelArg = Annotated[
-    str, typer.Argument(help="Short name (demo, nano, mini...), Hugging Face repo id, folder or .gguf")
-]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
-Temperature = Annotated[
-    float | None, typer.Option(help="0 = greedy. Default: the model's generation_config, else 0.7.")
-]
-TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")]
-TopK = Annotated[int | None, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")]
-MinP = Annotated[float | None, typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")]
-RepeatPenalty = Annotated[float | None, typer.Option("--repeat-penalty", help="Penalise recent tokens (1.0 = off).")]
-Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.")]
-Dtype = Annotated[str, typer.Option(help="Weights dtype for unquantized checkpoints: bf16, f16 or f32.")]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-Ctx = Annotated[int, typer.Option("--ctx", help="Context window (tokens) to allocate the KV cache for.")]
 
 
 def _version(value: bool) -> None:
@@ -58,88 +42,8 @@ def _root(
     """Run Marco-MoE language models on your own computer."""
 
 
-def read_stdin_prompt() -> str:
-    """Piped input, decoded strictly: non-UTF-8 bytes are an error, not mojibake."""
-    if sys.stdin is None or sys.stdin.isatty():
-        return ""
-    data = sys.stdin.buffer.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MarcoError(f"standard input is not valid UTF-8 (byte {e.start})", hint="convert it with iconv") from e
-
-
-@app.command(epilog="Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano")
-def run(
-    model: ModelArg,
-    prompt: Annotated[
-        str | None, typer.Argument(help="The prompt; piped stdin comes first when both are given.")
-    ] = None,
-    max_tokens: MaxTokens = 512,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    top_k: TopK = None,
-    min_p: MinP = None,
-    repeat_penalty: RepeatPenalty = None,
-    seed: Seed = None,
-    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Timings and memory on stderr.")] = False,
-    dtype: Dtype = "bf16",
-    device: Device = "auto",
-    ctx: Ctx = 4096,
-) -> None:
-    """Answer one prompt and exit. Only the answer goes to stdout."""
-    from ..generate import PromptCache, stream_generate
-    from ..runtime import load
-    from ..sampling import make_logits_processors, make_sampler
-
-    text = "\n".join(p for p in (read_stdin_prompt(), prompt) if p)
-    if not text.strip():
-        raise MarcoError("empty prompt", hint="pass a prompt argument or pipe text into marco run")
-    with ui.progress("loading") as cb:
-        lm = load(model, dtype=dtype, device=device, progress=cb)
-    if raw:
-        prompt_text = text
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        prompt_text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    d = lm.generation_defaults
-    sampler = make_sampler(
-        temperature=temperature if temperature is not None else d.get("temperature", 0.7),
-        top_p=top_p if top_p is not None else d.get("top_p", 1.0),
-        top_k=top_k if top_k is not None else d.get("top_k", 0),
-        min_p=min_p if min_p is not None else d.get("min_p", 0.0),
-        seed=seed,
-    )
-    ids = lm.tokenizer.encode(prompt_text)
-    ctx = min(ctx, lm.context_length)
-    if len(ids) >= ctx:
-        raise MarcoError(f"the prompt is {len(ids)} tokens, the context window {ctx}", hint="shorten it or raise --ctx")
-    cache = PromptCache(lm.model.make_cache(min(ctx, len(ids) + max_tokens)))
-    last = None
-    ended_with_newline = True
-    for r in stream_generate(
-        lm.model,
-        lm.tokenizer,
-        ids,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=make_logits_processors(repeat_penalty),
-        stop_strings=stop or (),
-        prompt_cache=cache,
-    ):
-        if r.text:
-            sys.stdout.write(r.text)
-            sys.stdout.flush()
-            ended_with_newline = r.text.endswith("\n")
-        last = r
-    if not ended_with_newline:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
-    if verbose and last is not None:
-        ui.info(ui.stats_line(last) + f" · finish: {last.finish_reason}")
+# Commands live in their own modules; register each here.
+app.command(epilog=run_cmd.EPILOG)(run_cmd.run)
 
 
 def main() -> None:

@@ -1,0 +1,23 @@
+"""Option types shared by the commands that load and run a model (run, chat, bench), so they stay identical."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+ModelArg = Annotated[
+    str, typer.Argument(help="Short name (demo, nano, mini...), Hugging Face repo id, folder or .gguf")
+]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
+Temperature = Annotated[
+    float | None, typer.Option(help="0 = greedy. Default: the model's generation_config, else 0.7.")
+]
+TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")]
+TopK = Annotated[int | None, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")]
+MinP = Annotated[float | None, typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")]
+RepeatPenalty = Annotated[float | None, typer.Option("--repeat-penalty", help="Penalise recent tokens (1.0 = off).")]
+Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.")]
+Dtype = Annotated[str, typer.Option(help="Weights dtype for unquantized checkpoints: bf16, f16 or f32.")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Ctx = Annotated[int, typer.Option("--ctx", help="Context window (tokens) to allocate the KV cache for.")]

@@ -1,0 +1,97 @@
+"""`marco run`: answer one prompt (argument and/or piped stdin) and exit; only the answer goes to stdout."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from ..errors import MarcoError
+from . import ui
+from .options import Ctx, Device, Dtype, MaxTokens, MinP, ModelArg, RepeatPenalty, Seed, Temperature, TopK, TopP
+
+EPILOG = "Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano"
+
+
+def read_stdin_prompt() -> str:
+    """Piped input, decoded strictly: non-UTF-8 bytes are an error, not mojibake."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return ""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MarcoError(f"standard input is not valid UTF-8 (byte {e.start})", hint="convert it with iconv") from e
+
+
+def run(
+    model: ModelArg,
+    prompt: Annotated[
+        str | None, typer.Argument(help="The prompt; piped stdin comes first when both are given.")
+    ] = None,
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None,
+    seed: Seed = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Timings and memory on stderr.")] = False,
+    dtype: Dtype = "bf16",
+    device: Device = "auto",
+    ctx: Ctx = 4096,
+) -> None:
+    """Answer one prompt and exit. Only the answer goes to stdout."""
+    from ..generate import PromptCache, stream_generate
+    from ..runtime import load
+    from ..sampling import make_logits_processors, make_sampler
+
+    text = "\n".join(p for p in (read_stdin_prompt(), prompt) if p)
+    if not text.strip():
+        raise MarcoError("empty prompt", hint="pass a prompt argument or pipe text into marco run")
+    with ui.progress("loading") as cb:
+        lm = load(model, dtype=dtype, device=device, progress=cb)
+    if raw:
+        prompt_text = text
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        prompt_text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    d = lm.generation_defaults
+    sampler = make_sampler(
+        temperature=temperature if temperature is not None else d.get("temperature", 0.7),
+        top_p=top_p if top_p is not None else d.get("top_p", 1.0),
+        top_k=top_k if top_k is not None else d.get("top_k", 0),
+        min_p=min_p if min_p is not None else d.get("min_p", 0.0),
+        seed=seed,
+    )
+    ids = lm.tokenizer.encode(prompt_text)
+    ctx = min(ctx, lm.context_length)
+    if len(ids) >= ctx:
+        raise MarcoError(f"the prompt is {len(ids)} tokens, the context window {ctx}", hint="shorten it or raise --ctx")
+    cache = PromptCache(lm.model.make_cache(min(ctx, len(ids) + max_tokens)))
+    last = None
+    ended_with_newline = True
+    for r in stream_generate(
+        lm.model,
+        lm.tokenizer,
+        ids,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=make_logits_processors(repeat_penalty),
+        stop_strings=stop or (),
+        prompt_cache=cache,
+    ):
+        if r.text:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            ended_with_newline = r.text.endswith("\n")
+        last = r
+    if not ended_with_newline:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose and last is not None:
+        ui.info(ui.stats_line(last) + f" · finish: {last.finish_reason}")
