@@ -89,13 +89,15 @@ def generate_step(
             progress(len(prompt) - len(todo), len(prompt))
         if not todo:
             break
-    for _ in range(max_tokens):
+    for i in range(max_tokens):
         scores = logits[0, -1].float()
         for process in logits_processors:
             scores = process(history, scores)
         token = sampler(scores)
         history.append(token)
         yield token
+        if i == max_tokens - 1:  # the last token is never fed: nothing would read its logits
+            break
         logits = model(torch.tensor([[token]], device=device), prompt_cache.cache)
         prompt_cache.tokens.append(token)
 

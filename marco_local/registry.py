@@ -82,7 +82,9 @@ def resolve(spec: str) -> ResolvedModel:
         return ResolvedModel(spec, path, "gguf")
     if path.is_dir():
         return ResolvedModel(spec, path, "hf")
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+        raise MarcoError(f"no such file or folder: {spec}")
+    if spec.count("/") == 1:
         entry = next((m for m in models.values() if m.repo == spec), None)
         snap = local_snapshot(spec)
         if snap is None:

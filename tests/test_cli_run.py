@@ -1,0 +1,125 @@
+"""`marco run` end to end in a subprocess: exact text against transformers, stdout hygiene, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+ENV = {**os.environ, "NO_COLOR": "1"}
+ENV.pop("MARCO_DEBUG", None)
+
+
+def marco(*args: str, stdin: bytes | None = b"", env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "marco_local", *args], input=stdin, capture_output=True, env=env or ENV, timeout=120
+    )
+
+
+def hf_greedy_text(folder, prompt: str, n: int) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, do_sample=False, max_new_tokens=n)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_piped_raw_greedy_prints_exactly_the_transformers_text(checkpoint):
+    folder, _ = checkpoint
+    prompt = "The capital of France is"
+    expected = hf_greedy_text(folder, prompt, 40)
+    r = marco("run", str(folder), "--raw", "--temperature", "0", "-n", "40", "--dtype", "f32", stdin=prompt.encode())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == expected + ("" if expected.endswith("\n") else "\n")
+    assert r.stderr == b""  # not a terminal: no progress bar, no chatter
+
+
+def test_stdin_comes_before_the_argument(checkpoint):
+    folder, _ = checkpoint
+    expected = hf_greedy_text(folder, "Hello\nworld", 8)
+    r = marco("run", str(folder), "world", "--raw", "--temperature", "0", "-n", "8", "--dtype", "f32", stdin=b"Hello")
+    assert r.stdout.decode().rstrip("\n") == expected.rstrip("\n")
+
+
+def test_chat_template_and_verbose_stats(checkpoint):
+    folder, _ = checkpoint
+    r = marco("run", str(folder), "Hi", "-n", "5", "--seed", "1", "--verbose", "--system", "Be brief.")
+    assert r.returncode == 0, r.stderr
+    assert b"tok/s" in r.stderr and b"tok/s" not in r.stdout
+    assert b"\x1b[" not in r.stdout + r.stderr
+
+
+def test_demo_model_runs():
+    r = marco("run", "demo", "-n", "8", stdin=b"Hello")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def one_line_error(r: subprocess.CompletedProcess, needle: str, code: int = 1) -> None:
+    err = r.stderr.decode()
+    assert r.returncode == code, err
+    assert err.startswith("Error: ") and needle in err.splitlines()[0], err
+    assert "Traceback" not in err and r.stdout == b""
+
+
+def test_unknown_model_and_missing_folder():
+    one_line_error(marco("run", "no-such-model", "hi"), "unknown model")
+    one_line_error(marco("run", "./does/not/exist", "hi"), "no such file or folder")
+
+
+def test_wrong_architecture(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    one_line_error(marco("run", str(bad), "hi"), "unsupported architecture")
+
+
+def test_truncated_safetensors(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    bad = tmp_path / "trunc"
+    shutil.copytree(folder, bad)
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    one_line_error(marco("run", str(bad), "hi"), "truncated")
+
+
+def test_missing_shard_and_wrong_shape(make_checkpoint, checkpoint, tmp_path):
+    folder, _ = make_checkpoint("sharded", seed=len("sharded"), max_shard_size="60KB")
+    bad = tmp_path / "shard"
+    shutil.copytree(folder, bad)
+    victim = sorted(bad.glob("model-*.safetensors"))[0]
+    victim.unlink()
+    one_line_error(marco("run", str(bad), "hi"), victim.name)
+
+    good, _ = checkpoint
+    bad2 = tmp_path / "shape"
+    shutil.copytree(good, bad2)
+    cfg = json.loads((bad2 / "config.json").read_text())
+    cfg["moe_intermediate_size"] += 8
+    (bad2 / "config.json").write_text(json.dumps(cfg))
+    one_line_error(marco("run", str(bad2), "hi"), "has shape")
+
+
+def test_empty_prompt_and_non_utf8_input(checkpoint):
+    folder, _ = checkpoint
+    one_line_error(marco("run", str(folder), stdin=b"  \n"), "empty prompt")
+    one_line_error(marco("run", str(folder), stdin=b"\xff\xfehello"), "not valid UTF-8")
+
+
+def test_usage_error_exit_code_2():
+    r = marco("run", "demo", "--no-such-flag")
+    assert r.returncode == 2 and r.stderr.decode().startswith("Error: ")
+
+
+def test_debug_shows_traceback():
+    r = marco("run", "no-such-model", "hi", env={**ENV, "MARCO_DEBUG": "1"})
+    assert r.returncode != 0 and b"Traceback" in r.stderr
