@@ -1,0 +1,279 @@
+"""Build a model from a GGUF file with its weights left quantized, plus the tokenizer the file carries.
+
+The model (qwen3_moe, qwen3 or llama, chosen by `general.architecture`) is created on the meta device; then every
+projection is replaced by a module that runs on the file's own bytes: `qlinear.make_linear` for linears (attention,
+dense FFN, lm_head) and `qlinear.make_experts` for a layer's stacked experts, both handed zero-copy views of the
+memory-mapped file. Norms, q/k norms and the router are small and F32 in every llama.cpp file: they become ordinary
+parameters. The token embedding stays quantized too: a lookup dequantizes only the rows it reads, and a tied lm_head
+runs on the same bytes through `make_linear`.
+
+Interface with `marco_local/qlinear.py` (the fast kernels):
+    make_linear(raw, ggml_type, out_features, in_features) -> nn.Module computing x @ W.T
+    make_experts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate) -> Experts subclass
+`raw` is uint8 [rows, row_bytes] for a matrix and [E, rows, row_bytes] for stacked experts, GGML block layout. Until
+qlinear.py exists, `DequantLinear` / `DequantExperts` below (dequantize per call with quant/ggml_codecs.py: exact and
+slow) stand in; they also serve as the readable reference of what the fast modules compute.
+
+File quirks handled here and nowhere else (the `sanitize` step): llama.cpp stores llama's Q/K rows permuted for its
+interleaved RoPE (convert_hf_to_gguf.py, `LlamaModel.permute`); we undo it by reordering whole rows, which is exact
+for every block format because GGML quantizes each row on its own. qwen3/qwen3moe files are not permuted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.ggml_codecs import codec_for
+
+from .errors import MarcoError
+from .gguf_file import GGUFFile, TensorInfo, model_config
+from .gguf_tokenizer import load_tokenizer
+from .models.llama import LlamaForCausalLM
+from .models.qwen3 import Qwen3ForCausalLM
+from .models.qwen3_moe import Experts, Qwen3MoeForCausalLM
+from .tokenizer import Tokenizer
+
+ProgressFn = Callable[[int, int], None]
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "llama": LlamaForCausalLM,
+}
+
+# Hugging Face module name (inside model.layers.N) -> GGUF tensor name (inside blk.N), as gguf-py's tensor_mapping.py
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "mlp.experts.gate_proj": "ffn_gate_exps",
+    "mlp.experts.up_proj": "ffn_up_exps",
+    "mlp.experts.down_proj": "ffn_down_exps",
+}
+_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_name(module_name: str) -> str:
+    """HF module name -> GGUF tensor name prefix (add `.weight`): model.layers.3.mlp.gate -> blk.3.ffn_gate_inp."""
+    if module_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[module_name]
+    _, _, layer, rest = module_name.split(".", 3)  # model.layers.N.rest
+    return f"blk.{layer}.{_LAYER_NAMES[rest]}"
+
+
+class DequantLinear(nn.Module):
+    """Reference quantized linear: dequantizes the whole matrix on every call (exact, slow)."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: int, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.codec = codec_for(ggml_type)
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("raw", raw, persistent=False)
+
+    def weight_float(self) -> torch.Tensor:
+        return self.codec.dequantize(self.raw).view(self.out_features, self.in_features).to(self.raw.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_float().to(x.dtype))
+
+
+class DequantExperts(Experts):
+    """Reference quantized experts: dequantizes the selected expert's three matrices per call (exact, slow)."""
+
+    def __init__(
+        self,
+        gate_raw: torch.Tensor,
+        up_raw: torch.Tensor,
+        down_raw: torch.Tensor,
+        ggml_types: tuple[int, int, int],
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+    ) -> None:
+        nn.Module.__init__(self)  # not Experts.__init__: it would allocate the float [E, out, in] stacks
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.codecs = tuple(codec_for(t) for t in ggml_types)
+        self.register_buffer("gate_raw", gate_raw, persistent=False)
+        self.register_buffer("up_raw", up_raw, persistent=False)
+        self.register_buffer("down_raw", down_raw, persistent=False)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate_c, up_c, down_c = self.codecs
+        gate = gate_c.dequantize(self.gate_raw[e]).to(device=x.device, dtype=x.dtype)  # [I, D]
+        up = up_c.dequantize(self.up_raw[e]).to(device=x.device, dtype=x.dtype)  # [I, D]
+        down = down_c.dequantize(self.down_raw[e]).to(device=x.device, dtype=x.dtype)  # [D, I]
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding on quantized rows: a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: int, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.codec, self.dim, self.dtype = codec_for(ggml_type), dim, dtype
+        self.register_buffer("raw", raw, persistent=False)  # [V, row_bytes]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.codec.dequantize(self.raw[tokens.reshape(-1)])  # [N, D] float32
+        return rows.to(device=tokens.device, dtype=self.dtype).view(*tokens.shape, self.dim)
+
+
+def _kernels() -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """qlinear's fast modules when that module is present, else the dequantize-per-call references."""
+    try:
+        from . import qlinear
+    except ImportError:
+        return DequantLinear, DequantExperts
+    return qlinear.make_linear, qlinear.make_experts
+
+
+def _unpermute_rows(raw: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation: per head, GGUF row 2j+s holds HF row s*hd/2+j (s = which half)."""
+    head_dim = raw.shape[0] // n_heads
+    idx = torch.arange(raw.shape[0]).view(n_heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
+    return raw[idx]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    model.get_submodule(parent)._modules[attr] = module
+
+
+def _check_shape(g: GGUFFile, info: TensorInfo, expected: tuple[int, ...]) -> None:
+    if tuple(info.shape) != tuple(expected):
+        raise MarcoError(
+            f"{g.path}: tensor {info.name} has shape {list(info.shape)}, the metadata implies {list(expected)}",
+            hint="the file's metadata and tensors do not belong together",
+        )
+
+
+def _float_param(g: GGUFFile, info: TensorInfo, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    try:
+        codec = codec_for(info.ggml_type)
+    except NotImplementedError:
+        raise _unsupported_type(g, info) from None
+    value = codec.dequantize(g.raw(info.name)).reshape(info.shape)
+    return nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
+
+
+def _unsupported_type(g: GGUFFile, info: TensorInfo) -> MarcoError:
+    return MarcoError(
+        f"{g.path}: tensor {info.name} is {info.type_name}, a type marco-local cannot run",
+        hint="use a file quantized to F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K",
+    )
+
+
+def _check_type(g: GGUFFile, info: TensorInfo) -> int:
+    try:
+        codec_for(info.ggml_type)
+    except NotImplementedError:
+        raise _unsupported_type(g, info) from None
+    return int(info.ggml_type)
+
+
+def build_model(
+    g: GGUFFile,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+) -> nn.Module:
+    """The model the GGUF describes, projections on the file's quantized bytes, the rest as `dtype` parameters."""
+    cfg = model_config(g)
+    if f"blk.0.{_LAYER_NAMES['self_attn.q_proj']}.bias" in g:
+        raise MarcoError(f"{g.path}: attention biases are not supported for {g.architecture}")
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = MODEL_CLASSES[cfg.model_type](cfg)
+    make_linear, make_experts = _kernels()
+    unpermute = cfg.model_type == "llama"
+
+    def raw(name: str) -> torch.Tensor:
+        return g.raw(name).to(device)
+
+    jobs: list[Callable[[], None]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            infos = [g.info(f"{gguf_name(f'{name}.{p}')}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+            E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+            for info, shape in zip(infos, ((E, I, D), (E, I, D), (E, D, I)), strict=True):
+                _check_shape(g, info, shape)
+            types = tuple(_check_type(g, i) for i in infos)
+
+            def job(name=name, infos=infos, types=types, E=E, D=D, I=I) -> None:
+                _replace(model, name, make_experts(*(raw(i.name) for i in infos), types, E, D, I))
+
+            jobs.append(job)
+        elif isinstance(module, nn.Linear) and not name.endswith("mlp.gate"):
+            if name == "lm_head" and cfg.tie_word_embeddings:
+                info = g.info("token_embd.weight")
+            else:
+                info = g.info(f"{gguf_name(name)}.weight")
+            _check_shape(g, info, (module.out_features, module.in_features))
+            ggml_type = _check_type(g, info)
+            heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}
+            n_heads = next((h for suffix, h in heads.items() if name.endswith(suffix)), 0) if unpermute else 0
+
+            def job(name=name, info=info, t=ggml_type, out=module.out_features, inp=module.in_features, h=n_heads):
+                data = _unpermute_rows(g.raw(info.name), h).to(device) if h else raw(info.name)
+                _replace(model, name, make_linear(data, t, out, inp))
+
+            jobs.append(job)
+        elif isinstance(module, nn.Embedding):
+            info = g.info(f"{gguf_name(name)}.weight")
+            _check_shape(g, info, (cfg.vocab_size, cfg.hidden_size))
+            t = _check_type(g, info)
+
+            def job(name=name, info=info, t=t) -> None:
+                _replace(model, name, QuantEmbedding(raw(info.name), t, cfg.hidden_size, dtype))
+
+            jobs.append(job)
+    # norms, q/k norms, the router: small float parameters
+    for name, p in model.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        if owner.endswith(("mlp.experts", "embed_tokens")) or owner in ("lm_head",):
+            continue
+        module = model.get_submodule(owner)
+        if isinstance(module, nn.Linear) and not owner.endswith("mlp.gate"):
+            continue
+        info = g.info(f"{gguf_name(owner)}.{attr}")
+        _check_shape(g, info, tuple(p.shape))
+
+        def job(module=module, attr=attr, info=info) -> None:
+            module._parameters[attr] = _float_param(g, info, dtype, device)
+
+        jobs.append(job)
+    for i, job in enumerate(jobs):
+        job()
+        if progress:
+            progress(i + 1, len(jobs))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a bug, not a user error: every meta tensor must have been replaced above
+        raise RuntimeError(f"GGUF loader left meta tensors: {left[:5]}")
+    return model.eval()
+
+
+def load_gguf(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+) -> tuple[nn.Module, Tokenizer]:
+    """Model and tokenizer from nothing but a .gguf file."""
+    g = GGUFFile(path)
+    model_config(g)  # architecture errors before the tokenizer's
+    tokenizer = load_tokenizer(g)
+    return build_model(g, dtype=dtype, device=device, progress=progress), tokenizer
