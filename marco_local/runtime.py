@@ -78,7 +78,10 @@ def load(
     source = resolve(spec)
     dev = pick_device(device)
     if source.format == "gguf":
-        raise MarcoError(f"{source.path}: running .gguf files is not available yet", hint="use a checkpoint folder")
+        from .gguf_loader import load_gguf  # imported here: only GGUF runs need the block codecs
+
+        model, tokenizer = load_gguf(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
+        return LoadedModel(source, model, tokenizer, dev, {})
     model = load_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
     tokenizer = Tokenizer.from_folder(source.path, config_eos=model.config.eos_token_ids)
     return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path))
