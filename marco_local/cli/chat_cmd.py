@@ -1,0 +1,447 @@
+"""`marco chat`: an interactive conversation in the terminal, or one answer when stdin is not a terminal.
+
+The terminal side of `marco_local.chat.ChatSession`: a prompt_toolkit prompt (persistent history, `\"\"\"` blocks,
+Alt+Enter newline, bracketed paste, Tab completion of slash commands), replies streamed to stdout (markdown through a
+rich Live region by default, raw with --plain or when stdout is not a terminal), and a stats line on stderr after
+each reply. Slash commands never reach the model. Ctrl+C stops a reply, not the session; Ctrl+D or /exit leaves.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app
+from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.styles import Style
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.segment import Segment
+
+from ..errors import MarcoError
+from . import ui
+from .options import Ctx, Device, Dtype, MaxTokens, MinP, ModelArg, RepeatPenalty, Seed, Temperature, TopK, TopP
+from .run_cmd import read_stdin_prompt
+
+EPILOG = (
+    "Examples:\n\n"
+    "  marco chat demo\n\n"
+    "  marco chat nano --system 'Answer in French.' --temperature 0.3\n\n"
+    "  marco chat nano --load trip.json\n\n"
+    "  echo 'Summarise: ...' | marco chat nano   (no terminal: one answer on stdout, then exit)\n\n"
+    'In the chat: /help lists the commands; """ starts and ends a multi-line message; Alt+Enter adds a newline; '
+    "Ctrl+C stops a reply; Ctrl+D or /exit leaves."
+)
+
+COMMANDS = {
+    "/help": "show this help",
+    "/clear": "start a new conversation (keeps the system prompt and settings)",
+    "/system": "/system TEXT sets the system prompt; /system alone shows it; /system off removes it",
+    "/set": "/set NAME VALUE: temperature, top_p, top_k, min_p, max_tokens, seed, repeat_penalty",
+    "/show": "model, settings and memory placement",
+    "/stats": "speed and memory of the last reply, context use",
+    "/regen": "regenerate the last reply",
+    "/save": "/save FILE [--force]: write the conversation as JSON",
+    "/load": "/load FILE: continue a saved conversation",
+    "/exit": "leave (also /bye, Ctrl+D)",
+    "/bye": "leave",
+}
+SETTINGS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "repeat_penalty")
+MULTILINE = '"""'
+# Control characters a (random or confused) model may emit, other than tab and newline: printing ESC, CR or BEL
+# would let model output drive the terminal. The conversation keeps them; only the display drops them.
+_CONTROL = dict.fromkeys([*range(0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)])
+
+
+def printable(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
+def data_dir() -> Path:
+    """Where user data lives: $MARCO_HOME, else $XDG_DATA_HOME/marco-local, else ~/.local/share/marco-local."""
+    if os.environ.get("MARCO_HOME"):
+        return Path(os.environ["MARCO_HOME"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "marco-local"
+
+
+def open_history() -> History:
+    path = data_dir() / "history"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+    except OSError as e:
+        ui.warn(f"cannot write the chat history at {path} ({e.strerror}); history is kept for this session only")
+        return InMemoryHistory()
+    return FileHistory(str(path))
+
+
+class SlashCompleter(Completer):
+    """Tab completes slash commands, and setting names after /set; ordinary text gets no suggestions."""
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if not text.startswith("/") or "\n" in text:
+            return
+        parts = text.split(" ")
+        if len(parts) == 1:
+            for name, help_text in COMMANDS.items():
+                if name.startswith(text):
+                    yield Completion(name, start_position=-len(text), display_meta=help_text.split(":")[0])
+        elif len(parts) == 2 and parts[0] == "/set":
+            for name in SETTINGS:
+                if name.startswith(parts[1]):
+                    yield Completion(name, start_position=-len(parts[1]))
+
+
+def _block_open(text: str) -> bool:
+    """True while a \"\"\" block has been opened and not yet closed, so Enter adds a line instead of sending."""
+    t = text.strip()
+    return t.startswith(MULTILINE) and (len(t) < 2 * len(MULTILINE) or not t.endswith(MULTILINE))
+
+
+def unwrap_block(text: str) -> str:
+    t = text.strip()
+    if t.startswith(MULTILINE):
+        t = t[len(MULTILINE) :]
+        if t.endswith(MULTILINE):
+            t = t[: -len(MULTILINE)]
+        t = t.strip("\n")
+    return t
+
+
+def key_bindings() -> KeyBindings:
+    kb = KeyBindings()
+
+    @kb.add("enter")
+    def _enter(event) -> None:
+        b = event.current_buffer
+        if b.complete_state and b.complete_state.current_completion:
+            b.apply_completion(b.complete_state.current_completion)
+        elif _block_open(b.text):
+            b.insert_text("\n")
+        else:
+            b.validate_and_handle()
+
+    @kb.add("escape", "enter")  # Alt+Enter (terminals send Escape then Enter)
+    def _newline(event) -> None:
+        event.current_buffer.insert_text("\n")
+
+    @kb.add("c-c")
+    def _interrupt(event) -> None:
+        # Ctrl+C on a typed line clears it; on an empty prompt it is the first step towards leaving.
+        if event.current_buffer.text:
+            event.current_buffer.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt())
+
+    return kb
+
+
+def make_prompt_session(history: History | None = None, input=None, output=None) -> PromptSession:
+    return PromptSession(
+        history=history or InMemoryHistory(),
+        multiline=True,
+        key_bindings=key_bindings(),
+        completer=SlashCompleter(),
+        complete_while_typing=False,
+        prompt_continuation=lambda width, line, wrap: "... ".rjust(width),
+        # Shown only while editing: a finished prompt line in the scrollback should not keep the hint.
+        placeholder=lambda: [] if get_app().is_done else [("class:placeholder", "Send a message (/help for commands)")],
+        style=Style.from_dict({"placeholder": "#808080"}),
+        enable_history_search=False,
+        input=input,
+        output=output,
+    )
+
+
+class _Tail:
+    """Markdown of the streaming block, cropped to its last lines so a Live region never outgrows the screen.
+
+    Taller-than-screen Live regions cannot be redrawn in place and leave copies in the scrollback.
+    """
+
+    def __init__(self, stream: MarkdownStream) -> None:
+        self.stream = stream
+
+    def __rich_console__(self, console, options):
+        lines = console.render_lines(Markdown(self.stream.pending), options, pad=False)
+        keep = max(1, console.size.height - 2)
+        for line in lines[-keep:]:
+            yield from line
+            yield Segment.line()
+
+
+class MarkdownStream:
+    """Renders a reply as markdown while it streams: finished blocks are printed for good, the last one stays live.
+
+    A block ends at a blank line outside a code fence, so re-rendering costs one block, not the whole reply.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.pending = ""
+        self.live = Live(_Tail(self), console=console, refresh_per_second=8, transient=True)
+        self.live.start()
+
+    def add(self, text: str) -> None:
+        self.pending += printable(text)
+        cut = self._last_block_end()
+        if cut > 0:
+            done, self.pending = self.pending[:cut], self.pending[cut:].lstrip("\n")
+            self.live.console.print(Markdown(done))
+            self.live.console.print()
+
+    def _last_block_end(self) -> int:
+        end, fences, pos = -1, 0, 0
+        for line in self.pending.splitlines(keepends=True):
+            if line.lstrip().startswith("```"):
+                fences += 1
+            pos += len(line)
+            if line.strip() == "" and fences % 2 == 0 and pos < len(self.pending):
+                end = pos
+        return end
+
+    def finish(self) -> None:
+        self.live.stop()
+        if self.pending.strip():
+            self.console.print(Markdown(self.pending))
+
+
+class PlainStream:
+    """Raw text, written as it comes."""
+
+    def __init__(self) -> None:
+        self.last = "\n"
+
+    def add(self, text: str) -> None:
+        text = printable(text)
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.last = text
+
+    def finish(self) -> None:
+        if not self.last.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+class ChatUI:
+    """The interactive loop: read a line, run a slash command or send it, stream the reply."""
+
+    def __init__(self, session, lm=None, model_name: str = "", plain: bool = False, prompt_session=None) -> None:
+        self.session = session
+        self.lm = lm
+        self.model_name = model_name
+        self.plain = plain or not sys.stdout.isatty()
+        self.out = Console(highlight=False, no_color=bool(os.environ.get("NO_COLOR")) or None)
+        self.prompt = prompt_session or make_prompt_session(open_history())
+        self.leave = False
+
+    def run(self) -> None:
+        ui.info(f"Chatting with {self.model_name}. /help for commands, Ctrl+D or /exit to leave.")
+        armed = False  # Ctrl+C at an empty prompt once: the next one leaves
+        while not self.leave:
+            try:
+                line = self.prompt.prompt(">>> ")
+            except KeyboardInterrupt:
+                if armed:
+                    break
+                ui.info("(press Ctrl+C again or Ctrl+D to leave)")
+                armed = True
+                continue
+            except EOFError:
+                break
+            armed = False
+            self.handle(line)
+
+    def handle(self, line: str) -> None:
+        """One input: a slash command, or a message for the model. User errors are reported, not raised."""
+        text = unwrap_block(line)
+        if not text.strip():
+            return
+        try:
+            if text.startswith("//"):  # an escaped slash: the message itself starts with "/"
+                self.reply(self.session.send(text[1:]))
+            elif text.startswith("/") and not text.startswith(MULTILINE):
+                self.command(text)
+            else:
+                self.reply(self.session.send(text))
+        except MarcoError as e:
+            ui.error(e.message, e.hint)
+
+    def command(self, text: str) -> None:
+        name, _, arg = text.strip().partition(" ")
+        arg = arg.strip()
+        s = self.session
+        if name in ("/exit", "/bye", "/quit"):
+            self.leave = True
+        elif name in ("/help", "/?"):
+            width = max(map(len, COMMANDS))
+            for cmd, help_text in COMMANDS.items():
+                ui.info(f"  {cmd.ljust(width)}  {help_text}")
+            ui.info(
+                f"  {MULTILINE}".ljust(width + 2) + "  start and end a multi-line message; Alt+Enter adds a newline"
+            )
+            ui.info("  //text".ljust(width + 2) + "  send a message that starts with /")
+        elif name == "/clear":
+            s.clear()
+            ui.info("New conversation.")
+        elif name == "/system":
+            if not arg:
+                ui.info(f"System prompt: {s.system}" if s.system else "No system prompt.")
+            else:
+                s.set_system(None if arg == "off" else arg)
+                ui.info("System prompt removed." if arg == "off" else "System prompt set.")
+        elif name == "/set":
+            parts = arg.split()
+            if not parts:
+                self.show_settings()
+            elif len(parts) != 2:
+                raise MarcoError("usage: /set NAME VALUE", hint=f"names: {', '.join(SETTINGS)}")
+            else:
+                s.set(parts[0], parts[1])
+                ui.info(f"Set {parts[0]} to {getattr(s.settings, parts[0])}.")
+        elif name == "/show":
+            self.show()
+        elif name == "/stats":
+            self.stats()
+        elif name == "/regen":
+            self.reply(s.regenerate())
+        elif name in ("/save", "/load"):
+            try:
+                words = shlex.split(arg)
+            except ValueError as e:
+                raise MarcoError(f"{name}: {e}") from None
+            force = "--force" in words
+            paths = [w for w in words if w != "--force"]
+            if len(paths) != 1:
+                raise MarcoError(f"usage: {name} FILE" + (" [--force]" if name == "/save" else ""))
+            if name == "/save":
+                path = s.save(paths[0], model_name=self.model_name, force=force)
+                ui.info(f"Saved {len(s.messages)} messages to {path}.")
+            else:
+                data = s.load(paths[0])
+                ui.info(f"Loaded {len(s.messages)} messages from {paths[0]}.")
+                if data.get("model") and data["model"] != self.model_name:
+                    ui.warn(f"the conversation was saved with model {data['model']}, this is {self.model_name}")
+        else:
+            raise MarcoError(f"unknown command {name}", hint="type /help for the commands; start with // to send /")
+
+    def reply(self, reply) -> None:
+        if reply.dropped:
+            ui.warn(
+                f"the conversation outgrew the context window ({self.session.context_length} tokens): dropped the "
+                f"oldest {reply.dropped} turn(s), kept the system prompt"
+            )
+        stream = PlainStream() if self.plain else MarkdownStream(self.out)
+        try:
+            for r in reply:
+                stream.add(r.text)
+        except KeyboardInterrupt:
+            reply.close()
+            stream.finish()
+            ui.console.print("[dim]⏹ interrupted: the partial reply stays in the conversation[/]")
+        else:
+            stream.finish()
+        if reply.response is not None:
+            ui.console.print(ui.stats_line(reply.response), style="dim", markup=False, highlight=False, soft_wrap=True)
+
+    def show_settings(self) -> None:
+        for name in SETTINGS:
+            ui.info(f"  {name:<15} {getattr(self.session.settings, name)}")
+
+    def show(self) -> None:
+        s = self.session
+        ui.info(f"Model      {self.model_name}")
+        if self.lm is not None:
+            p = next(self.lm.model.parameters())
+            n = sum(t.numel() for t in self.lm.model.parameters())
+            nbytes = sum(t.numel() * t.element_size() for t in self.lm.model.parameters())
+            ui.info(f"Path       {self.lm.source.path} ({self.lm.source.format})")
+            ui.info(f"Placement  all weights on {self.lm.device} ({str(p.dtype).removeprefix('torch.')})")
+            ui.info(f"Weights    {n / 1e6:,.1f}M parameters, {ui.human_bytes(nbytes)}")
+        kv = s.prompt_cache.cache
+        ui.info(f"Context    {s.context_tokens} of {s.context_length} tokens (KV cache {ui.human_bytes(kv.nbytes)})")
+        ui.info(f"System     {s.system or '(none)'}")
+        ui.info("Settings")
+        self.show_settings()
+
+    def stats(self) -> None:
+        s = self.session
+        turns = sum(m["role"] == "user" for m in s.messages)
+        ui.info(f"{turns} turn(s), {s.context_tokens} of {s.context_length} context tokens in use")
+        last = s.last_reply
+        if last is None or last.response is None:
+            ui.info("No reply yet.")
+            return
+        ui.info(ui.stats_line(last.response) + f" · finish: {last.response.finish_reason or 'interrupted'}")
+        if last.response.stats:
+            ui.info("runtime: " + ", ".join(f"{k} {v}" for k, v in last.response.stats.items()))
+
+
+def chat(
+    model: ModelArg,
+    max_tokens: MaxTokens = 1024,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    min_p: MinP = None,
+    repeat_penalty: RepeatPenalty = None,
+    seed: Seed = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (also /system in the chat).")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop a reply when this text appears (repeatable).")] = None,
+    plain: Annotated[bool, typer.Option("--plain", help="Print replies as raw text instead of markdown.")] = False,
+    load_file: Annotated[Path | None, typer.Option("--load", help="Continue a conversation saved with /save.")] = None,
+    dtype: Dtype = "bf16",
+    device: Device = "auto",
+    ctx: Ctx = 4096,
+) -> None:
+    """Chat with a model in the terminal. Without a terminal on stdin: answer the piped message and exit."""
+    from ..chat import ChatSession, ChatSettings
+    from ..runtime import load
+
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    text = "" if interactive else read_stdin_prompt()
+    if not interactive and not text.strip():
+        raise MarcoError("no input on stdin", hint="run marco chat in a terminal, or pipe a message into it")
+    with ui.progress("loading") as cb:
+        lm = load(model, dtype=dtype, device=device, progress=cb)
+    d = lm.generation_defaults
+    settings = ChatSettings(
+        temperature=temperature if temperature is not None else d.get("temperature", 0.7),
+        top_p=top_p if top_p is not None else d.get("top_p", 1.0),
+        top_k=top_k if top_k is not None else d.get("top_k", 0),
+        min_p=min_p if min_p is not None else d.get("min_p", 0.0),
+        max_tokens=max_tokens,
+        seed=seed,
+        repeat_penalty=repeat_penalty,
+    )
+    session = ChatSession(
+        lm.model,
+        lm.tokenizer,
+        settings,
+        system=system,
+        context_length=min(ctx, lm.context_length),
+        stop_strings=tuple(stop or ()),
+    )
+    if load_file is not None:
+        session.load(load_file)
+        if system:
+            session.set_system(system)
+    if not interactive:  # like marco run: the answer alone on stdout
+        out = PlainStream()
+        for r in session.send(text):
+            out.add(r.text)
+        out.finish()
+        return
+    ChatUI(session, lm=lm, model_name=model, plain=plain).run()
