@@ -1,0 +1,175 @@
+"""`marco chat` transcripts: prompt_toolkit pipe input for the interactive loop, CliRunner and a subprocess for
+the non-terminal path (only the answer on stdout, no escape codes anywhere)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from prompt_toolkit.history import InMemoryHistory
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from rich.console import Console
+from typer.testing import CliRunner
+
+from marco_local.chat import ChatSession, ChatSettings
+from marco_local.cli.chat_cmd import ChatUI, MarkdownStream, SlashCompleter, data_dir, make_prompt_session, printable
+from marco_local.cli.main import app
+from marco_local.runtime import load
+
+ENV = {**os.environ, "NO_COLOR": "1"}
+ENV.pop("MARCO_DEBUG", None)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load("demo", dtype="f32", device="cpu")
+
+
+def run_transcript(lm, keys: str, session: ChatSession | None = None) -> ChatUI:
+    """Type `keys` into a chat on the demo model (Enter is \\r, Ctrl+D is \\x04) until it leaves."""
+    session = session or ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=8), None, 512)
+    with create_pipe_input() as pipe:
+        pipe.send_text(keys)
+        chat = ChatUI(
+            session,
+            lm=lm,
+            model_name="demo",
+            plain=True,
+            prompt_session=make_prompt_session(InMemoryHistory(), input=pipe, output=DummyOutput()),
+        )
+        chat.run()
+    return chat
+
+
+def test_slash_commands_settings_save_load_and_unknown_command(lm, tmp_path, capsys):
+    saved = tmp_path / "conv.json"
+    keys = (
+        "/help\r"
+        "/set temperature 0\r"
+        "/set top_k 5\r"
+        "/set max_tokens 6\r"
+        "/set top_k lots\r"
+        "/frobnicate now\r"
+        "hello\r"
+        "/system Be brief.\r"
+        f"/save {saved}\r"
+        f"/save {saved}\r"
+        "/clear\r"
+        "/stats\r"
+        f"/load {saved}\r"
+        "/show\r"
+        "/regen\r"
+        "/stats\r"
+        "/bye\r"
+        "never sent\r"
+    )
+    chat = run_transcript(lm, keys)
+    out, err = capsys.readouterr()
+    s = chat.session
+    assert (s.settings.temperature, s.settings.top_k, s.settings.max_tokens) == (0.0, 5, 6)
+    assert "top_k needs an integer" in err
+    assert "Error: unknown command /frobnicate" in err and "Hint: type /help" in err
+    assert "/regen" in err and "/save FILE" in err  # the help text
+    assert "Saved 2 messages" in err and "already exists" in err
+    assert "New conversation." in err and "0 turn(s)" in err
+    assert "Loaded 2 messages" in err
+    assert "temperature     0.0" in err and "Model      demo" in err  # /show
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[0]["content"] == "hello"
+    assert s.system == "Be brief."
+    assert all(m["content"] != "never sent" and "frobnicate" not in m["content"] for m in s.messages)
+    assert err.count("prompt ") >= 3  # a stats footer after each of the two replies, and /stats
+    assert "Error" not in out and "prompt " not in out  # stdout carries replies only
+    assert out.strip()
+
+
+def test_multiline_block_alt_enter_and_escaped_slash(lm, capsys):
+    keys = '"""\rline one\r\rline two\r"""\r' "first\x1b\rsecond\r" "//etc/hosts is a file\r" "\x04"
+    chat = run_transcript(lm, keys)
+    users = [m["content"] for m in chat.session.messages if m["role"] == "user"]
+    assert users == ["line one\n\nline two", "first\nsecond", "/etc/hosts is a file"]
+
+
+def test_ctrl_c_clears_a_line_and_twice_at_an_empty_prompt_leaves(lm, capsys):
+    chat = run_transcript(lm, "typed but abandoned\x03\x03\x03")
+    _, err = capsys.readouterr()
+    assert chat.session.messages == []
+    assert err.count("press Ctrl+C again or Ctrl+D to leave") == 1
+
+
+def test_ctrl_c_during_a_reply_keeps_the_partial_reply_and_the_chat_goes_on(lm, capsys):
+    s = ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=50), None, 512)
+    chat = ChatUI(s, lm=lm, model_name="demo", plain=True, prompt_session=object())
+    calls = []
+
+    def interrupt_on_the_fifth_forward(module, args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    handle = lm.model.register_forward_pre_hook(interrupt_on_the_fifth_forward)
+    try:
+        chat.handle("tell me everything")
+    finally:
+        handle.remove()
+    out, err = capsys.readouterr()
+    assert "interrupted" in err
+    assert s.messages[-1]["interrupted"] is True and s.messages[-1]["content"] in out
+    chat.handle("and then?")
+    assert s.messages[-1].get("interrupted") is None and len(s.messages) == 4
+
+
+def test_markdown_stream_commits_blocks_outside_code_fences():
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=60, color_system=None)
+    stream = MarkdownStream(console)
+    text = "# Title\n\nSome **bold** text.\n\n```python\nx = 1\n\ny = 2\n```\n\n- one\n- two\n"
+    for i in range(0, len(text), 3):
+        stream.add(text[i : i + 3])
+    stream.finish()
+    shown = buf.getvalue()
+    assert "Title" in shown and "bold" in shown and "**" not in shown and "```" not in shown
+    assert "x = 1" in shown and "y = 2" in shown and "• one" in shown
+
+
+def test_helpers():
+    assert printable("a\x1b[31mb\x07c\r\n\td") == "a[31mbc\n\td"
+    completions = lambda text: [  # noqa: E731
+        c.text for c in SlashCompleter().get_completions(type("D", (), {"text_before_cursor": text})(), None)
+    ]
+    assert completions("/s") == ["/system", "/set", "/show", "/stats", "/save"]
+    assert completions("/set te") == ["temperature"]
+    assert completions("hello /s") == []
+
+
+def test_data_dir_honours_marco_home_and_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("MARCO_HOME", str(tmp_path / "mh"))
+    assert data_dir() == tmp_path / "mh"
+    monkeypatch.delenv("MARCO_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert data_dir() == tmp_path / "xdg" / "marco-local"
+
+
+def test_cli_runner_piped_message_and_help():
+    runner = CliRunner()
+    r = runner.invoke(app, ["chat", "demo", "-n", "12", "--temperature", "0"], input="hi")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() and "\x1b" not in r.stdout and ">>>" not in r.stdout
+    r = runner.invoke(app, ["chat", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "Examples" in r.stdout and "marco chat demo" in r.stdout
+
+
+def test_piped_stdin_prints_the_answer_alone_with_no_escape_codes():
+    cmd = [sys.executable, "-m", "marco_local", "chat", "demo", "-n", "40"]
+    env = {k: v for k, v in ENV.items() if k != "NO_COLOR"}  # even with colours allowed: not a terminal
+    r = subprocess.run(cmd, input=b"hi", capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b""
+    assert r.stdout.strip() and r.stdout.endswith(b"\n")
+    assert b"\x1b" not in r.stdout and b">>>" not in r.stdout and b"prompt " not in r.stdout
+    r = subprocess.run(cmd, input=b"", capture_output=True, env=ENV, timeout=120)
+    assert r.returncode == 1 and r.stdout == b""
+    assert r.stderr.decode().startswith("Error: no input on stdin") and b"\x1b" not in r.stderr
