@@ -10,9 +10,10 @@ runs on the same bytes through `make_linear`.
 Interface with `marco_local/qlinear.py` (the fast kernels):
     make_linear(raw, ggml_type, out_features, in_features) -> nn.Module computing x @ W.T
     make_experts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate) -> Experts subclass
-`raw` is uint8 [rows, row_bytes] for a matrix and [E, rows, row_bytes] for stacked experts, GGML block layout. Until
-qlinear.py exists, `DequantLinear` / `DequantExperts` below (dequantize per call with quant/ggml_codecs.py: exact and
-slow) stand in; they also serve as the readable reference of what the fast modules compute.
+    make_embedding(raw, ggml_type, num_embeddings, dim, dtype) -> nn.Module mapping ids to `dtype` rows
+`raw` is uint8 [rows, row_bytes] for a matrix and [E, rows, row_bytes] for stacked experts, GGML block layout. Where
+qlinear.py is absent, `DequantLinear` / `DequantExperts` / `QuantEmbedding` below (dequantize per call with
+quant/ggml_codecs.py: exact and slow) stand in; they are also the readable reference of what the fast modules compute.
 
 File quirks handled here and nowhere else (the `sanitize` step): llama.cpp stores llama's Q/K rows permuted for its
 interleaved RoPE (convert_hf_to_gguf.py, `LlamaModel.permute`); we undo it by reordering whole rows, which is exact
@@ -122,7 +123,7 @@ class DequantExperts(Experts):
 class QuantEmbedding(nn.Module):
     """Token embedding on quantized rows: a lookup dequantizes only the rows it reads."""
 
-    def __init__(self, raw: torch.Tensor, ggml_type: int, dim: int, dtype: torch.dtype) -> None:
+    def __init__(self, raw: torch.Tensor, ggml_type: int, num_embeddings: int, dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.codec, self.dim, self.dtype = codec_for(ggml_type), dim, dtype
         self.register_buffer("raw", raw, persistent=False)  # [V, row_bytes]
@@ -132,13 +133,13 @@ class QuantEmbedding(nn.Module):
         return rows.to(device=tokens.device, dtype=self.dtype).view(*tokens.shape, self.dim)
 
 
-def _kernels() -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
-    """qlinear's fast modules when that module is present, else the dequantize-per-call references."""
+def _kernels() -> tuple[Callable[..., nn.Module], Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """qlinear's fast modules (make_linear, make_experts, make_embedding), else the dequantize-per-call references."""
     try:
         from . import qlinear
     except ImportError:
-        return DequantLinear, DequantExperts
-    return qlinear.make_linear, qlinear.make_experts
+        return DequantLinear, DequantExperts, QuantEmbedding
+    return qlinear.make_linear, qlinear.make_experts, qlinear.make_embedding
 
 
 def _unpermute_rows(raw: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -198,7 +199,7 @@ def build_model(
     device = torch.device(device)
     with torch.device("meta"):
         model = MODEL_CLASSES[cfg.model_type](cfg)
-    make_linear, make_experts = _kernels()
+    make_linear, make_experts, make_embedding = _kernels()
     unpermute = cfg.model_type == "llama"
 
     def raw(name: str) -> torch.Tensor:
@@ -238,7 +239,7 @@ def build_model(
             t = _check_type(g, info)
 
             def job(name=name, info=info, t=t) -> None:
-                _replace(model, name, QuantEmbedding(raw(info.name), t, cfg.hidden_size, dtype))
+                _replace(model, name, make_embedding(raw(info.name), t, cfg.vocab_size, cfg.hidden_size, dtype))
 
             jobs.append(job)
     # norms, q/k norms, the router: small float parameters
