@@ -55,6 +55,7 @@ class GGUFPreset:
 
 
 GGUF_PRESETS: dict[str, GGUFPreset] = {
+    "f32": GGUFPreset(F.ALL_F32, T.F32),  # lossless; the reference the tests compare llama.cpp against
     "f16": GGUFPreset(F.MOSTLY_F16, T.F16),
     "bf16": GGUFPreset(F.MOSTLY_BF16, T.BF16),
     "q8_0": GGUFPreset(F.MOSTLY_Q8_0, T.Q8_0),
@@ -106,7 +107,7 @@ def _mix_type(preset: str, name: str, shape: tuple[int, ...], n_layer: int, n_ex
     p = GGUF_PRESETS[preset]
     if len(shape) < 2 or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
         return T.F32
-    if p.base in (T.F16, T.BF16):  # convert_hf_to_gguf --outtype f16/bf16: every other weight in that type
+    if p.base in (T.F32, T.F16, T.BF16):  # convert_hf_to_gguf --outtype f32/f16/bf16: every other weight in that type
         return p.base
     ftype, t, ncols = p.ftype, p.base, shape[-1]
     mixes = (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M)
@@ -380,18 +381,17 @@ def _add_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, src_folder: Path, preset
         w.add_add_bos_token(False)  # Qwen tokenizers add no BOS (transformers' Qwen2Tokenizer)
 
 
-def _encode(t: PlannedTensor, progress: Callable[[int], None]) -> torch.Tensor:
+def _encode(t: PlannedTensor, advance: Callable[[int], None]) -> torch.Tensor:
     codec = codec_for(t.ggml_type)
     if t.read_expert is None:
         out = codec.quantize(t.read())
-        progress(t.nbytes)
+        advance(t.n_params)
         return out
     n_expert = t.shape[0]
-    per_expert = t.nbytes // n_expert
     out = torch.empty((n_expert, *t.shape[1:-1], _row_bytes(t.ggml_type, t.shape[-1])), dtype=torch.uint8)
     for e in range(n_expert):
         out[e] = codec.quantize(t.read_expert(e))
-        progress(per_expert)
+        advance(t.n_params // n_expert)
     return out
 
 
@@ -402,8 +402,9 @@ def write_gguf(
     out_path: str | Path,
     preset: str,
     progress: ProgressFn | None = None,
+    tensor_progress: ProgressFn | None = None,
 ) -> dict:
-    """Write `out_path` (which the caller makes atomic); `progress(bytes written, total bytes)`.
+    """Write `out_path` (the caller makes it atomic): `progress(weights done, total)`, `tensor_progress(i, n)`.
 
     Returns {"format": "gguf", "file_type": int, "tensors": [{name, class, type, n_params, n_bytes}], "warnings": []}.
     """
@@ -414,7 +415,7 @@ def write_gguf(
     for t in plan:
         # element shape + raw_dtype: gguf-py stores the shape as given and the type as raw_dtype
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
-    total = sum(t.nbytes for t in plan)
+    total = sum(t.n_params for t in plan)
     done = 0
 
     def advance(n: int) -> None:
@@ -427,10 +428,12 @@ def write_gguf(
         writer.write_header_to_file(path=Path(out_path))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in plan:
+        for i, t in enumerate(plan):
             data = _encode(t, advance)
             writer.write_tensor_data(data.numpy())
             del data
+            if tensor_progress:
+                tensor_progress(i + 1, len(plan))
         writer.flush()
     finally:
         writer.close()

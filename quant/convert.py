@@ -1,0 +1,209 @@
+"""`quantize`: turn a Hugging Face qwen3_moe checkpoint into a GGUF file or a bitsandbytes checkpoint folder, safely.
+
+Invariants:
+- The source is checked completely before anything is written: config.json, every shard present and not truncated
+  (`Checkpoint`), and for GGUF every expected tensor present with the shape the config implies plus the tokenizer
+  (`plan_gguf`, `read_vocab`); the free disk space is checked against the planned output size.
+- An existing OUT is never replaced without `force`. Output goes to a temporary name in OUT's folder
+  (`.OUT.XXXX.partial`) and is renamed over OUT only once complete and flushed to disk, so Ctrl-C, an exception or
+  a full disk leaves neither a half-written OUT nor the temporary file.
+- Writers stream (one tensor, or one layer's experts, at a time); this module only dispatches: GGUF presets to
+  `gguf_writer.write_gguf`, bitsandbytes presets to `bnb_writer.write_bnb`.
+- `progress(done, total)` counts source bytes; `tensor_progress(done, total)` counts output tensors (GGUF only).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from marco_local.checkpoint import Checkpoint
+from marco_local.config import load_config
+from marco_local.errors import MarcoError
+
+from .gguf_writer import GGUF_PRESETS, plan_gguf, read_vocab, write_gguf
+
+ProgressFn = Callable[[int, int], None]
+
+BNB_PRESETS = ("nf4", "fp4", "int8")
+PRESETS = (*GGUF_PRESETS, *BNB_PRESETS)
+CLASS_ORDER = ("embeddings", "attention", "router", "experts", "dense ffn", "mlp", "norms", "other")
+
+
+@dataclass
+class ClassStats:
+    params: int = 0
+    bytes: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / self.params if self.params else 0.0
+
+
+@dataclass
+class QuantizeReport:
+    src: Path
+    out: Path
+    preset: str
+    format: str  # "gguf" or "bnb"
+    output_bytes: int  # the whole output on disk (file, or folder with config and tokenizer)
+    seconds: float
+    classes: dict[str, ClassStats]
+    types: dict[str, int] = field(default_factory=dict)  # GGML type -> number of tensors (GGUF)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(c.params for c in self.classes.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per weight of the tensor data (headers and tokenizer excluded), as llama.cpp reports BPW."""
+        data = sum(c.bytes for c in self.classes.values())
+        return 8 * data / self.params if self.params else 0.0
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush the output to disk before the rename makes it visible (a crash must not leave a renamed empty file)."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _source_bytes_per_weight(ckpt: Checkpoint) -> float:
+    params = 0
+    for name in ckpt.names():
+        n = 1
+        for s in ckpt.shape(name):
+            n *= s
+        params += n
+    return ckpt.nbytes() / params if params else 2.0
+
+
+def quantize(
+    src: str | Path,
+    out: str | Path,
+    preset: str,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+    tensor_progress: ProgressFn | None = None,
+) -> QuantizeReport:
+    """Quantize checkpoint folder `src` to `out` (a .gguf file, or a folder for nf4/fp4/int8)."""
+    t0 = time.monotonic()
+    preset = preset.lower()
+    if preset not in PRESETS:
+        raise MarcoError(f"unknown quantization type {preset!r}", hint=f"one of: {', '.join(PRESETS)}", exit_code=2)
+    src, out = Path(src), Path(out).expanduser()
+    if not src.is_dir():
+        raise MarcoError(f"{src} is not a checkpoint folder")
+    is_gguf = preset in GGUF_PRESETS
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise MarcoError(f"{out} already exists", hint="pass --force to overwrite it, or choose another -o")
+        if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
+            raise MarcoError(f"{out} holds the source checkpoint; refusing to overwrite it")
+    if not out.parent.is_dir():
+        raise MarcoError(f"the folder {out.parent} does not exist", hint="create it first")
+
+    cfg = load_config(src)
+    ckpt = Checkpoint(src)  # every shard present, every header parsed, none truncated
+    if is_gguf:
+        plan = plan_gguf(ckpt, cfg, preset)  # every tensor present with the right shape; llama.cpp can express it
+        read_vocab(src, cfg.vocab_size)
+        need = sum(t.nbytes for t in plan)
+    else:
+        need = ckpt.nbytes() // 3  # 4-bit experts plus bf16 embeddings: well under a third of bf16
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise MarcoError(
+            f"not enough disk space in {out.parent}: the output needs about {need / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB free",
+            hint="free some space or write elsewhere with -o",
+        )
+    scale = _source_bytes_per_weight(ckpt)
+
+    def on_weights(done: int, total: int) -> None:
+        if progress:
+            progress(int(done * scale), int(total * scale))
+
+    if is_gguf:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        os.close(fd)
+    else:
+        tmp_name = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~umask)  # mkstemp/mkdtemp make it private; OUT should not be
+    try:
+        if is_gguf:
+            result = write_gguf(ckpt, cfg, src, tmp, preset, progress=on_weights, tensor_progress=tensor_progress)
+        else:
+            try:
+                from .bnb_writer import write_bnb
+            except ImportError as e:
+                raise MarcoError(f"bitsandbytes presets are unavailable: {e}", hint="pip install bitsandbytes") from e
+            result = write_bnb(ckpt, cfg, src, tmp, preset, progress=on_weights)
+        _fsync_tree(tmp)
+        if out.exists() or out.is_symlink():
+            _remove(out)
+        os.replace(tmp, out)
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise MarcoError(
+                f"the disk filled up while writing {out}; nothing was left behind", hint="free some space"
+            ) from e
+        raise
+    return _report(src, out, preset, is_gguf, result, time.monotonic() - t0)
+
+
+def _report(src: Path, out: Path, preset: str, is_gguf: bool, result: dict, seconds: float) -> QuantizeReport:
+    classes: dict[str, ClassStats] = {}
+    types: dict[str, int] = {}
+    if is_gguf:
+        for t in result["tensors"]:
+            c = classes.setdefault(t["class"], ClassStats())
+            c.params += t["n_params"]
+            c.bytes += t["n_bytes"]
+            types[t["type"]] = types.get(t["type"], 0) + 1
+    else:  # bnb_writer returns {class: {"params": ..., "bytes": ...}}
+        for name, s in result.items():
+            if isinstance(s, dict) and "params" in s:
+                classes[name] = ClassStats(int(s["params"]), int(s["bytes"]))
+    order = {c: i for i, c in enumerate(CLASS_ORDER)}
+    classes = dict(sorted(classes.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return QuantizeReport(
+        src=src,
+        out=out,
+        preset=preset,
+        format="gguf" if is_gguf else "bnb",
+        output_bytes=_tree_bytes(out),
+        seconds=seconds,
+        classes=classes,
+        types=dict(sorted(types.items())),
+        warnings=list(result.get("warnings", [])) if is_gguf else [],
+    )
