@@ -1,0 +1,130 @@
+"""What the user asked for (`Placement`: --ram-mem / --gpu-mem / --experts-resident / --profile / policy) and the
+arithmetic that turns a byte budget into a number of expert slots per layer.
+
+The budget is a promise about the model's memory: non-expert weights, the KV cache, the expert slots and the stores'
+scratch buffers. Non-expert weights and the KV cache are counted first; experts fill what is left, the same number of
+slots in every MoE layer. Too small a budget is a `MarcoError` that says how much the fixed part needs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import MarcoError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+AUTO_GPU_MARGIN = 512 << 20  # `--gpu-mem auto` leaves this much VRAM free for the CUDA context and activations
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512MiB', '1.5GB', '3000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
+    if not m or m.group(2).lower() not in _UNITS:
+        raise MarcoError(f"cannot read the size {text!r}", hint="write it like 4GiB, 512MiB, 8GB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_resident(text: str, num_experts: int) -> int:
+    """'N' experts per layer or 'P%' of each layer's experts -> slots per layer (at least 1, at most E)."""
+    t = text.strip()
+    try:
+        n = round(float(t[:-1]) / 100 * num_experts) if t.endswith("%") else int(t)
+    except ValueError:
+        raise MarcoError(
+            f"cannot read --experts-resident {text!r}", hint="give a count per layer (16) or a percentage (25%)"
+        ) from None
+    if n < 1 and t.endswith("%") and float(t[:-1]) > 0:
+        n = 1
+    if not 1 <= n <= num_experts:
+        raise MarcoError(
+            f"--experts-resident {text} gives {n} experts per layer; the model has {num_experts}",
+            hint=f"use 1..{num_experts} or a percentage",
+        )
+    return n
+
+
+@dataclass
+class Placement:
+    """Where experts live. Inactive (all None) means: load everything into the fast tier as before."""
+
+    ram_mem: str | None = None  # CPU-only budget, e.g. "6GiB"
+    gpu_mem: str | None = None  # VRAM budget, or "auto"
+    experts_resident: str | None = None  # "N" or "P%" per layer
+    profile: str | None = None  # JSON from `marco profile`: warms the cache, defines the static hot set
+    policy: str = "lru"
+    prefetch: bool = False
+    ctx: int = 4096  # tokens the KV cache is sized for (counted in the budget)
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.ram_mem, self.gpu_mem, self.experts_resident, self.profile))
+
+
+@dataclass
+class Plan:
+    budget: int | None  # bytes, None when only --experts-resident was given
+    fixed_bytes: int  # non-expert weights + KV cache
+    expert_bytes: int  # one expert, packed
+    moe_layers: int
+    slots: int  # per MoE layer
+    scratch_bytes: int = 0
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slots * self.expert_bytes * self.moe_layers
+
+
+def plan_slots(
+    num_experts: int,
+    moe_layers: int,
+    expert_bytes: int,
+    fixed_bytes: int,
+    budget: int | None,
+    resident: str | None,
+    scratch_bytes: int = 0,
+    what: str = "--ram-mem",
+) -> Plan:
+    """Slots per MoE layer from a byte budget and/or an explicit --experts-resident; refuse what cannot fit."""
+    wanted = parse_resident(resident, num_experts) if resident is not None else None
+    if budget is None:
+        return Plan(None, fixed_bytes, expert_bytes, moe_layers, wanted or num_experts, scratch_bytes)
+    left = budget - fixed_bytes - scratch_bytes
+    one_each = expert_bytes * moe_layers
+    if left < one_each:
+        raise MarcoError(
+            f"{what} {_fmt(budget)} is too small: the non-expert weights and KV cache need {_fmt(fixed_bytes)}, "
+            f"plus {_fmt(one_each + scratch_bytes)} for one expert per layer",
+            hint=f"raise {what} to at least {_fmt(fixed_bytes + one_each + scratch_bytes)}, or lower --ctx",
+        )
+    fit = min(num_experts, left // one_each)
+    if wanted is not None and wanted > fit:
+        raise MarcoError(
+            f"--experts-resident {resident} needs {_fmt(fixed_bytes + wanted * one_each + scratch_bytes)}, "
+            f"more than {what} {_fmt(budget)}",
+            hint=f"at most {fit} experts per layer fit; lower --experts-resident or raise {what}",
+        )
+    return Plan(budget, fixed_bytes, expert_bytes, moe_layers, wanted or fit, scratch_bytes)
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

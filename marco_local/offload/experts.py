@@ -1,0 +1,169 @@
+"""`OffloadedExperts`: an `Experts` module whose experts live in a slow tier and are copied into a few fast slots.
+
+It wraps any `Experts` (bf16 or quantized): every per-expert tensor of the inner module is rebound to a typed view of
+one `[S, expert_bytes]` buffer allocated once in the fast tier (the slots), so `inner.expert_forward(slot, x)` computes
+an expert that sits in that slot. `forward` keeps `Experts.forward`'s routing loop exactly (pairs grouped by expert
+id, ascending), so the output is bit-identical to the non-offloaded module for every number of slots; when one call
+needs more experts than slots (a prefill chunk), it streams the layer in groups of at most S experts.
+
+Invariants: owns the fast-tier slots and never allocates them again (decode allocates no slot memory); never evicts
+an expert the current group needs; a speculative prefetch for this layer finishes (CPU thread) or is ordered before
+use (CUDA copy stream) before the slots are read. On CUDA, copies run on a side stream from pinned host memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future
+
+import torch
+from torch import nn
+
+from .policy import Policy
+from .slots import SlotTable
+from .store import ExpertLayout, ExpertStore
+
+
+class OffloadedExperts(nn.Module):
+    def __init__(
+        self,
+        inner: nn.Module,
+        store: ExpertStore,
+        num_slots: int,
+        policy: Policy,
+        device: torch.device | str = "cpu",
+        layer: int = 0,
+    ) -> None:
+        super().__init__()
+        self.inner, self.store, self.layer = inner, store, layer
+        self.num_experts = inner.num_experts
+        self.layout: ExpertLayout = store.layout
+        self.table = SlotTable(self.num_experts, num_slots, policy)
+        self.device = torch.device(device)
+        self.slots = torch.empty(num_slots, self.layout.expert_bytes, dtype=torch.uint8, device=self.device)
+        self.layout.bind(inner, self.slots)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # speculation: the next layer's router and cache, set by `link`
+        self.next: OffloadedExperts | None = None
+        self.next_gate: nn.Module | None = None
+        self.next_top_k = 0
+        self.executor: Executor | None = None
+        self.pending: Future | None = None
+        self.predicted: set[int] | None = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.bytes_moved = self.prefetch_bytes = 0
+        self.stall_s = 0.0
+        self.pred_total = self.pred_hit = self.actual_total = 0
+        self.table.hits = self.table.misses = self.table.calls = 0
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slots.nbytes
+
+    def link(self, nxt: OffloadedExperts, gate: nn.Module, top_k: int, executor: Executor | None) -> None:
+        """Enable prefetch: speculate `nxt`'s experts with its router `gate` (CPU: on `executor`'s thread)."""
+        self.next, self.next_gate, self.next_top_k, self.executor = nxt, gate, top_k, executor
+
+    # -- moving experts -------------------------------------------------------------------------------------------
+    def _copy(self, loads: Sequence[tuple[int, int]]) -> None:
+        if self.copy_stream is None:
+            for e, s in loads:
+                self.store.read_into(e, self.slots[s])
+            return
+        # the slot may still be read by kernels queued on the compute stream: the copy waits for them first
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            for e, s in loads:
+                self.store.read_into(e, self.slots[s])
+
+    def _fetch(self, loads: Sequence[tuple[int, int]]) -> None:
+        if not loads:
+            return
+        t0 = time.perf_counter()
+        self._copy(loads)
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self.stall_s += time.perf_counter() - t0
+        self.bytes_moved += len(loads) * self.layout.expert_bytes
+
+    def preload(self, experts: Sequence[int]) -> None:
+        """Bring experts in without counting an access (prefetch, profile warm-up)."""
+        loads = self.table.preload(experts)
+        self._copy(loads)
+        n = len(loads) * self.layout.expert_bytes
+        self.bytes_moved += n
+        self.prefetch_bytes += n
+
+    def _settle(self, experts: list[int]) -> None:
+        """Wait for this layer's prefetch and score the speculation against what the router chose."""
+        if self.pending is not None:
+            t0 = time.perf_counter()
+            self.pending.result()
+            self.stall_s += time.perf_counter() - t0
+            self.pending = None
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        if self.predicted is not None:
+            self.pred_total += len(self.predicted)
+            self.pred_hit += len(self.predicted.intersection(experts))
+            self.actual_total += len(experts)
+            self.predicted = None
+
+    def _speculate(self, x: torch.Tensor) -> None:
+        """Apply the next layer's router to this layer's input and start loading its likely experts."""
+        nxt = self.next
+        if nxt is None or x.shape[0] != 1:  # decode only: a prefill chunk streams layers anyway
+            return
+        guess = torch.topk(self.next_gate(x), self.next_top_k, dim=-1).indices.reshape(-1).tolist()
+        nxt.predicted = set(guess)
+        if self.executor is not None:
+            nxt.pending = self.executor.submit(nxt.preload, guess)
+        else:
+            nxt.preload(guess)  # CUDA: only queues copies on the side stream
+
+    # -- the routing loop ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        A = idx.shape[1]  # x [T, D], idx/weights [T, A]; same loop as Experts.forward, experts -> slots
+        flat = idx.reshape(-1)  # [T*A]
+        order = torch.argsort(flat, stable=True)
+        experts_t, counts_t = torch.unique_consecutive(flat[order], return_counts=True)
+        experts, counts = experts_t.tolist(), counts_t.tolist()
+        self._settle(experts)
+        self._speculate(x)
+        flat_weights = weights.reshape(-1, 1)
+        out = torch.zeros_like(x)
+        start = i = 0
+        slot_of = self.table.slot_of
+        for group in self.table.groups(experts):
+            self._fetch(self.table.assign(group))
+            for e in group:
+                pairs = order[start : start + counts[i]]
+                tokens = pairs // A
+                y = self.inner.expert_forward(slot_of[e], x[tokens]) * flat_weights[pairs]
+                out.index_add_(0, tokens, y.to(out.dtype))
+                start += counts[i]
+                i += 1
+        return out
+
+    def stats(self) -> dict:
+        t = self.table
+        return {
+            "layer": self.layer,
+            "slots": t.num_slots,
+            "experts": t.num_experts,
+            "resident": t.resident,
+            "hits": t.hits,
+            "misses": t.misses,
+            "hit_rate": t.hits / max(t.hits + t.misses, 1),
+            "bytes_moved": self.bytes_moved,
+            "prefetch_bytes": self.prefetch_bytes,
+            "stall_s": self.stall_s,
+            "prefetch_precision": self.pred_hit / self.pred_total if self.pred_total else None,
+            "prefetch_recall": self.pred_hit / self.actual_total if self.actual_total else None,
+        }
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, slots={self.table.num_slots}/{self.num_experts}"

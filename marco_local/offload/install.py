@@ -1,0 +1,244 @@
+"""Put a model's experts under offloading: build the stores, size the slots from the budget, swap `mlp.experts`.
+
+Two entry points: `load_offloaded` builds a model from a Hugging Face folder without ever materialising its experts
+(non-expert weights are read as usual; experts stay in the file and are read with positional reads, or are copied
+once into pinned host RAM on CUDA); `install` wraps the experts of a model that is already loaded (in RAM, or as
+zero-copy views of a memory-mapped GGUF, which become a file store). Both attach an `OffloadRuntime` as
+`model.offload`, which owns the prefetch thread and reports the stats (`offload_stats(model)`).
+Invariant: the plan is computed and checked against the budget before any expert byte is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..config import load_config
+from ..errors import MarcoError
+from ..models.qwen3_moe import Qwen3MoeForCausalLM
+from .budget import AUTO_GPU_MARGIN, Placement, Plan, parse_size, plan_slots
+from .experts import OffloadedExperts
+from .policy import make_policy_factory
+from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore, mapped_segments, safetensors_segments
+
+ProgressFn = Callable[[int, int], None]
+
+
+class OffloadRuntime:
+    """The offloaded layers of one model, their plan, and the prefetch thread."""
+
+    def __init__(self, layers: list[OffloadedExperts], plan: Plan, executor: ThreadPoolExecutor | None) -> None:
+        self.layers, self.plan, self.executor = layers, plan, executor
+
+    @property
+    def fast_bytes(self) -> int:
+        """Bytes of the fast tier the experts use: slots plus the stores' in-process buffers (not the pinned tier)."""
+        return sum(x.slot_bytes for x in self.layers) + self.plan.scratch_bytes
+
+    def reset_stats(self) -> None:
+        for x in self.layers:
+            x.reset_stats()
+
+    def stats(self) -> dict:
+        per_layer = [x.stats() for x in self.layers]
+        hits = sum(s["hits"] for s in per_layer)
+        misses = sum(s["misses"] for s in per_layer)
+        pred = sum(x.pred_total for x in self.layers)
+        pred_hit = sum(x.pred_hit for x in self.layers)
+        actual = sum(x.actual_total for x in self.layers)
+        return {
+            "expert_hit_rate": hits / (hits + misses) if hits + misses else None,
+            "expert_hits": hits,
+            "expert_misses": misses,
+            "experts_resident": sum(s["resident"] for s in per_layer),
+            "experts_total": sum(s["experts"] for s in per_layer),
+            "experts_resident_fraction": sum(s["slots"] for s in per_layer) / sum(s["experts"] for s in per_layer),
+            "expert_slots_per_layer": self.plan.slots,
+            "expert_bytes_moved": sum(s["bytes_moved"] for s in per_layer),
+            "expert_stall_s": sum(s["stall_s"] for s in per_layer),
+            "prefetch_precision": pred_hit / pred if pred else None,
+            "prefetch_recall": pred_hit / actual if actual else None,
+            "offload_budget_bytes": self.plan.budget,
+            "offload_fixed_bytes": self.plan.fixed_bytes,
+            "offload_fast_bytes": self.fast_bytes,
+            "expert_layers": per_layer,
+        }
+
+    def close(self) -> None:
+        for x in self.layers:
+            if x.pending is not None:
+                x.pending.result()
+                x.pending = None
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
+        for x in self.layers:
+            x.store.close()
+
+
+def offload_stats(model: nn.Module) -> dict:
+    """The expert-cache stats of a model (empty for a model that is not offloaded): feeds GenerationResponse.stats."""
+    rt = getattr(model, "offload", None)
+    return rt.stats() if isinstance(rt, OffloadRuntime) else {}
+
+
+def load_profile(path: str | Path) -> dict[int, list[float]]:
+    """layer -> per-expert frequency from a `marco profile` JSON file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {int(k): [float(c) for c in v] for k, v in data["layers"].items()}
+    except FileNotFoundError:
+        raise MarcoError(f"profile {path} not found", hint="create one with marco profile MODEL --text FILE") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MarcoError(f"{path} is not an expert profile: {e}", hint="create one with marco profile") from e
+
+
+def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+
+def _non_expert_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    expert_ids = {id(p) for _, b in _moe_blocks(model) for p in b.experts.parameters()}
+    expert_ids |= {id(t) for _, b in _moe_blocks(model) for t in b.experts.buffers()}
+    total = 0
+    for p in list(model.parameters()) + list(model.buffers()):  # parameters() yields a tied tensor once
+        if id(p) not in expert_ids:
+            size = dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size()
+            total += p.numel() * size
+    return total
+
+
+def _kv_bytes(cfg, ctx: int, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * dtype.itemsize
+
+
+def _budget(placement: Placement, device: torch.device) -> tuple[int | None, str]:
+    if device.type == "cuda":
+        if placement.gpu_mem is None:
+            return None, "--gpu-mem"
+        if placement.gpu_mem == "auto":
+            free, _ = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_allocated(device) - AUTO_GPU_MARGIN, "--gpu-mem"
+        return parse_size(placement.gpu_mem), "--gpu-mem"
+    if placement.gpu_mem is not None and placement.ram_mem is None:
+        raise MarcoError("--gpu-mem needs a CUDA device", hint="on a CPU-only machine use --ram-mem")
+    return (parse_size(placement.ram_mem) if placement.ram_mem else None), "--ram-mem"
+
+
+def _wrap(
+    model: nn.Module,
+    stores: dict[int, ExpertStore],
+    placement: Placement,
+    device: torch.device,
+    fixed_bytes: int,
+) -> OffloadRuntime:
+    cfg = model.config
+    blocks = _moe_blocks(model)
+    if not blocks:
+        raise MarcoError("this model has no MoE layers to offload")
+    budget, what = _budget(placement, device)
+    # on a CPU-only machine the slow tier is process memory too unless it is a file: count what stores keep in RAM
+    scratch = sum(s.resident_bytes for s in stores.values()) if device.type == "cpu" else 0
+    layout = next(iter(stores.values())).layout
+    resident = placement.experts_resident
+    plan = plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, scratch, what)
+    profile = load_profile(placement.profile) if placement.profile else None
+    factory = make_policy_factory(placement.policy, profile)
+    layers = []
+    for i, block in blocks:
+        x = OffloadedExperts(block.experts, stores[i], plan.slots, factory(i, cfg.num_experts), device, layer=i)
+        block.experts = x
+        layers.append(x)
+    executor = None
+    if placement.prefetch:
+        executor = ThreadPoolExecutor(1, thread_name_prefix="marco-prefetch") if device.type == "cpu" else None
+        for (_, _), (_, nxt_block), x in zip(blocks, blocks[1:], layers, strict=False):
+            x.link(nxt_block.experts, nxt_block.gate, nxt_block.top_k, executor)
+    if profile:  # warm the cache with each layer's most frequent experts
+        for x in layers:
+            freq = profile.get(x.layer)
+            if freq:
+                hot = sorted(range(len(freq)), key=lambda e: -freq[e])[: plan.slots]
+                x.preload(hot)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        for x in layers:
+            x.reset_stats()
+    rt = OffloadRuntime(layers, plan, executor)
+    model.offload = rt
+    return rt
+
+
+def install(model: nn.Module, placement: Placement, maps: list[tuple[Path, int, int]] = ()) -> OffloadRuntime:
+    """Offload the experts of a loaded model. Experts that are views of a mapped file in `maps` (path, address,
+    length) are read from that file; others are packed into host RAM (pinned when the model is on CUDA)."""
+    device = next(model.parameters()).device
+    cfg = model.config
+    stores: dict[int, ExpertStore] = {}
+    for i, block in _moe_blocks(model):
+        layout = ExpertLayout(block.experts, cfg.num_experts)
+        try:
+            stores[i] = FileStore(layout, mapped_segments(block.experts, layout, list(maps))) if maps else None
+        except MarcoError:
+            stores[i] = None
+        if stores[i] is None:
+            stores[i] = MemoryStore.from_module(block.experts, layout, pin=device.type == "cuda")
+    dtype = next(model.parameters()).dtype
+    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype)
+    return _wrap(model, stores, placement, device, fixed)
+
+
+def load_offloaded(
+    folder: str | Path,
+    placement: Placement,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+) -> Qwen3MoeForCausalLM:
+    """A Hugging Face checkpoint with its experts left in the file (CPU) or in pinned host RAM (CUDA)."""
+    device = torch.device(device)
+    cfg = load_config(folder)
+    ckpt = Checkpoint(folder)
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(cfg).to(dtype)
+    blocks = _moe_blocks(model)
+    expert_params = {id(p) for _, b in blocks for p in b.experts.parameters()}
+    params = [(n, p) for n, p in model.named_parameters() if id(p) not in expert_params]
+    stores: dict[int, ExpertStore] = {}
+    for i, block in blocks:  # headers only: fail on a bad checkpoint before reading weights
+        layout = ExpertLayout(block.experts, cfg.num_experts)
+        stores[i] = FileStore(layout, safetensors_segments(ckpt.file_of, f"model.layers.{i}.mlp.experts", layout))
+    fixed = _non_expert_bytes(model, dtype) + _kv_bytes(cfg, placement.ctx, dtype)
+    total = len(params) + (len(blocks) if device.type == "cuda" else 0)
+    for k, (name, p) in enumerate(params):
+        if name not in ckpt:
+            raise MarcoError(f"tensor {name} is missing from the checkpoint in {ckpt.folder}")
+        found = list(ckpt.shape(name))
+        if found != list(p.shape):
+            raise MarcoError(
+                f"tensor {name} has shape {found} in {ckpt.folder}, the config implies {list(p.shape)}",
+                hint="config.json and the weights do not belong together",
+            )
+        owner_name, attr = name.rsplit(".", 1)
+        value = ckpt.get(name).to(device=device, dtype=dtype)
+        model.get_submodule(owner_name)._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        if progress:
+            progress(k + 1, total)
+    del ckpt  # drop the safetensors mappings: their touched pages would otherwise count toward RSS
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if device.type == "cuda":  # slow tier = pinned host RAM, filled once from the file
+        for k, (i, _) in enumerate(blocks):
+            file_store = stores[i]
+            stores[i] = MemoryStore.from_store(file_store, pin=True)
+            file_store.close()
+            if progress:
+                progress(len(params) + k + 1, total)
+    _wrap(model, stores, placement, device, fixed)
+    return model.eval()
