@@ -1,0 +1,423 @@
+"""Linear layers, experts and embeddings that keep GGUF weights quantized and run torch's int4 kernel on them.
+
+Job: turn the raw ggml blocks of a tensor (a zero-copy uint8 view `[rows, row_bytes]` of the GGUF file) into modules
+whose forward computes `x @ W.T` without ever materialising W in float. The loader builds them with `make_linear`,
+`make_experts` and `make_embedding`.
+
+Kernel choice (CPU, measured on this 2-core machine, one token through a 768x1024 matrix, 1 thread): torch's
+`_weight_int4pack_mm_for_cpu` 21 us with bf16 activations (1.1 ms with f16 or f32: no vectorised path), dense bf16
+55 us, dense f32 39 us, `_weight_int8pack_mm` 18 us but with one scale per row, which cannot carry ggml's per-block
+scales. So every quantized type is repacked once, at load, into that int4 kernel's group-wise asymmetric form
+`w = (n - 8) * S + Z` (n a 4-bit value, S and Z per group of `group` consecutive inputs):
+
+- Q4_0, Q4_1, Q4_K are group-32 int4 as they are (Q4_K: S = d * sc_j, Z = 8 S - dmin * m_j).
+- Q5_0, Q5_1, Q5_K, Q8_0 (blocks of 32) and Q6_K (sub-blocks of 16) split each stored value into nibbles,
+  q = lo + 16 hi. The input is doubled (K' = 2 K): each run of `split` inputs is seen once as x (for lo) and once as
+  16 x (for hi; a power of two, so exact in floating point), both halves in one group of `2 * split`. The high nibble
+  is stored as hi + o (o centres its range on 8) and Z = (C + 8 S - 16 (o - 8) S) / 17 makes the group sum
+  reproduce the block's additive constant C (Q5_0: -16 d, Q5_1: m, Q5_K: -dmin * m_j, Q6_K: -32 S, Q8_0: -128 d).
+- F32, F16, BF16 stay as zero-copy views of the file and run a plain matmul.
+
+Error (bf16, bf16 or f16 activations): the kernel takes S and Z in bf16, so each represented weight is off by at most
+2^-9 (|n - 8| |S| + |Z|) per nibble (x16 for a high nibble): at most 2^-8 of the largest |w| of its block for the
+4-bit types, Q8_0, Q6_K and Q5_0, and 2^-7 for Q5_1 / Q5_K, i.e. about what rounding the dequantized weights to bf16
+costs. Outputs are rounded to bf16. Measured on random blocks (tests/test_qlinear.py asserts it): relative output
+error ||y - y_ref|| / ||y_ref|| below 4e-3 against `x @ codec.dequantize(raw).T` in float32 for every type.
+With float32 activations the modules take an exact path instead: the block bytes are dequantized with the codec on
+each call and multiplied in float32 (a reference path for checks: slow, allocates, touches the raw file pages).
+
+Invariants: the weights stay quantized in memory (0.625 bytes per weight for the 4-bit types, 1.125-1.25 for the
+split ones); no float copy of a quantized tensor is ever kept. On the bf16 decode path (one token) `QExperts` does a
+fixed number of torch calls per layer (one int4 matmul per selected expert and projection, a few batched elementwise
+ops), no Python work that grows with the number of experts and no buffer allocation beyond the ops' own outputs.
+Modules are CPU-only (the int4 packing is the CPU kernel's); a CUDA placement needs another packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as GT
+from torch import nn
+
+from quant.ggml_codecs import Codec, codec_for
+
+from .models.qwen3_moe import Experts
+
+KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the CPU int4 kernel vectorises
+ROW_BLOCK = 64  # the CPU int4 kernel packs rows in blocks of 64: byte [k, j] = row j | row 32 + j << 4
+CHUNK_ROWS = 4096  # rows repacked per step (a multiple of ROW_BLOCK): bounds load-time temporaries to a few MiB
+_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a ggml type maps onto the int4 kernel: `group` inputs per (S, Z) pair along the packed input K'."""
+
+    group: int
+    split: int = 0  # 0: K' = K. Else each run of `split` inputs appears twice (x, then 16 x): K' = 2 K
+    hi_offset: int = 0  # o: the stored high nibble is hi + o
+
+
+LAYOUTS: dict[GT, Layout] = {
+    GT.Q4_0: Layout(32),
+    GT.Q4_1: Layout(32),
+    GT.Q4_K: Layout(32),
+    GT.Q5_0: Layout(64, 32, 7),
+    GT.Q5_1: Layout(64, 32, 7),
+    GT.Q5_K: Layout(64, 32, 7),
+    GT.Q8_0: Layout(64, 32, 0),
+    GT.Q6_K: Layout(32, 16, 6),
+}
+DENSE: dict[GT, torch.dtype] = {GT.F32: torch.float32, GT.F16: torch.float16, GT.BF16: torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block decoding (ggml-common.h layouts; the same reading as quant/ggml_codecs.py, but to integers, not floats)
+
+
+def _half(b: torch.Tensor, at: int) -> torch.Tensor:
+    """The ggml_half at byte `at` of each block [B, type_size] -> float32 [B, 1]."""
+    return b[:, at : at + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """qs [B, 16] -> the 32 4-bit values of a legacy block (weight j in the low nibble of byte j, j + 16 high)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _bits32(qh: torch.Tensor) -> torch.Tensor:
+    """qh [B, 4] (a little-endian uint32) -> its 32 bits [B, 32], bit j = fifth bit of weight j."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device).view(1, 1, 8)
+    return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(-1, 32)
+
+
+def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scales[12] of a Q4_K/Q5_K block -> 6-bit (scales, mins) as float32 [B, 8] (get_scale_min_k4)."""
+    a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    sc = torch.cat([a & 63, (c & 0x0F) | ((a >> 6) << 4)], dim=-1)
+    mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _k_low(qs: torch.Tensor) -> torch.Tensor:
+    """qs [B, 128] of Q4_K/Q5_K -> low nibbles [B, 8, 32]: qs[32c + l] holds weight 64c + l low, 64c + 32 + l high."""
+    qs = qs.reshape(-1, 4, 1, 32)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
+
+
+def _direct(t: GT, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-bit types: blocks [B, type_size] -> (n uint8 [B, bs], S [B, groups], Z [B, groups]) for w = (n - 8) S + Z."""
+    if t == GT.Q4_0:
+        d = _half(b, 0)
+        return _nibbles(b[:, 2:18]), d, torch.zeros_like(d)
+    if t == GT.Q4_1:
+        d, m = _half(b, 0), _half(b, 2)
+        return _nibbles(b[:, 4:20]), d, m + 8 * d
+    sc, mn = _k_scales(b[:, 4:16])  # Q4_K
+    s = _half(b, 0) * sc
+    return _k_low(b[:, 16:144]).reshape(-1, 256), s, 8 * s - _half(b, 2) * mn
+
+
+def _split(t: GT, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """5/6/8-bit types: blocks -> (unsigned q [B, subs, split], S [B, subs], C [B, subs]) for w = S q + C."""
+    if t in (GT.Q5_0, GT.Q5_1):
+        at = 2 if t == GT.Q5_0 else 4
+        q = _nibbles(b[:, at + 4 : at + 20]) | (_bits32(b[:, at : at + 4]) << 4)
+        d = _half(b, 0)
+        return q.unsqueeze(1), d, -16 * d if t == GT.Q5_0 else _half(b, 2)
+    if t == GT.Q8_0:
+        d = _half(b, 0)
+        q = (b[:, 2:34].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+        return q.unsqueeze(1), d, -128 * d
+    if t == GT.Q5_K:
+        sc, mn = _k_scales(b[:, 4:16])
+        shifts = torch.arange(8, dtype=torch.uint8, device=b.device).view(1, 8, 1)
+        high = (b[:, 16:48].unsqueeze(1) >> shifts) & 1  # bit k of qh[l] is the fifth bit of weight 32k + l
+        return _k_low(b[:, 48:176]) | (high << 4), _half(b, 0) * sc, -_half(b, 2) * mn
+    # Q6_K: ql[128] qh[64] int8 scales[16] d. In each 128-weight half h, weight 32k + l has its low nibble in
+    # ql[64h + 32(k % 2) + l] (low nibble for k < 2) and its top two bits at bit 2k of qh[32h + l].
+    ql = b[:, :128].reshape(-1, 2, 1, 64)
+    low = torch.cat([ql & 0x0F, ql >> 4], dim=2).view(-1, 2, 4, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
+    high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3
+    s = _half(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()
+    return (low | (high << 4)).view(-1, 16, 16), s, -32 * s
+
+
+def _int4_rows(raw: torch.Tensor, t: GT, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """raw [R, row_bytes] -> (n uint8 [R, K'], S float32 [R, K'/group], Z float32 [R, K'/group])."""
+    codec, layout = codec_for(t), LAYOUTS[t]
+    rows = raw.shape[0]
+    b = raw.reshape(-1, codec.type_size)
+    if not layout.split:
+        n, s, z = _direct(t, b)
+    else:
+        q, s, c = _split(t, b)
+        o = layout.hi_offset
+        n = torch.cat([q & 0x0F, (q >> 4) + o], dim=-1)  # [B, subs, 2 * split]: lo run, then hi run
+        z = (c + 8 * s - 16 * (o - 8) * s) / 17
+    k2 = in_features * (2 if layout.split else 1)
+    return n.reshape(rows, k2), s.reshape(rows, -1), z.reshape(rows, -1)
+
+
+def _pack_rows(n: torch.Tensor) -> torch.Tensor:
+    """n uint8 [N, K] (N a multiple of 64) -> the CPU kernel's packing (= `_convert_weight_to_int4pack_for_cpu`)."""
+    N, K = n.shape
+    v = n.view(N // ROW_BLOCK, 2, ROW_BLOCK // 2, K)
+    return (v[:, 0] | (v[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
+
+
+def _padded(rows: int) -> int:
+    return -(-rows // ROW_BLOCK) * ROW_BLOCK
+
+
+class Int4Weight:
+    """One [N, K] matrix in the int4 kernel's form: packed [Np, K'/2] uint8, scales_zeros [K'/group, Np, 2] bf16.
+
+    Rows are padded to a multiple of 64 with zero weights (the kernel's row block); outputs carry the padding.
+    """
+
+    def __init__(self, raw: torch.Tensor, t: GT, out_features: int, in_features: int) -> None:
+        self.layout = LAYOUTS[t]
+        self.out_features, self.in_features = out_features, in_features
+        k2 = in_features * (2 if self.layout.split else 1)
+        rows = _padded(out_features)
+        self.packed = torch.zeros(rows, k2 // 2, dtype=torch.uint8, device="cpu")
+        self.scales_zeros = torch.zeros(k2 // self.layout.group, rows, 2, dtype=KERNEL_DTYPE, device="cpu")
+        for start in range(0, out_features, CHUNK_ROWS):
+            end = min(start + CHUNK_ROWS, out_features)
+            n, s, z = _int4_rows(raw[start:end], t, in_features)
+            if (end - start) % ROW_BLOCK:
+                n = torch.cat([n, n.new_zeros(_padded(end - start) - (end - start), k2)])
+            self.packed[start : start + n.shape[0]] = _pack_rows(n)
+            self.scales_zeros[:, start:end, 0] = s.t()
+            self.scales_zeros[:, start:end, 1] = z.t()
+        self._mult = torch.tensor([[1.0], [16.0]], dtype=KERNEL_DTYPE, device="cpu")
+
+    def prep(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 x [M, K] -> the kernel's input [M, K'] (split layouts: each run of inputs as x, then 16 x)."""
+        if not self.layout.split:
+            return x
+        g = self.layout.split
+        return (x.reshape(x.shape[0], -1, 1, g) * self._mult).reshape(x.shape[0], -1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes
+
+
+def _dense_view(raw: torch.Tensor, t: GT, in_features: int) -> torch.Tensor:
+    """A zero-copy float view [..., in_features] of F32/F16/BF16 bytes."""
+    return raw.view(DENSE[t]).reshape(*raw.shape[:-1], in_features)
+
+
+def _dense_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T computed in the weight's dtype (a float32 weight keeps its precision), returned in x's dtype."""
+    return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+
+def _as_type(ggml_type: GT | int | str) -> GT:
+    return codec_for(ggml_type).ggml_type
+
+
+class QLinear(nn.Module):
+    """`x @ W.T` with W kept quantized (int4 kernel) or as a zero-copy float view of the file (F32/F16/BF16)."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: GT | int | str, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.ggml_type = _as_type(ggml_type)
+        self.codec: Codec = codec_for(self.ggml_type)
+        self.out_features, self.in_features = out_features, in_features
+        _check_raw(raw, self.codec, (out_features,), in_features)
+        self.raw = raw  # the file's bytes: the exact float32 path and `rows` read them
+        self.dense = self.ggml_type in DENSE
+        self.q = None if self.dense else Int4Weight(raw, self.ggml_type, out_features, in_features)
+        self.weight_view = _dense_view(raw, self.ggml_type, in_features) if self.dense else None
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.ggml_type.name}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.dense:
+            w = self.weight_view
+            y = F.linear(x2, w.float()) if x.dtype == torch.float32 else _dense_mm(x2, w)
+        elif x.dtype == torch.float32:
+            y = F.linear(x2, self.codec.dequantize(self.raw))  # exact reference path
+        else:
+            q = self.q
+            y = _MM(q.prep(x2.to(KERNEL_DTYPE)), q.packed, q.layout.group, q.scales_zeros)
+            y = y[:, : self.out_features].to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows `W[ids]` in float32 (embedding lookups from a tied output matrix)."""
+        return self.codec.dequantize(self.raw[ids.reshape(-1).cpu()]).reshape(*ids.shape, self.in_features)
+
+
+class QEmbedding(nn.Module):
+    """Embedding lookup from quantized rows: only the looked-up rows are dequantized (exactly, by the codec)."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: GT | int | str, num_embeddings: int, dim: int, dtype) -> None:
+        super().__init__()
+        self.codec = codec_for(ggml_type)
+        _check_raw(raw, self.codec, (num_embeddings,), dim)
+        self.raw, self.dim, self.dtype = raw, dim, dtype
+        self.num_embeddings = num_embeddings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.codec.dequantize(self.raw[ids.reshape(-1).cpu()])
+        return rows.reshape(*ids.shape, self.dim).to(device=ids.device, dtype=self.dtype)
+
+
+class _Int4Bank:
+    """The same projection of all E experts, int4-packed: per-expert views kept in lists (indexing costs no op)."""
+
+    def __init__(self, raws: list[torch.Tensor], t: GT, num_experts: int, in_features: int) -> None:
+        out = sum(r.shape[1] for r in raws)  # gate and up are fused by stacking their rows
+        self.out_features = out
+        self.layout = LAYOUTS[t]
+        first = None
+        self.packed: list[torch.Tensor] = []
+        self.scales_zeros: list[torch.Tensor] = []
+        for e in range(num_experts):
+            rows = torch.cat([r[e] for r in raws]) if len(raws) > 1 else raws[0][e]
+            w = Int4Weight(rows, t, out, in_features)
+            first = first or w
+            self.packed.append(w.packed)
+            self.scales_zeros.append(w.scales_zeros)
+        self.prep = first.prep
+        self.group = self.layout.group
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.packed) + sum(s.nbytes for s in self.scales_zeros)
+
+
+def _check_raw(raw: torch.Tensor, codec: Codec, lead: tuple[int, ...], in_features: int) -> None:
+    if in_features % codec.block_size:
+        raise ValueError(f"{codec.name}: {in_features} inputs is not a multiple of the block size {codec.block_size}")
+    want = (*lead, in_features // codec.block_size * codec.type_size)
+    if raw.dtype != torch.uint8 or tuple(raw.shape) != want:
+        raise ValueError(f"{codec.name}: expected uint8 bytes of shape {want}, got {raw.dtype} {tuple(raw.shape)}")
+
+
+class QExperts(Experts):
+    """`Experts` whose projections stay quantized. Gate and up are fused into one [2I, D] matrix per expert when they
+    share a type, so each selected expert costs two int4 matmuls.
+
+    Routing: prefill keeps the parent's grouped-by-expert `forward` (one `expert_forward` per used expert); a single
+    bf16 token takes `_decode`, which runs the A selected experts with batched elementwise work and applies the
+    routing weights before the (linear) down projection.
+    """
+
+    def __init__(
+        self,
+        gate_raw: torch.Tensor,
+        up_raw: torch.Tensor,
+        down_raw: torch.Tensor,
+        ggml_types: tuple,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+    ) -> None:
+        with torch.device("meta"):  # the parent's float parameters are never materialised
+            super().__init__(num_experts, hidden, intermediate)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            delattr(self, name)
+        self.hidden, self.intermediate = hidden, intermediate
+        self.types = tuple(_as_type(t) for t in ggml_types)
+        self.codecs = tuple(codec_for(t) for t in self.types)
+        _check_raw(gate_raw, self.codecs[0], (num_experts, intermediate), hidden)
+        _check_raw(up_raw, self.codecs[1], (num_experts, intermediate), hidden)
+        _check_raw(down_raw, self.codecs[2], (num_experts, hidden), intermediate)
+        self.raws = (gate_raw, up_raw, down_raw)
+        gt, ut, dt = self.types
+        self.dense = any(t in DENSE for t in self.types)
+        self.fused: _Int4Bank | None = None
+        if self.dense:  # float experts: zero-copy views, plain matmuls
+            self.views = tuple(
+                _dense_view(r, t, r.shape[-1] // codec_for(t).type_size * codec_for(t).block_size)
+                for r, t in zip(self.raws, self.types, strict=True)
+            )
+            return
+        if gt == ut:
+            self.fused = _Int4Bank([gate_raw, up_raw], gt, num_experts, hidden)
+        else:
+            self.gate_bank = _Int4Bank([gate_raw], gt, num_experts, hidden)
+            self.up_bank = _Int4Bank([up_raw], ut, num_experts, hidden)
+        self.down_bank = _Int4Bank([down_raw], dt, num_experts, intermediate)
+
+    def extra_repr(self) -> str:
+        names = "/".join(t.name for t in self.types)
+        return f"{self.num_experts} experts, {self.hidden} -> {self.intermediate}, {names}"
+
+    def _gate_up(self, x: torch.Tensor, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 x [M, D] -> (gate, up) [len(experts) * M, I]: every listed expert applied to all of x."""
+        I = self.intermediate
+        if self.fused is not None:
+            b = self.fused
+            xp = b.prep(x)
+            h = [_MM(xp, b.packed[e], b.group, b.scales_zeros[e]) for e in experts]
+            h = h[0] if len(h) == 1 else torch.cat(h)
+            return h[:, :I], h[:, I : 2 * I]
+        outs = []
+        for b in (self.gate_bank, self.up_bank):
+            xp = b.prep(x)
+            h = [_MM(xp, b.packed[e], b.group, b.scales_zeros[e]) for e in experts]
+            outs.append((h[0] if len(h) == 1 else torch.cat(h))[:, :I])
+        return outs[0], outs[1]
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # exact reference path
+            g, u, d = (c.dequantize(r[e]) for c, r in zip(self.codecs, self.raws, strict=True))
+            return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        if self.dense:
+            g, u, d = (v[e] for v in self.views)
+            return _dense_mm(F.silu(_dense_mm(x, g)) * _dense_mm(x, u), d)
+        gate, up = self._gate_up(x.to(KERNEL_DTYPE), [e])
+        b = self.down_bank
+        y = _MM(b.prep(F.silu(gate) * up), b.packed[e], b.group, b.scales_zeros[e])
+        return y[:, : self.hidden].to(x.dtype)
+
+    def _decode(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token: x [1, D], idx/weights [1, A] -> [1, D]."""
+        experts = idx[0].tolist()
+        gate, up = self._gate_up(x.to(KERNEL_DTYPE), experts)  # [A, I] each
+        a = F.silu(gate) * up * weights.reshape(-1, 1).to(KERNEL_DTYPE)  # routing weight folded in before down
+        b = self.down_bank
+        ap = b.prep(a)
+        ys = [_MM(r, b.packed[e], b.group, b.scales_zeros[e]) for r, e in zip(ap.split(1), experts, strict=True)]
+        return torch.cat(ys).sum(0, keepdim=True)[:, : self.hidden].to(x.dtype)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and not self.dense and x.dtype != torch.float32:
+            return self._decode(x, idx, weights)
+        return super().forward(x, idx, weights)
+
+
+def make_linear(raw: torch.Tensor, ggml_type, out_features: int, in_features: int) -> QLinear:
+    """A module computing `x @ W.T` for the GGUF tensor whose raw bytes are `raw` [out_features, row_bytes]."""
+    return QLinear(raw, ggml_type, out_features, in_features)
+
+
+def make_experts(
+    gate_raw: torch.Tensor,
+    up_raw: torch.Tensor,
+    down_raw: torch.Tensor,
+    ggml_types: tuple,
+    num_experts: int,
+    hidden: int,
+    intermediate: int,
+) -> QExperts:
+    """The experts of one layer from `ffn_{gate,up,down}_exps` bytes: gate/up [E, I, bytes], down [E, D, bytes]."""
+    return QExperts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate)
+
+
+def make_embedding(raw: torch.Tensor, ggml_type, num_embeddings: int, dim: int, dtype=torch.bfloat16) -> QEmbedding:
+    """An embedding over `token_embd` bytes [num_embeddings, row_bytes]; outputs `dtype` (the model's compute dtype)."""
+    return QEmbedding(raw, ggml_type, num_embeddings, dim, dtype)
