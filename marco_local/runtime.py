@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bnb_loader import is_bnb_folder, load_bnb_model  # imports bitsandbytes only when used
 from .errors import MarcoError
 from .loader import load_model
 from .registry import ResolvedModel, resolve
@@ -82,6 +83,9 @@ def load(
 
         model, tokenizer = load_gguf(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
         return LoadedModel(source, model, tokenizer, dev, {})
-    model = load_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
+    if is_bnb_folder(source.path):  # quantization_config.quant_method == "bitsandbytes" in config.json
+        model = load_bnb_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
+    else:
+        model = load_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
     tokenizer = Tokenizer.from_folder(source.path, config_eos=model.config.eos_token_ids)
     return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path))

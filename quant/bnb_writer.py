@@ -17,7 +17,7 @@ in `quantization_config.llm_int8_skip_modules` (transformers matches those names
 Codecs are bitsandbytes' own, run on the CPU: `bitsandbytes.functional.quantize_4bit(blocksize=64,
 compress_statistics=double_quant)` and `int8_vectorwise_quant` (bitsandbytes 0.50 ships CPU implementations of both).
 Inputs are prepared like bitsandbytes' `Params4bit`/`Int8Params` do when transformers quantizes a bf16 model: 4-bit
-quantizes the bf16 weight (so the quant state's dtype is bfloat16), int8 quantizes the weight cast to float16.
+quantizes the bf16 weight (so the quant state's dtype is bfloat16), int8 quantizes it cast on to float16.
 
 Streaming invariant: one source tensor is read (memory-mapped), quantized and appended to the current shard's data
 files before the next is read, so peak memory is one tensor plus its quantized form, whatever the model size.
@@ -122,8 +122,8 @@ def quantize_linears(ws: torch.Tensor, preset: str, double_quant: bool = True) -
     """
     k, rows, cols = ws.shape
     if preset == "int8":
-        # as bnb's Int8Params._quantize: float16 input, absmax per row
-        cb, scb, _ = bnbF.int8_vectorwise_quant(ws.reshape(k * rows, cols).contiguous().to(torch.float16))
+        # as bnb's Int8Params._quantize of a bf16 model: float16 input, absmax per row
+        cb, scb, _ = bnbF.int8_vectorwise_quant(ws.reshape(k * rows, cols).to(KEEP_DTYPE).to(torch.float16))
         fmt = torch.tensor(0, dtype=torch.uint8)
         return [
             {"weight": cb[i * rows : (i + 1) * rows], "SCB": scb[i * rows : (i + 1) * rows], "weight_format": fmt}

@@ -1,0 +1,257 @@
+"""Load a bitsandbytes-quantized checkpoint folder (nf4, fp4, LLM.int8) into `Qwen3MoeForCausalLM`, kept quantized.
+
+A folder is bnb-quantized when its config.json has `quantization_config.quant_method == "bitsandbytes"` (what
+`quant/bnb_writer.py` and transformers' `save_pretrained` write). Each linear is recognised by what is stored under its
+name, never by the config alone: `X.weight` + `X.weight.quant_state.bitsandbytes__{nf4,fp4}` (+ absmax, quant_map,
+nested_*) is 4-bit, `X.weight` int8 + `X.SCB` is LLM.int8, a plain `X.weight` stays a float `nn.Linear`. So folders
+where transformers 5 quantized only the attention (its fused experts stay float) load too.
+
+Invariants: packed weights stay packed in memory (4-bit: half a byte per weight plus absmax; int8: one byte); nothing
+dequantizes a whole layer. Per call:
+- 4-bit on CPU: `bitsandbytes.functional.dequantize_4bit` of that one linear (for experts: only the experts a token
+  was routed to, through `Experts.expert_forward`), then `F.linear` in the activation dtype. bitsandbytes 0.50 runs
+  this on the CPU; there is no CPU nf4/fp4 matmul kernel (torch's int4 kernels are uniform int4, which NF4/FP4 are
+  not), so dequantize-then-matmul is the exact choice. Its result equals a float model holding the dequantized weights.
+- int8 on CPU: `torch._weight_int8pack_mm` (per-output-channel int8 weight x activation, no activation quantization):
+  LLM.int8's row-wise weight is exactly a per-channel int8 weight with scale SCB/127, so the mapping is lossless and
+  several times faster than a bf16 matmul. (bitsandbytes' own int8 matmul also quantizes activations.)
+- On CUDA: bitsandbytes' kernels, as `bnb.nn.Linear4bit` / `Linear8bitLt` call them (`bnb.matmul_4bit`, and
+  `bnb.matmul` with an LLM.int8 `MatmulLtState` using the file's `llm_int8_threshold`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Checkpoint
+from .config import load_config
+from .errors import MarcoError
+from .loader import _set_param, _stacked_expert_source
+from .models.qwen3_moe import Experts, Qwen3MoeForCausalLM
+
+ProgressFn = Callable[[int, int], None]
+
+_QS_PREFIX = "quant_state.bitsandbytes__"
+_INT8_SCALE = 7.874015718698502e-3  # 1/127 as bitsandbytes' int8_vectorwise_dequant writes it
+
+
+def _bnb():
+    """bitsandbytes, imported on first use (only bnb folders need it) and kept from logging to stderr."""
+    logging.getLogger("bitsandbytes").addHandler(logging.NullHandler())
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def quantization_config(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's `quantization_config` if it is a bitsandbytes one, else None."""
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # load_config reports a bad config.json properly
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes":
+        return qc
+    return None
+
+
+def is_bnb_folder(folder: str | Path) -> bool:
+    return Path(folder).is_dir() and quantization_config(folder) is not None
+
+
+class Linear4bit(nn.Module):
+    """A bnb 4-bit linear: packed codes `[out*in/2, 1]` uint8 and its `QuantState`."""
+
+    def __init__(self, weight: torch.Tensor, quant_state, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.quant_state = quant_state
+        self.out_features, self.in_features = quant_state.shape
+
+    def dequantize(self) -> torch.Tensor:
+        return _bnb().functional.dequantize_4bit(self.weight, self.quant_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # bitsandbytes' kernels (gemv_4bit for one token), as bnb.nn.Linear4bit.forward calls them
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return _bnb().matmul_4bit(x, self.weight.t(), bias=bias, quant_state=self.quant_state).to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Linear8bit(nn.Module):
+    """An LLM.int8 linear: int8 weight `[out, in]` and per-row absmax `SCB` (weight = int8 * SCB / 127)."""
+
+    def __init__(self, weight: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, threshold: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("SCB", scb)
+        self.register_buffer("bias", bias)
+        self.register_buffer("scale", scb * _INT8_SCALE)  # float32 per-channel scale for the CPU kernel
+        self.threshold = threshold
+        self.out_features, self.in_features = weight.shape
+        self._state = None
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.is_cuda:
+            return self._cuda_forward(x, bias)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        out = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype))
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if bias is None else out + bias
+
+    def _cuda_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        bnb = _bnb()
+        if self._state is None:  # what bnb.nn.Linear8bitLt sets up for an inference-only int8 weight
+            state = bnb.MatmulLtState()
+            state.CB, state.SCB = self.weight, self.SCB
+            state.threshold = self.threshold
+            state.has_fp16_weights = False
+            state.is_training = False
+            self._state = state
+        return bnb.matmul(x, self.weight, bias=bias, state=self._state).to(x.dtype)
+
+
+class QuantizedExperts(Experts):
+    """A layer's experts as per-expert quantized linears; only routed experts are computed (dequantized on CPU).
+
+    Keeps `Experts.forward` (grouping tokens by expert) and replaces `expert_forward`.
+    # E experts; gate_proj/up_proj: E x [I, D], down_proj: E x [D, I]
+    """
+
+    def __init__(self, gate: list[nn.Module], up: list[nn.Module], down: list[nn.Module]) -> None:
+        nn.Module.__init__(self)  # not Experts.__init__: it would allocate the float [E, out, in] stacks
+        self.num_experts = len(gate)
+        self.gate_proj, self.up_proj, self.down_proj = nn.ModuleList(gate), nn.ModuleList(up), nn.ModuleList(down)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj[e](F.silu(self.gate_proj[e](x)) * self.up_proj[e](x))
+
+
+class _Store:
+    """The checkpoint plus which linears are stored quantized, and how."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, threshold: float) -> None:
+        self.ckpt, self.device, self.threshold = ckpt, device, threshold
+        self.qs_keys: dict[str, list[str]] = {}  # module -> its "weight.<quant state part>" tensor names
+        for name in ckpt.names():
+            if ".weight." in name:
+                self.qs_keys.setdefault(name.split(".weight.", 1)[0], []).append(name)
+
+    def kind(self, module: str) -> str:
+        if any(_QS_PREFIX in k for k in self.qs_keys.get(module, ())):
+            return "4bit"
+        if f"{module}.SCB" in self.ckpt:
+            return "int8"
+        return "float"
+
+    def linear(self, module: str, shape: tuple[int, int], dtype: torch.dtype) -> nn.Module:
+        """The quantized linear stored under `module` ([out, in] = shape), on the target device."""
+        bias_name = f"{module}.bias"
+        bias = self.ckpt.get(bias_name).to(self.device, dtype) if bias_name in self.ckpt else None
+        # An owned copy: tensors from safetensors may be views of the memory-mapped file, and torch's int8 CPU kernel
+        # reads past the end of its operand (a segfault when that is the end of the mapping).
+        weight = self.ckpt.get(f"{module}.weight").to(self.device, copy=True)
+        if self.kind(module) == "int8":
+            if tuple(weight.shape) != shape or weight.dtype != torch.int8:
+                raise _shape_error(module, list(weight.shape), shape)
+            scb = self.ckpt.get(f"{module}.SCB").to(self.device, torch.float32)
+            return Linear8bit(weight, scb, bias, self.threshold)
+        prefix = f"{module}.weight."
+        parts = {k[len(prefix) :]: self.ckpt.get(k) for k in self.qs_keys[module]}
+        try:
+            state = _bnb().functional.QuantState.from_dict(parts, device=self.device)
+        except (ValueError, KeyError, AssertionError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MarcoError(
+                f"{module}: unreadable bitsandbytes quant state in {self.ckpt.folder}: {e}",
+                hint="the checkpoint is corrupt; quantize it again",
+            ) from e
+        if tuple(state.shape) != shape or weight.numel() * 2 < shape[0] * shape[1]:
+            raise _shape_error(module, list(state.shape), shape)
+        return Linear4bit(weight, state, bias)
+
+
+def _shape_error(module: str, found: list[int], expected: tuple[int, ...]) -> MarcoError:
+    return MarcoError(
+        f"quantized weight {module} has shape {found}, the config implies {list(expected)}",
+        hint="config.json and the weights do not belong together",
+    )
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    owner, attr = name.rsplit(".", 1)
+    setattr(model.get_submodule(owner), attr, module)
+
+
+def load_bnb_model(
+    folder: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+) -> Qwen3MoeForCausalLM:
+    """Build the model from a bnb folder: quantized linears stay quantized, everything else in `dtype`."""
+    folder, device = Path(folder), torch.device(device)
+    qc = quantization_config(folder)
+    if qc is None:
+        raise MarcoError(f"{folder} is not a bitsandbytes-quantized checkpoint (no quantization_config)")
+    cfg = load_config(folder)
+    ckpt = Checkpoint(folder)
+    store = _Store(ckpt, device, float(qc.get("llm_int8_threshold", 6.0)))
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(cfg)
+    # lm_head is never a bnb linear (transformers skips the output head); the router is a float linear if stored so
+    linears = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n != "lm_head" and store.kind(n) != "float"
+    ]
+    experts = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, Experts) and store.kind(f"{n}.0.gate_proj") != "float"
+    ]
+    replaced = {n for n, _ in linears} | {n for n, _ in experts}
+    floats = [(n, p) for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in replaced]
+    total, done = len(linears) + len(experts) + len(floats), 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    for name, lin in linears:
+        _replace(model, name, store.linear(name, (lin.out_features, lin.in_features), dtype))
+        step()
+    for name, mod in experts:
+        _, inter, hidden = mod.gate_proj.shape
+        projs = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        built = {
+            p: [store.linear(f"{name}.{e}.{p}", shape, dtype) for e in range(mod.num_experts)]
+            for p, shape in projs.items()
+        }
+        _replace(model, name, QuantizedExperts(built["gate_proj"], built["up_proj"], built["down_proj"]))
+        step()
+    for name, p in floats:
+        if name.endswith((".mlp.experts.gate_proj", ".mlp.experts.up_proj", ".mlp.experts.down_proj")):
+            value = _stacked_expert_source(ckpt, name, cfg.num_experts)()
+        else:
+            value = ckpt.get(name)
+        if tuple(value.shape) != tuple(p.shape):
+            raise _shape_error(name, list(value.shape), tuple(p.shape))
+        _set_param(model, name, value.to(device=device, dtype=dtype))
+        step()
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
