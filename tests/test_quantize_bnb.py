@@ -1,0 +1,331 @@
+"""bitsandbytes side of `marco quantize` and of running quantized folders: writer layout, codec error, logits, CLI.
+
+Bounds: per quantized linear, relative RMSE of the dequantized weight against the original (Gaussian fixture weights)
+below 0.11 nf4, 0.14 fp4, 0.01 int8 (the codecs' known ~0.09 / ~0.12 / ~0.005); logits of our quantized model equal
+a float32 model holding the dequantized weights to 1e-4 (relative to the largest logit); KL to the unquantized model
+bounded per preset (LOGIT_KL). The writer is bit-identical to bitsandbytes' own quantize functions, and (when
+accelerate is installed) to the attention tensors transformers + bitsandbytes write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+
+from marco_local.bnb_loader import Linear4bit, Linear8bit, QuantizedExperts, is_bnb_folder, load_bnb_model
+from marco_local.checkpoint import Checkpoint
+from marco_local.config import load_config
+from marco_local.errors import MarcoError
+from marco_local.generate import generate
+from marco_local.models.qwen3_moe import Qwen3MoeForCausalLM
+from marco_local.sampling import make_sampler
+from marco_local.tokenizer import Tokenizer
+from quant.bnb_writer import quantization_config, quantize_linears, write_bnb
+
+WEIGHT_RMSE = {"nf4": 0.11, "fp4": 0.14, "int8": 0.01}  # per-linear relative RMSE bound (see module docstring)
+# KL(original || quantized) of next-token distributions, mean over positions, fixture model in float32. Measured
+# ~0.05 nf4, ~0.07 fp4, ~0.001 int8: a random 3-layer model with 64-wide hidden states amplifies weight noise and
+# flips routing, so these are far above what a trained model shows; the bound catches a broken codec, not drift.
+LOGIT_KL = {"nf4": 0.25, "fp4": 0.3, "int8": 0.02}
+TIGHT = 1e-4  # max |ours - reference| / max |reference|, float32, against a float model holding the dequantized weights
+
+# hidden 128 x expert width 128 = 16384 weights per expert: the writer's batched double-quant path is exercised;
+# layer 1 is a dense MLP layer (quantized as "mlp").
+FIXTURE = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=192, head_dim=32, mlp_only_layers=[1])
+PRESETS = ("nf4", "fp4", "int8")
+
+
+@pytest.fixture(scope="module")
+def source(make_checkpoint):
+    return make_checkpoint("bnb", seed=7, **FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def written(source, tmp_path_factory):
+    """preset -> (folder, stats); int8 is written in small shards to exercise the index."""
+    folder, _ = source
+    out = {}
+    for preset in PRESETS:
+        dst = tmp_path_factory.mktemp(f"bnb-{preset}")
+        shard = 300_000 if preset == "int8" else 2 * 1000**3
+        calls = []
+        stats = write_bnb(
+            Checkpoint(folder),
+            load_config(folder),
+            folder,
+            dst,
+            preset,
+            progress=lambda d, t, calls=calls: calls.append((d, t)),
+            max_shard_bytes=shard,
+        )
+        assert calls and calls[-1][0] == calls[-1][1]
+        out[preset] = (dst, stats)
+    return out
+
+
+def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+
+
+def dequantize(ckpt: Checkpoint, module: str) -> torch.Tensor:
+    """Dequantize one stored linear with bitsandbytes, from what the file holds."""
+    if f"{module}.SCB" in ckpt:
+        return bnbF.int8_vectorwise_dequant(ckpt.get(f"{module}.weight"), ckpt.get(f"{module}.SCB"))
+    prefix = f"{module}.weight."
+    parts = {n[len(prefix) :]: ckpt.get(n) for n in ckpt.names() if n.startswith(prefix)}
+    state = bnbF.QuantState.from_dict(parts, device=torch.device("cpu"))
+    return bnbF.dequantize_4bit(ckpt.get(f"{module}.weight"), state)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_batched_quantization_is_bit_identical_to_bitsandbytes(preset, double_quant):
+    g = torch.Generator().manual_seed(0)
+    for shape in ((5, 128, 128), (3, 32, 64)):  # batched path; fallback (2048 weights, not a multiple of 16384)
+        ws = torch.randn(shape, generator=g)
+        got = quantize_linears(ws, preset, double_quant)
+        for w, entry in zip(ws, got, strict=True):
+            if preset == "int8":
+                cb, scb, _ = bnbF.int8_vectorwise_quant(w.to(torch.bfloat16).to(torch.float16))
+                ref = {"weight": cb, "SCB": scb, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+            else:
+                packed, state = bnbF.quantize_4bit(
+                    w.to(torch.bfloat16), blocksize=64, compress_statistics=double_quant, quant_type=preset
+                )
+                ref = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+            assert set(entry) == set(ref)
+            for k in ref:
+                assert entry[k].dtype == ref[k].dtype and torch.equal(entry[k], ref[k]), k
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_folder_layout_and_config(written, source, preset):
+    folder, stats = written[preset]
+    src, _ = source
+    cfg = load_config(src)
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["quantization_config"] == quantization_config(preset, True)
+    assert raw["quantization_config"]["llm_int8_skip_modules"] == ["lm_head", "mlp.gate"]
+    assert is_bnb_folder(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (folder / f).read_bytes() == (src / f).read_bytes()
+    assert (folder / "model.safetensors.index.json").is_file() == (preset == "int8")
+    ckpt = Checkpoint(folder)
+    names = set(ckpt.names())
+    four = preset != "int8"
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}"
+        linears = [f"{p}.self_attn.{x}_proj" for x in "qkvo"]
+        if cfg.is_moe_layer(layer):
+            linears += [f"{p}.mlp.experts.{e}.{x}_proj" for e in range(cfg.num_experts) for x in ("gate", "up", "down")]
+            assert ckpt.get(f"{p}.mlp.gate.weight").dtype == torch.bfloat16  # router
+        else:
+            linears += [f"{p}.mlp.{x}_proj" for x in ("gate", "up", "down")]
+        for m in linears:
+            if four:
+                assert ckpt.get(f"{m}.weight").dtype == torch.uint8
+                assert f"{m}.weight.quant_state.bitsandbytes__{preset}" in names
+                assert {
+                    f"{m}.weight.{k}" for k in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+                } <= names
+            else:
+                assert ckpt.get(f"{m}.weight").dtype == torch.int8
+                assert ckpt.get(f"{m}.SCB").dtype == torch.float32 and f"{m}.weight_format" in names
+        for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+            assert ckpt.get(f"{p}.{n}.weight").dtype == torch.bfloat16
+    assert ckpt.get("model.embed_tokens.weight").dtype == torch.bfloat16
+    assert "lm_head.weight" not in names  # tied
+    assert set(stats) == {"attention", "router", "experts", "mlp", "embeddings", "norms"}
+    n_experts = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) * cfg.num_experts
+    assert stats["experts"]["params"] == n_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    bits = 8 * stats["experts"]["bytes"] / stats["experts"]["params"]
+    # 16384-weight experts carry ~1.4 KB of quant state each (a Nano expert, 24x larger, ~4.3 bits per weight)
+    assert (4.0 < bits < 6.0) if four else (8.0 < bits < 8.5)
+    assert stats["embeddings"]["bytes"] == 2 * stats["embeddings"]["params"]
+    written_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert sum(s["bytes"] for s in stats.values()) <= written_bytes  # plus headers
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_dequantized_weights_within_format_error(written, source, preset):
+    """Re-read tensor by tensor; every quantized linear's error is within the format's bound; the rest is exact bf16."""
+    folder, _ = written[preset]
+    src = Checkpoint(source[0])
+    out = Checkpoint(folder)
+    errors = []
+    for name in src.names():
+        module = name.removesuffix(".weight")
+        original = src.get(name)
+        if f"{module}.SCB" in out or f"{module}.weight.absmax" in out:
+            w = dequantize(out, module)
+            assert w.shape == original.shape
+            errors.append(rel_rmse(w, original))
+        elif name in out:
+            assert torch.equal(out.get(name), original.to(torch.bfloat16)), name
+        else:
+            assert name == "lm_head.weight"
+    cfg = load_config(source[0])
+    moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    n_linears = cfg.num_hidden_layers * 4 + moe * cfg.num_experts * 3 + (cfg.num_hidden_layers - moe) * 3
+    assert len(errors) == n_linears  # every attention, expert and dense-MLP linear is quantized
+    assert max(errors) < WEIGHT_RMSE[preset], (preset, max(errors), sum(errors) / len(errors))
+
+
+@pytest.mark.parametrize("preset", ["nf4", "fp4"])
+def test_quant_state_round_trips_through_bitsandbytes(written, preset):
+    """transformers 5 cannot load per-expert quantized experts (it fuses them), so check bnb's own deserializer."""
+    ckpt = Checkpoint(written[preset][0])
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.2.mlp.experts.7.down_proj"):
+        prefix = f"{module}.weight."
+        stored = {n[len(prefix) :]: ckpt.get(n) for n in ckpt.names() if n.startswith(prefix)}
+        state = bnbF.QuantState.from_dict(dict(stored), device=torch.device("cpu"))
+        assert state.quant_type == preset and state.blocksize == 64 and state.nested
+        assert state.dtype == torch.bfloat16 and ckpt.shape(f"{module}.weight")[0] * 2 == state.shape.numel()
+        again = state.as_dict(packed=True)
+        assert set(again) == set(stored)
+        for k, v in again.items():
+            assert torch.equal(v, stored[k]), k
+
+
+def test_attention_bytes_equal_what_transformers_writes(source, written, tmp_path):
+    """transformers + bitsandbytes quantize the attention linears of a qwen3_moe (not its fused experts): same bytes."""
+    pytest.importorskip("accelerate")  # transformers needs it for bitsandbytes quantization
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder, _ = source
+    configs = {
+        "nf4": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        "int8": BitsAndBytesConfig(load_in_8bit=True),
+    }
+    for preset, qc in configs.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qc, dtype=torch.bfloat16)
+        model.save_pretrained(tmp_path / preset)
+        theirs, ours = Checkpoint(tmp_path / preset), Checkpoint(written[preset][0])
+        keys = [k for k in theirs.names() if ".self_attn." in k and "_norm" not in k]
+        assert len(keys) >= 12
+        for k in keys:
+            assert torch.equal(theirs.get(k), ours.get(k)), k
+
+
+def dequantized_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 model of our own plain architecture holding the bnb model's weights, dequantized."""
+    ref = Qwen3MoeForCausalLM(model.config).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            owner_name, attr = name.rsplit(".", 1)
+            owner = model.get_submodule(owner_name)
+            if isinstance(owner, QuantizedExperts):
+                p.copy_(torch.stack([m.dequantize() for m in getattr(owner, attr)]))
+            elif isinstance(owner, Linear4bit | Linear8bit):
+                p.copy_(owner.dequantize() if attr == "weight" else owner.bias)
+            else:
+                p.copy_(getattr(owner, attr))
+    return ref
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@torch.no_grad()
+def test_logits_match_dequantized_reference_and_stay_near_original(written, source, preset):
+    folder, _ = written[preset]
+    _, original = source
+    ours = load_bnb_model(folder, dtype=torch.float32)
+    layer0 = ours.model.layers[0]
+    assert isinstance(layer0.mlp.experts, QuantizedExperts)
+    assert isinstance(layer0.self_attn.q_proj, Linear8bit if preset == "int8" else Linear4bit)
+    assert isinstance(ours.model.layers[1].mlp.gate_proj, Linear8bit if preset == "int8" else Linear4bit)
+    assert isinstance(layer0.mlp.gate, torch.nn.Linear)  # router stays float
+    ids = torch.randint(0, ours.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
+    got = ours(ids, ours.make_cache(16, batch_size=2))
+    ref = dequantized_reference(ours)
+    expected = ref(ids, ref.make_cache(16, batch_size=2))
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < TIGHT
+    logp = torch.log_softmax(got, -1)
+    logq = torch.log_softmax(original(ids).logits, -1)
+    kl = (logq.exp() * (logq - logp)).sum(-1).mean().item()
+    assert kl < LOGIT_KL[preset], (preset, kl)
+    # decoding token by token through the cache gives the same logits as the full forward
+    cache = ours.make_cache(16, batch_size=2)
+    steps = torch.cat([ours(ids[:, :5], cache)] + [ours(ids[:, t : t + 1], cache) for t in range(5, 13)], dim=1)
+    assert ((steps - got).abs().max() / got.abs().max()).item() < TIGHT
+
+
+@torch.no_grad()
+def test_bf16_runs_close_to_float32(written):
+    folder, _ = written["int8"]
+    f32 = load_bnb_model(folder, dtype=torch.float32)
+    bf16 = load_bnb_model(folder)  # the default dtype; int8 runs torch's int8 x bf16 kernel
+    ids = torch.randint(0, f32.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    a, b = f32(ids, f32.make_cache(16)), bf16(ids, bf16.make_cache(16)).float()
+    assert rel_rmse(b, a) < 0.05
+
+
+def test_writer_refusals(source, written, tmp_path):
+    folder, _ = source
+    with pytest.raises(MarcoError, match="unknown bitsandbytes preset"):
+        write_bnb(Checkpoint(folder), load_config(folder), folder, tmp_path, "q4_k")
+    bnb_folder = written["nf4"][0]
+    with pytest.raises(MarcoError, match="already quantized"):
+        write_bnb(Checkpoint(bnb_folder), load_config(folder), bnb_folder, tmp_path, "nf4")
+
+
+def test_loader_rejects_corrupt_quant_state(written, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(written["nf4"][0], bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+    tensors[key] = torch.frombuffer(bytearray(b'{"quant_type": "nf4", "blocksize": 64'), dtype=torch.uint8)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MarcoError, match="q_proj"):
+        load_bnb_model(bad)
+
+
+def test_marco_run_end_to_end(written):
+    folder, _ = written["nf4"]
+    prompt = "The capital of France is"
+    model = load_bnb_model(folder, dtype=torch.float32)
+    expected = generate(model, Tokenizer.from_folder(folder), prompt, max_tokens=12, sampler=make_sampler(0.0))
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("MARCO_DEBUG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "marco_local", "run", str(folder), "--raw", "--temperature", "0", "-n", "12"]
+        + ["--dtype", "f32"],
+        input=prompt.encode(),
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == b""  # bitsandbytes' import-time warnings must not leak
+    assert r.stdout.decode().rstrip("\n") == expected.rstrip("\n")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", PRESETS)
+@torch.no_grad()
+def test_cuda_kernels_match_cpu(written, preset):
+    """bitsandbytes' CUDA kernels (matmul_4bit / LLM.int8 with activation quantization) against the CPU path."""
+    folder, _ = written[preset]
+    cpu = load_bnb_model(folder, dtype=torch.float32)
+    gpu = load_bnb_model(folder, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, cpu.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(5))
+    a = cpu(ids, cpu.make_cache(16))
+    b = gpu(ids.cuda(), gpu.make_cache(16)).float().cpu()
+    assert rel_rmse(b, a) < (0.1 if preset == "int8" else 0.05)
+    one = gpu(ids[:, :1].cuda(), gpu.make_cache(4)).float().cpu()  # single token: the gemv_4bit path
+    assert rel_rmse(one, a[:, :1]) < (0.1 if preset == "int8" else 0.05)
