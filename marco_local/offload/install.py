@@ -25,7 +25,15 @@ from ..models.qwen3_moe import Qwen3MoeForCausalLM
 from .budget import AUTO_GPU_MARGIN, Placement, Plan, parse_size, plan_slots
 from .experts import OffloadedExperts
 from .policy import make_policy_factory
-from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore, mapped_segments, safetensors_segments
+from .store import (
+    ExpertLayout,
+    ExpertStore,
+    FileStore,
+    MemoryStore,
+    mapped_segments,
+    safetensors_segments,
+    tensor_bytes,
+)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -103,15 +111,26 @@ def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
 
 
-def _non_expert_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    expert_ids = {id(p) for _, b in _moe_blocks(model) for p in b.experts.parameters()}
-    expert_ids |= {id(t) for _, b in _moe_blocks(model) for t in b.experts.buffers()}
-    total = 0
-    for p in list(model.parameters()) + list(model.buffers()):  # parameters() yields a tied tensor once
-        if id(p) not in expert_ids:
-            size = dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size()
-            total += p.numel() * size
-    return total
+def _non_expert_bytes(model: nn.Module) -> int:
+    """Everything but the experts: weights (however a quantized module keeps them), norms, rotary tables."""
+    return tensor_bytes(model, skip={id(b.experts) for _, b in _moe_blocks(model)})
+
+
+def file_mappings(paths: list[Path]) -> list[tuple[Path, int, int]]:
+    """(path, address of file offset 0, mapped length) for each mapping of `paths` in this process (Linux)."""
+    wanted = {str(Path(p).resolve()): Path(p) for p in paths}
+    found = []
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] in wanted:
+            start, end = (int(a, 16) for a in parts[0].split("-"))
+            offset = int(parts[2], 16)
+            found.append((wanted[parts[5]], start - offset, end - start + offset))
+    return found
 
 
 def _kv_bytes(cfg, ctx: int, dtype: torch.dtype) -> int:
@@ -175,10 +194,12 @@ def _wrap(
     return rt
 
 
-def install(model: nn.Module, placement: Placement, maps: list[tuple[Path, int, int]] = ()) -> OffloadRuntime:
-    """Offload the experts of a loaded model. Experts that are views of a mapped file in `maps` (path, address,
-    length) are read from that file; others are packed into host RAM (pinned when the model is on CUDA)."""
-    device = next(model.parameters()).device
+def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> OffloadRuntime:
+    """Offload the experts of a loaded model. On a CPU model, experts that are zero-copy views of a memory-mapped
+    file in `files` (a GGUF) are read from that file with positional reads; others are packed into host RAM
+    (pinned when the model is on CUDA). Call it before the first forward."""
+    device = next(iter(model.model.norm.parameters())).device
+    maps = file_mappings(list(files)) if files and device.type == "cpu" else []
     cfg = model.config
     stores: dict[int, ExpertStore] = {}
     for i, block in _moe_blocks(model):
@@ -189,7 +210,7 @@ def install(model: nn.Module, placement: Placement, maps: list[tuple[Path, int, 
             stores[i] = None
         if stores[i] is None:
             stores[i] = MemoryStore.from_module(block.experts, layout, pin=device.type == "cuda")
-    dtype = next(model.parameters()).dtype
+    dtype = model.model.norm.weight.dtype  # the activation dtype: the KV cache is allocated in it
     fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype)
     return _wrap(model, stores, placement, device, fixed)
 
@@ -214,7 +235,7 @@ def load_offloaded(
     for i, block in blocks:  # headers only: fail on a bad checkpoint before reading weights
         layout = ExpertLayout(block.experts, cfg.num_experts)
         stores[i] = FileStore(layout, safetensors_segments(ckpt.file_of, f"model.layers.{i}.mlp.experts", layout))
-    fixed = _non_expert_bytes(model, dtype) + _kv_bytes(cfg, placement.ctx, dtype)
+    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype)
     total = len(params) + (len(blocks) if device.type == "cuda" else 0)
     for k, (name, p) in enumerate(params):
         if name not in ckpt:

@@ -1,7 +1,8 @@
 """The slow tier: every expert of one layer, packed per expert, and the byte layout shared with the fast-tier slots.
 
-`ExpertLayout` finds every tensor (parameter or buffer) of an `Experts` module whose leading dimension is E and packs
-one expert's slice of all of them into one row of `expert_bytes` bytes (each field 64-byte aligned), so one copy moves
+`ExpertLayout` finds the per-expert data of an `Experts` module (tensors whose leading dimension is E, registered
+or plain attributes, and lists of E tensors, as a quantized module keeps them) and packs one expert's slice of all of
+them into one row of `expert_bytes` bytes (each field 64-byte aligned), so one copy moves
 gate, up and down (and any quantization scales) together. The fast tier is a `[S, expert_bytes]` uint8 buffer whose
 typed views replace the module's tensors; a store fills one row with one expert.
 
@@ -30,49 +31,139 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
 
 @dataclass(frozen=True)
 class Field:
-    name: str  # attribute path inside the experts module, e.g. "gate_proj" or "q.scales"
-    is_param: bool
+    path: tuple  # attribute names / tuple indices from the experts module to the data, e.g. ("gate_proj",)
+    kind: str  # "param" / "buffer" (registered [E, ...]), "attr" (plain [E, ...] attribute), "list" (E tensors)
     dtype: torch.dtype
     shape: tuple[int, ...]  # one expert's shape (without the leading E)
     offset: int  # byte offset inside a packed row
     nbytes: int
 
+    @property
+    def name(self) -> str:
+        return ".".join(str(p) for p in self.path)
+
+
+_LEAF_TYPES = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def _get(obj, path: tuple):
+    for p in path:
+        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+    return obj
+
+
+def _set(obj, path: tuple, value) -> None:
+    """Set `path` inside obj, rebuilding tuples on the way (they are immutable)."""
+    *head, last = path
+    parent = _get(obj, tuple(head))
+    if isinstance(last, int):
+        items = list(parent)
+        items[last] = value
+        _set(obj, tuple(head), tuple(items) if isinstance(parent, tuple) else items)
+    elif isinstance(parent, nn.Module) and last in parent._parameters:
+        parent._parameters[last] = nn.Parameter(value, requires_grad=False)
+    elif isinstance(parent, nn.Module) and last in parent._buffers:
+        parent._buffers[last] = value
+    else:
+        setattr(parent, last, value)
+
+
+def _discover(obj, num_experts: int, path: tuple, out: list, seen: set[int], depth: int = 0) -> None:
+    """Find per-expert data: tensors with a leading E (registered or plain attributes, also inside tuples) and lists
+    of E same-shaped tensors, in the module, its submodules and plain helper objects (a quantized bank)."""
+    if id(obj) in seen or depth > 4:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, nn.Module):
+        items = [(n, t, "param") for n, t in obj._parameters.items() if t is not None]
+        items += [(n, t, "buffer") for n, t in obj._buffers.items() if t is not None]
+        items += [(n, m, "module") for n, m in obj._modules.items() if m is not None]
+        items += [(n, v, "attr") for n, v in vars(obj).items() if not n.startswith("_")]
+    elif isinstance(obj, (tuple, list)):
+        items = [(i, v, "attr") for i, v in enumerate(obj)]
+    else:
+        items = [(n, v, "attr") for n, v in vars(obj).items()]
+    for name, value, kind in items:
+        where = (*path, name)
+        if isinstance(value, torch.Tensor):
+            if value.dim() >= 1 and value.shape[0] == num_experts and id(value) not in seen:
+                seen.add(id(value))
+                out.append((where, kind, value.dtype, tuple(value.shape[1:])))
+        elif isinstance(value, list) and len(value) == num_experts and all(isinstance(v, torch.Tensor) for v in value):
+            first = value[0]
+            if all(v.shape == first.shape and v.dtype == first.dtype for v in value):
+                out.append((where, "list", first.dtype, tuple(first.shape)))
+        elif isinstance(value, (tuple, list)) or (
+            hasattr(value, "__dict__") and not isinstance(value, (_LEAF_TYPES, type)) and not callable(value)
+        ):
+            _discover(value, num_experts, where, out, seen, depth + 1)
+
+
+def tensor_bytes(obj, skip: set[int] = frozenset()) -> int:
+    """Bytes of all distinct tensors reachable from `obj` (parameters, buffers, plain attributes, lists, helper
+    objects), not descending into objects whose id is in `skip`. Views of one buffer count once."""
+    seen: set[int] = set()
+    keys: set = set()
+    total = 0
+
+    def walk(o, depth: int) -> None:
+        nonlocal total
+        if id(o) in seen or id(o) in skip or depth > 6:
+            return
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            key = id(o) if o.device.type == "meta" else (o.data_ptr(), o.nbytes)
+            if key not in keys:
+                keys.add(key)
+                total += o.nbytes
+            return
+        if isinstance(o, nn.Module):
+            children = [*o._parameters.values(), *o._buffers.values(), *o._modules.values()]
+            children += [v for n, v in vars(o).items() if not n.startswith("_")]
+        elif isinstance(o, (tuple, list)):
+            children = list(o)
+        elif isinstance(o, dict):
+            children = list(o.values())
+        elif hasattr(o, "__dict__") and not isinstance(o, (_LEAF_TYPES, type)) and not callable(o):
+            children = list(vars(o).values())
+        else:
+            return
+        for c in children:
+            if c is not None:
+                walk(c, depth + 1)
+
+    walk(obj, 0)
+    return total
+
 
 class ExpertLayout:
-    """How one expert's tensors sit in a packed row."""
+    """How one expert's data sit in a packed row."""
 
     def __init__(self, module: nn.Module, num_experts: int) -> None:
         self.num_experts = num_experts
+        found: list = []
+        _discover(module, num_experts, (), found, set())
         fields, offset = [], 0
-        tensors = [(n, t, True) for n, t in module.named_parameters()] + [
-            (n, t, False) for n, t in module.named_buffers()
-        ]
-        for name, t, is_param in tensors:
-            if t.dim() == 0 or t.shape[0] != num_experts:
-                continue  # shared by all experts: stays where it is
-            nbytes = math.prod(t.shape[1:]) * t.element_size()
-            fields.append(Field(name, is_param, t.dtype, tuple(t.shape[1:]), offset, nbytes))
-            offset = -(-(offset + nbytes) // ALIGN) * ALIGN
+        for path, kind, dtype, shape in found:
+            nbytes = math.prod(shape) * dtype.itemsize
+            fields.append(Field(path, kind, dtype, shape, offset, nbytes))
+            offset = -(-(offset + nbytes) // ALIGN) * ALIGN  # aligned so every typed view is legal
         if not fields:
             raise MarcoError(f"{type(module).__name__} has no per-expert tensors to offload")
         self.fields: list[Field] = fields
         self.expert_bytes = offset
 
-    def views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    def views(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Typed `[S, *shape]` views of a `[S, expert_bytes]` uint8 buffer, one per field (no copy)."""
-        return {
-            f.name: rows[:, f.offset : f.offset + f.nbytes].view(f.dtype).unflatten(1, f.shape) for f in self.fields
-        }
+        return [rows[:, f.offset : f.offset + f.nbytes].view(f.dtype).unflatten(1, f.shape) for f in self.fields]
+
+    def source(self, module: nn.Module, f: Field):
+        return _get(module, f.path)
 
     def bind(self, module: nn.Module, rows: torch.Tensor) -> None:
-        """Point the module's per-expert tensors at `rows`, so indexing them by slot reads the fast tier."""
-        for f, view in zip(self.fields, self.views(rows).values(), strict=True):
-            owner_name, _, attr = f.name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            if f.is_param:
-                owner._parameters[attr] = nn.Parameter(view, requires_grad=False)
-            else:
-                owner._buffers[attr] = view
+        """Point the module's per-expert data at `rows`, so indexing them by slot reads the fast tier."""
+        for f, view in zip(self.fields, self.views(rows), strict=True):
+            _set(module, f.path, list(view.unbind(0)) if f.kind == "list" else view)
 
 
 class ExpertStore:
@@ -99,8 +190,13 @@ class MemoryStore(ExpertStore):
     @classmethod
     def from_module(cls, module: nn.Module, layout: ExpertLayout, pin: bool = False) -> MemoryStore:
         rows = torch.empty(layout.num_experts, layout.expert_bytes, dtype=torch.uint8, pin_memory=pin)
-        for f, view in zip(layout.fields, layout.views(rows).values(), strict=True):
-            view.copy_(module.get_parameter(f.name) if f.is_param else module.get_buffer(f.name))
+        for f, view in zip(layout.fields, layout.views(rows), strict=True):
+            src = layout.source(module, f)
+            if f.kind == "list":
+                for e, t in enumerate(src):
+                    view[e].copy_(t)
+            else:
+                view.copy_(src)
         return cls(layout, rows)
 
     @classmethod
@@ -214,7 +310,7 @@ def safetensors_segments(files: dict[str, Path], prefix: str, layout: ExpertLayo
         begin, end = entry["data_offsets"]
         return path, base + begin, end - begin, _ST_DTYPES[entry["dtype"]], entry["shape"]
 
-    names = {f.name for f in layout.fields}
+    names = {f.name for f in layout.fields if f.kind in ("param", "buffer")}
     if names != {"gate_proj", "up_proj", "down_proj"}:
         raise MarcoError(f"cannot map expert tensors {sorted(names)} to a safetensors checkpoint")
     segments: list[list[Segment]] = []
@@ -248,7 +344,9 @@ def mapped_segments(module: nn.Module, layout: ExpertLayout, maps: list[tuple[Pa
     """
     starts = []
     for f in layout.fields:
-        t = module.get_parameter(f.name) if f.is_param else module.get_buffer(f.name)
+        if f.kind == "list":
+            raise MarcoError(f"{f.name} is a list of per-expert tensors, not a view of a file")
+        t = layout.source(module, f)
         if t.device.type != "cpu" or not t[0].is_contiguous():
             raise MarcoError(f"{f.name} is not a contiguous host tensor")
         ptr = t.data_ptr()
