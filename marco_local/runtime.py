@@ -18,6 +18,7 @@ from torch import nn
 from .bnb_loader import is_bnb_folder, load_bnb_model  # imports bitsandbytes only when used
 from .errors import MarcoError
 from .loader import load_model
+from .offload import Placement, install, load_offloaded
 from .registry import ResolvedModel, resolve
 from .tokenizer import Tokenizer
 
@@ -75,16 +76,25 @@ def load(
     dtype: str = "bf16",
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    placement: Placement | None = None,
 ) -> LoadedModel:
+    """`placement` (when active) keeps only some experts in fast memory: see marco_local/offload."""
     source = resolve(spec)
     dev = pick_device(device)
+    offload = placement is not None and placement.active
     if source.format == "gguf":
         from .gguf_loader import load_gguf  # imported here: only GGUF runs need the block codecs
 
         model, tokenizer = load_gguf(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
+        if offload:
+            install(model, placement, files=[source.path])
         return LoadedModel(source, model, tokenizer, dev, {})
     if is_bnb_folder(source.path):  # quantization_config.quant_method == "bitsandbytes" in config.json
         model = load_bnb_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
+        if offload:
+            install(model, placement)
+    elif offload:  # experts stay in the checkpoint file (CPU) or pinned host RAM (CUDA)
+        model = load_offloaded(source.path, placement, dtype=pick_dtype(dtype), device=dev, progress=progress)
     else:
         model = load_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
     tokenizer = Tokenizer.from_folder(source.path, config_eos=model.config.eos_token_ids)

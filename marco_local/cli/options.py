@@ -21,3 +21,25 @@ Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives
 Dtype = Annotated[str, typer.Option(help="Weights dtype for unquantized checkpoints: bf16, f16 or f32.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Ctx = Annotated[int, typer.Option("--ctx", help="Context window (tokens) to allocate the KV cache for.")]
+
+# Expert placement (marco_local/offload): one budget knob per memory tier, plus overrides.
+RamMem = Annotated[
+    str | None,
+    typer.Option("--ram-mem", help="CPU-only: RAM budget for the model (e.g. 6GiB); experts beyond it stay on disk."),
+]
+GpuMem = Annotated[
+    str | None,
+    typer.Option("--gpu-mem", help="CUDA: VRAM budget (e.g. 4GiB, or auto); the other experts wait in host RAM."),
+]
+ExpertsResident = Annotated[
+    str | None,
+    typer.Option("--experts-resident", help="Experts kept in fast memory per layer: a count (16) or a share (25%)."),
+]
+ExpertProfile = Annotated[
+    str | None,
+    typer.Option("--profile", help="Expert profile (marco profile): warms the cache; the static policy's hot set."),
+]
+ExpertPolicy = Annotated[str, typer.Option("--expert-policy", help="Expert cache eviction: lru, lfu or static.")]
+Prefetch = Annotated[
+    bool, typer.Option("--prefetch/--no-prefetch", help="Speculate the next layer's experts and load them early.")
+]
