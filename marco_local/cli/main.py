@@ -15,7 +15,7 @@ from typer._click import exceptions as click  # typer vendors click; its excepti
 
 from .. import __version__
 from ..errors import MarcoError
-from . import chat_cmd, quantize_cmd, run_cmd, ui
+from . import bench_cmd, chat_cmd, quantize_cmd, run_cmd, ui
 
 app = typer.Typer(
     name="marco",
@@ -44,6 +44,7 @@ def _root(
 
 # Commands live in their own modules; register each here.
 app.command(epilog=run_cmd.EPILOG)(run_cmd.run)
+app.command(epilog=bench_cmd.EPILOG)(bench_cmd.bench)
 app.command(epilog=quantize_cmd.EPILOG)(quantize_cmd.quantize)
 app.command(epilog=chat_cmd.EPILOG)(chat_cmd.chat)
 

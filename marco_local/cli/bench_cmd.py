@@ -1,0 +1,68 @@
+"""`marco bench MODEL`: prompt and decode speed, peak memory; a table on stderr or one JSON object on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import MarcoError
+from . import ui
+from .options import Device, Dtype, ModelArg
+
+EPILOG = (
+    "Measures a 512-token prompt processed in one batch and 128 greedily decoded tokens (random token ids), "
+    "--repeats times each, as llama-bench's pp512/tg128.\n\n"
+    "Examples:\n\n  marco bench nano\n\n  marco bench marco-nano-q4_k_m.gguf --threads 2 --json"
+)
+
+
+def bench(
+    model: ModelArg,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", help="Prompt length to time.")] = 512,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", "-n", help="Tokens to decode.")] = 128,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs of each test.")] = 3,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: torch's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of the table.")] = False,
+    dtype: Dtype = "bf16",
+    device: Device = "auto",
+) -> None:
+    """Measure prompt processing and decode speed (tokens/s) and peak memory."""
+    import torch
+
+    from ..benchmark import run_benchmark
+    from ..runtime import load
+
+    if min(prompt_tokens, decode_tokens, repeats) < 1 or (threads is not None and threads < 1):
+        raise MarcoError("--prompt-tokens, --decode-tokens, --repeats and --threads must be at least 1")
+    if threads:
+        torch.set_num_threads(threads)
+    with ui.progress("loading") as cb:
+        lm = load(model, dtype=dtype, device=device, progress=cb)
+    with ui.progress("benchmarking") as cb:
+        result = run_benchmark(
+            lm.model,
+            prompt_tokens,
+            decode_tokens,
+            repeats,
+            progress=cb,
+            settings={"model": str(lm.source.path), "format": lm.source.format, "dtype": dtype},
+        )
+    data = result.to_json()
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    table = Table(title=f"{lm.source.path.name} · {data['settings']['device']} · {data['settings']['threads']} threads")
+    for col in ("test", "tok/s median", "min", "max"):
+        table.add_column(col, justify="left" if col == "test" else "right")
+    for key, label in (("prompt", f"prompt {prompt_tokens}"), ("decode", f"decode {decode_tokens}")):
+        s = data[key]
+        table.add_row(label, f"{s['median']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}")
+    ui.console.print(table)
+    mem = f"peak RSS {ui.human_bytes(data['peak_rss_bytes'])}"
+    if data["peak_vram_bytes"] is not None:
+        mem += f" · peak VRAM {ui.human_bytes(data['peak_vram_bytes'])}"
+    ui.info(mem)
