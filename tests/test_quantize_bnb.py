@@ -30,9 +30,9 @@ from quant.bnb_writer import quantization_config, quantize_linears, write_bnb
 
 WEIGHT_RMSE = {"nf4": 0.11, "fp4": 0.14, "int8": 0.01}  # per-linear relative RMSE bound (see module docstring)
 # KL(original || quantized) of next-token distributions, mean over positions, fixture model in float32. Measured
-# ~0.05 nf4, ~0.07 fp4, ~0.001 int8: a random 3-layer model with 64-wide hidden states amplifies weight noise and
+# 0.096 nf4, 0.21 fp4, 0.0026 int8: a random 3-layer model with 128-wide hidden states amplifies weight noise and
 # flips routing, so these are far above what a trained model shows; the bound catches a broken codec, not drift.
-LOGIT_KL = {"nf4": 0.25, "fp4": 0.3, "int8": 0.02}
+LOGIT_KL = {"nf4": 0.2, "fp4": 0.35, "int8": 0.01}
 TIGHT = 1e-4  # max |ours - reference| / max |reference|, float32, against a float model holding the dequantized weights
 
 # hidden 128 x expert width 128 = 16384 weights per expert: the writer's batched double-quant path is exercised;
