@@ -9,7 +9,25 @@ import typer
 
 from ..errors import MarcoError
 from . import ui
-from .options import Ctx, Device, Dtype, MaxTokens, MinP, ModelArg, RepeatPenalty, Seed, Temperature, TopK, TopP
+from .options import (
+    Ctx,
+    Device,
+    Dtype,
+    ExpertPolicy,
+    ExpertProfile,
+    ExpertsResident,
+    GpuMem,
+    MaxTokens,
+    MinP,
+    ModelArg,
+    Prefetch,
+    RamMem,
+    RepeatPenalty,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
 
 EPILOG = "Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano"
 
@@ -44,9 +62,17 @@ def run(
     dtype: Dtype = "bf16",
     device: Device = "auto",
     ctx: Ctx = 4096,
+    ram_mem: RamMem = None,
+    gpu_mem: GpuMem = None,
+    experts_resident: ExpertsResident = None,
+    profile: ExpertProfile = None,
+    expert_policy: ExpertPolicy = "lru",
+    prefetch: Prefetch = False,
+    trace: Annotated[str | None, typer.Option(help="Write the expert routing trace (JSON lines) to this file.")] = None,
 ) -> None:
     """Answer one prompt and exit. Only the answer goes to stdout."""
     from ..generate import PromptCache, stream_generate
+    from ..offload import Placement, TraceRecorder, offload_stats
     from ..runtime import load
     from ..sampling import make_logits_processors, make_sampler
 
@@ -54,7 +80,8 @@ def run(
     if not text.strip():
         raise MarcoError("empty prompt", hint="pass a prompt argument or pipe text into marco run")
     with ui.progress("loading") as cb:
-        lm = load(model, dtype=dtype, device=device, progress=cb)
+        placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx)
+        lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
     if raw:
         prompt_text = text
     else:
@@ -75,6 +102,7 @@ def run(
     cache = PromptCache(lm.model.make_cache(min(ctx, len(ids) + max_tokens)))
     last = None
     ended_with_newline = True
+    recorder = TraceRecorder(lm.model) if trace else None
     for r in stream_generate(
         lm.model,
         lm.tokenizer,
@@ -84,12 +112,15 @@ def run(
         logits_processors=make_logits_processors(repeat_penalty),
         stop_strings=stop or (),
         prompt_cache=cache,
+        stats_fn=lambda: offload_stats(lm.model),
     ):
         if r.text:
             sys.stdout.write(r.text)
             sys.stdout.flush()
             ended_with_newline = r.text.endswith("\n")
         last = r
+    if recorder is not None:
+        recorder.close().save(trace)
     if not ended_with_newline:
         sys.stdout.write("\n")
     sys.stdout.flush()

@@ -10,7 +10,7 @@ from .install import OffloadRuntime, install, load_offloaded, load_profile, offl
 from .policy import LFU, LRU, POLICIES, StaticHotSet, make_policy_factory
 from .slots import SlotTable
 from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore
-from .trace import Event, Trace, locality, record_trace, simulate, synthetic_trace
+from .trace import Event, Trace, TraceRecorder, locality, record_trace, simulate, synthetic_trace
 
 __all__ = [
     "LFU",
@@ -28,6 +28,7 @@ __all__ = [
     "SlotTable",
     "StaticHotSet",
     "Trace",
+    "TraceRecorder",
     "install",
     "load_offloaded",
     "load_profile",

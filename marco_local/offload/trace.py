@@ -76,27 +76,39 @@ def _experts_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
 
 
-@contextmanager
-def record_trace(model: nn.Module) -> Iterator[Trace]:
-    """Record every experts call of `model` (plain or offloaded) while the block runs; yields the growing Trace."""
-    cfg = model.config
-    trace = Trace(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok)
-    position: dict[int, int] = {}
+class TraceRecorder:
+    """Records every experts call of `model` (plain or offloaded) from construction until `close()`."""
 
-    def hook(layer: int):
-        def pre(module, args):
-            idx = args[1]
-            trace.events.append(Event(layer, position.get(layer, 0), idx.tolist()))
-            position[layer] = position.get(layer, 0) + idx.shape[0]
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        self.trace = Trace(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok)
+        self.position: dict[int, int] = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in _experts_modules(model)]
+
+    def _hook(self, layer: int):
+        def pre(module: nn.Module, args: tuple) -> None:
+            idx = args[1]  # forward(x, idx, weights): idx [T, A]
+            pos = self.position.get(layer, 0)
+            self.trace.events.append(Event(layer, pos, idx.tolist()))
+            self.position[layer] = pos + idx.shape[0]
 
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in _experts_modules(model)]
-    try:
-        yield trace
-    finally:
-        for h in handles:
+    def close(self) -> Trace:
+        for h in self.handles:
             h.remove()
+        self.handles = []
+        return self.trace
+
+
+@contextmanager
+def record_trace(model: nn.Module) -> Iterator[Trace]:
+    """Record every experts call of `model` while the block runs; yields the growing Trace."""
+    recorder = TraceRecorder(model)
+    try:
+        yield recorder.trace
+    finally:
+        recorder.close()
 
 
 @dataclass
