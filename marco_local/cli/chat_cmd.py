@@ -28,7 +28,25 @@ from rich.segment import Segment
 
 from ..errors import MarcoError
 from . import ui
-from .options import Ctx, Device, Dtype, MaxTokens, MinP, ModelArg, RepeatPenalty, Seed, Temperature, TopK, TopP
+from .options import (
+    Ctx,
+    Device,
+    Dtype,
+    ExpertPolicy,
+    ExpertProfile,
+    ExpertsResident,
+    GpuMem,
+    MaxTokens,
+    MinP,
+    ModelArg,
+    Prefetch,
+    RamMem,
+    RepeatPenalty,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
 from .run_cmd import read_stdin_prompt
 
 EPILOG = (
@@ -368,8 +386,16 @@ class ChatUI:
             n = sum(t.numel() for t in self.lm.model.parameters())
             nbytes = sum(t.numel() * t.element_size() for t in self.lm.model.parameters())
             ui.info(f"Path       {self.lm.source.path} ({self.lm.source.format})")
-            ui.info(f"Placement  all weights on {self.lm.device} ({str(p.dtype).removeprefix('torch.')})")
-            ui.info(f"Weights    {n / 1e6:,.1f}M parameters, {ui.human_bytes(nbytes)}")
+            where = f"{self.lm.device} ({str(p.dtype).removeprefix('torch.')})"
+            rt = getattr(self.lm.model, "offload", None)
+            if rt is not None and hasattr(rt, "plan"):
+                ui.info(
+                    f"Placement  non-expert weights on {where}; {rt.plan.slots} experts per layer in fast memory "
+                    f"({ui.human_bytes(rt.fast_bytes)}), the rest offloaded"
+                )
+            else:
+                ui.info(f"Placement  all weights on {where}")
+            ui.info(f"Weights    {n / 1e6:,.1f}M parameters in memory, {ui.human_bytes(nbytes)}")
         kv = s.prompt_cache.cache
         ui.info(f"Context    {s.context_tokens} of {s.context_length} tokens (KV cache {ui.human_bytes(kv.nbytes)})")
         ui.info(f"System     {s.system or '(none)'}")
@@ -385,8 +411,13 @@ class ChatUI:
             ui.info("No reply yet.")
             return
         ui.info(ui.stats_line(last.response) + f" · finish: {last.response.finish_reason or 'interrupted'}")
-        if last.response.stats:
-            ui.info("runtime: " + ", ".join(f"{k} {v}" for k, v in last.response.stats.items()))
+        st = last.response.stats or {}
+        if st.get("experts_total"):
+            ui.info(
+                f"experts: {st.get('experts_resident')} of {st['experts_total']} resident, "
+                f"{st.get('expert_hits', 0)} hits / {st.get('expert_misses', 0)} misses, "
+                f"{ui.human_bytes(st.get('expert_bytes_moved', 0))} moved, {st.get('expert_stall_s', 0):.2f} s stalled"
+            )
 
 
 def chat(
@@ -405,17 +436,25 @@ def chat(
     dtype: Dtype = "bf16",
     device: Device = "auto",
     ctx: Ctx = 4096,
+    ram_mem: RamMem = None,
+    gpu_mem: GpuMem = None,
+    experts_resident: ExpertsResident = None,
+    profile: ExpertProfile = None,
+    expert_policy: ExpertPolicy = "lru",
+    prefetch: Prefetch = False,
 ) -> None:
     """Chat with a model in the terminal. Without a terminal on stdin: answer the piped message and exit."""
     from ..chat import ChatSession, ChatSettings
+    from ..offload import Placement, offload_stats
     from ..runtime import load
 
     interactive = sys.stdin is not None and sys.stdin.isatty()
     text = "" if interactive else read_stdin_prompt()
     if not interactive and not text.strip():
         raise MarcoError("no input on stdin", hint="run marco chat in a terminal, or pipe a message into it")
+    placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx)
     with ui.progress("loading") as cb:
-        lm = load(model, dtype=dtype, device=device, progress=cb)
+        lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
     d = lm.generation_defaults
     settings = ChatSettings(
         temperature=temperature if temperature is not None else d.get("temperature", 0.7),
@@ -433,6 +472,7 @@ def chat(
         system=system,
         context_length=min(ctx, lm.context_length),
         stop_strings=tuple(stop or ()),
+        stats_fn=lambda: offload_stats(lm.model),
     )
     if load_file is not None:
         session.load(load_file)
