@@ -15,7 +15,7 @@ from typer._click import exceptions as click  # typer vendors click; its excepti
 
 from .. import __version__
 from ..errors import MarcoError
-from . import bench_cmd, chat_cmd, models_cmd, quantize_cmd, run_cmd, ui
+from . import bench_cmd, chat_cmd, models_cmd, profile_cmd, quantize_cmd, run_cmd, ui
 
 app = typer.Typer(
     name="marco",
@@ -50,6 +50,7 @@ app.command(epilog=chat_cmd.EPILOG)(chat_cmd.chat)
 app.command("list", epilog=models_cmd.LIST_EPILOG)(models_cmd.list_cmd)
 app.command(epilog=models_cmd.PULL_EPILOG)(models_cmd.pull)
 app.command(epilog=models_cmd.INFO_EPILOG)(models_cmd.info)
+app.command(epilog=profile_cmd.EPILOG)(profile_cmd.profile)
 
 
 def main() -> None:

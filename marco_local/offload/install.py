@@ -168,6 +168,11 @@ def _wrap(
     resident = placement.experts_resident
     plan = plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, scratch, what)
     profile = load_profile(placement.profile) if placement.profile else None
+    if profile and any(len(v) != cfg.num_experts for v in profile.values()):
+        raise MarcoError(
+            f"the profile {placement.profile} was recorded on a model with a different number of experts",
+            hint="record a profile for this model with marco profile",
+        )
     factory = make_policy_factory(placement.policy, profile)
     layers = []
     for i, block in blocks:
