@@ -78,7 +78,8 @@ class Terminal:
 
 
 def test_chat_in_a_real_terminal(endless_demo, tmp_path):
-    env = f"MARCO_HOME={tmp_path} TERM=xterm-256color"
+    # one torch thread: on a busy 2-core machine two spinning OpenMP threads make the tiny model crawl
+    env = f"MARCO_HOME={tmp_path} TERM=xterm-256color OMP_NUM_THREADS=1"
     # `cd` first: `python -m marco_local` must import this checkout; the trailing sleep keeps the exit code visible
     command = (
         f"cd {Path(__file__).parent.parent} && env {env} {sys.executable} -m marco_local chat {endless_demo} "
@@ -111,9 +112,32 @@ def test_chat_in_a_real_terminal(endless_demo, tmp_path):
         term.type("/set max_tokens 5")
         term.type("Thanks, go on")
         term.wait_for(lambda s: s.count("decode ") >= 3)
+        # bracketed paste (tmux paste-buffer -p): the pasted newline does not send; Enter does
+        term.send("C-u")
+        subprocess.run([*term.tmux, "set-buffer", "pasted line one\npasted line two"], check=True)
+        subprocess.run([*term.tmux, "paste-buffer", "-p", "-t", "t"], check=True)
+        term.wait_for(lambda s: "... pasted line two" in s)
+        assert term.screen(history=True).count("decode ") == 3  # nothing was sent yet
+        term.send("Enter")
+        term.wait_for(lambda s: s.count("decode ") >= 4)
+        saved = tmp_path / "conv.json"
+        term.type(f"/save {saved}")
+        term.wait_for(lambda s: "Saved 8 messages" in s)
+        users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+        assert users == [
+            "Hello there",
+            "Tell me a very long story",
+            "Thanks, go on",
+            "pasted line one\npasted line two",
+        ]
+        assert json.loads(saved.read_text())["messages"][3]["interrupted"] is True
+
+        term.send("Up")  # history recall: the last line typed comes back
+        term.wait_for(lambda s: s.rstrip().endswith(f">>> /save {saved}"), history=False)
+        term.send("C-c")  # clears the recalled line
         term.type("/stats")
         stats = term.wait_for(lambda s: "turn(s)" in s)
-        assert "3 turn(s)" in stats
+        assert "4 turn(s)" in stats
         term.type("/exit")
         term.wait_for(lambda s: "EXIT=" in s, timeout=20)
         assert "EXIT=0" in term.screen(history=True)

@@ -207,3 +207,28 @@ def test_help_has_examples():
     for command in ("list", "pull", "info", "chat"):
         code, out, _ = cli(command, "--help")
         assert code == 0 and "Examples" in out, command
+
+
+def test_download_progress_reports_written_bytes_through_huggingface_hubs_bar_protocol():
+    from huggingface_hub._snapshot_download import _create_progress_bar, _finish_transfer_bar, _update_transfer_bar
+
+    from marco_local.inventory import _progress_class
+
+    seen = []
+    cls = _progress_class(lambda done, total: seen.append((done, total)))
+    # what snapshot_download does: a transfer bar, a bytes-written bar, and a files bar around the thread pool
+    transfer = _create_progress_bar(cls=cls, log_level=30, desc="Downloading bytes", total=0, unit="B")
+    written = _create_progress_bar(
+        cls=cls, log_level=30, desc="Reconstructing (incomplete total...)", total=0, unit="B"
+    )
+    with cls(desc="Fetching 2 files", total=2) as files:
+        written.total = 300
+        _update_transfer_bar(transfer, 120)
+        written.update(100)
+        written.update(200)
+        files.update(1)
+        written.set_postfix_str("1 MB/s")
+        written.refresh()
+    _finish_transfer_bar(transfer)
+    written.set_description("Reconstruction complete")
+    assert seen == [(100, 300), (300, 300)]

@@ -20,6 +20,7 @@ from prompt_toolkit.application import get_app
 from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.output import create_output
 from prompt_toolkit.styles import Style
 from rich.console import Console
 from rich.live import Live
@@ -262,7 +263,9 @@ class ChatUI:
         self.model_name = model_name
         self.plain = plain or not sys.stdout.isatty()
         self.out = Console(highlight=False, no_color=bool(os.environ.get("NO_COLOR")) or None)
-        self.prompt = prompt_session or make_prompt_session(open_history())
+        # With stdout redirected, the prompt and its editing go to the terminal on stderr, never into the answer
+        output = None if sys.stdout.isatty() or not sys.stderr.isatty() else create_output(stdout=sys.stderr)
+        self.prompt = prompt_session or make_prompt_session(open_history(), output=output)
         self.leave = False
 
     def run(self) -> None:
