@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -192,7 +194,10 @@ class _Tail:
         self.stream = stream
 
     def __rich_console__(self, console, options):
-        lines = console.render_lines(Markdown(self.stream.pending), options, pad=False)
+        # two spare columns: where rich and the terminal disagree on a character's width (combining marks, some
+        # emoji), a line that the terminal wraps would throw off the cursor moves that redraw the region
+        narrow = options.update_width(max(10, options.max_width - 2))
+        lines = console.render_lines(Markdown(self.stream.pending), narrow, pad=False)
         keep = max(1, console.size.height - 2)
         for line in lines[-keep:]:
             yield from line
@@ -252,6 +257,27 @@ class PlainStream:
         if not self.last.endswith("\n"):
             sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+@contextmanager
+def typeahead_hidden() -> Iterator[None]:
+    """While a reply streams, keys typed ahead are not echoed: an echoed line would move the cursor under the live
+    region and leave stale copies of it. The keys stay in the terminal's input queue for the next prompt."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, AttributeError, OSError, ValueError):  # not a terminal (pipes, tests): nothing to hide
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag; ISIG stays on, so Ctrl+C still interrupts the reply
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)  # TCSANOW: keep what was typed
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class ChatUI:
@@ -364,16 +390,17 @@ class ChatUI:
                 f"the conversation outgrew the context window ({self.session.context_length} tokens): dropped the "
                 f"oldest {reply.dropped} turn(s), kept the system prompt"
             )
-        stream = PlainStream() if self.plain else MarkdownStream(self.out)
-        try:
-            for r in reply:
-                stream.add(r.text)
-        except KeyboardInterrupt:
-            reply.close()
-            stream.finish()
-            ui.console.print("[dim]⏹ interrupted: the partial reply stays in the conversation[/]")
-        else:
-            stream.finish()
+        with typeahead_hidden():
+            stream = PlainStream() if self.plain else MarkdownStream(self.out)
+            try:
+                for r in reply:
+                    stream.add(r.text)
+            except KeyboardInterrupt:
+                reply.close()
+                stream.finish()
+                ui.console.print("[dim]⏹ interrupted: the partial reply stays in the conversation[/]")
+            else:
+                stream.finish()
         if reply.response is not None:
             ui.console.print(ui.stats_line(reply.response), style="dim", markup=False, highlight=False, soft_wrap=True)
 
