@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import sys
 import tempfile
@@ -112,7 +113,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--preset", default="nf4", choices=["nf4", "fp4", "int8"])
     ap.add_argument("--keep", type=Path, help="build the source checkpoint here and keep it (reused if present)")
+    ap.add_argument("--threads", type=int, help="torch threads for quantizing (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from marco_local.checkpoint import Checkpoint
     from marco_local.config import load_config
@@ -147,7 +151,10 @@ def main() -> None:
         stats = write_bnb(Checkpoint(src), load_config(src), src, out, args.preset, progress=progress)
         elapsed = time.perf_counter() - t0
         out_bytes = sum(f.stat().st_size for f in out.iterdir())
-        print(f"preset {args.preset}, {args.layers} Nano-shaped layers (source {src_bytes / 2**20:.0f} MiB bf16)")
+        print(
+            f"preset {args.preset}, {args.layers} Nano-shaped layers (source {src_bytes / 2**20:.0f} MiB bf16), "
+            f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at the end"
+        )
         print(f"time {elapsed:.1f} s ({elapsed / args.layers:.1f} s per layer incl. embedding share)")
         print(f"peak RSS {rss_mib():.0f} MiB (before write_bnb: {before:.0f} MiB)")
         print(f"output {out_bytes / 2**20:.0f} MiB in {len(list(out.glob('*.safetensors')))} shard(s)")

@@ -59,6 +59,11 @@ class Checkpoint:
                 ) from e
         return self._handles[path]
 
+    def release(self) -> None:
+        """Close the memory maps (reopened on the next read): pages read so far stop counting toward this process's
+        resident memory. Streaming readers (the quantizer) call it between layers."""
+        self._handles.clear()
+
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 

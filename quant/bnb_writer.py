@@ -19,8 +19,10 @@ compress_statistics=double_quant)` and `int8_vectorwise_quant` (bitsandbytes 0.5
 Inputs are prepared like bitsandbytes' `Params4bit`/`Int8Params` do when transformers quantizes a bf16 model: 4-bit
 quantizes the bf16 weight (so the quant state's dtype is bfloat16), int8 quantizes it cast on to float16.
 
-Streaming invariant: one source tensor is read (memory-mapped), quantized and appended to the current shard's data
-files before the next is read, so peak memory is one tensor plus its quantized form, whatever the model size.
+Streaming invariant: one source tensor (or one batch of a layer's experts, `EXPERT_BATCH_WEIGHTS`) is read
+(memory-mapped), quantized and appended to the current shard's data files before the next is read, and the source
+maps are released after each layer, so peak memory is about one layer of mapped source pages plus one batch and its
+temporaries, whatever the model size.
 Shards are written as safetensors files of at most `max_shard_bytes` of tensor data; since a safetensors header must
 precede the data, each shard's tensors go first to side files (one per dtype width, so that every tensor ends up
 aligned, as safetensors' own writer arranges them), which are then concatenated behind the header. One shard is named
@@ -399,7 +401,11 @@ def write_bnb(
     writer = _ShardWriter(out_dir, max_shard_bytes)
     done = 0
     try:
+        layer = None
         for kind, names in units:
+            if _layer_of(names[0]) != layer:  # unmap the finished layer's source pages: RSS stays one layer deep
+                ckpt.release()
+                layer = _layer_of(names[0])
             cls = classify(names[0])
             params = sum(_numel(ckpt.shape(n)) for n in names)
             stats[cls]["params"] += params
@@ -419,6 +425,11 @@ def write_bnb(
     if stats["mlp"]["params"] == 0:
         del stats["mlp"]
     return stats
+
+
+def _layer_of(name: str) -> int | None:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
