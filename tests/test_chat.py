@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from marco_local.chat import ChatSession, ChatSettings
 from marco_local.errors import MarcoError
 from marco_local.generate import generate
 from marco_local.runtime import load
 from marco_local.sampling import make_sampler
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is as fast, and it does not collapse when other work shares the cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
@@ -20,8 +21,17 @@ from marco_local.cli.chat_cmd import ChatUI, MarkdownStream, SlashCompleter, dat
 from marco_local.cli.main import app
 from marco_local.runtime import load
 
-ENV = {**os.environ, "NO_COLOR": "1"}
+ENV = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
 ENV.pop("MARCO_DEBUG", None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is as fast, and it does not collapse when other work shares the cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

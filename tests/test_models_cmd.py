@@ -18,7 +18,7 @@ from marco_local.demo import ensure_demo_model
 from marco_local.errors import MarcoError
 from marco_local.inventory import model_info, param_counts
 
-ENV = {**os.environ, "NO_COLOR": "1"}
+ENV = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
 ENV.pop("MARCO_DEBUG", None)
 ENV.pop("HF_HUB_OFFLINE", None)
 
