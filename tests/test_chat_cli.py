@@ -97,10 +97,10 @@ def test_slash_commands_settings_save_load_and_unknown_command(lm, tmp_path, cap
 
 
 def test_multiline_block_alt_enter_and_escaped_slash(lm, capsys):
-    keys = '"""\rline one\r\rline two\r"""\rfirst\x1b\rsecond\r//etc/hosts is a file\r\x04'
+    keys = '"""\rline one\r\rline two\r"""\rfirst\x1b\rsecond\r//etc/hosts is a file\r"""/help\rme"""\r\x04'
     chat = run_transcript(lm, keys)
     users = [m["content"] for m in chat.session.messages if m["role"] == "user"]
-    assert users == ["line one\n\nline two", "first\nsecond", "/etc/hosts is a file"]
+    assert users == ["line one\n\nline two", "first\nsecond", "/etc/hosts is a file", "/help\nme"]
 
 
 def test_ctrl_c_clears_a_line_and_twice_at_an_empty_prompt_leaves(lm, capsys):

@@ -313,18 +313,21 @@ class ChatUI:
 
     def handle(self, line: str) -> None:
         """One input: a slash command, or a message for the model. User errors are reported, not raised."""
+        block = line.strip().startswith(MULTILINE)  # a """ block is always a message, whatever it starts with
         text = unwrap_block(line)
         if not text.strip():
             return
         try:
-            if text.startswith("//"):  # an escaped slash: the message itself starts with "/"
+            if text.startswith("//") and not block:  # an escaped slash: the message itself starts with "/"
                 self.reply(self.session.send(text[1:]))
-            elif text.startswith("/") and not text.startswith(MULTILINE):
+            elif text.startswith("/") and not block:
                 self.command(text)
             else:
                 self.reply(self.session.send(text))
         except MarcoError as e:
             ui.error(e.message, e.hint)
+        except KeyboardInterrupt:  # during a command or before the reply started: back to the prompt
+            ui.console.print("[dim]⏹ interrupted[/]")
 
     def command(self, text: str) -> None:
         name, _, arg = text.strip().partition(" ")
