@@ -1,0 +1,412 @@
+"""GGUF in: reader, config and tokenizer from metadata, `runtime.load`, dense architectures, SmolLM2, malformed files.
+
+The qwen3moe fixture GGUF is written by our quantizer (tests/gguf_fixtures.py; every tensor type is in
+test_gguf_types.py); the dense llama/qwen3 fixtures are written here with gguf-py's GGUFWriter, Q/K permuted for
+llama exactly as llama.cpp's convert_hf_to_gguf.py does. The real-weights check is the SmolLM2-135M-Instruct Q4_1
+GGUF (llama.cpp's converter and quantizer wrote it), compared with llama.cpp itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf_fixtures import ids_batch, kl, rel_err, smollm2_path, write_moe_f32
+from tokenizers import Tokenizer as HFTokenizer
+
+from marco_local.errors import MarcoError
+from marco_local.gguf_file import GGUFFile, model_config
+from marco_local.gguf_loader import load_gguf
+from marco_local.gguf_tokenizer import load_tokenizer
+from quant.ggml_codecs import codec_for
+
+F32_REL_TOL = 1e-4  # max |ours - ref| / max |ref| over all logits, float32 activations (the exact path)
+
+MULTILINGUAL = [
+    "The capital of France is Paris. Hello, world!",
+    "Die Hauptstadt von Deutschland ist Berlin. Grüße, ça va? Ünïcödé",
+    "法国的首都是巴黎。你好，今天天气怎么样？日本の首都は東京です。한국의 수도는 서울입니다.",
+    "عاصمة مصر هي القاهرة. مرحبا، كيف حالك؟",
+    "Столица России — Москва. Привет, как дела?",
+    "emoji 😀🚀👍🏽 and digits 12345, don't I'LL\n\n  indented\tcode()",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="module")
+def moe_f32(make_checkpoint, tmp_path_factory):
+    return write_moe_f32(make_checkpoint, tmp_path_factory)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reader and config
+
+
+def test_reader_matches_gguf_py_and_is_zero_copy():
+    path = smollm2_path()
+    g = GGUFFile(path)
+    r = gguf.GGUFReader(path)
+    assert len(g.tensors) == len(r.tensors)
+    for t in r.tensors:
+        raw = g.raw(t.name)
+        assert np.array_equal(raw.numpy().reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
+    # the bytes are views of one file mapping, never copies
+    a, b = g.raw("token_embd.weight"), g.raw("blk.0.ffn_down.weight")
+    assert (
+        b.data_ptr() - a.data_ptr() == g.tensors["blk.0.ffn_down.weight"].offset - g.tensors["token_embd.weight"].offset
+    )
+    assert g.get("tokenizer.ggml.tokens") == r.fields["tokenizer.ggml.tokens"].contents()
+
+
+def test_config_from_metadata(moe_f32):
+    folder, ref, path = moe_f32
+    cfg = model_config(GGUFFile(path))
+    hf = ref.config
+    assert cfg.model_type == "qwen3_moe"
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        hf.hidden_size,
+        hf.num_hidden_layers,
+        hf.num_attention_heads,
+        hf.num_key_value_heads,
+    )
+    assert (cfg.head_dim, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (
+        hf.head_dim,
+        hf.num_experts,
+        hf.num_experts_per_tok,
+        hf.moe_intermediate_size,
+    )
+    assert cfg.vocab_size == hf.vocab_size and cfg.tie_word_embeddings and cfg.norm_topk_prob
+    assert cfg.rope_theta == pytest.approx(hf.rope_parameters["rope_theta"])
+    assert cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_tokenizer_from_gguf_matches_tokenizer_json(moe_f32):
+    folder, _, path = moe_f32
+    ours = load_tokenizer(GGUFFile(path))
+    ref = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    for text in MULTILINGUAL:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    from marco_local.tokenizer import Tokenizer
+
+    folder_tok = Tokenizer.from_folder(folder)
+    messages = [{"role": "user", "content": "Bonjour 😀"}]
+    assert ours.apply_chat_template(messages) == folder_tok.apply_chat_template(messages)
+    assert ours.eos_token_ids == folder_tok.eos_token_ids
+
+
+def test_smollm2_tokenizer_matches_llama_cpp():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = smollm2_path()
+    ours = load_tokenizer(GGUFFile(path))
+    ref = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in MULTILINGUAL:
+        ids = ours.encode(text)
+        assert ids == ref.tokenize(text.encode(), add_bos=False, special=True), text
+        assert ours.decode(ids, skip_special_tokens=False) == text
+    assert [ours.decode([i]) for i in ours.encode("The capital of France is Paris")] == [
+        "The",
+        " capital",
+        " of",
+        " France",
+        " is",
+        " Paris",
+    ]
+    assert ours.encode("2024") == [ours.backend.token_to_id(d) for d in "2024"]  # smollm: one token per digit
+    assert ours.eos_token_ids == [2] and not ours.add_bos  # <|im_end|>
+
+
+def test_runtime_load_runs_a_gguf(moe_f32):
+    from marco_local.generate import PromptCache, generate_step
+    from marco_local.runtime import load
+    from marco_local.sampling import make_sampler
+
+    folder, ref, path = moe_f32
+    loaded = load(str(path), dtype="f32", device="cpu")
+    assert loaded.source.format == "gguf" and loaded.context_length == ref.config.max_position_embeddings
+    model = loaded.model
+    prompt = loaded.tokenizer.encode("The capital of France is")
+    out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+    steps = generate_step(model, prompt, PromptCache(model.make_cache(64)), make_sampler(0.0), max_tokens=12)
+    assert list(steps) == out[0, len(prompt) :].tolist()  # f32 GGUF: the same greedy tokens as transformers
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dense architectures: llama (Q/K permuted in the file) and qwen3
+
+
+def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py LlamaModel.permute: rotate-half rows -> interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_dense_gguf(path: Path, arch: str, model: torch.nn.Module, tok_folder: Path, ggml_type: str) -> None:
+    cfg = model.config
+    w = gguf.GGUFWriter(path, arch=arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    tok = HFTokenizer.from_file(str(tok_folder / "tokenizer.json"))
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    merges = json.loads((tok_folder / "tokenizer.json").read_text())["model"]["merges"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer_names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    codec = codec_for(ggml_type)
+    for name, p in model.state_dict().items():
+        if name in names:
+            gname = names[name]
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{layer}.{layer_names[rest.removesuffix('.weight')]}.weight"
+        p = p.detach().float()
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            p = llama_permute(p, cfg.num_attention_heads)
+        if arch == "llama" and name.endswith("k_proj.weight"):
+            p = llama_permute(p, cfg.num_key_value_heads)
+        if p.dim() == 2:
+            w.add_tensor(gname, codec.quantize(p).numpy(), raw_dtype=codec.ggml_type)
+        else:
+            w.add_tensor(gname, p.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_dense_architectures_against_transformers(arch, checkpoint, tmp_path):
+    import transformers
+    from conftest import randomize
+
+    folder, _ = checkpoint  # for its tokenizer
+    cls, cfg_cls = {
+        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+        "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
+    }[arch]
+    vocab = HFTokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    cfg = cfg_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(0)
+    ref = cls(cfg).eval()
+    randomize(ref, seed=3)
+    path = tmp_path / f"{arch}.gguf"
+    write_dense_gguf(path, arch, ref, folder, "F32")
+    model, tok = load_gguf(path, dtype=torch.float32)
+    assert model.config.model_type == arch and not model.config.tie_word_embeddings
+    ids = ids_batch(vocab, seed=5, shape=(2, 17))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = model(ids, model.make_cache(32, batch_size=2))
+    assert rel_err(got, expected) < F32_REL_TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SmolLM2: real weights (llama architecture, Q4_1 + Q8_0 embeddings, tied)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_gguf(smollm2_path(), dtype=torch.bfloat16)
+
+
+def greedy(model, tok, prompt_ids: list[int], n: int) -> str:
+    from marco_local.generate import PromptCache, generate_step
+    from marco_local.sampling import make_sampler
+
+    cache = PromptCache(model.make_cache(len(prompt_ids) + n + 1))
+    out = []
+    for t in generate_step(model, prompt_ids, cache, make_sampler(0.0), max_tokens=n):
+        if t in tok.eos_token_ids:
+            break
+        out.append(t)
+    return tok.decode(out)
+
+
+def test_smollm2_continuation_is_sensible(smollm2):
+    model, tok = smollm2
+    text = greedy(model, tok, tok.encode("The capital of France is"), 12)
+    assert "Paris" in text
+
+
+def test_smollm2_chat_answers(smollm2):
+    model, tok = smollm2
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    text = greedy(model, tok, tok.encode(prompt), 40)
+    assert "Paris" in text and "<|im" not in text
+
+
+# llama.cpp quantizes activations to Q8_1 for its Q4_1 dot products and we run bf16 activations on int4 kernels, so
+# logits differ by a few percent of their range; the next-token choice and the distribution agree.
+LLAMA_CPP_REL_TOL = 0.1
+LLAMA_CPP_KL = 0.02
+
+
+def test_smollm2_logits_match_llama_cpp(smollm2):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok = smollm2
+    ids = tok.encode("The capital of France is Paris, and the capital of Germany is")
+    llm = llama_cpp.Llama(str(smollm2_path()), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(ids)
+    expected = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    with torch.no_grad():
+        got = model(torch.tensor([ids]), model.make_cache(64))[0].float()
+    assert rel_err(got, expected) < LLAMA_CPP_REL_TOL
+    assert kl(expected, got) < LLAMA_CPP_KL
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Malformed files: one-line MarcoError, never a crash or a hang
+
+
+def tiny_gguf(path: Path, arch: str = "qwen3moe") -> Path:
+    w = gguf.GGUFWriter(path, arch=arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.ones((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def expect_error(path: Path, *words: str) -> MarcoError:
+    with pytest.raises(MarcoError) as e:
+        load_gguf(path)
+    msg = e.value.message
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return e.value
+
+
+def test_bad_magic(tmp_path):
+    path = tiny_gguf(tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    data[:4] = b"GGML"
+    path.write_bytes(data)
+    expect_error(path, "not a GGUF file")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    expect_error(tmp_path / "empty.gguf", "not a GGUF file")
+
+
+def test_truncated_tensor_data(tmp_path):
+    path = tiny_gguf(tmp_path / "t.gguf")
+    path.write_bytes(path.read_bytes()[:-100])
+    expect_error(path, "truncated", "token_embd.weight")
+
+
+def test_truncated_header(tmp_path):
+    path = tiny_gguf(tmp_path / "h.gguf")
+    for cut in (30, 60, 120):
+        short = tmp_path / f"h{cut}.gguf"
+        short.write_bytes(path.read_bytes()[:cut])
+        expect_error(short, "truncated")
+
+
+def test_absurd_counts_do_not_hang(tmp_path):
+    path = tiny_gguf(tmp_path / "c.gguf")
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack("<Q", 1 << 60)  # metadata count
+    path.write_bytes(data)
+    expect_error(path, "truncated")
+
+
+def test_unknown_tensor_type(tmp_path):
+    path = tiny_gguf(tmp_path / "u.gguf")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"token_embd.weight") + len(b"token_embd.weight") + 4 + 2 * 8  # after n_dims and two dims
+    assert struct.unpack_from("<I", data, at)[0] == T.F32
+    data[at : at + 4] = struct.pack("<I", 250)
+    path.write_bytes(data)
+    expect_error(path, "unknown GGML type 250", "token_embd.weight")
+
+
+def test_type_without_codec(tmp_path):
+    path = tmp_path / "iq.gguf"
+    w = gguf.GGUFWriter(path, arch="llama")
+    for key, value in dict(block_count=1, embedding_length=256, feed_forward_length=256, head_count=4).items():
+        getattr(w, f"add_{key}")(value)
+    w.add_tensor("token_embd.weight", np.zeros((8, 66), dtype=np.uint8), raw_dtype=T.IQ2_XXS)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g = GGUFFile(path)
+    assert g.tensors["token_embd.weight"].type_name == "IQ2_XXS"
+    from marco_local.gguf_loader import build_model
+
+    with pytest.raises(MarcoError, match="IQ2_XXS"):
+        build_model(g)
+
+
+def test_unsupported_architecture(tmp_path):
+    err = expect_error(tiny_gguf(tmp_path / "a.gguf", arch="gpt2"), "unsupported architecture 'gpt2'")
+    assert "qwen3moe" in err.hint
+
+
+def test_cli_one_line_error(tmp_path):
+    path = tiny_gguf(tmp_path / "cli.gguf")
+    path.write_bytes(path.read_bytes()[:-100])
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("MARCO_DEBUG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "marco_local", "run", str(path), "hi"], capture_output=True, timeout=60, env=env
+    )
+    assert r.returncode == 1 and r.stdout == b""
+    lines = r.stderr.decode().strip().splitlines()
+    assert lines[0].startswith("Error:") and "truncated" in lines[0] and len(lines) <= 2

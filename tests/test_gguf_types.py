@@ -1,0 +1,97 @@
+"""Every GGUF tensor type the quantizer writes, run through the GGUF loader on a qwen3moe fixture.
+
+Per type: our logits against transformers on the same dequantized weights (float32: the exact path, tight; bf16:
+qlinear's int4 kernels, stated bounds), and the KL divergence from the unquantized model (figures recorded below).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from gguf_fixtures import dequantized_state_dict, ids_batch, kl, rel_err, requantize, write_moe_f32
+
+from marco_local.gguf_file import GGUFFile
+from marco_local.gguf_loader import load_gguf
+
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+
+# Float reference (transformers on the same dequantized weights), float32 activations: the loader's exact path.
+F32_REL_TOL = 1e-4
+# bf16 activations take qlinear's int4 kernels (scales in bf16, activations and outputs rounded to bf16). A max-error
+# bound is the wrong check there: bf16 rounding flips a near-tie in the top-k routing at one or two positions, which
+# moves those logits by up to ~0.3 of max |logit|. So: median over positions of max |diff| / max |ref|, and the KL
+# divergence from the dequantized float reference (measured: median 1.3e-2 - 1.9e-2, KL 1.6e-4 - 3.8e-3).
+BF16_MEDIAN_TOL = 0.04
+BF16_KL_TOL = 0.01
+# KL(unquantized transformers || ours) per token, mean over 2 x 24 positions, float32 activations, measured on this
+# fixture (2 layers, random weights, vocabulary 400): the bound is a few times the measured figure.
+# Measured (nats/token; float32 path, bf16 path): F32 2.2e-14, 1.6e-4 | F16 5.2e-7, 1.7e-4 | BF16 3.8e-5, 1.7e-4 |
+# Q8_0 3.3e-3, 3.5e-3 | Q6_K 8.0e-3, 4.7e-3 | Q5_K 2.6e-2, 2.5e-2 | Q5_1 3.0e-2, 3.0e-2 | Q5_0 3.8e-2, 3.5e-2 |
+# Q4_K 7.1e-2, 6.7e-2 | Q4_0 1.03e-1, 1.03e-1 | Q4_1 1.05e-1, 1.04e-1. A random 2-layer MoE has no redundancy and
+# routing near-ties, so these are larger than on a trained model; the order (more bits, less divergence) is the check.
+KL_BOUND = {
+    "F32": 1e-9,
+    "F16": 5e-6,
+    "BF16": 2e-4,
+    "Q8_0": 1e-2,
+    "Q6_K": 2.5e-2,
+    "Q5_K": 6e-2,
+    "Q5_1": 6e-2,
+    "Q5_0": 8e-2,
+    "Q4_K": 0.15,
+    "Q4_0": 0.2,
+    "Q4_1": 0.2,
+}
+
+
+@pytest.fixture(scope="module")
+def moe_f32(make_checkpoint, tmp_path_factory):
+    return write_moe_f32(make_checkpoint, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def moe_typed(moe_f32, tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(ggml_type: str) -> Path:
+        if ggml_type not in cache:
+            cache[ggml_type] = tmp_path_factory.mktemp("gguf") / f"fixture-{ggml_type}.gguf"
+            requantize(moe_f32[2], cache[ggml_type], ggml_type)
+        return cache[ggml_type]
+
+    return get
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_moe_type_against_dequantized_reference_and_kl(ggml_type, moe_f32, moe_typed):
+    from transformers import Qwen3MoeForCausalLM
+
+    folder, unquantized, _ = moe_f32
+    path = moe_typed(ggml_type)
+    g = GGUFFile(path)
+    assert g.tensors["blk.0.ffn_down_exps.weight"].type_name == ggml_type
+    assert g.tensors["blk.0.ffn_gate_inp.weight"].type_name == "F32"
+    reference = copy.deepcopy(unquantized)
+    reference.load_state_dict(dequantized_state_dict(path, unquantized))
+    ids = ids_batch(unquantized.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        exact = unquantized(ids).logits
+        model, _ = load_gguf(path, dtype=torch.float32)
+        got = model(ids, model.make_cache(32, batch_size=2))
+        model16, _ = load_gguf(path, dtype=torch.bfloat16)
+        got16 = model16(ids, model16.make_cache(32, batch_size=2)).float()
+    assert isinstance(reference, Qwen3MoeForCausalLM)
+    assert rel_err(got, expected) < F32_REL_TOL
+    per_position = (got16 - expected).abs().amax(-1) / expected.abs().amax()
+    assert per_position.median() < BF16_MEDIAN_TOL and kl(expected, got16) < BF16_KL_TOL
+    divergence = kl(exact, got)
+    print(
+        f"\nFIGURES {ggml_type} f32-rel {rel_err(got, expected):.2e} bf16-median {per_position.median():.2e} "
+        f"bf16-max {per_position.max():.2e} bf16-KL-vs-dequant {kl(expected, got16):.2e} "
+        f"KL-f32 {divergence:.3e} KL-bf16 {kl(exact, got16):.3e}"
+    )
+    assert divergence < KL_BOUND[ggml_type], f"{ggml_type}: KL {divergence:.3g}"
