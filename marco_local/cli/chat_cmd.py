@@ -184,6 +184,33 @@ def make_prompt_session(history: History | None = None, input=None, output=None)
     )
 
 
+class _Lines:
+    """Already rendered lines, printed as they are."""
+
+    def __init__(self, lines: list[list[Segment]]) -> None:
+        self.lines = lines
+
+    def __rich_console__(self, console, options):
+        for line in self.lines:
+            yield from line
+            yield Segment.line()
+
+
+def _markdown_lines(console: Console, text: str, width: int, gap: bool) -> list[list[Segment]]:
+    """`text` as markdown lines without rich's blank lines at either end (a list starts with one); `gap` puts one
+    blank line on top, the separation between two blocks."""
+    lines = console.render_lines(Markdown(text), console.options.update_width(width), pad=False)
+
+    def blank(line: list[Segment]) -> bool:
+        return not "".join(s.text for s in line).strip()
+
+    while lines and blank(lines[0]):
+        lines.pop(0)
+    while lines and blank(lines[-1]):
+        lines.pop()
+    return [[], *lines] if gap and lines else lines
+
+
 class _Tail:
     """Markdown of the streaming block, cropped to its last lines so a Live region never outgrows the screen.
 
@@ -196,12 +223,9 @@ class _Tail:
     def __rich_console__(self, console, options):
         # two spare columns: where rich and the terminal disagree on a character's width (combining marks, some
         # emoji), a line that the terminal wraps would throw off the cursor moves that redraw the region
-        narrow = options.update_width(max(10, options.max_width - 2))
-        lines = console.render_lines(Markdown(self.stream.pending), narrow, pad=False)
-        keep = max(1, console.size.height - 2)
-        for line in lines[-keep:]:
-            yield from line
-            yield Segment.line()
+        width = max(10, options.max_width - 2)
+        lines = _markdown_lines(console, self.stream.pending, width, self.stream.blocks > 0)
+        yield _Lines(lines[-max(1, console.size.height - 2) :])
 
 
 class MarkdownStream:
@@ -213,6 +237,7 @@ class MarkdownStream:
     def __init__(self, console: Console) -> None:
         self.console = console
         self.pending = ""
+        self.blocks = 0  # blocks printed for good so far
         self.live = Live(_Tail(self), console=console, refresh_per_second=8, transient=True)
         self.live.start()
 
@@ -221,8 +246,13 @@ class MarkdownStream:
         cut = self._last_block_end()
         if cut > 0:
             done, self.pending = self.pending[:cut], self.pending[cut:].lstrip("\n")
-            self.live.console.print(Markdown(done))
-            self.live.console.print()
+            self._print(done)
+
+    def _print(self, text: str) -> None:
+        lines = _markdown_lines(self.console, text, self.console.width, self.blocks > 0)
+        if lines:
+            self.live.console.print(_Lines(lines))
+            self.blocks += 1
 
     def _last_block_end(self) -> int:
         end, fences, pos = -1, 0, 0
@@ -237,7 +267,7 @@ class MarkdownStream:
     def finish(self) -> None:
         self.live.stop()
         if self.pending.strip():
-            self.console.print(Markdown(self.pending))
+            self._print(self.pending)
 
 
 class PlainStream:
