@@ -149,15 +149,16 @@ def synthetic_trace(
     num_experts: int = 232,
     top_k: int = 8,
     tokens: int = 512,
-    repeat: float = 0.45,
-    within: float = 0.80,
+    repeat: float = 0.37,
+    within: float = 0.61,
     window: int = 8,
     skew: float = 1.0,
     seed: int = 0,
 ) -> Trace:
     """Decode events where each of a token's `top_k` experts is, with probability `repeat`, one of the previous
     token's; with probability `within - repeat`, one of the tokens 2..`window` back; else drawn from a per-layer
-    Zipf(`skew`) popularity. Measure what was achieved with `locality` (fresh draws can land in the window too)."""
+    Zipf(`skew`) popularity. Fresh draws land in the window too, so the measured locality (`locality`) is higher than
+    the knobs: the defaults measure ~0.45 at the next token and ~0.80 within 8 (the Qwen3-30B-A3B figures)."""
     rng = random.Random(seed)
     trace = Trace(num_layers, num_experts, top_k, meta={"synthetic": True, "repeat": repeat, "within": within})
     popularity = []

@@ -1,0 +1,179 @@
+"""Expert offloading on CPU: identical output for every budget, policy and prefetch setting; the budget holds;
+the simulator counts what the live cache counts; the CLI options and `marco profile`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from marco_local.errors import MarcoError
+from marco_local.generate import PromptCache, generate_step
+from marco_local.loader import load_model
+from marco_local.offload import (
+    OffloadedExperts,
+    Placement,
+    install,
+    load_offloaded,
+    offload_stats,
+    parse_resident,
+    parse_size,
+    record_trace,
+    simulate,
+)
+from marco_local.offload.profile import record_profile, save_profile
+from marco_local.sampling import make_sampler
+
+PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19, 8, 77, 150, 31, 200, 11, 96, 42]
+STEPS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a shared, oversubscribed CPU (100x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def greedy(model, prompt=PROMPT, steps=STEPS, chunk=8) -> list[int]:
+    cache = PromptCache(model.make_cache(len(prompt) + steps))
+    return list(generate_step(model, prompt, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=chunk))
+
+
+@torch.inference_mode()
+def prefill_logits(model) -> torch.Tensor:
+    return model(torch.tensor([PROMPT]), model.make_cache(len(PROMPT)))
+
+
+@pytest.fixture(scope="module")
+def ref(checkpoint):
+    folder, _ = checkpoint
+    model = load_model(folder, dtype=torch.float32)
+    return folder, model, greedy(model), prefill_logits(model)
+
+
+@pytest.fixture(scope="module")
+def profile_path(ref, tmp_path_factory):
+    folder, model, _, _ = ref
+    counts, _ = record_profile(model, PROMPT * 3, chunk=16)
+    path = tmp_path_factory.mktemp("profile") / "profile.json"
+    save_profile(path, counts, str(folder), model.config, len(PROMPT) * 3)
+    return path
+
+
+def offloaded(folder, dtype=torch.float32, **kw):
+    return load_offloaded(folder, Placement(**kw), dtype=dtype)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "static"])
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_identical_output_for_every_budget_policy_and_prefetch(ref, profile_path, slots, policy, prefetch):
+    """Same tokens and bit-identical logits; without prefetch the simulator replays the recorded trace to the live
+    cache's exact hit and miss counts, per layer."""
+    folder, _, tokens, logits = ref
+    profile = str(profile_path) if policy == "static" else None
+    model = offloaded(folder, experts_resident=str(slots), policy=policy, prefetch=prefetch, profile=profile)
+    try:
+        with record_trace(model) as trace:
+            assert greedy(model) == tokens
+        stats = offload_stats(model)
+        assert stats["expert_slots_per_layer"] == slots
+        assert stats["experts_resident_fraction"] == slots / 8
+        assert 0.0 <= stats["expert_hit_rate"] <= 1.0
+        if prefetch:
+            assert 0.0 <= stats["prefetch_precision"] <= 1.0 and 0.0 <= stats["prefetch_recall"] <= 1.0
+        else:
+            prof = json.loads(profile_path.read_text())["layers"] if profile else None
+            sim = simulate(trace, policy, slots, profile={int(k): v for k, v in prof.items()} if prof else None)
+            assert (sim.hits, sim.misses) == (stats["expert_hits"], stats["expert_misses"])
+            assert {x["layer"]: (x["hits"], x["misses"]) for x in stats["expert_layers"]} == sim.per_layer
+        assert torch.equal(prefill_logits(model), logits)  # bit-identical: same kernels, same summation order
+    finally:
+        model.offload.close()
+
+
+def test_dtype_converted_at_read_matches_the_plain_loader(checkpoint):
+    folder, _ = checkpoint  # float32 checkpoint, run in bfloat16: the file store converts each expert it reads
+    plain = load_model(folder, dtype=torch.bfloat16)
+    model = offloaded(folder, dtype=torch.bfloat16, experts_resident="3")
+    assert greedy(model) == greedy(plain)
+    assert torch.equal(prefill_logits(model), prefill_logits(plain))
+
+
+def test_install_on_a_loaded_model_and_slots_are_allocated_once(ref):
+    folder, _, tokens, logits = ref
+    model = load_model(folder, dtype=torch.float32)
+    rt = install(model, Placement(experts_resident="25%"))
+    ptrs = [x.slots.data_ptr() for x in rt.layers]
+    assert greedy(model) == tokens
+    assert torch.equal(prefill_logits(model), logits)
+    assert [x.slots.data_ptr() for x in rt.layers] == ptrs  # decode never reallocates the fast tier
+    assert all(isinstance(layer.mlp.experts, OffloadedExperts) for layer in model.model.layers)
+
+
+def test_budget_is_respected_and_too_small_is_refused(ref):
+    folder, _, tokens, _ = ref
+    model = offloaded(folder)  # everything resident: measures the pieces
+    rt = model.offload
+    fixed, expert = rt.plan.fixed_bytes, rt.plan.expert_bytes
+    budget = fixed + rt.fast_bytes - 3 * 2 * expert - 1  # room for all but 2 experts per layer (3 layers)
+    model = offloaded(folder, ram_mem=str(budget))
+    rt = model.offload
+    assert rt.plan.slots == 5
+    # what is really allocated: slot tensors + scratch, plus every non-expert tensor and the KV cache
+    slot_bytes = sum(x.slots.nbytes for x in rt.layers)
+    assert slot_bytes == rt.plan.slot_bytes and fixed + rt.fast_bytes <= budget
+    assert greedy(model) == tokens
+    with pytest.raises(MarcoError, match="too small"):
+        offloaded(folder, ram_mem=str(fixed + expert))
+    with pytest.raises(MarcoError, match="experts-resident"):
+        offloaded(folder, ram_mem=str(budget), experts_resident="8")
+
+
+def test_size_and_resident_parsing():
+    assert parse_size("4GiB") == 4 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("123") == 123
+    assert parse_resident("25%", 232) == 58 and parse_resident("16", 232) == 16 and parse_resident("0.1%", 8) == 1
+    for bad in ("lots", "4XB", ""):
+        with pytest.raises(MarcoError):
+            parse_size(bad)
+    with pytest.raises(MarcoError):
+        parse_resident("300", 232)
+
+
+def test_static_policy_needs_a_profile_and_profile_must_match(ref, tmp_path):
+    folder = ref[0]
+    with pytest.raises(MarcoError, match="profile"):
+        offloaded(folder, experts_resident="2", policy="static")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": {"0": [1, 2, 3]}}))
+    with pytest.raises(MarcoError, match="different number of experts"):
+        offloaded(folder, experts_resident="2", profile=str(bad))
+
+
+def test_cli_run_and_profile(ref, tmp_path):
+    from typer.testing import CliRunner
+
+    from marco_local.cli.main import app
+
+    folder = str(ref[0])
+    runner = CliRunner()
+    text = tmp_path / "text.txt"
+    text.write_text("The capital of France is Paris. Hello! How are you today?\n" * 3, encoding="utf-8")
+    out = tmp_path / "p.json"
+    r = runner.invoke(app, ["profile", folder, "--text", str(text), "-o", str(out), "--dtype", "f32"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["num_experts"] == 8
+    r = runner.invoke(app, ["profile", folder, "--text", str(text), "-o", str(out)])
+    assert isinstance(r.exception, MarcoError) and "already exists" in r.exception.message
+    trace = tmp_path / "t.jsonl"
+    args = ["run", folder, "Hello", "-n", "6", "--temperature", "0", "--dtype", "f32", "-v"]
+    r = runner.invoke(app, [*args, "--experts-resident", "25%", "--profile", str(out), "--trace", str(trace)])
+    assert r.exit_code == 0, r.output
+    assert "expert hits" in r.output and trace.read_text().startswith('{"format": "marco-expert-trace"')
+    r = runner.invoke(app, [*args, "--ram-mem", "1KiB"])
+    assert isinstance(r.exception, MarcoError) and "too small" in r.exception.message
