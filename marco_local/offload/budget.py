@@ -1,9 +1,10 @@
 """What the user asked for (`Placement`: --ram-mem / --gpu-mem / --experts-resident / --profile / policy) and the
 arithmetic that turns a byte budget into a number of expert slots per layer.
 
-The budget is a promise about the model's memory: non-expert weights, the KV cache, the expert slots and the stores'
-scratch buffers. Non-expert weights and the KV cache are counted first; experts fill what is left, the same number of
-slots in every MoE layer. Too small a budget is a `MarcoError` that says how much the fixed part needs.
+The budget is a promise about the model's memory: non-expert weights, the KV cache, a working reserve for activations,
+the expert slots and the stores' scratch buffers. The fixed part (non-expert weights, KV cache, reserve) is counted
+first; experts fill what is left, the same number of slots in every MoE layer. The Python/torch runtime itself is
+outside the budget. Too small a budget is a `MarcoError` that says how much the fixed part needs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ _UNITS = {
     "tb": 1000**4,
     "tib": 1 << 40,
 }
-AUTO_GPU_MARGIN = 512 << 20  # `--gpu-mem auto` leaves this much VRAM free for the CUDA context and activations
+AUTO_GPU_MARGIN = 512 << 20
+# Working memory counted with the fixed part: activations of a prefill chunk, the allocator's slack, per-shape kernel
+# buffers. Measured at ~8 MiB on a 256-wide test model (tests/test_offload_disk.py); doubled for wider models.
+WORKING_RESERVE = 16 << 20  # `--gpu-mem auto` leaves this much VRAM free for the CUDA context and activations
 
 
 def parse_size(text: str) -> int:
@@ -79,7 +83,7 @@ class Placement:
 @dataclass
 class Plan:
     budget: int | None  # bytes, None when only --experts-resident was given
-    fixed_bytes: int  # non-expert weights + KV cache
+    fixed_bytes: int  # non-expert weights + KV cache + working reserve
     expert_bytes: int  # one expert, packed
     moe_layers: int
     slots: int  # per MoE layer
@@ -108,7 +112,8 @@ def plan_slots(
     one_each = expert_bytes * moe_layers
     if left < one_each:
         raise MarcoError(
-            f"{what} {_fmt(budget)} is too small: the non-expert weights and KV cache need {_fmt(fixed_bytes)}, "
+            f"{what} {_fmt(budget)} is too small: the non-expert weights, KV cache and working memory need "
+            f"{_fmt(fixed_bytes)}, "
             f"plus {_fmt(one_each + scratch_bytes)} for one expert per layer",
             hint=f"raise {what} to at least {_fmt(fixed_bytes + one_each + scratch_bytes)}, or lower --ctx",
         )

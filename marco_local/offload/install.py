@@ -22,7 +22,7 @@ from ..checkpoint import Checkpoint
 from ..config import load_config
 from ..errors import MarcoError
 from ..models.qwen3_moe import Qwen3MoeForCausalLM
-from .budget import AUTO_GPU_MARGIN, Placement, Plan, parse_size, plan_slots
+from .budget import AUTO_GPU_MARGIN, WORKING_RESERVE, Placement, Plan, parse_size, plan_slots
 from .experts import OffloadedExperts
 from .policy import make_policy_factory
 from .store import (
@@ -134,7 +134,8 @@ def file_mappings(paths: list[Path]) -> list[tuple[Path, int, int]]:
 
 
 def _kv_bytes(cfg, ctx: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * dtype.itemsize
+    """The KV cache for `ctx` tokens plus the working reserve: what the budget sets aside besides weights."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * dtype.itemsize + WORKING_RESERVE
 
 
 def _budget(placement: Placement, device: torch.device) -> tuple[int | None, str]:
