@@ -48,7 +48,6 @@ from marco_local.errors import MarcoError
 
 # bitsandbytes logs a warning on import when its optional CPU kernel package is absent; a library must not print.
 logging.getLogger("bitsandbytes").addHandler(logging.NullHandler())
-import bitsandbytes.functional as bnbF  # noqa: E402
 
 ProgressFn = Callable[[int, int], None]
 
@@ -89,6 +88,13 @@ _ROUTER = re.compile(r"model\.layers\.\d+\.mlp\.gate\.weight")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some old checkpoints carry; recomputed at load
 
 
+def _bnbF():
+    """bitsandbytes.functional, imported on first use (importing it costs seconds: it sets up torch.compile)."""
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional
+
+
 def quantization_config(preset: str, double_quant: bool = True) -> dict[str, Any]:
     """What transformers' `BitsAndBytesConfig.to_dict()` writes into config.json for this preset (all keys)."""
     four = preset in ("nf4", "fp4")
@@ -122,6 +128,7 @@ def quantize_linears(ws: torch.Tensor, preset: str, double_quant: bool = True) -
     4-bit blocks of 64 (when out*in is a multiple of 64); nested absmax blocks of 256 (when out*in is a multiple of
     64*256). The nested offset (mean absmax) is computed per weight. Otherwise it falls back to one call per weight.
     """
+    bnbF = _bnbF()
     k, rows, cols = ws.shape
     if preset == "int8":
         # as bnb's Int8Params._quantize of a bf16 model: float16 input, absmax per row
