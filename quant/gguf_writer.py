@@ -432,6 +432,11 @@ def write_gguf(
             data = _encode(t, advance)
             writer.write_tensor_data(data.numpy())
             del data
+            t.read = t.read_expert = None  # drops a fused expert tensor cached by its reader
+            # Pages of the memory-mapped shards that were read stay resident (and count as our RSS) while a shard is
+            # open; Checkpoint reopens a shard on the next read, so closing them after each tensor bounds the mapped
+            # pages by one tensor instead of growing with the model. (Checkpoint has no public close() yet.)
+            ckpt._handles.clear()
             if tensor_progress:
                 tensor_progress(i + 1, len(plan))
         writer.flush()

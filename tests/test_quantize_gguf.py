@@ -466,3 +466,35 @@ def test_llama_cpp_tokenizes_like_the_source(checkpoint, tokenizer_obj, tmp_path
     im_end = tokenizer_obj.token_to_id("<|im_end|>")
     assert llm.token_eos() == im_end
     assert llm.detokenize(tokenizer_obj.encode(texts[1]).ids).decode() == texts[1]
+
+
+def test_sigterm_mid_write_leaves_nothing(checkpoint, tmp_path):
+    """`kill` during `marco quantize`: exit 143, no output, no temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, _ = checkpoint
+    out = tmp_path / "m.gguf"
+    child = f"""
+import sys, time
+from quant import gguf_writer
+real = gguf_writer._encode
+def slow(t, advance):
+    time.sleep(0.2)
+    return real(t, advance)
+gguf_writer._encode = slow
+sys.argv = ["marco", "quantize", {str(folder)!r}, "-o", {str(out)!r}, "--to", "q8_0"]
+from marco_local.cli.main import main
+main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=Path(__file__).parents[1], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".m.gguf.*.partial")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".m.gguf.*.partial")), "the child never started writing"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read().decode()
+    assert not out.exists() and leftovers(tmp_path) == []

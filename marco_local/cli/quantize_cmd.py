@@ -5,6 +5,7 @@ stdout stays empty (nothing here is model output); the bar is drawn only when st
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,6 +67,20 @@ def _bars(description: str) -> Iterator[tuple[Callback, Callback]]:
         yield on_bytes, on_tensors
 
 
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """`kill` (SIGTERM) unwinds like Ctrl-C, so the library's cleanup removes the partial output."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _count(n: int) -> str:
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
@@ -105,7 +120,7 @@ def quantize(
     resolved = resolve(src)
     if resolved.format != "hf":
         raise MarcoError(f"{src} is already a GGUF file", hint="quantize from the original Hugging Face checkpoint")
-    with _bars(f"quantizing to {to.lower()}") as (on_bytes, on_tensors):
+    with _sigterm_as_exit(), _bars(f"quantizing to {to.lower()}") as (on_bytes, on_tensors):
         report = run_quantize(resolved.path, out, to, force=force, progress=on_bytes, tensor_progress=on_tensors)
     for note in report.warnings:  # expected type fallbacks, said once per tensor kind
         ui.info(f"note: {note}")
