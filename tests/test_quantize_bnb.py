@@ -298,6 +298,49 @@ def test_bf16_cpu_kernel_close_to_dequantized_reference(written, preset):
     assert rel_rmse(q.dequantize(), f32.model.layers[0].self_attn.q_proj.dequantize()) < 0.01
 
 
+@torch.no_grad()
+def test_without_double_quant(source, tmp_path):
+    folder, _ = source
+    write_bnb(Checkpoint(folder), load_config(folder), folder, tmp_path, "fp4", double_quant=False)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_use_double_quant"] is False and qc["bnb_4bit_quant_type"] == "fp4"
+    names = Checkpoint(tmp_path).names()
+    assert not any("nested" in n for n in names)
+    assert Checkpoint(tmp_path).get("model.layers.0.self_attn.q_proj.weight.absmax").dtype == torch.float32
+    ours = load_bnb_model(tmp_path, dtype=torch.float32)
+    ref = dequantized_reference(ours)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(8))
+    got, expected = ours(ids, ours.make_cache(8)), ref(ids, ref.make_cache(8))
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < TIGHT
+
+
+@torch.no_grad()
+def test_loads_attention_only_folder_like_transformers_5_writes(source, tmp_path):
+    """transformers 5 + bnb quantizes only the attention; experts stay float. Such folders load and run too."""
+    from safetensors.torch import load_file, save_file
+
+    from quant.bnb_writer import quantize_linear
+
+    folder, _ = source
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if ".self_attn." in n and n.endswith("_proj.weight")]:
+        module = name.removesuffix(".weight")
+        tensors.update({f"{module}.{k}": v for k, v in quantize_linear(tensors.pop(name), "nf4").items()})
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"] = quantization_config("nf4") | {"llm_int8_skip_modules": None}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ours = load_bnb_model(tmp_path, dtype=torch.float32)
+    layer0 = ours.model.layers[0]
+    assert isinstance(layer0.self_attn.o_proj, Linear4bit)
+    assert type(layer0.mlp.experts) is not QuantizedExperts and layer0.mlp.experts.gate_proj.dtype == torch.float32
+    assert isinstance(ours.model.layers[1].mlp.gate_proj, torch.nn.Linear)  # dense layer left float
+    ref = dequantized_reference(ours)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(9))
+    got, expected = ours(ids, ours.make_cache(8)), ref(ids, ref.make_cache(8))
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < TIGHT
+
+
 def test_writer_refusals(source, written, tmp_path):
     folder, _ = source
     with pytest.raises(MarcoError, match="unknown bitsandbytes preset"):
