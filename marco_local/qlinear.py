@@ -35,6 +35,9 @@ Modules are CPU-only (the int4 packing is the CPU kernel's); a CUDA placement ne
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -217,6 +220,22 @@ def _dense_view(raw: torch.Tensor, t: GT, in_features: int) -> torch.Tensor:
 def _dense_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T computed in the weight's dtype (a float32 weight keeps its precision), returned in x's dtype."""
     return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages; never discards data (unlike MADV_DONTNEED)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the pages behind `t`, e.g. file pages read once to repack them, so that the
+    process's resident memory holds the repacked copy only (a memory-mapped file's pages count as resident once
+    touched). A hint: errors and other platforms are ignored, and the data stays readable (it is paged back in)."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or not t.is_contiguous() or not t.nbytes:
+        return
+    start, end = t.data_ptr(), t.data_ptr() + t.nbytes
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
 
 
 def _as_type(ggml_type: GT | int | str) -> GT:
@@ -402,7 +421,10 @@ class QExperts(Experts):
 
 def make_linear(raw: torch.Tensor, ggml_type, out_features: int, in_features: int) -> QLinear:
     """A module computing `x @ W.T` for the GGUF tensor whose raw bytes are `raw` [out_features, row_bytes]."""
-    return QLinear(raw, ggml_type, out_features, in_features)
+    lin = QLinear(raw, ggml_type, out_features, in_features)
+    if not lin.dense:
+        release_pages(raw)  # repacked: the file's pages are only read again by the float32 path and `rows`
+    return lin
 
 
 def make_experts(
@@ -415,7 +437,11 @@ def make_experts(
     intermediate: int,
 ) -> QExperts:
     """The experts of one layer from `ffn_{gate,up,down}_exps` bytes: gate/up [E, I, bytes], down [E, D, bytes]."""
-    return QExperts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate)
+    experts = QExperts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate)
+    if not experts.dense:
+        for raw in (gate_raw, up_raw, down_raw):
+            release_pages(raw)
+    return experts
 
 
 def make_embedding(raw: torch.Tensor, ggml_type, num_embeddings: int, dim: int, dtype=torch.bfloat16) -> QEmbedding:
