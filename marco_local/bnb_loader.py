@@ -128,6 +128,7 @@ class Linear8bit(nn.Module):
         self.threshold = threshold
         self.out_features, self.in_features = weight.shape
         self._state = None
+        self._scale_as: tuple[torch.dtype, torch.Tensor] | None = None  # scale in the activation dtype, made once
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scale[:, None]
@@ -136,8 +137,10 @@ class Linear8bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.is_cuda:
             return self._cuda_forward(x, bias)
+        if self._scale_as is None or self._scale_as[0] != x.dtype:
+            self._scale_as = (x.dtype, self.scale.to(x.dtype))
         flat = x.reshape(-1, self.in_features).contiguous()
-        out = torch._weight_int8pack_mm(flat, self.weight, self.scale.to(x.dtype))
+        out = torch._weight_int8pack_mm(flat, self.weight, self._scale_as[1])
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if bias is None else out + bias
 
@@ -149,12 +152,13 @@ class Linear8bit(nn.Module):
             state.threshold = self.threshold
             state.has_fp16_weights = False
             state.is_training = False
+            state.use_pool = self.threshold > 0.0
             self._state = state
         return bnb.matmul(x, self.weight, bias=bias, state=self._state).to(x.dtype)
 
 
 class QuantizedExperts(Experts):
-    """A layer's experts as per-expert quantized linears; only routed experts are computed (dequantized on CPU).
+    """A layer's experts as per-expert quantized linears (`Linear4bit` / `Linear8bit`); only routed experts run.
 
     Keeps `Experts.forward` (grouping tokens by expert) and replaces `expert_forward`.
     # E experts; gate_proj/up_proj: E x [I, D], down_proj: E x [D, I]
