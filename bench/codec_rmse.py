@@ -95,7 +95,9 @@ def compare() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "f32.gguf"
         write_f32_gguf(src, tensors)
-        print(f"{'type':6} {'tensor':22} {'same blocks':>11} {'llama.cpp':>10} {'ours':>10}")
+        # "same values": decoded floats compare equal (-0.0 == 0.0); gguf-py, whose bytes ours match for the legacy
+        # types, differs from ggml's C only in the sign of a zero d/m field
+        print(f"{'type':6} {'tensor':22} {'same blocks':>11} {'same values':>11} {'llama.cpp':>10} {'ours':>10}")
         for name, ftype in PRESETS.items():
             dst = Path(tmp) / f"{name}.gguf"
             llama_quantize(src, dst, ftype)
@@ -111,9 +113,11 @@ def compare() -> None:
                 blocks_t = theirs.reshape(-1, codec.type_size)
                 blocks_o = ours.reshape(-1, codec.type_size)
                 same = float(np.mean(np.all(blocks_t == blocks_o, axis=1)))
-                r_t = rel_rmse(gguf.quants.dequantize(theirs, codec.ggml_type), x)
-                r_o = rel_rmse(gguf.quants.dequantize(ours, codec.ggml_type), x)
-                print(f"{name:6} {t.name:22} {same:11.4f} {r_t:10.5f} {r_o:10.5f}")
+                deq_t = gguf.quants.dequantize(theirs, codec.ggml_type)
+                deq_o = gguf.quants.dequantize(ours, codec.ggml_type)
+                same_values = bool(np.array_equal(deq_t, deq_o))
+                r_t, r_o = rel_rmse(deq_t, x), rel_rmse(deq_o, x)
+                print(f"{name:6} {t.name:22} {same:11.4f} {same_values!s:>11} {r_t:10.5f} {r_o:10.5f}")
 
 
 def timing() -> None:
@@ -124,7 +128,7 @@ def timing() -> None:
         dt = time.perf_counter() - t0
         print(
             f"{name}: quantize 232x384x1024 bf16 -> {tuple(raw.shape)} in {dt:.1f} s "
-            f"({torch.get_num_threads()} threads)"
+            f"({torch.get_num_threads()} worker threads)"
         )
 
 

@@ -15,11 +15,15 @@ Invariants:
   importance matrix) operation for operation, sums included in the C loops' order, so the bytes are the ones llama.cpp
   writes (checked against llama-cpp-python 0.3.36: tests/test_ggml_codecs.py, bench/codec_rmse.py).
 - Every dequantize is bit-exact with gguf-py's (`gguf.quants.dequantize`), hence with ggml's `dequantize_row_*`.
-- Work is vectorised over blocks and done in bounded chunks (`CHUNK_ELEMS` weights at a time), so quantizing a large
-  tensor needs about the output plus a few chunk-sized temporaries. A contiguous input is never copied whole.
+- Work is vectorised over blocks and done in bounded chunks (`CHUNK_ELEMS` weights at a time) on
+  `torch.get_num_threads()` worker threads, so quantizing a large tensor needs about the output plus a few chunk-sized
+  temporaries per worker. A contiguous input is never copied whole. Results do not depend on chunking or threads.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -97,10 +101,12 @@ class Codec:
         blocks = w.detach().reshape(-1, self.block_size)
         out = torch.empty(blocks.shape[0], self.type_size, dtype=torch.uint8)
         step = max(1, CHUNK_ELEMS // self.block_size)
-        with torch.no_grad():
-            for start in range(0, blocks.shape[0], step):
-                chunk = blocks[start : start + step].to(device="cpu", dtype=torch.float32)
-                out[start : start + step] = self._quantize_blocks(chunk)
+
+        def work(start: int) -> None:
+            chunk = blocks[start : start + step].to(device="cpu", dtype=torch.float32)
+            out[start : start + step] = self._quantize_blocks(chunk)
+
+        _for_each_chunk(work, range(0, blocks.shape[0], step))
         return out.reshape(*w.shape[:-1], n // self.block_size * self.type_size)
 
     def dequantize(self, raw: torch.Tensor) -> torch.Tensor:
@@ -113,9 +119,34 @@ class Codec:
         blocks = raw.reshape(-1, self.type_size)
         out = torch.empty(blocks.shape[0], self.block_size, dtype=torch.float32)
         step = max(1, CHUNK_ELEMS // self.block_size)
-        for start in range(0, blocks.shape[0], step):
+
+        def work(start: int) -> None:
             out[start : start + step] = self._dequantize_blocks(blocks[start : start + step].cpu())
+
+        _for_each_chunk(work, range(0, blocks.shape[0], step))
         return out.reshape(*raw.shape[:-1], nbytes // self.type_size * self.block_size)
+
+
+def _single_threaded_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _for_each_chunk(work: Callable[[int], None], starts: range) -> None:
+    """Run work(start) for every chunk, one chunk per worker thread, each worker single-threaded inside torch.
+
+    Why not let torch split each kernel over the cores: a chunk is a long chain of small kernels (hundreds per chunk
+    for the K-quant searches), and OpenMP puts a barrier after each; when the cores are shared with anything else,
+    those barriers collapse (25x slower measured on a loaded 2-core machine). Here workers never wait on each other.
+    torch.set_num_threads is per OS thread with OpenMP, and kernels release the GIL, so the workers run in parallel.
+    """
+    workers = max(1, min(torch.get_num_threads(), len(starts)))
+
+    def run(start: int) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            work(start)
+
+    with ThreadPoolExecutor(workers, initializer=_single_threaded_worker) as pool:
+        list(pool.map(run, starts))  # list() re-raises a worker's exception here
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -267,16 +298,15 @@ def _unpack5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 # order flips near-ties between candidate grids and the bytes stop matching llama.cpp's.
 
 
-def _seqsum(*terms: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Sums over dim 0 taken left to right in float32, like `for (i...) s += t[i]`: each [n, G] -> [1, G].
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim -2 left to right in float32, like `for (i...) s += t[i]`: [..., n, G] -> [..., 1, G].
 
-    Several sums run as one stacked pass: this loop is a chain of small kernels, so fewer, larger ones are faster.
+    Stack several sums as [k, n, G] to take them in one pass: the loop is a chain of small kernels, fewer is faster.
     """
-    t = torch.stack(terms, dim=1)  # [n, k, G]
-    acc = t[0].clone()
-    for row in t[1:]:
-        acc += row
-    return tuple(acc.split(1))
+    acc = t[..., 0, :].clone()
+    for i in range(1, t.shape[-2]):
+        acc += t[..., i, :]
+    return acc.unsqueeze(-2)
 
 
 def _make_qkx2_quants(
@@ -290,36 +320,44 @@ def _make_qkx2_quants(
     """
     xmin = x.amin(dim=0, keepdim=True).clamp(max=0)  # the min is never above 0, so the_min >= 0
     xmax = x.amax(dim=0, keepdim=True)
-    sum_w, sum_x = _seqsum(w, w * x)
+    sum_w, sum_x = _seqsum(torch.stack([w, w * x]))
     flat = xmax == xmin  # the reference returns early for these: fixed up at the end
     one = torch.ones_like(xmax)
 
+    def grid(iscale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        return torch.round(iscale * (x - mn)).clamp_(0, nmax)
+
     iscale = _rdiv(float(nmax), torch.where(flat, one, xmax - xmin))
     scale = torch.reciprocal(iscale)
-    L = torch.round(iscale * (x - xmin)).clamp_(0, nmax)
-    (best,) = _seqsum(w * (scale * L + xmin - x).square())
+    (best,) = _seqsum(w * (scale * grid(iscale, xmin) + xmin - x).square())
     mn = xmin
+    best_grid = (iscale, xmin)  # the winning L is rebuilt from its grid at the end rather than copied every step
+    terms = x.new_empty(3, *x.shape)
     for step in range(nstep + 1):
         # `rmin + rdelta*is + nmax` evaluated in float32, as the C code does. The grid is laid from the best min so
         # far, not the data min: the C loop reuses its `min` variable, so the search is path dependent.
         top = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
-        laux = torch.round(_rdiv(top, torch.where(flat, one, xmax - mn)) * (x - mn)).clamp_(0, nmax)
-        wl = w * laux
-        sum_l, sum_l2, sum_xl = _seqsum(wl, wl * laux, wl * x)
+        iscale = _rdiv(top, torch.where(flat, one, xmax - mn))
+        laux = grid(iscale, mn)
+        wl = torch.mul(w, laux, out=terms[0])
+        torch.mul(wl, laux, out=terms[1])
+        torch.mul(wl, x, out=terms[2])
+        sum_l, sum_l2, sum_xl = _seqsum(terms)
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         clipped = this_min > 0  # a positive min is not representable: refit the scale alone with min = 0
         this_scale = torch.where(clipped, sum_xl / sum_l2, this_scale)
         this_min = torch.where(clipped, torch.zeros_like(this_min), this_min)
-        (err,) = _seqsum(w * (this_scale * laux + this_min - x).square())
+        diff = torch.mul(laux, this_scale, out=terms[0]).add_(this_min).sub_(x)
+        (err,) = _seqsum(diff.square_().mul_(w))
         better = (det > 0) & (err < best) & ~flat
-        L = torch.where(better, laux, L)
+        best_grid = (torch.where(better, iscale, best_grid[0]), torch.where(better, mn, best_grid[1]))
         best = torch.where(better, err, best)
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    L = torch.where(flat, torch.zeros_like(L), L)
+    L = torch.where(flat, 0.0, grid(*best_grid))
     return scale, -mn, L
 
 
@@ -334,22 +372,30 @@ def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Ten
     mx = torch.where(zero, torch.ones_like(mx), mx)
     w = x * x
     wx = w * x
+    terms = x.new_empty(2, *x.shape)
+
+    def grid(iscale: torch.Tensor) -> torch.Tensor:
+        return torch.round(iscale * x).clamp_(-nmax, nmax - 1)
 
     def fit(top: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lv = torch.round(_rdiv(top, mx) * x).clamp_(-nmax, nmax - 1)
-        return lv, *_seqsum(wx * lv, w * lv * lv)
+        iscale = _rdiv(top, mx)
+        lv = grid(iscale)
+        torch.mul(wx, lv, out=terms[0])
+        torch.mul(w, lv, out=terms[1]).mul_(lv)
+        sumlx, suml2 = _seqsum(terms)
+        return iscale, sumlx, suml2
 
-    lv, sumlx, suml2 = fit(float(-nmax))
+    best_iscale, sumlx, suml2 = fit(float(-nmax))
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
     for i in [*range(-9, 0), *range(1, 10)]:
-        cand, slx, sl2 = fit(float(-(np.float32(nmax) + np.float32(0.1) * np.float32(i))))
+        iscale, slx, sl2 = fit(float(-(np.float32(nmax) + np.float32(0.1) * np.float32(i))))
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        lv = torch.where(better, cand, lv)
+        best_iscale = torch.where(better, iscale, best_iscale)
         scale = torch.where(better, slx / sl2, scale)
         best = torch.where(better, scale * slx, best)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, torch.where(zero, torch.zeros_like(lv), lv + nmax)
+    return scale, torch.where(zero, 0.0, grid(best_iscale) + nmax)
 
 
 def _nearest_u8(v: torch.Tensor) -> torch.Tensor:
@@ -377,7 +423,7 @@ def _kquant_scales_mins(
     xc = _columns(x, 32)
     # weights favour large values: av_x + |x|, with av_x the sub-block RMS. The square root is taken in float64:
     # torch's float32 sqrt is off by an ulp at times, while sqrtf (and float64-then-round) is exact.
-    w = torch.sqrt((_seqsum(xc * xc)[0] / 32).double()).float() + xc.abs()
+    w = torch.sqrt((_seqsum(xc * xc) / 32).double()).float() + xc.abs()
     scales, mins, L = _make_qkx2_quants(xc, w, nmax, rmin, rdelta, nstep)
     scales, mins = scales.view(-1, 8), mins.view(-1, 8)
 
