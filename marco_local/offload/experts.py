@@ -4,7 +4,9 @@ It wraps any `Experts` (bf16 or quantized): every per-expert tensor of the inner
 one `[S, expert_bytes]` buffer allocated once in the fast tier (the slots), so `inner.expert_forward(slot, x)` computes
 an expert that sits in that slot. `forward` keeps `Experts.forward`'s routing loop exactly (pairs grouped by expert
 id, ascending), so the output is bit-identical to the non-offloaded module for every number of slots; when one call
-needs more experts than slots (a prefill chunk), it streams the layer in groups of at most S experts.
+needs more experts than slots (a prefill chunk), it streams the layer in groups of at most S experts. A single token
+through an inner module with its own `forward` (a quantized decode kernel that walks idx in routing order) goes to
+that forward with slot ids instead.
 
 Invariants: owns the fast-tier slots and never allocates them again (decode allocates no slot memory); never evicts
 an expert the current group needs; a speculative prefetch for this layer finishes (CPU thread) or is ordered before
