@@ -197,13 +197,12 @@ def build_model(
     if f"blk.0.{_LAYER_NAMES['self_attn.q_proj']}.bias" in g:
         raise MarcoError(f"{g.path}: attention biases are not supported for {g.architecture}")
     device = torch.device(device)
+    if device.type != "cpu":  # qlinear's kernels are CPU kernels (its int4 packing is the CPU kernel's)
+        raise MarcoError(f"GGUF models run on the CPU for now, not on {device}", hint="use --device cpu")
     with torch.device("meta"):
         model = MODEL_CLASSES[cfg.model_type](cfg)
     make_linear, make_experts, make_embedding = _kernels()
     unpermute = cfg.model_type == "llama"
-
-    def raw(name: str) -> torch.Tensor:
-        return g.raw(name).to(device)
 
     jobs: list[Callable[[], None]] = []
     for name, module in model.named_modules():
@@ -215,7 +214,7 @@ def build_model(
             types = tuple(_check_type(g, i) for i in infos)
 
             def job(name=name, infos=infos, types=types, E=E, D=D, I=I) -> None:
-                _replace(model, name, make_experts(*(raw(i.name) for i in infos), types, E, D, I))
+                _replace(model, name, make_experts(*(g.raw(i.name) for i in infos), types, E, D, I))
 
             jobs.append(job)
         elif isinstance(module, nn.Linear) and not name.endswith("mlp.gate"):
@@ -229,7 +228,7 @@ def build_model(
             n_heads = next((h for suffix, h in heads.items() if name.endswith(suffix)), 0) if unpermute else 0
 
             def job(name=name, info=info, t=ggml_type, out=module.out_features, inp=module.in_features, h=n_heads):
-                data = _unpermute_rows(g.raw(info.name), h).to(device) if h else raw(info.name)
+                data = _unpermute_rows(g.raw(info.name), h) if h else g.raw(info.name)
                 _replace(model, name, make_linear(data, t, out, inp))
 
             jobs.append(job)
@@ -239,7 +238,7 @@ def build_model(
             t = _check_type(g, info)
 
             def job(name=name, info=info, t=t) -> None:
-                _replace(model, name, make_embedding(raw(info.name), t, cfg.vocab_size, cfg.hidden_size, dtype))
+                _replace(model, name, make_embedding(g.raw(info.name), t, cfg.vocab_size, cfg.hidden_size, dtype))
 
             jobs.append(job)
     # norms, q/k norms, the router: small float parameters

@@ -85,6 +85,8 @@ def load(
     if source.format == "gguf":
         from .gguf_loader import load_gguf  # imported here: only GGUF runs need the block codecs
 
+        if device == "auto":
+            dev = torch.device("cpu")  # the GGUF kernels are CPU kernels (marco_local/qlinear.py)
         model, tokenizer = load_gguf(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
         if offload:
             install(model, placement, files=[source.path])

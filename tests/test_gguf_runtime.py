@@ -445,3 +445,11 @@ def test_cli_one_line_error(tmp_path):
     assert r.returncode == 1 and r.stdout == b""
     lines = r.stderr.decode().strip().splitlines()
     assert lines[0].startswith("Error:") and "truncated" in lines[0] and len(lines) <= 2
+
+
+def test_gguf_on_a_gpu_is_refused_with_a_hint():
+    from marco_local.gguf_loader import build_model
+
+    with pytest.raises(MarcoError, match="CPU") as e:
+        build_model(GGUFFile(smollm2_path()), device="cuda")
+    assert "--device cpu" in e.value.hint
