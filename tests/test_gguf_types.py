@@ -7,8 +7,10 @@ qlinear's int4 kernels, stated bounds), and the KL divergence from the unquantiz
 from __future__ import annotations
 
 import copy
+import ctypes
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from gguf_fixtures import dequantized_state_dict, ids_batch, kl, rel_err, requantize, write_moe_f32
@@ -95,3 +97,26 @@ def test_moe_type_against_dequantized_reference_and_kl(ggml_type, moe_f32, moe_t
         f"KL-f32 {divergence:.3e} KL-bf16 {kl(exact, got16):.3e}"
     )
     assert divergence < KL_BOUND[ggml_type], f"{ggml_type}: KL {divergence:.3g}"
+
+
+def test_llama_quantize_q4_k_m_mix(moe_f32, tmp_path):
+    """A llama-quantize Q4_K_M file: per-tensor type mix (experts of one layer in different types) runs exactly."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, unquantized, src = moe_f32
+    path = tmp_path / "fixture-q4_k_m.gguf"
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = int(gguf.LlamaFileType.MOSTLY_Q4_K_M), 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(path).encode(), ctypes.byref(params)) == 0
+    g = GGUFFile(path)
+    types = {name: t.type_name for name, t in g.tensors.items()}
+    assert len({t for n, t in types.items() if "_exps" in n}) > 1  # ffn_down_exps gets more bits than gate/up
+    reference = copy.deepcopy(unquantized)
+    reference.load_state_dict(dequantized_state_dict(path, unquantized))
+    ids = ids_batch(unquantized.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        model, _ = load_gguf(path, dtype=torch.float32)
+        got = model(ids, model.make_cache(32, batch_size=2))
+    assert rel_err(got, expected) < F32_REL_TOL
+    assert kl(unquantized(ids).logits, got) < KL_BOUND["Q4_K"]
