@@ -151,23 +151,45 @@ def _budget(placement: Placement, device: torch.device) -> tuple[int | None, str
     return (parse_size(placement.ram_mem) if placement.ram_mem else None), "--ram-mem"
 
 
-def _wrap(
+def _make_plan(
     model: nn.Module,
-    stores: dict[int, ExpertStore],
+    layout: ExpertLayout,
+    in_ram: int,
+    scratch: int,
     placement: Placement,
     device: torch.device,
     fixed_bytes: int,
-) -> OffloadRuntime:
+) -> Plan:
     cfg = model.config
     blocks = _moe_blocks(model)
     if not blocks:
         raise MarcoError("this model has no MoE layers to offload")
     budget, what = _budget(placement, device)
-    # on a CPU-only machine the slow tier is process memory too unless it is a file: count what stores keep in RAM
-    scratch = sum(s.resident_bytes for s in stores.values()) if device.type == "cpu" else 0
-    layout = next(iter(stores.values())).layout
+    if budget is not None and device.type == "cpu" and in_ram:
+        raise MarcoError(
+            f"{what} cannot be kept with this model: its experts cannot stay in the file "
+            f"({_fmt_gib(in_ram)} of them are held in RAM once loaded, as repacked quantized data)",
+            hint="bound the fast slots with --experts-resident, or run an unquantized checkpoint folder",
+        )
     resident = placement.experts_resident
-    plan = plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, scratch, what)
+    cpu_scratch = scratch if device.type == "cpu" else 0
+    return plan_slots(
+        cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, cpu_scratch, what
+    )
+
+
+def _wrap(
+    model: nn.Module,
+    layouts: dict[int, ExpertLayout],
+    make_store: Callable[[int, ExpertLayout], ExpertStore],
+    plan: Plan,
+    placement: Placement,
+    device: torch.device,
+) -> OffloadRuntime:
+    """Per layer, build its store and swap in the OffloadedExperts (so a store that copies the experts into RAM frees
+    the layer's original tensors before the next layer is copied); then prefetch links and profile warm-up."""
+    cfg = model.config
+    blocks = _moe_blocks(model)
     profile = load_profile(placement.profile) if placement.profile else None
     if profile and any(len(v) != cfg.num_experts for v in profile.values()):
         raise MarcoError(
@@ -177,7 +199,8 @@ def _wrap(
     factory = make_policy_factory(placement.policy, profile)
     layers = []
     for i, block in blocks:
-        x = OffloadedExperts(block.experts, stores[i], plan.slots, factory(i, cfg.num_experts), device, layer=i)
+        store = make_store(i, layouts[i])
+        x = OffloadedExperts(block.experts, store, plan.slots, factory(i, cfg.num_experts), device, layer=i)
         block.experts = x
         layers.append(x)
     executor = None
@@ -200,25 +223,41 @@ def _wrap(
     return rt
 
 
+def _fmt_gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
 def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> OffloadRuntime:
     """Offload the experts of a loaded model. On a CPU model, experts that are zero-copy views of a memory-mapped
     file in `files` (a GGUF) are read from that file with positional reads; others are packed into host RAM
-    (pinned when the model is on CUDA). Call it before the first forward."""
+    (pinned when the model is on CUDA), one layer at a time. Call it before the first forward."""
     device = next(iter(model.model.norm.parameters())).device
     maps = file_mappings(list(files)) if files and device.type == "cpu" else []
     cfg = model.config
-    stores: dict[int, ExpertStore] = {}
+    layouts: dict[int, ExpertLayout] = {}
+    segments: dict[int, list | None] = {}
     for i, block in _moe_blocks(model):
-        layout = ExpertLayout(block.experts, cfg.num_experts)
+        layouts[i] = ExpertLayout(block.experts, cfg.num_experts)
         try:
-            stores[i] = FileStore(layout, mapped_segments(block.experts, layout, list(maps))) if maps else None
+            segments[i] = mapped_segments(block.experts, layouts[i], maps) if maps else None
         except MarcoError:
-            stores[i] = None
-        if stores[i] is None:
-            stores[i] = MemoryStore.from_module(block.experts, layout, pin=device.type == "cuda")
+            segments[i] = None
+    in_ram = sum(layouts[i].expert_bytes * cfg.num_experts for i in layouts if segments[i] is None)
+    stores = {i: FileStore(layouts[i], seg) for i, seg in segments.items() if seg is not None}
+    scratch = sum(st.resident_bytes for st in stores.values())
+    blocks = dict(_moe_blocks(model))
+
+    def make_store(i: int, layout: ExpertLayout) -> ExpertStore:
+        if i in stores:
+            return stores[i]
+        return MemoryStore.from_module(blocks[i].experts, layout, pin=device.type == "cuda")
+
     dtype = model.model.norm.weight.dtype  # the activation dtype: the KV cache is allocated in it
     fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype)
-    return _wrap(model, stores, placement, device, fixed)
+    plan = _make_plan(
+        model, next(iter(layouts.values())), in_ram if device.type == "cpu" else 0, scratch, placement, device, fixed
+    )
+    return _wrap(model, layouts, make_store, plan, placement, device)
 
 
 def load_offloaded(
@@ -242,7 +281,9 @@ def load_offloaded(
         layout = ExpertLayout(block.experts, cfg.num_experts)
         stores[i] = FileStore(layout, safetensors_segments(ckpt.file_of, f"model.layers.{i}.mlp.experts", layout))
     fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype)
-    total = len(params) + (len(blocks) if device.type == "cuda" else 0)
+    scratch = sum(st.resident_bytes for st in stores.values())
+    plan = _make_plan(model, stores[blocks[0][0]].layout, 0, scratch, placement, device, fixed)  # before any read
+    total = len(params)
     for k, (name, p) in enumerate(params):
         if name not in ckpt:
             raise MarcoError(f"tensor {name} is missing from the checkpoint in {ckpt.folder}")
@@ -260,12 +301,13 @@ def load_offloaded(
     del ckpt  # drop the safetensors mappings: their touched pages would otherwise count toward RSS
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if device.type == "cuda":  # slow tier = pinned host RAM, filled once from the file
-        for k, (i, _) in enumerate(blocks):
-            file_store = stores[i]
-            stores[i] = MemoryStore.from_store(file_store, pin=True)
-            file_store.close()
-            if progress:
-                progress(len(params) + k + 1, total)
-    _wrap(model, stores, placement, device, fixed)
+
+    def make_store(i: int, layout: ExpertLayout) -> ExpertStore:
+        if device.type != "cuda":
+            return stores[i]
+        pinned = MemoryStore.from_store(stores[i], pin=True)  # slow tier = pinned host RAM, filled once from the file
+        stores[i].close()
+        return pinned
+
+    _wrap(model, {i: st.layout for i, st in stores.items()}, make_store, plan, placement, device)
     return model.eval()
