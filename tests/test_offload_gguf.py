@@ -57,3 +57,12 @@ def test_quantized_gguf_experts_offload_identically(q4_path, dtype):
         assert greedy(model) == want
         assert torch.equal(prefill_logits(model), logits)
         assert offload_stats(model)["expert_slots_per_layer"] == int(slots)
+
+
+def test_ram_budget_with_experts_held_in_ram_is_refused_clearly(q4_path):
+    from marco_local.errors import MarcoError
+    from marco_local.gguf_loader import load_gguf
+
+    model, _ = load_gguf(q4_path, dtype=torch.bfloat16, device=torch.device("cpu"))
+    with pytest.raises(MarcoError, match="cannot stay in the file"):
+        install(model, Placement(ram_mem="1GiB"), files=[q4_path])
