@@ -140,9 +140,12 @@ def _for_each_chunk(work: Callable[[int], None], starts: range) -> None:
     torch.set_num_threads is per OS thread with OpenMP, and kernels release the GIL, so the workers run in parallel.
     """
     workers = max(1, min(torch.get_num_threads(), len(starts)))
+    inference = torch.is_inference_mode_enabled()
 
     def run(start: int) -> None:
-        with torch.no_grad():  # grad mode is per thread
+        # grad and inference modes are per thread: a caller's inference_mode must hold in the workers too, or they
+        # may not write into the (inference) output tensor it allocated
+        with torch.inference_mode(inference), torch.no_grad():
             work(start)
 
     with ThreadPoolExecutor(workers, initializer=_single_threaded_worker) as pool:

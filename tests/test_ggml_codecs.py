@@ -121,6 +121,18 @@ def test_input_dtype_layout_and_chunking_do_not_change_bytes(name: str, monkeypa
     assert torch.equal(c.dequantize(ref), CODECS[name].dequantize(ref.clone()))
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K"])
+def test_works_under_inference_mode_and_on_inference_tensors(name: str) -> None:
+    c = CODECS[name]
+    x = torch.from_numpy(make_data("normal", rows=4, cols=1024))
+    raw = c.quantize(x)
+    with torch.inference_mode():
+        x_inf = x.clone()
+        assert torch.equal(c.quantize(x_inf), raw)
+        assert torch.equal(c.dequantize(raw.clone()), c.dequantize(raw))
+    assert torch.equal(c.quantize(x_inf), raw)  # an inference tensor read outside inference mode
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # decoding bit-exact with gguf-py's dequantizers
 
