@@ -127,6 +127,11 @@ class Codec:
         return out.reshape(*raw.shape[:-1], nbytes // self.type_size * self.block_size)
 
 
+# With the OpenMP backend torch.set_num_threads only affects the calling OS thread; with another backend it would
+# change the whole process, so chunks then run in the caller's thread instead.
+_PER_THREAD_NUM_THREADS = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def _single_threaded_worker() -> None:
     torch.set_num_threads(1)
 
@@ -139,6 +144,11 @@ def _for_each_chunk(work: Callable[[int], None], starts: range) -> None:
     those barriers collapse (25x slower measured on a loaded 2-core machine). Here workers never wait on each other.
     torch.set_num_threads is per OS thread with OpenMP, and kernels release the GIL, so the workers run in parallel.
     """
+    if not _PER_THREAD_NUM_THREADS:
+        with torch.no_grad():
+            for start in starts:
+                work(start)
+        return
     workers = max(1, min(torch.get_num_threads(), len(starts)))
     inference = torch.is_inference_mode_enabled()
 
