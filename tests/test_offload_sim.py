@@ -43,16 +43,20 @@ def test_hit_rate_grows_with_slots_and_all_resident_misses_only_cold(synth, poli
     assert full.misses == (0 if policy == "static" else cold)
 
 
-def test_groups_stream_a_layer_when_a_call_needs_more_experts_than_slots():
-    table = SlotTable(16, 3, LRU())
-    experts = list(range(0, 16, 2))  # 8 experts, 3 slots
-    groups = table.groups(experts)
-    assert [len(g) for g in groups] == [3, 3, 2] and sum(groups, []) == experts
-    for g in groups:
-        loads = table.assign(g)
+@pytest.mark.parametrize("slots", [1, 2, 3, 4])
+def test_schedule_streams_a_layer_double_buffered_when_a_call_needs_more_experts_than_slots(slots):
+    table = SlotTable(16, slots, LRU())
+    experts = list(range(0, 16, 2))  # 8 experts
+    steps = table.schedule(experts)
+    groups = [list(g) for g, _ in steps]
+    assert sum(groups, []) == experts and all(len(p) <= slots for _, p in steps)
+    for k, (g, protected) in enumerate(steps):
+        loads = table.assign(g, protected)
         assert {e for e, _ in loads} == set(g)  # nothing of the group was evicted while placing it
-        assert all(table.slot_of[e] >= 0 for e in g)
-    assert table.misses == 8 and table.resident == 3
+        assert all(table.slot_of[e] >= 0 for e in protected)  # the previous group is still there to compute
+        if k and slots >= 2:
+            assert set(groups[k - 1]) <= protected
+    assert table.misses == 8
 
 
 def test_policies_pick_the_expected_victims():

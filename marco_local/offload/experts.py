@@ -54,7 +54,7 @@ class OffloadedExperts(nn.Module):
         self.next: OffloadedExperts | None = None
         self.next_gate: nn.Module | None = None
         self.next_top_k = 0
-        self.executor: Executor | None = None
+        self.executor: Executor | None = None  # CPU: the runtime's loader thread (prefetch, streaming groups)
         self.pending: Future | None = None
         self.predicted: set[int] | None = None
         self.reset_stats()
@@ -69,9 +69,9 @@ class OffloadedExperts(nn.Module):
     def slot_bytes(self) -> int:
         return self.slots.nbytes
 
-    def link(self, nxt: OffloadedExperts, gate: nn.Module, top_k: int, executor: Executor | None) -> None:
-        """Enable prefetch: speculate `nxt`'s experts with its router `gate` (CPU: on `executor`'s thread)."""
-        self.next, self.next_gate, self.next_top_k, self.executor = nxt, gate, top_k, executor
+    def link(self, nxt: OffloadedExperts, gate: nn.Module, top_k: int) -> None:
+        """Enable prefetch: speculate `nxt`'s experts with its router `gate` (CPU: on the executor's thread)."""
+        self.next, self.next_gate, self.next_top_k = nxt, gate, top_k
 
     # -- moving experts -------------------------------------------------------------------------------------------
     def _copy(self, loads: Sequence[tuple[int, int]]) -> None:
@@ -94,6 +94,28 @@ class OffloadedExperts(nn.Module):
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         self.stall_s += time.perf_counter() - t0
         self.bytes_moved += len(loads) * self.layout.expert_bytes
+
+    def _assign_and_copy(self, experts: Sequence[int], protected: set[int]) -> None:
+        loads = self.table.assign(experts, protected)
+        self._copy(loads)
+        self.bytes_moved += len(loads) * self.layout.expert_bytes
+
+    def _load_async(self, experts: Sequence[int], protected: set[int]) -> Future | None:
+        """Start loading the next streaming group while the current one computes (CPU thread / CUDA copy stream)."""
+        if self.executor is not None:
+            return self.executor.submit(self._assign_and_copy, experts, protected)
+        t0 = time.perf_counter()
+        self._assign_and_copy(experts, protected)  # CUDA: only queued; CPU without a thread: synchronous
+        self.stall_s += time.perf_counter() - t0
+        return None
+
+    def _load_wait(self, pending: Future | None) -> None:
+        t0 = time.perf_counter()
+        if pending is not None:
+            pending.result()
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self.stall_s += time.perf_counter() - t0
 
     def preload(self, experts: Sequence[int]) -> None:
         """Bring experts in without counting an access (prefetch, profile warm-up)."""
@@ -125,8 +147,8 @@ class OffloadedExperts(nn.Module):
             return
         guess = torch.topk(self.next_gate(x), self.next_top_k, dim=-1).indices.reshape(-1).tolist()
         nxt.predicted = set(guess)
-        if self.executor is not None:
-            nxt.pending = self.executor.submit(nxt.preload, guess)
+        if nxt.executor is not None:
+            nxt.pending = nxt.executor.submit(nxt.preload, guess)
         else:
             nxt.preload(guess)  # CUDA: only queues copies on the side stream
 
@@ -149,8 +171,13 @@ class OffloadedExperts(nn.Module):
         out = torch.zeros_like(x)
         start = i = 0
         slot_of = self.table.slot_of
-        for group in self.table.groups(experts):
-            self._fetch(self.table.assign(group))
+        steps = self.table.schedule(experts)
+        self._fetch(self.table.assign(*steps[0]))
+        for k, (group, _) in enumerate(steps):
+            nxt = steps[k + 1] if k + 1 < len(steps) else None
+            # double buffer: load the next group while this one computes, when the next step protects this group
+            overlap = nxt is not None and set(group) <= nxt[1]
+            pending = self._load_async(*nxt) if overlap else None
             for e in group:
                 pairs = order[start : start + counts[i]]
                 tokens = pairs // A
@@ -158,6 +185,10 @@ class OffloadedExperts(nn.Module):
                 out.index_add_(0, tokens, y.to(out.dtype))
                 start += counts[i]
                 i += 1
+            if overlap:
+                self._load_wait(pending)
+            elif nxt is not None:  # a single slot: nothing to overlap, the next group replaces this one
+                self._fetch(self.table.assign(*nxt))
         return out
 
     def stats(self) -> dict:

@@ -203,11 +203,14 @@ def _wrap(
         x = OffloadedExperts(block.experts, store, plan.slots, factory(i, cfg.num_experts), device, layer=i)
         block.experts = x
         layers.append(x)
-    executor = None
+    # CPU: one loader thread reads the next streaming group (and, with prefetch, the next layer's guesses) while
+    # torch computes; positional reads release the GIL. CUDA overlaps through its copy stream instead.
+    executor = ThreadPoolExecutor(1, thread_name_prefix="marco-experts") if device.type == "cpu" else None
+    for x in layers:
+        x.executor = executor
     if placement.prefetch:
-        executor = ThreadPoolExecutor(1, thread_name_prefix="marco-prefetch") if device.type == "cpu" else None
         for (_, _), (_, nxt_block), x in zip(blocks, blocks[1:], layers, strict=False):
-            x.link(nxt_block.experts, nxt_block.gate, nxt_block.top_k, executor)
+            x.link(nxt_block.experts, nxt_block.gate, nxt_block.top_k)
     if profile:  # warm the cache with each layer's most frequent experts
         for x in layers:
             freq = profile.get(x.layer)

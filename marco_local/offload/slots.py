@@ -2,7 +2,8 @@
 
 Pure Python, no tensors: `OffloadedExperts` uses it to decide what to copy, and the trace simulator replays traces
 through the very same class, so simulated and live hit rates agree exactly. Invariants: an expert occupies at most one
-slot; `assign` never evicts an expert of the group it is placing; a group never holds more experts than slots.
+slot; `assign` never evicts a protected expert (its own group, and while streaming the group still computing); the
+protected experts of a step never outnumber the slots.
 """
 
 from __future__ import annotations
@@ -26,10 +27,19 @@ class SlotTable:
     def resident(self) -> int:
         return self.num_slots - len(self.free)
 
-    def groups(self, experts: Sequence[int]) -> list[Sequence[int]]:
-        """Split one call's sorted experts into runs that fit the slots (prefill streams the layer in groups)."""
+    def schedule(self, experts: Sequence[int]) -> list[tuple[Sequence[int], set[int]]]:
+        """Split one call's sorted experts into (group, protected) steps that fit the slots.
+
+        One step when they fit. Otherwise (a prefill chunk) the layer is streamed double-buffered: groups of S // 2,
+        each loaded while the previous one computes, so a step protects its own group and the previous one (with a
+        single slot: groups of one, nothing to overlap).
+        """
         s = self.num_slots
-        return [experts] if len(experts) <= s else [experts[i : i + s] for i in range(0, len(experts), s)]
+        if len(experts) <= s:
+            return [(experts, set(experts))]
+        h = max(1, s // 2)
+        groups = [experts[i : i + h] for i in range(0, len(experts), h)]
+        return [(g, set(g) | (set(groups[k - 1]) if k and s >= 2 else set())) for k, g in enumerate(groups)]
 
     def _place(self, e: int, protected: set[int]) -> int:
         if self.free:
@@ -44,9 +54,10 @@ class SlotTable:
         self.policy.insert(e)
         return slot
 
-    def assign(self, experts: Sequence[int]) -> list[tuple[int, int]]:
-        """Make `experts` (at most num_slots, distinct) resident; return the (expert, slot) copies to perform."""
-        protected = set(experts)
+    def assign(self, experts: Sequence[int], protected: set[int] | None = None) -> list[tuple[int, int]]:
+        """Make `experts` (distinct, fitting with `protected`) resident, never evicting a protected expert (default:
+        the group itself); return the (expert, slot) copies to perform."""
+        protected = set(experts) if protected is None else protected
         loads = []
         for e in experts:
             if self.slot_of[e] >= 0:

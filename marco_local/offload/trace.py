@@ -138,8 +138,8 @@ def simulate(
             freq = profile.get(ev.layer) if profile else None
             if freq:
                 table.preload(sorted(range(len(freq)), key=lambda e: -freq[e])[:slots])
-        for group in table.groups(ev.unique()):
-            table.assign(group)
+        for group, protected in table.schedule(ev.unique()):
+            table.assign(group, protected)
     per_layer = {layer: (t.hits, t.misses) for layer, t in sorted(tables.items())}
     return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
 
