@@ -120,6 +120,11 @@ def quantize(
     if not src.is_dir():
         raise MarcoError(f"{src} is not a checkpoint folder")
     is_gguf = preset in GGUF_PRESETS
+    if is_gguf and out.suffix.lower() != ".gguf":
+        # llama.cpp does not care, but `marco run` and the other front ends recognise GGUF files by their suffix
+        raise MarcoError(f"a GGUF output must be named *.gguf, not {out.name}", hint=f"-o {out}.gguf", exit_code=2)
+    if not is_gguf and out.suffix.lower() == ".gguf":
+        raise MarcoError(f"--to {preset} writes a checkpoint folder, not a .gguf file", hint="-o FOLDER", exit_code=2)
     if out.exists() or out.is_symlink():
         if not force:
             raise MarcoError(f"{out} already exists", hint="pass --force to overwrite it, or choose another -o")

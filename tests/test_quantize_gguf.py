@@ -498,3 +498,26 @@ main()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read().decode()
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_fused_expert_layout_gives_the_same_file(checkpoint, tmp_path):
+    """transformers 5's in-memory layout (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I])."""
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_checkpoint(checkpoint[0], tmp_path / "src")
+    cfg = load_config(folder)
+    tensors = load_file(folder / "model.safetensors")
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp.experts."
+        per = {
+            proj: [tensors.pop(f"{p}{e}.{proj}.weight") for e in range(cfg.num_experts)]
+            for proj in ("gate_proj", "up_proj", "down_proj")
+        }
+        tensors[p + "gate_up_proj"] = torch.cat([torch.stack(per["gate_proj"]), torch.stack(per["up_proj"])], dim=1)
+        tensors[p + "down_proj"] = torch.stack(per["down_proj"])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    write(checkpoint[0], tmp_path / "a.gguf", "q8_0")
+    write(folder, tmp_path / "b.gguf", "q8_0")
+    a, b = gguf.GGUFReader(tmp_path / "a.gguf"), gguf.GGUFReader(tmp_path / "b.gguf")
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        assert ta.name == tb.name and np.array_equal(ta.data, tb.data), ta.name
