@@ -104,9 +104,11 @@ def build_backend(g: GGUFFile) -> HFTokenizer:
         pairs.append((left, right))
     vocab = {tok: i for i, tok in enumerate(tokens)}
     factory, ignore_merges = PRE_TOKENIZERS[pre]
-    tok = HFTokenizer(
-        models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
-    )
+    try:
+        bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of tokens not in the vocabulary
+        raise MarcoError(f"{g.path}: the tokenizer metadata is inconsistent: {e}", hint="the GGUF is corrupt") from e
+    tok = HFTokenizer(bpe)
     tok.pre_tokenizer = factory()
     tok.decoder = decoders.ByteLevel()
     # the tokens already sit in the vocabulary, so adding them keeps their ids

@@ -453,3 +453,17 @@ def test_gguf_on_a_gpu_is_refused_with_a_hint():
     with pytest.raises(MarcoError, match="CPU") as e:
         build_model(GGUFFile(smollm2_path()), device="cuda")
     assert "--device cpu" in e.value.hint
+
+
+def test_inconsistent_or_unknown_tokenizer_metadata():
+    from marco_local.gguf_tokenizer import build_backend
+
+    g = GGUFFile(smollm2_path())
+    merges = g.metadata["tokenizer.ggml.merges"]
+    g.metadata["tokenizer.ggml.merges"] = ["zzzq yyyq", *merges]  # a merge of tokens that are not in the vocabulary
+    with pytest.raises(MarcoError, match="inconsistent"):
+        build_backend(g)
+    g.metadata["tokenizer.ggml.merges"] = merges
+    g.metadata["tokenizer.ggml.pre"] = "made-up"
+    with pytest.raises(MarcoError, match="pre-tokenizer 'made-up'"):
+        build_backend(g)
