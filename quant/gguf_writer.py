@@ -13,7 +13,8 @@ Invariants:
 - Everything is checked (shapes, tokenizer, what llama.cpp can express) before the file is opened.
 - Streaming: tensor infos are laid out first from the header shapes alone, then each tensor is read, quantized and
   written before the next is read; a layer's experts are quantized one expert at a time into that layer's output
-  buffer. Peak memory is about one output tensor plus one source tensor, whatever the model size.
+  buffer, and the source shards are closed after each tensor so their mapped pages do not pile up. Peak memory is
+  about one output tensor plus one source tensor, whatever the model size.
 - Checkpoints llama.cpp's `qwen3moe` graph cannot express are refused (`MarcoError`), never written with a warning:
   it hard-wires all layers MoE and softmax routing with renormalised top-k (src/models/qwen3moe.cpp, `norm_w=true`),
   so a file for `norm_topk_prob: false` or dense layers would load and silently compute another model (or not load).
