@@ -4,13 +4,16 @@ It wraps any `Experts` (bf16 or quantized): every per-expert tensor of the inner
 one `[S, expert_bytes]` buffer allocated once in the fast tier (the slots), so `inner.expert_forward(slot, x)` computes
 an expert that sits in that slot. `forward` keeps `Experts.forward`'s routing loop exactly (pairs grouped by expert
 id, ascending), so the output is bit-identical to the non-offloaded module for every number of slots; when one call
-needs more experts than slots (a prefill chunk), it streams the layer in groups of at most S experts. A single token
+needs more experts than slots (a prefill chunk), it streams the layer double-buffered: groups of S // 2 experts, the
+next group loading (CPU loader thread, or CUDA copy stream) while the current one computes. A single token
 through an inner module with its own `forward` (a quantized decode kernel that walks idx in routing order) goes to
 that forward with slot ids instead.
 
 Invariants: owns the fast-tier slots and never allocates them again (decode allocates no slot memory); never evicts
 an expert the current group needs; a speculative prefetch for this layer finishes (CPU thread) or is ordered before
-use (CUDA copy stream) before the slots are read. On CUDA, copies run on a side stream from pinned host memory.
+use (CUDA copy stream) before the slots are read. On CUDA, copies run on a side stream from pinned host memory, and a
+copy into a slot is ordered after the compute-stream work that may still read it. `stall_s` is host time spent
+waiting for experts (on CUDA the waits are device-side, so it stays near zero there).
 """
 
 from __future__ import annotations
