@@ -38,6 +38,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,8 @@ KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the CPU int4 kernel v
 ROW_BLOCK = 64  # the CPU int4 kernel packs rows in blocks of 64: byte [k, j] = row j | row 32 + j << 4
 CHUNK_ROWS = 4096  # rows repacked per step (a multiple of ROW_BLOCK): bounds load-time temporaries to a few MiB
 _MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+# With the OpenMP backend torch.set_num_threads is per OS thread, so load-time work can run in single-threaded workers
+_PER_THREAD_NUM_THREADS = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,27 @@ def _pack_rows(n: torch.Tensor) -> torch.Tensor:
     return (v[:, 0] | (v[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
 
 
+def _parallel_map(fn: Callable, items: Iterable) -> list:
+    """`[fn(i) for i in items]` on single-threaded workers, one per torch thread.
+
+    Why: repacking is a chain of small kernels per expert; split over cores by OpenMP, each kernel ends in a barrier,
+    and on shared cores those barriers stall (a Nano load took 12 minutes on this loaded 2-core machine). Independent
+    workers never wait on each other.
+    """
+    items = list(items)
+    workers = min(torch.get_num_threads(), len(items)) if _PER_THREAD_NUM_THREADS else 1
+    if workers <= 1:
+        return [fn(i) for i in items]
+    inference = torch.is_inference_mode_enabled()
+
+    def run(item):
+        with torch.inference_mode(inference):
+            return fn(item)
+
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(run, items))
+
+
 def _padded(rows: int) -> int:
     return -(-rows // ROW_BLOCK) * ROW_BLOCK
 
@@ -183,14 +208,15 @@ class Int4Weight:
     Rows are padded to a multiple of 64 with zero weights (the kernel's row block); outputs carry the padding.
     """
 
-    def __init__(self, raw: torch.Tensor, t: GT, out_features: int, in_features: int) -> None:
+    def __init__(self, raw: torch.Tensor, t: GT, out_features: int, in_features: int, parallel: bool = True) -> None:
         self.layout = LAYOUTS[t]
         self.out_features, self.in_features = out_features, in_features
         k2 = in_features * (2 if self.layout.split else 1)
         rows = _padded(out_features)
         self.packed = torch.zeros(rows, k2 // 2, dtype=torch.uint8, device="cpu")
         self.scales_zeros = torch.zeros(k2 // self.layout.group, rows, 2, dtype=KERNEL_DTYPE, device="cpu")
-        for start in range(0, out_features, CHUNK_ROWS):
+
+        def fill(start: int) -> None:
             end = min(start + CHUNK_ROWS, out_features)
             n, s, z = _int4_rows(raw[start:end], t, in_features)
             if (end - start) % ROW_BLOCK:
@@ -198,6 +224,13 @@ class Int4Weight:
             self.packed[start : start + n.shape[0]] = _pack_rows(n)
             self.scales_zeros[:, start:end, 0] = s.t()
             self.scales_zeros[:, start:end, 1] = z.t()
+
+        starts = range(0, out_features, CHUNK_ROWS)
+        if parallel:
+            _parallel_map(fill, starts)
+        else:
+            for start in starts:
+                fill(start)
         self._mult = torch.tensor([[1.0], [16.0]], dtype=KERNEL_DTYPE, device="cpu")
 
     def prep(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,16 +333,15 @@ class _Int4Bank:
         out = sum(r.shape[1] for r in raws)  # gate and up are fused by stacking their rows
         self.out_features = out
         self.layout = LAYOUTS[t]
-        first = None
-        self.packed: list[torch.Tensor] = []
-        self.scales_zeros: list[torch.Tensor] = []
-        for e in range(num_experts):
+
+        def one(e: int) -> Int4Weight:
             rows = torch.cat([r[e] for r in raws]) if len(raws) > 1 else raws[0][e]
-            w = Int4Weight(rows, t, out, in_features)
-            first = first or w
-            self.packed.append(w.packed)
-            self.scales_zeros.append(w.scales_zeros)
-        self.prep = first.prep
+            return Int4Weight(rows, t, out, in_features, parallel=False)
+
+        weights = _parallel_map(one, range(num_experts))
+        self.packed = [w.packed for w in weights]
+        self.scales_zeros = [w.scales_zeros for w in weights]
+        self.prep = weights[0].prep
         self.group = self.layout.group
 
     @property

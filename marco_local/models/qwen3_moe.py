@@ -58,6 +58,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention over grouped KV heads. bf16 on CPU runs in float32: torch's CPU bf16 attention
+    is several times slower (one decode step at 100 cached positions: 137 us in bf16, 31 us cast to float32)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        out = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -86,7 +97,7 @@ class Attention(nn.Module):
         else:  # new tokens after a cached prefix: token i sees the prefix and new tokens up to i
             rows = torch.arange(start, start + T, device=x.device)[:, None]
             mask, causal = torch.arange(start + T, device=x.device)[None, :] <= rows, False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        out = attend(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
