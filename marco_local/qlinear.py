@@ -275,6 +275,13 @@ def _as_type(ggml_type: GT | int | str) -> GT:
     return codec_for(ggml_type).ggml_type
 
 
+def _lookup(codec: Codec, raw: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of `raw` dequantized exactly to float32 [n, row length]. The codec's block function is called
+    directly: `Codec.dequantize` hands work to a thread pool, which costs more than a few rows take."""
+    rows = raw[ids.reshape(-1).cpu()]
+    return codec._dequantize_blocks(rows.reshape(-1, codec.type_size)).reshape(rows.shape[0], -1)
+
+
 class QLinear(nn.Module):
     """`x @ W.T` with W kept quantized (int4 kernel) or as a zero-copy float view of the file (F32/F16/BF16)."""
 
@@ -308,7 +315,7 @@ class QLinear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `W[ids]` in float32 (embedding lookups from a tied output matrix)."""
-        return self.codec.dequantize(self.raw[ids.reshape(-1).cpu()]).reshape(*ids.shape, self.in_features)
+        return _lookup(self.codec, self.raw, ids).reshape(*ids.shape, self.in_features)
 
 
 class QEmbedding(nn.Module):
@@ -322,7 +329,7 @@ class QEmbedding(nn.Module):
         self.num_embeddings = num_embeddings
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.codec.dequantize(self.raw[ids.reshape(-1).cpu()])
+        rows = _lookup(self.codec, self.raw, ids)
         return rows.reshape(*ids.shape, self.dim).to(device=ids.device, dtype=self.dtype)
 
 
