@@ -20,11 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from marco_local.demo import build_tokenizer, write_tokenizer_files  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NANO = {
     "model_type": "qwen3_moe",
@@ -54,6 +50,12 @@ NANO = {
 
 def build_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
     """Write the checkpoint shard by shard; returns the number of bytes written."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT))
+    from marco_local.demo import build_tokenizer, write_tokenizer_files
+
     cfg = dict(NANO, num_hidden_layers=layers)
     g = torch.Generator().manual_seed(seed)
     D, I, E = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"]
@@ -68,7 +70,7 @@ def build_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
     n_shards = layers + 1
     weight_map: dict[str, str] = {}
 
-    def save(i: int, tensors: dict[str, torch.Tensor]) -> None:
+    def save(i: int, tensors: dict) -> None:
         name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
@@ -103,7 +105,11 @@ def build_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
 
 
 def run_quantize(src: Path, out: Path, preset: str) -> dict:
-    """Run `marco quantize` as a child and reap it with os.wait4, which gives that child's own peak RSS."""
+    """Run `marco quantize` as a child and reap it with os.wait4, which gives that child's own peak RSS.
+
+    Linux carries the parent's RSS at fork into the child's ru_maxrss, so this process stays small: the checkpoint
+    is built in a separate process and nothing heavy (torch) is imported here.
+    """
     cmd = [sys.executable, "-m", "marco_local", "quantize", str(src), "-o", str(out), "--to", preset, "--force"]
     with tempfile.TemporaryFile(mode="w+") as log:
         t0 = time.perf_counter()
@@ -143,13 +149,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--to", default="q4_k_m,q8_0")
     ap.add_argument("--keep", type=Path, help="build/keep the checkpoint and outputs in this folder")
+    ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)  # internal: the builder child
     args = ap.parse_args()
+    if args.build_only:
+        print(build_checkpoint(args.build_only, args.layers))
+        return
     base = args.keep or Path(tempfile.mkdtemp(prefix="marco-nano-bench-"))
     src = base / f"nano-{args.layers}l"
     if not (src / "config.json").is_file():
         src.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        nbytes = build_checkpoint(src, args.layers)
+        cmd = [sys.executable, __file__, "--layers", str(args.layers), "--build-only", str(src)]
+        nbytes = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
         print(f"built {src} ({nbytes / 2**30:.2f} GiB bf16, {args.layers} layers) in {time.perf_counter() - t0:.0f} s")
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     results = []
