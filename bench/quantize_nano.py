@@ -125,7 +125,7 @@ def run_quantize(src: Path, out: Path, preset: str) -> dict:
         "preset": preset,
         "seconds": seconds,
         "peak_rss_mib": usage.ru_maxrss / 1024,
-        "bytes": out.stat().st_size,
+        "bytes": out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
         "log": stderr,
     }
 
@@ -165,7 +165,8 @@ def main() -> None:
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     results = []
     for preset in args.to.split(","):
-        r = run_quantize(src, base / f"nano-{args.layers}l-{preset}.gguf", preset)
+        suffix = "" if preset in ("nf4", "fp4", "int8") else ".gguf"  # bitsandbytes presets write a folder
+        r = run_quantize(src, base / f"nano-{args.layers}l-{preset}{suffix}", preset)
         results.append(r)
         print(
             f"{preset:7s} {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
