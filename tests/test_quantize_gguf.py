@@ -521,3 +521,29 @@ def test_fused_expert_layout_gives_the_same_file(checkpoint, tmp_path):
     a, b = gguf.GGUFReader(tmp_path / "a.gguf"), gguf.GGUFReader(tmp_path / "b.gguf")
     for ta, tb in zip(a.tensors, b.tensors, strict=True):
         assert ta.name == tb.name and np.array_equal(ta.data, tb.data), ta.name
+
+
+def test_bnb_presets_are_dispatched_atomically(checkpoint, tmp_path, monkeypatch):
+    """nf4/int8 go to quant.bnb_writer into a temporary folder that is renamed, or removed on failure."""
+    pytest.importorskip("bitsandbytes")
+    from quant import bnb_writer
+
+    folder, _ = checkpoint
+    out = tmp_path / "m-nf4"
+    report = write(folder, out, "nf4")
+    assert report.format == "bnb" and (out / "config.json").is_file() and leftovers(tmp_path) == []
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert report.output_bytes > 0 and "experts" in report.classes
+    with pytest.raises(MarcoError, match="already exists"):
+        write(folder, out, "int8")
+
+    def broken(*args, **kwargs):
+        (Path(args[3]) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(bnb_writer, "write_bnb", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        write(folder, out, "int8", force=True)
+    assert (out / "config.json").is_file() and leftovers(tmp_path) == []  # the old output is untouched
+    with pytest.raises(MarcoError, match="folder"):
+        write(folder, tmp_path / "x.gguf", "nf4")
