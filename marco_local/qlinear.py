@@ -309,8 +309,12 @@ class QLinear(nn.Module):
             y = F.linear(x2, self.codec.dequantize(self.raw))  # exact reference path
         else:
             q = self.q
-            y = _MM(q.prep(x2.to(KERNEL_DTYPE)), q.packed, q.layout.group, q.scales_zeros)
-            y = y[:, : self.out_features].to(x.dtype)
+            xb = x2 if x2.dtype == KERNEL_DTYPE else x2.to(KERNEL_DTYPE)
+            y = _MM(q.prep(xb), q.packed, q.layout.group, q.scales_zeros)
+            if y.shape[1] != self.out_features:  # rows padded to the kernel's 64-row block
+                y = y[:, : self.out_features]
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
