@@ -1,0 +1,39 @@
+"""`marco bench`: the library result and the CLI's JSON and table output, on the demo model (tiny runs)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from marco_local.benchmark import run_benchmark
+from marco_local.cli.main import app
+from marco_local.runtime import load
+
+
+def test_run_benchmark_reports_per_repeat_figures() -> None:
+    lm = load("demo", dtype="f32", device="cpu")
+    r = run_benchmark(lm.model, prompt_tokens=8, decode_tokens=3, repeats=2, settings={"x": 1})
+    assert len(r.prompt_tokens_per_s) == len(r.decode_tokens_per_s) == 2
+    assert all(v > 0 for v in r.prompt_tokens_per_s + r.decode_tokens_per_s)
+    d = r.to_json()
+    assert d["prompt"]["min"] <= d["prompt_tokens_per_s"] <= d["prompt"]["max"]
+    assert d["peak_rss_bytes"] > 0 and d["peak_vram_bytes"] is None
+    assert d["settings"]["x"] == 1 and d["settings"]["prompt_tokens"] == 8
+
+
+def test_cli_json_is_one_object_on_stdout() -> None:
+    res = CliRunner().invoke(app, ["bench", "demo", "-p", "8", "-n", "2", "-r", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout.strip())
+    for key in ("prompt_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "settings"):
+        assert key in data
+    assert data["settings"]["threads"] >= 1 and data["settings"]["decode_tokens"] == 2
+
+
+def test_cli_table_and_bad_repeats() -> None:
+    res = CliRunner().invoke(app, ["bench", "demo", "-p", "4", "-n", "2", "-r", "1"])
+    assert res.exit_code == 0
+    assert "decode 2" in res.stderr and "peak RSS" in res.stderr and res.stdout == ""
+    bad = CliRunner().invoke(app, ["bench", "demo", "-r", "0"])
+    assert bad.exit_code != 0
