@@ -275,6 +275,17 @@ def release_pages(t: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
 
 
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc `malloc_trim`). Repacking frees many MiB-sized temporaries on worker
+    threads, whose malloc arenas keep them: on a Nano Q4_K_M load that was 1.7 GiB of RSS above the 5.9 GiB of
+    repacked weights. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _as_type(ggml_type: GT | int | str) -> GT:
     return codec_for(ggml_type).ggml_type
 
@@ -471,6 +482,8 @@ def make_linear(raw: torch.Tensor, ggml_type, out_features: int, in_features: in
     lin = QLinear(raw, ggml_type, out_features, in_features)
     if not lin.dense:
         release_pages(raw)  # repacked: the file's pages are only read again by the float32 path and `rows`
+        if out_features * in_features >= 1 << 24:
+            trim_heap()
     return lin
 
 
@@ -488,6 +501,7 @@ def make_experts(
     if not experts.dense:
         for raw in (gate_raw, up_raw, down_raw):
             release_pages(raw)
+        trim_heap()
     return experts
 
 
