@@ -435,9 +435,8 @@ def write_gguf(
             del data
             t.read = t.read_expert = None  # drops a fused expert tensor cached by its reader
             # Pages of the memory-mapped shards that were read stay resident (and count as our RSS) while a shard is
-            # open; Checkpoint reopens a shard on the next read, so closing them after each tensor bounds the mapped
-            # pages by one tensor instead of growing with the model. (Checkpoint has no public close() yet.)
-            ckpt._handles.clear()
+            # open; releasing the maps after each tensor bounds them by one tensor instead of the whole model.
+            ckpt.release()
             if tensor_progress:
                 tensor_progress(i + 1, len(plan))
         writer.flush()
