@@ -287,7 +287,10 @@ def test_smollm2_continuation_is_sensible(smollm2):
 
 def test_smollm2_chat_answers(smollm2):
     model, tok = smollm2
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    # A 135M model answers the bare "What is the capital of France?" with "L'Étoile, la Cité, ..." (llama.cpp too);
+    # asked for the city name, it, llama.cpp and our bf16 and float32 paths all answer "The capital of France is Paris."
+    question = "What is the capital of France? Answer with the city name."
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}])
     text = greedy(model, tok, tok.encode(prompt), 40)
     assert "Paris" in text and "<|im" not in text
 

@@ -9,12 +9,11 @@ RoPE; the GGUF loader undoes that permutation, so this module sees the Hugging F
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..kv_cache import KVCache
-from .qwen3_moe import MLP, RMSNorm, RotaryEmbedding, rotate_half
+from .qwen3_moe import MLP, RMSNorm, RotaryEmbedding, attend, rotate_half
 
 
 class Attention(nn.Module):
@@ -43,14 +42,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         start = cache.offset
         k, v = cache.update(self.layer, k, v)  # [B, H_kv, start + T, hd]
-        if T == 1:
-            mask, causal = None, False
-        elif start == 0:
-            mask, causal = None, True
-        else:  # new tokens after a cached prefix: token i sees the prefix and new tokens up to i
-            rows = torch.arange(start, start + T, device=x.device)[:, None]
-            mask, causal = torch.arange(start + T, device=x.device)[None, :] <= rows, False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        out = attend(q, k, v, start)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -58,9 +58,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention over grouped KV heads. bf16 on CPU runs in float32: torch's CPU bf16 attention
-    is several times slower (one decode step at 100 cached positions: 137 us in bf16, 31 us cast to float32)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of T new queries at positions start.. over all cached keys [B, H_kv, start + T, hd] (GQA).
+
+    bf16 on CPU runs in float32: torch's CPU bf16 attention is several times slower (one decode step at 100 cached
+    positions: 137 us in bf16, 31 us cast to float32)."""
+    T = q.shape[2]
+    if T == 1:
+        mask, causal = None, False
+    elif start == 0:
+        mask, causal = None, True
+    else:  # new tokens after a cached prefix: token i sees the prefix and new tokens up to i
+        rows = torch.arange(start, start + T, device=q.device)[:, None]
+        mask, causal = torch.arange(start + T, device=q.device)[None, :] <= rows, False
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         out = F.scaled_dot_product_attention(
             q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, enable_gqa=True
@@ -90,14 +100,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         start = cache.offset
         k, v = cache.update(self.layer, k, v)  # [B, H_kv, start + T, hd]
-        if T == 1:
-            mask, causal = None, False
-        elif start == 0:
-            mask, causal = None, True
-        else:  # new tokens after a cached prefix: token i sees the prefix and new tokens up to i
-            rows = torch.arange(start, start + T, device=x.device)[:, None]
-            mask, causal = torch.arange(start + T, device=x.device)[None, :] <= rows, False
-        out = attend(q, k, v, mask, causal)
+        out = attend(q, k, v, start)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
