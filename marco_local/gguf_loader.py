@@ -191,8 +191,11 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
+    experts_in_file: bool = False,
 ) -> nn.Module:
-    """The model the GGUF describes, projections on the file's quantized bytes, the rest as `dtype` parameters."""
+    """The model the GGUF describes, projections on the file's quantized bytes, the rest as `dtype` parameters.
+    `experts_in_file`: the quantized experts are neither repacked nor read (their pages stay untouched), for an
+    offload runtime (`marco_local.offload.install`) that reads them from the file on demand."""
     cfg = model_config(g)
     if f"blk.0.{_LAYER_NAMES['self_attn.q_proj']}.bias" in g:
         raise MarcoError(f"{g.path}: attention biases are not supported for {g.architecture}")
@@ -213,8 +216,10 @@ def build_model(
                 _check_shape(g, info, shape)
             types = tuple(_check_type(g, i) for i in infos)
 
-            def job(name=name, infos=infos, types=types, E=E, D=D, I=I) -> None:
-                _replace(model, name, make_experts(*(g.raw(i.name) for i in infos), types, E, D, I))
+            lazy = {"in_file": "raw" if dtype == torch.float32 else "int4"} if experts_in_file else {}
+
+            def job(name=name, infos=infos, types=types, E=E, D=D, I=I, lazy=lazy) -> None:
+                _replace(model, name, make_experts(*(g.raw(i.name) for i in infos), types, E, D, I, **lazy))
 
             jobs.append(job)
         elif isinstance(module, nn.Linear) and not name.endswith("mlp.gate"):
@@ -271,9 +276,11 @@ def load_gguf(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
+    experts_in_file: bool = False,
 ) -> tuple[nn.Module, Tokenizer]:
-    """Model and tokenizer from nothing but a .gguf file."""
+    """Model and tokenizer from nothing but a .gguf file (`experts_in_file`: see `build_model`)."""
     g = GGUFFile(path)
     model_config(g)  # architecture errors before the tokenizer's
     tokenizer = load_tokenizer(g)
-    return build_model(g, dtype=dtype, device=device, progress=progress), tokenizer
+    model = build_model(g, dtype=dtype, device=device, progress=progress, experts_in_file=experts_in_file)
+    return model, tokenizer

@@ -206,6 +206,56 @@ def _padded(rows: int) -> int:
     return -(-rows // ROW_BLOCK) * ROW_BLOCK
 
 
+def _fill_int4(
+    raw: torch.Tensor,
+    t: GT,
+    out_features: int,
+    in_features: int,
+    packed: torch.Tensor,
+    scales_zeros: torch.Tensor,
+    parallel: bool = True,
+) -> None:
+    """Repack raw blocks [out_features, row_bytes] into existing kernel-form tensors (padding rows left as they are).
+    The one repacking routine: at load (`Int4Weight`) and on an offloaded expert's miss (`QExperts.fill_expert`)."""
+    layout = LAYOUTS[t]
+    k2 = in_features * (2 if layout.split else 1)
+
+    def fill(start: int) -> None:
+        end = min(start + CHUNK_ROWS, out_features)
+        n, s, z = _int4_rows(raw[start:end], t, in_features)
+        if (end - start) % ROW_BLOCK:
+            n = torch.cat([n, n.new_zeros(_padded(end - start) - (end - start), k2)])
+        packed[start : start + n.shape[0]] = _pack_rows(n)
+        scales_zeros[:, start:end, 0] = s.t()
+        scales_zeros[:, start:end, 1] = z.t()
+
+    starts = range(0, out_features, CHUNK_ROWS)
+    if parallel:
+        _parallel_map(fill, starts)
+    else:
+        for start in starts:
+            fill(start)
+
+
+def _int4_shapes(t: GT, out_features: int, in_features: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """Shapes of (packed, scales_zeros) for an [out_features, in_features] matrix of type t."""
+    layout = LAYOUTS[t]
+    k2 = in_features * (2 if layout.split else 1)
+    rows = _padded(out_features)
+    return (rows, k2 // 2), (k2 // layout.group, rows, 2)
+
+
+_HI_MULT = torch.tensor([[1.0], [16.0]], dtype=KERNEL_DTYPE, device="cpu")
+
+
+def _prep(layout: Layout, x: torch.Tensor) -> torch.Tensor:
+    """bf16 x [M, K] -> the kernel's input [M, K'] (split layouts: each run of inputs as x, then 16 x)."""
+    if not layout.split:
+        return x
+    g = layout.split
+    return (x.reshape(x.shape[0], -1, 1, g) * _HI_MULT).reshape(x.shape[0], -1)
+
+
 class Int4Weight:
     """One [N, K] matrix in the int4 kernel's form: packed [Np, K'/2] uint8, scales_zeros [K'/group, Np, 2] bf16.
 
@@ -215,34 +265,13 @@ class Int4Weight:
     def __init__(self, raw: torch.Tensor, t: GT, out_features: int, in_features: int, parallel: bool = True) -> None:
         self.layout = LAYOUTS[t]
         self.out_features, self.in_features = out_features, in_features
-        k2 = in_features * (2 if self.layout.split else 1)
-        rows = _padded(out_features)
-        self.packed = torch.zeros(rows, k2 // 2, dtype=torch.uint8, device="cpu")
-        self.scales_zeros = torch.zeros(k2 // self.layout.group, rows, 2, dtype=KERNEL_DTYPE, device="cpu")
-
-        def fill(start: int) -> None:
-            end = min(start + CHUNK_ROWS, out_features)
-            n, s, z = _int4_rows(raw[start:end], t, in_features)
-            if (end - start) % ROW_BLOCK:
-                n = torch.cat([n, n.new_zeros(_padded(end - start) - (end - start), k2)])
-            self.packed[start : start + n.shape[0]] = _pack_rows(n)
-            self.scales_zeros[:, start:end, 0] = s.t()
-            self.scales_zeros[:, start:end, 1] = z.t()
-
-        starts = range(0, out_features, CHUNK_ROWS)
-        if parallel:
-            _parallel_map(fill, starts)
-        else:
-            for start in starts:
-                fill(start)
-        self._mult = torch.tensor([[1.0], [16.0]], dtype=KERNEL_DTYPE, device="cpu")
+        packed_shape, sz_shape = _int4_shapes(t, out_features, in_features)
+        self.packed = torch.zeros(packed_shape, dtype=torch.uint8, device="cpu")
+        self.scales_zeros = torch.zeros(sz_shape, dtype=KERNEL_DTYPE, device="cpu")
+        _fill_int4(raw, t, out_features, in_features, self.packed, self.scales_zeros, parallel)
 
     def prep(self, x: torch.Tensor) -> torch.Tensor:
-        """bf16 x [M, K] -> the kernel's input [M, K'] (split layouts: each run of inputs as x, then 16 x)."""
-        if not self.layout.split:
-            return x
-        g = self.layout.split
-        return (x.reshape(x.shape[0], -1, 1, g) * self._mult).reshape(x.shape[0], -1)
+        return _prep(self.layout, x)
 
     @property
     def nbytes(self) -> int:
@@ -353,12 +382,24 @@ class QEmbedding(nn.Module):
 
 
 class _Int4Bank:
-    """The same projection of all E experts, int4-packed: per-expert views kept in lists (indexing costs no op)."""
+    """The same projection of all E experts, int4-packed: per-expert views kept in lists (indexing costs no op).
 
-    def __init__(self, raws: list[torch.Tensor], t: GT, num_experts: int, in_features: int) -> None:
+    With `repack=False` nothing is repacked: the lists hold shape-only (meta) placeholders, which an offload runtime
+    rebinds to its slots and fills expert by expert (`QExperts.fill_expert`)."""
+
+    def __init__(
+        self, raws: list[torch.Tensor], t: GT, num_experts: int, in_features: int, repack: bool = True
+    ) -> None:
         out = sum(r.shape[1] for r in raws)  # gate and up are fused by stacking their rows
-        self.out_features = out
+        self.out_features, self.in_features, self.ggml_type = out, in_features, t
         self.layout = LAYOUTS[t]
+        self.group = self.layout.group
+        if not repack:
+            packed_shape, sz_shape = _int4_shapes(t, out, in_features)
+            with torch.device("meta"):
+                self.packed = [torch.empty(packed_shape, dtype=torch.uint8) for _ in range(num_experts)]
+                self.scales_zeros = [torch.empty(sz_shape, dtype=KERNEL_DTYPE) for _ in range(num_experts)]
+            return
 
         def one(e: int) -> Int4Weight:
             rows = torch.cat([r[e] for r in raws]) if len(raws) > 1 else raws[0][e]
@@ -367,12 +408,21 @@ class _Int4Bank:
         weights = _parallel_map(one, range(num_experts))
         self.packed = [w.packed for w in weights]
         self.scales_zeros = [w.scales_zeros for w in weights]
-        self.prep = weights[0].prep
-        self.group = self.layout.group
+
+    def prep(self, x: torch.Tensor) -> torch.Tensor:
+        return _prep(self.layout, x)
 
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.packed) + sum(s.nbytes for s in self.scales_zeros)
+
+
+def _stacked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[a; b] along rows: a zero-copy view when b directly follows a in one buffer, else a copy."""
+    same = a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    if same and a.is_contiguous() and b.is_contiguous() and b.data_ptr() == a.data_ptr() + a.nbytes:
+        return a.as_strided((a.shape[0] + b.shape[0], *a.shape[1:]), a.stride())
+    return torch.cat([a, b])
 
 
 def _check_raw(raw: torch.Tensor, codec: Codec, lead: tuple[int, ...], in_features: int) -> None:
@@ -401,6 +451,7 @@ class QExperts(Experts):
         num_experts: int,
         hidden: int,
         intermediate: int,
+        in_file: str | None = None,
     ) -> None:
         with torch.device("meta"):  # the parent's float parameters are never materialised
             super().__init__(num_experts, hidden, intermediate)
@@ -416,18 +467,56 @@ class QExperts(Experts):
         gt, ut, dt = self.types
         self.dense = any(t in DENSE for t in self.types)
         self.fused: _Int4Bank | None = None
+        # in_file ("int4" or "raw"): nothing is repacked here. An offload runtime owns the per-expert data (its
+        # slots) and fills a slot with `fill_expert` from the expert's raw blocks, read from the file on a miss.
+        # "int4" slots hold only the kernel form (bf16/f16 models): the file's views move to a private name, which the
+        # slot layout does not pick up. "raw" slots hold only the raw blocks (float32 models: the exact path).
+        self.in_file = None if self.dense else in_file
+        self._file_raws = self.raws
+        if self.in_file == "int4":
+            self.raws = None
         if self.dense:  # float experts: zero-copy views, plain matmuls
             self.views = tuple(
                 _dense_view(r, t, r.shape[-1] // codec_for(t).type_size * codec_for(t).block_size)
                 for r, t in zip(self.raws, self.types, strict=True)
             )
             return
+        if self.in_file == "raw":
+            return
+        repack = self.in_file is None
         if gt == ut:
-            self.fused = _Int4Bank([gate_raw, up_raw], gt, num_experts, hidden)
+            self.fused = _Int4Bank([gate_raw, up_raw], gt, num_experts, hidden, repack)
         else:
-            self.gate_bank = _Int4Bank([gate_raw], gt, num_experts, hidden)
-            self.up_bank = _Int4Bank([up_raw], ut, num_experts, hidden)
-        self.down_bank = _Int4Bank([down_raw], dt, num_experts, intermediate)
+            self.gate_bank = _Int4Bank([gate_raw], gt, num_experts, hidden, repack)
+            self.up_bank = _Int4Bank([up_raw], ut, num_experts, hidden, repack)
+        self.down_bank = _Int4Bank([down_raw], dt, num_experts, intermediate, repack)
+
+    @property
+    def file_raws(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stacked raw expert tensors (gate, up, down) as zero-copy views of the file."""
+        return self._file_raws
+
+    def fill_expert(
+        self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, dst: dict[str, torch.Tensor]
+    ) -> None:
+        """Repack one expert's raw blocks (gate/up [I, row_bytes], down [D, row_bytes]) into `dst`, one offload slot's
+        per-expert tensors keyed by their attribute path ("fused.packed", "down_bank.scales_zeros", "raws.0", ...).
+        Same routine and chunking as the load-time repack, so a slot holds exactly the bytes a fully resident model
+        holds for that expert. When `up` directly follows `gate` in one buffer, gate/up are one [2I, row_bytes]
+        matrix without a copy. "raw" slots get the blocks as they are."""
+        if self.in_file == "raw":
+            for i, src in enumerate((gate, up, down)):
+                dst[f"raws.{i}"].copy_(src)
+            return
+        jobs = [("down_bank", down)]
+        if self.fused is not None:
+            jobs.append(("fused", _stacked(gate, up)))
+        else:
+            jobs += [("gate_bank", gate), ("up_bank", up)]
+        for name, raw in jobs:
+            b = getattr(self, name)
+            packed, sz = dst[f"{name}.packed"], dst[f"{name}.scales_zeros"]
+            _fill_int4(raw, b.ggml_type, b.out_features, b.in_features, packed, sz, parallel=False)
 
     def extra_repr(self) -> str:
         names = "/".join(t.name for t in self.types)
@@ -495,10 +584,12 @@ def make_experts(
     num_experts: int,
     hidden: int,
     intermediate: int,
+    in_file: str | None = None,
 ) -> QExperts:
-    """The experts of one layer from `ffn_{gate,up,down}_exps` bytes: gate/up [E, I, bytes], down [E, D, bytes]."""
-    experts = QExperts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate)
-    if not experts.dense:
+    """The experts of one layer from `ffn_{gate,up,down}_exps` bytes: gate/up [E, I, bytes], down [E, D, bytes].
+    `in_file` ("int4" / "raw", see `QExperts`): repack nothing and touch no expert page (the experts are offloaded)."""
+    experts = QExperts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate, in_file)
+    if not experts.dense and not experts.in_file:
         for raw in (gate_raw, up_raw, down_raw):
             release_pages(raw)
         trim_heap()

@@ -87,7 +87,9 @@ def load(
 
         if device == "auto":
             dev = torch.device("cpu")  # the GGUF kernels are CPU kernels (marco_local/qlinear.py)
-        model, tokenizer = load_gguf(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
+        model, tokenizer = load_gguf(
+            source.path, dtype=pick_dtype(dtype), device=dev, progress=progress, experts_in_file=offload
+        )
         if offload:
             install(model, placement, files=[source.path])
         return LoadedModel(source, model, tokenizer, dev, {})

@@ -30,7 +30,10 @@ from .store import (
     ExpertStore,
     FileStore,
     MemoryStore,
+    RepackStore,
+    ThreadScratch,
     mapped_segments,
+    raw_tensors,
     safetensors_segments,
     tensor_bytes,
 )
@@ -239,15 +242,28 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
     cfg = model.config
     layouts: dict[int, ExpertLayout] = {}
     segments: dict[int, list | None] = {}
+    raws: dict[int, list] = {}  # GGUF experts loaded with experts_in_file: repacked from the file on a miss
     for i, block in _moe_blocks(model):
         layouts[i] = ExpertLayout(block.experts, cfg.num_experts)
+        if getattr(block.experts, "in_file", None):
+            if not maps:
+                raise MarcoError("these experts were left in their GGUF file, but the file is not mapped here")
+            raws[i] = raw_tensors(list(block.experts.file_raws), maps)
+            segments[i] = None
+            continue
         try:
             segments[i] = mapped_segments(block.experts, layouts[i], maps) if maps else None
         except MarcoError:
             segments[i] = None
-    in_ram = sum(layouts[i].expert_bytes * cfg.num_experts for i in layouts if segments[i] is None)
-    stores = {i: FileStore(layouts[i], seg) for i, seg in segments.items() if seg is not None}
+    in_ram = sum(layouts[i].expert_bytes * cfg.num_experts for i in layouts if segments[i] is None and i not in raws)
+    stores: dict[int, ExpertStore] = {i: FileStore(layouts[i], seg) for i, seg in segments.items() if seg is not None}
     scratch = sum(st.resident_bytes for st in stores.values())
+    if raws:  # one raw-block buffer per reading thread, shared by the layers, plus the repack temporaries
+        shared = ThreadScratch(max(RepackStore.raw_bytes(r) for r in raws.values()))
+        work = max(RepackStore.work_bytes(layouts[i]) for i in raws)
+        scratch += ThreadScratch.THREADS * (shared.nbytes + work)
+        blocks = dict(_moe_blocks(model))
+        stores |= {i: RepackStore(layouts[i], blocks[i].experts, r, shared) for i, r in raws.items()}
     blocks = dict(_moe_blocks(model))
 
     def make_store(i: int, layout: ExpertLayout) -> ExpertStore:
@@ -257,9 +273,8 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
 
     dtype = model.model.norm.weight.dtype  # the activation dtype: the KV cache is allocated in it
     fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype)
-    plan = _make_plan(
-        model, next(iter(layouts.values())), in_ram if device.type == "cpu" else 0, scratch, placement, device, fixed
-    )
+    largest = max(layouts.values(), key=lambda lay: lay.expert_bytes)  # layers may mix types (Q4_K_M: Q4_K/Q6_K)
+    plan = _make_plan(model, largest, in_ram if device.type == "cpu" else 0, scratch, placement, device, fixed)
     return _wrap(model, layouts, make_store, plan, placement, device)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +216,17 @@ class MemoryStore(ExpertStore):
         return self.rows.nbytes
 
 
+def _pread(fd: int, dst: torch.Tensor, offset: int, path: Path) -> None:
+    """Fill the contiguous uint8 tensor `dst` from `fd` at `offset` (positional reads: no shared file position)."""
+    view = memoryview(dst.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)  # releases the GIL: a prefetch thread overlaps compute
+        if n <= 0:
+            raise MarcoError(f"{path} is truncated: an expert could not be read", hint="re-download the model")
+        done += n
+
+
 @dataclass(frozen=True)
 class Segment:
     """Where one field of one expert lies in a file, and in which dtype it is stored there."""
@@ -256,13 +268,7 @@ class FileStore(ExpertStore):
         return self.scratch.nbytes
 
     def _pread(self, fd: int, dst: torch.Tensor, offset: int, path: Path) -> None:
-        view = memoryview(dst.numpy()).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)  # releases the GIL: a prefetch thread overlaps compute
-            if n <= 0:
-                raise MarcoError(f"{path} is truncated: an expert could not be read", hint="re-download the model")
-            done += n
+        _pread(fd, dst, offset, path)
 
     def read_into(self, e: int, row: torch.Tensor) -> None:
         for f, seg in zip(self.layout.fields, self.segments[e], strict=True):
@@ -281,6 +287,103 @@ class FileStore(ExpertStore):
 
     def __del__(self) -> None:
         self.close()
+
+
+class ThreadScratch:
+    """One scratch buffer per reading thread (the decode thread and the loader thread), shared by every layer's
+    store, allocated on a thread's first read and reused after: a miss never allocates its read buffer."""
+
+    THREADS = 2  # the caller's thread and the runtime's one loader thread (what the budget counts)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._local = threading.local()
+
+    def get(self) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        return buf
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """One stacked GGUF expert tensor in the file: expert e's raw blocks are `shape` at offset + e * stride."""
+
+    path: Path
+    offset: int
+    stride: int
+    shape: tuple[int, int]  # [rows, row_bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+class RepackStore(ExpertStore):
+    """A GGUF layer's quantized experts left in the file (repack on read).
+
+    `read_into(e, row)` reads expert e's raw ggml blocks (its gate, up and down rows, each contiguous inside the
+    stacked `ffn_*_exps` tensor) with `os.preadv` into the thread's scratch buffer, gate and up adjacent, and has the
+    experts module (`qlinear.QExperts.fill_expert`) repack them into the slot's int4 kernel form: the same routine as
+    the load-time repack, so the slot's bytes equal the fully resident model's. Repacking makes short-lived
+    temporaries (about `REPACK_WORK` bytes per weight of the largest matrix), counted in `resident_bytes`.
+    """
+
+    REPACK_WORK = 8  # allowance in bytes per weight (nibble) of the largest matrix; tests/test_offload_gguf_disk.py
+
+    def __init__(
+        self, layout: ExpertLayout, inner: nn.Module, tensors: list[RawTensor], scratch: ThreadScratch
+    ) -> None:
+        self.layout, self.inner, self.tensors, self.scratch = layout, inner, tensors, scratch
+        self._fds: dict[Path, int] = {}
+        for t in tensors:
+            if t.path not in self._fds:
+                try:
+                    self._fds[t.path] = os.open(t.path, os.O_RDONLY)
+                except OSError as err:
+                    raise MarcoError(f"cannot open {t.path}: {err.strerror}") from err
+
+    @staticmethod
+    def raw_bytes(tensors: list[RawTensor]) -> int:
+        return sum(t.nbytes for t in tensors)
+
+    @classmethod
+    def work_bytes(cls, layout: ExpertLayout) -> int:
+        """Repack temporaries: proportional to the largest packed field (2 weights per packed byte)."""
+        return cls.REPACK_WORK * 2 * max(f.nbytes for f in layout.fields if f.dtype == torch.uint8)
+
+    def read_into(self, e: int, row: torch.Tensor) -> None:
+        buf = self.scratch.get()
+        parts, at = [], 0
+        for t in self.tensors:
+            dst = buf[at : at + t.nbytes]
+            _pread(self._fds[t.path], dst, t.offset + e * t.stride, t.path)
+            parts.append(dst.view(t.shape))
+            at += t.nbytes
+        views = {f.name: v[0] for f, v in zip(self.layout.fields, self.layout.views(row.unsqueeze(0)), strict=True)}
+        self.inner.fill_expert(*parts, views)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def raw_tensors(tensors: list[torch.Tensor], maps: list[tuple[Path, int, int]]) -> list[RawTensor]:
+    """Where stacked expert tensors that are zero-copy views of memory-mapped files ([E, rows, row_bytes] uint8) lie
+    in those files; `MarcoError` when one is not such a view."""
+    out = []
+    for t in tensors:
+        ptr = t.data_ptr()
+        owner = next(((p, base) for p, base, size in maps if base <= ptr < base + size), None)
+        if owner is None or t.dim() != 3 or not t[0].is_contiguous():
+            raise MarcoError("the experts are not a view of a mapped model file", hint="load the GGUF file itself")
+        out.append(RawTensor(owner[0], ptr - owner[1], t.stride(0) * t.element_size(), (t.shape[1], t.shape[2])))
+    return out
 
 
 def safetensors_header(path: Path) -> tuple[int, dict]:

@@ -1,0 +1,187 @@
+"""Disk tier for GGUF models (CPU-only): experts left in the .gguf file, read as raw ggml blocks on a miss and repacked
+into the slot's int4 form (repack on read).
+
+Checks: loading with `experts_in_file` repacks and reads no expert; output equals the fully resident GGUF model (same
+tokens, bit-identical logits: a slot holds exactly the bytes the load-time repack makes) for one slot to all, every
+policy, with and without prefetch, bf16 (int4 kernels) and f32 (exact path, raw-block slots); `--ram-mem` is honoured
+and RSS stays within the budget plus MARGIN, measured in a fresh subprocess as tests/test_offload_disk.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from test_offload_disk import CONFIG, write_random_checkpoint
+
+from marco_local.generate import PromptCache, generate_step
+from marco_local.offload import Placement, install, offload_stats
+from marco_local.sampling import make_sampler
+
+PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19, 8, 77, 150, 31, 200, 11, 96, 42]
+BUDGET = 32 << 20
+MARGIN = 2 << 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def greedy(model, prompt=PROMPT, steps: int = 10) -> list[int]:
+    cache = PromptCache(model.make_cache(len(prompt) + steps))
+    return list(generate_step(model, prompt, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=8))
+
+
+@torch.inference_mode()
+def prefill_logits(model) -> torch.Tensor:
+    return model(torch.tensor([PROMPT]), model.make_cache(len(PROMPT)))
+
+
+@pytest.fixture(scope="module")
+def q4_path(make_checkpoint, tmp_path_factory):
+    from marco_local.checkpoint import Checkpoint
+    from marco_local.config import load_config
+    from quant.gguf_writer import write_gguf
+
+    shape = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=512, num_hidden_layers=2)
+    folder, _ = make_checkpoint("offload-q4", seed=7, head_dim=64, **shape)
+    path = tmp_path_factory.mktemp("gguf") / "q4.gguf"
+    write_gguf(Checkpoint(folder), load_config(folder), folder, path, "q4_k_m")
+    return path
+
+
+def test_experts_in_file_are_not_repacked_at_load(q4_path):
+    from marco_local.gguf_loader import load_gguf
+
+    model, _ = load_gguf(q4_path, dtype=torch.bfloat16, experts_in_file=True)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.in_file == "int4" and experts.raws is None
+    assert all(t.is_meta for t in experts.fused.packed + experts.down_bank.scales_zeros)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_repack_on_read_matches_the_resident_model(q4_path, dtype):
+    from marco_local.gguf_loader import load_gguf
+
+    plain, _ = load_gguf(q4_path, dtype=dtype)
+    want, logits = greedy(plain), prefill_logits(plain)
+    E = plain.config.num_experts
+    cases = [("1", "lru", False), ("3", "lru", True), ("3", "lfu", False), ("50%", "lru", True), (str(E), "lru", False)]
+    for resident, policy, prefetch in cases:
+        model, _ = load_gguf(q4_path, dtype=dtype, experts_in_file=True)
+        install(model, Placement(experts_resident=resident, policy=policy, prefetch=prefetch), files=[q4_path])
+        assert greedy(model) == want, (resident, policy, prefetch)
+        assert torch.equal(prefill_logits(model), logits), (resident, policy, prefetch)
+        st = offload_stats(model)
+        assert st["expert_misses"] > 0
+        model.offload.close()
+
+
+def test_slot_bytes_equal_the_load_time_repack(q4_path):
+    from marco_local.gguf_loader import load_gguf
+
+    plain, _ = load_gguf(q4_path, dtype=torch.bfloat16)
+    model, _ = load_gguf(q4_path, dtype=torch.bfloat16, experts_in_file=True)
+    install(model, Placement(experts_resident="2"), files=[q4_path])
+    x = model.model.layers[1].mlp.experts
+    ref = plain.model.layers[1].mlp.experts
+    for e in (0, 5):
+        x.preload([e])
+        s = x.table.slot_of[e]
+        assert torch.equal(x.inner.fused.packed[s], ref.fused.packed[e])
+        assert torch.equal(x.inner.fused.scales_zeros[s], ref.fused.scales_zeros[e])
+        assert torch.equal(x.inner.down_bank.packed[s], ref.down_bank.packed[e])
+        assert torch.equal(x.inner.down_bank.scales_zeros[s], ref.down_bank.scales_zeros[e])
+    # a miss moves the kernel form only, not the raw file bytes as well
+    assert (
+        x.layout.expert_bytes
+        < 1.2 * sum(t.nbytes for t in (ref.fused.packed[0], ref.fused.scales_zeros[0], ref.down_bank.packed[0]))
+        + ref.down_bank.scales_zeros[0].nbytes
+    )
+    model.offload.close()
+
+
+MEASURE = textwrap.dedent(
+    """
+    import gc, json, sys, torch
+    torch.set_num_threads(1)
+    from marco_local.generate import PromptCache, generate_step
+    from marco_local.gguf_loader import load_gguf
+    from marco_local.offload import Placement, install, offload_stats
+    from marco_local.qlinear import trim_heap
+    from marco_local.sampling import make_sampler
+
+    def rss(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    def greedy(model):
+        cache = PromptCache(model.make_cache(len(prompt) + steps))
+        return list(generate_step(model, prompt, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=16))
+
+    path, budget, prompt, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+    def run():
+        model, _ = load_gguf(path, dtype=torch.bfloat16, experts_in_file=True)
+        install(model, Placement(ram_mem=budget, ctx=128), files=[path])
+        tokens = greedy(model)
+        stats = offload_stats(model)
+        model.offload.close()
+        return tokens, stats
+    # warm the runtime with one run first (torch's lazily loaded kernels, oneDNN/OpenMP buffers: paid once per process)
+    run()
+    gc.collect()
+    trim_heap()
+    base = rss("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    tokens, stats = run()
+    del stats["expert_layers"]
+    print(json.dumps({"base": base, "peak": rss("VmHWM:"), "tokens": tokens, "stats": stats}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def big_gguf(tmp_path_factory, tokenizer_obj):
+    from marco_local.checkpoint import Checkpoint
+    from marco_local.config import load_config
+    from quant.gguf_writer import write_gguf
+
+    folder = tmp_path_factory.mktemp("offload-gguf-disk")
+    write_random_checkpoint(folder, tokenizer_obj, CONFIG)
+    path = folder / "big-q4_k_m.gguf"
+    write_gguf(Checkpoint(folder), load_config(folder), folder, path, "q4_k_m")
+    return path
+
+
+def test_ram_budget_holds_with_experts_in_the_gguf(big_gguf):
+    from marco_local.gguf_loader import load_gguf
+
+    prompt, steps = list(range(3, 40)), 12
+    plain, _ = load_gguf(big_gguf, dtype=torch.bfloat16)
+    want = greedy(plain, prompt, steps)
+    layers = plain.model.layers
+    expert_bytes = sum(layer.mlp.experts.fused.nbytes + layer.mlp.experts.down_bank.nbytes for layer in layers)
+    assert expert_bytes > 2 * BUDGET
+    del plain, layers
+    args = [sys.executable, "-c", MEASURE, str(big_gguf), str(BUDGET), json.dumps(prompt), str(steps)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["tokens"] == want
+    stats = got["stats"]
+    assert stats["offload_fixed_bytes"] + stats["offload_fast_bytes"] <= BUDGET
+    assert stats["experts_resident_fraction"] < 0.5 and stats["expert_misses"] > 0
+    grown = got["peak"] - got["base"]
+    fast = (stats["offload_fixed_bytes"] + stats["offload_fast_bytes"]) / 2**20
+    slots = stats["expert_slots_per_layer"]
+    print(f"RSS: +{grown / 2**20:.1f} MiB peak, planned {fast:.1f} of {BUDGET >> 20} MiB, {slots} slots/layer")
+    assert grown <= BUDGET + MARGIN, f"RSS grew {grown / 2**20:.1f} MiB, budget {BUDGET >> 20} MiB + margin"
