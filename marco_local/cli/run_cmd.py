@@ -109,7 +109,9 @@ def run(
         ids,
         max_tokens=max_tokens,
         sampler=sampler,
-        logits_processors=make_logits_processors(repeat_penalty),
+        logits_processors=make_logits_processors(
+            repeat_penalty if repeat_penalty is not None else d.get("repetition_penalty")
+        ),
         stop_strings=stop or (),
         prompt_cache=cache,
         stats_fn=lambda: offload_stats(lm.model),
