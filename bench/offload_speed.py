@@ -11,7 +11,13 @@ of two passes), and reports the expert hit rate, MiB read per token and time sta
 pages are in the OS page cache after the first pass (as on a machine with spare RAM); that is not the process's
 memory.
 
-Usage: python bench/offload_speed.py [--layers 4] [--tokens 32] [--threads 1] [--keep DIR]
+With `--gguf FILE` (a Marco-Nano-shaped Q4_K_M GGUF, e.g. bench/bench_vs_llamacpp.py's), the model is that file:
+fully resident = every expert repacked into RAM at load (marco_local/qlinear.py); offloaded = the experts left in
+the file (`experts_in_file`), read as raw ggml blocks with os.preadv on a miss and repacked into the slot. Load time
+and the process RSS (psutil; peak over the run, VmHWM reset before each load) are reported per configuration;
+offloaded configurations run first so that the resident model's freed heap does not blur their RSS.
+
+Usage: python bench/offload_speed.py [--layers 4] [--tokens 32] [--threads 1] [--keep DIR] [--gguf FILE]
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantize_nano  # noqa: E402
 
 from marco_local.loader import load_model  # noqa: E402
-from marco_local.offload import Placement, load_offloaded, offload_stats, synthetic_trace  # noqa: E402
+from marco_local.offload import Placement, install, load_offloaded, offload_stats, synthetic_trace  # noqa: E402
 
 
 def use_trace_routing(model, layers: int, tokens: int, seed: int = 0) -> None:
@@ -92,6 +98,82 @@ def timed(
     return best_p, best_d
 
 
+def rss(key: str = "VmRSS:") -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def gguf_main(args) -> None:
+    from marco_local.gguf_loader import load_gguf
+    from marco_local.qlinear import trim_heap
+
+    path = args.gguf
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 700, (args.prompt,), generator=g).tolist()
+    stream = torch.randint(3, 700, (args.tokens,), generator=g).tolist()
+    runs = [(f"{p}%", p, False) for p in (50, 25, 10)] + [(f"{p}% + prefetch", p, True) for p in (50, 25, 10)]
+    results = {}  # (routing, name) -> (load_s, prefill, tps, stats, rss_peak)
+
+    def measure(routing: str, name: str, make) -> None:
+        gc.collect()
+        trim_heap()
+        before = rss()
+        open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+        t = time.perf_counter()
+        model = make()
+        load_s = time.perf_counter() - t
+        layers = model.config.num_hidden_layers
+        if routing == "synthetic":
+            use_trace_routing(model, layers, 4 * args.tokens + 64)
+        timed(model, prompt[:8], stream[:4], repeats=1)
+        prefill, tps = timed(model, prompt, stream, repeats=args.repeats)
+        st = offload_stats(model)
+        results[(routing, name)] = (load_s, prefill, tps, st, rss("VmHWM:") - before, rss("VmHWM:"))
+        print(f"{routing} {name}: load {load_s:.1f} s, decode {tps:.2f} tok/s", file=sys.stderr, flush=True)
+        if getattr(model, "offload", None) is not None:
+            model.offload.close()
+        del model
+
+    def offloaded(pct: int, prefetch: bool):
+        def make():
+            model, _ = load_gguf(path, dtype=torch.bfloat16, experts_in_file=True)
+            install(model, Placement(experts_resident=f"{pct}%", prefetch=prefetch), files=[path])
+            return model
+
+        return make
+
+    for routing in ("real", "synthetic"):
+        for name, pct, prefetch in runs:
+            if prefetch and routing == "synthetic":
+                continue
+            measure(routing, name, offloaded(pct, prefetch))
+    for routing in ("real", "synthetic"):
+        measure(routing, "resident", lambda: load_gguf(path, dtype=torch.bfloat16)[0])
+    print(f"\n{path.name}, bf16 activations, torch threads {args.threads}, file pages warm in the page cache")
+    print(f"prefill {args.prompt} tokens in one chunk; decode {args.tokens} tokens; best of {args.repeats} passes\n")
+    print(
+        "| routing | experts resident | load s | peak RSS GiB (+ over start) | prefill tok/s | vs resident "
+        "| decode tok/s | vs resident | hit rate | MiB repacked/token | stall ms/token |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for routing in ("real", "synthetic"):
+        base = results[(routing, "resident")]
+        for name in ["resident"] + [r[0] for r in runs]:
+            if (routing, name) not in results:
+                continue
+            load_s, prefill, tps, st, grown, peak = results[(routing, name)]
+            hit = f"{st['expert_hit_rate']:.0%}" if st else "-"
+            mib = f"{st['expert_bytes_moved'] / args.tokens / 2**20:.1f}" if st else "-"
+            stall = f"{st['expert_stall_s'] / args.tokens * 1000:.1f}" if st else "-"
+            pf = st.get("prefetch_precision") if st else None
+            extra = f" (prefetch precision {pf:.0%}, recall {st['prefetch_recall']:.0%})" if pf is not None else ""
+            mem = f"{peak / 2**30:.2f} (+{grown / 2**30:.2f})"
+            speeds = f"{prefill:.1f} | {prefill / base[1]:.2f} | {tps:.2f} | {tps / base[2]:.2f}"
+            print(f"| {routing} | {name}{extra} | {load_s:.1f} | {mem} | {speeds} | {hit} | {mib} | {stall} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -100,8 +182,13 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="build/reuse the checkpoint in this folder")
     ap.add_argument("--prompt", type=int, default=128, help="prefill length (one chunk)")
     ap.add_argument("--cold", action="store_true", help="evict the checkpoint's page-cache pages before each pass")
+    ap.add_argument("--gguf", type=Path, help="a Marco-Nano-shaped GGUF file instead of a bf16 checkpoint")
+    ap.add_argument("--repeats", type=int, default=2, help="timed passes per configuration (best is kept)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gguf is not None:
+        gguf_main(args)
+        return
     quantize_nano.NANO["vocab_size"] = round(151936 * args.layers / 28 / 64) * 64
     folder = args.keep or Path(tempfile.gettempdir()) / f"marco-offload-nano-{args.layers}l"
     if not (folder / "config.json").is_file():

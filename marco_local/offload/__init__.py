@@ -9,7 +9,7 @@ from .experts import OffloadedExperts
 from .install import OffloadRuntime, install, load_offloaded, load_profile, offload_stats
 from .policy import LFU, LRU, POLICIES, StaticHotSet, make_policy_factory
 from .slots import SlotTable
-from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore
+from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore, RepackStore
 from .trace import Event, Trace, TraceRecorder, locality, record_trace, simulate, synthetic_trace
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "OffloadedExperts",
     "Placement",
     "Plan",
+    "RepackStore",
     "SlotTable",
     "StaticHotSet",
     "Trace",

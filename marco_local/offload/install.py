@@ -3,8 +3,10 @@
 Two entry points: `load_offloaded` builds a model from a Hugging Face folder without ever materialising its experts
 (non-expert weights are read as usual; experts stay in the file and are read with positional reads, or are copied
 once into pinned host RAM on CUDA); `install` wraps the experts of a model that is already loaded (in RAM, or as
-zero-copy views of a memory-mapped GGUF, which become a file store). Both attach an `OffloadRuntime` as
-`model.offload`, which owns the prefetch thread and reports the stats (`offload_stats(model)`).
+zero-copy views of a memory-mapped GGUF, which become a file store; quantized GGUF experts loaded with
+`experts_in_file`, never repacked at load, become a `RepackStore` that repacks an expert's raw blocks on a miss).
+Both attach an `OffloadRuntime` as `model.offload`, which owns the prefetch thread and reports the stats
+(`offload_stats(model)`).
 Invariant: the plan is computed and checked against the budget before any expert byte is read.
 """
 
