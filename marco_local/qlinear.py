@@ -35,6 +35,11 @@ float copy of a quantized tensor is ever kept. On the bf16 decode path (one toke
 torch calls per layer (one int4 matmul per selected expert and projection, a few batched elementwise ops), no Python
 work that grows with the number of experts and no buffer allocation beyond the ops' own outputs.
 Modules are CPU-only (the int4 packing is the CPU kernel's); a CUDA placement needs another packing.
+
+Offloading (`make_experts(..., in_file="int4" | "raw")`): `QExperts` repacks nothing and touches no expert page at
+load; its per-expert tensors are shape-only placeholders that the offload runtime rebinds to its slots, and a miss
+fills a slot through `fill_expert` (the load-time routine `_fill_int4`, so a slot's bytes equal the resident
+model's). The kernel's padding rows of a slot are never written: they only feed output rows that are sliced off.
 """
 
 from __future__ import annotations

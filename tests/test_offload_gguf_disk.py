@@ -68,16 +68,21 @@ def test_experts_in_file_are_not_repacked_at_load(q4_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_repack_on_read_matches_the_resident_model(q4_path, dtype):
+def test_repack_on_read_matches_the_resident_model(q4_path, dtype, tmp_path):
     from marco_local.gguf_loader import load_gguf
 
     plain, _ = load_gguf(q4_path, dtype=dtype)
     want, logits = greedy(plain), prefill_logits(plain)
-    E = plain.config.num_experts
+    E, L = plain.config.num_experts, plain.config.num_hidden_layers
+    profile = tmp_path / "profile.json"  # a static hot set (and a warm-up preload) from made-up frequencies
+    profile.write_text(json.dumps({"layers": {str(i): [float((e * 7 + i) % E) for e in range(E)] for i in range(L)}}))
     cases = [("1", "lru", False), ("3", "lru", True), ("3", "lfu", False), ("50%", "lru", True), (str(E), "lru", False)]
+    cases += [("3", "static", False), ("2", "static", True)]
     for resident, policy, prefetch in cases:
         model, _ = load_gguf(q4_path, dtype=dtype, experts_in_file=True)
-        install(model, Placement(experts_resident=resident, policy=policy, prefetch=prefetch), files=[q4_path])
+        prof = str(profile) if policy == "static" else None
+        placement = Placement(experts_resident=resident, policy=policy, prefetch=prefetch, profile=prof)
+        install(model, placement, files=[q4_path])
         assert greedy(model) == want, (resident, policy, prefetch)
         assert torch.equal(prefill_logits(model), logits), (resident, policy, prefetch)
         st = offload_stats(model)
