@@ -32,6 +32,9 @@ DTYPES = {
 }
 
 
+SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": None}
+
+
 @dataclass
 class LoadedModel:
     source: ResolvedModel
@@ -43,6 +46,14 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         return int(self.model.config.max_position_embeddings)
+
+    def sampling(self, **chosen: float | int | None) -> dict[str, Any]:
+        """Sampling settings: what the user chose, else the model's generation_config.json, else our defaults."""
+        resolved = {}
+        for name, default in SAMPLING_DEFAULTS.items():
+            value = chosen.get(name)
+            resolved[name] = value if value is not None else self.generation_defaults.get(name, default)
+        return resolved
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -518,15 +518,17 @@ def chat(
     placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx)
     with ui.progress("loading") as cb:
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
-    d = lm.generation_defaults
+    chosen = lm.sampling(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repeat_penalty
+    )
     settings = ChatSettings(
-        temperature=temperature if temperature is not None else d.get("temperature", 0.7),
-        top_p=top_p if top_p is not None else d.get("top_p", 1.0),
-        top_k=top_k if top_k is not None else d.get("top_k", 0),
-        min_p=min_p if min_p is not None else d.get("min_p", 0.0),
+        temperature=chosen["temperature"],
+        top_p=chosen["top_p"],
+        top_k=chosen["top_k"],
+        min_p=chosen["min_p"],
         max_tokens=max_tokens,
         seed=seed,
-        repeat_penalty=repeat_penalty,
+        repeat_penalty=chosen["repetition_penalty"],
     )
     session = ChatSession(
         lm.model,

@@ -87,14 +87,11 @@ def run(
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         prompt_text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    d = lm.generation_defaults
-    sampler = make_sampler(
-        temperature=temperature if temperature is not None else d.get("temperature", 0.7),
-        top_p=top_p if top_p is not None else d.get("top_p", 1.0),
-        top_k=top_k if top_k is not None else d.get("top_k", 0),
-        min_p=min_p if min_p is not None else d.get("min_p", 0.0),
-        seed=seed,
+    chosen = lm.sampling(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repeat_penalty
     )
+    repetition_penalty = chosen.pop("repetition_penalty")
+    sampler = make_sampler(**chosen, seed=seed)
     ids = lm.tokenizer.encode(prompt_text)
     ctx = min(ctx, lm.context_length)
     if len(ids) >= ctx:
@@ -109,9 +106,7 @@ def run(
         ids,
         max_tokens=max_tokens,
         sampler=sampler,
-        logits_processors=make_logits_processors(
-            repeat_penalty if repeat_penalty is not None else d.get("repetition_penalty")
-        ),
+        logits_processors=make_logits_processors(repetition_penalty),
         stop_strings=stop or (),
         prompt_cache=cache,
         stats_fn=lambda: offload_stats(lm.model),
