@@ -10,7 +10,6 @@ test suite builds its fixtures with the same function.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from .paths import demo_dir
 from .tokenizer import CHATML_TEMPLATE
 
 # Qwen2's split regex (tokenizer.json pre_tokenizer of every Qwen2/Qwen3 model); llama.cpp calls it `qwen2`.
@@ -72,7 +72,6 @@ DEMO_CONFIG = {
     "hidden_act": "silu",
 }
 DEMO_SEED = 1234
-DEMO_VERSION = "3"  # bump when the recipe changes, so old caches are rebuilt
 
 
 def build_tokenizer(vocab_size: int = 800, corpus: str = CORPUS) -> Tokenizer:
@@ -148,13 +147,6 @@ def random_checkpoint_tensors(config: dict, seed: int, silent_tokens: list[int] 
         lm_head[list(silent_tokens)] = 0.0
         t["lm_head.weight"] = lm_head.to(torch.bfloat16)
     return t
-
-
-def demo_dir() -> Path:
-    base = os.environ.get("MARCO_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "marco-local"
-    )
-    return Path(base) / f"demo-v{DEMO_VERSION}"
 
 
 def ensure_demo_model(folder: Path | None = None) -> Path:

@@ -123,7 +123,7 @@ def _hf_cache_dir() -> Path:
 
 def _local_path(entry: ModelEntry) -> Path | None:
     if entry.source == "builtin:demo":
-        from .demo import demo_dir
+        from .paths import demo_dir
 
         folder = demo_dir()
         return folder if (folder / "config.json").is_file() else None  # listing never builds it
