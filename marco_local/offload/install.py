@@ -23,6 +23,7 @@ from torch import nn
 from ..checkpoint import Checkpoint
 from ..config import load_config
 from ..errors import MarcoError
+from ..kv_cache import kv_cache_bytes
 from ..models.qwen3_moe import Qwen3MoeForCausalLM
 from .budget import AUTO_GPU_MARGIN, WORKING_RESERVE, Placement, Plan, parse_size, plan_slots
 from .experts import OffloadedExperts
@@ -138,9 +139,10 @@ def file_mappings(paths: list[Path]) -> list[tuple[Path, int, int]]:
     return found
 
 
-def _kv_bytes(cfg, ctx: int, dtype: torch.dtype) -> int:
+def _kv_bytes(cfg, ctx: int, dtype: torch.dtype, device: torch.device) -> int:
     """The KV cache for `ctx` tokens plus the working reserve: what the budget sets aside besides weights."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * dtype.itemsize + WORKING_RESERVE
+    kv = kv_cache_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx, dtype, device)
+    return kv + WORKING_RESERVE
 
 
 def _budget(placement: Placement, device: torch.device) -> tuple[int | None, str]:
@@ -274,7 +276,7 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
         return MemoryStore.from_module(blocks[i].experts, layout, pin=device.type == "cuda")
 
     dtype = model.model.norm.weight.dtype  # the activation dtype: the KV cache is allocated in it
-    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype)
+    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype, device)
     largest = max(layouts.values(), key=lambda lay: lay.expert_bytes)  # layers may mix types (Q4_K_M: Q4_K/Q6_K)
     plan = _make_plan(model, largest, in_ram if device.type == "cpu" else 0, scratch, placement, device, fixed)
     return _wrap(model, layouts, make_store, plan, placement, device)
@@ -300,7 +302,7 @@ def load_offloaded(
     for i, block in blocks:  # headers only: fail on a bad checkpoint before reading weights
         layout = ExpertLayout(block.experts, cfg.num_experts)
         stores[i] = FileStore(layout, safetensors_segments(ckpt.file_of, f"model.layers.{i}.mlp.experts", layout))
-    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype)
+    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype, device)
     scratch = sum(st.resident_bytes for st in stores.values())
     plan = _make_plan(model, stores[blocks[0][0]].layout, 0, scratch, placement, device, fixed)  # before any read
     total = len(params)

@@ -1,0 +1,32 @@
+"""KVCache protocol: update/advance/trim, the float32 scratch of a bf16 CPU cache, and its byte count."""
+
+from __future__ import annotations
+
+import torch
+
+from marco_local.kv_cache import KVCache, kv_cache_bytes
+
+
+def test_update_returns_everything_cached_and_trim_forgets():
+    cache = KVCache(2, 2, 4, 8, dtype=torch.float32)
+    a = torch.randn(1, 2, 3, 4)
+    k, v = cache.update(1, a, -a)
+    cache.advance(3)
+    assert torch.equal(k, a) and torch.equal(v, -a)
+    b = torch.randn(1, 2, 1, 4)
+    k, _ = cache.update(1, b, b)
+    assert torch.equal(k, torch.cat([a, b], dim=2))
+    cache.trim(2)
+    assert cache.offset == 1
+
+
+def test_bf16_cpu_cache_attends_through_a_float32_scratch():
+    cache = KVCache(3, 2, 4, 16, dtype=torch.bfloat16)
+    x = torch.randn(1, 2, 5, 4).bfloat16()
+    k, v = cache.update(2, x, x * 2)
+    assert k.dtype == v.dtype == torch.float32 and k.shape == (1, 2, 5, 4)
+    assert torch.equal(k, x.float()) and torch.equal(v, (x * 2).float())
+    assert cache.keys.dtype == torch.bfloat16  # the cache itself stays bf16
+    assert cache.nbytes == kv_cache_bytes(3, 2, 4, 16, torch.bfloat16, "cpu")
+    f32 = KVCache(3, 2, 4, 16, dtype=torch.float32)
+    assert f32.float_keys is None and f32.nbytes == kv_cache_bytes(3, 2, 4, 16, torch.float32, "cpu")
