@@ -5,44 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from offload_gguf_fixtures import PROMPT, greedy, one_thread, prefill_logits, q4_path  # noqa: F401
 
-from marco_local.generate import PromptCache, generate_step
 from marco_local.offload import Placement, install, offload_stats
-from marco_local.sampling import make_sampler
-
-PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19, 8, 77, 150, 31, 200, 11, 96, 42]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a shared, oversubscribed CPU (100x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def greedy(model, steps: int = 10) -> list[int]:
-    cache = PromptCache(model.make_cache(len(PROMPT) + steps))
-    return list(generate_step(model, PROMPT, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=8))
-
-
-@torch.inference_mode()
-def prefill_logits(model) -> torch.Tensor:
-    return model(torch.tensor([PROMPT]), model.make_cache(len(PROMPT)))
-
-
-@pytest.fixture(scope="module")
-def q4_path(make_checkpoint, tmp_path_factory):
-    from marco_local.checkpoint import Checkpoint
-    from marco_local.config import load_config
-    from quant.gguf_writer import write_gguf
-
-    shape = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=512, num_hidden_layers=2)
-    folder, _ = make_checkpoint("offload-q4", seed=7, head_dim=64, **shape)
-    path = tmp_path_factory.mktemp("gguf") / "q4.gguf"
-    write_gguf(Checkpoint(folder), load_config(folder), folder, path, "q4_k_m")
-    return path
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
