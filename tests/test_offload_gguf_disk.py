@@ -25,6 +25,15 @@ BUDGET = 32 << 20
 MARGIN = 2 << 20
 
 
+def test_experts_in_file_are_not_repacked_at_load(q4_path):
+    from marco_local.gguf_loader import load_gguf
+
+    model, _ = load_gguf(q4_path, dtype=torch.bfloat16, experts_in_file=True)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.in_file == "int4" and experts.raws is None
+    assert all(t.is_meta for t in experts.fused.packed + experts.down_bank.scales_zeros)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_repack_on_read_matches_the_resident_model(q4_path, dtype, tmp_path):
     from marco_local.gguf_loader import load_gguf
