@@ -1,0 +1,180 @@
+"""Native CPU kernels that compute on ggml blocks as they lie in a GGUF file (or an offload slot).
+
+Why: torch's int4 kernel cannot read ggml's 5-, 6- and 8-bit blocks without repacking them into two nibbles, which
+costs a private copy of the weights (RSS above the file size) and ~30% more bytes read per token. These kernels
+quantize the activations to int8 blocks once per product (as llama.cpp does) and dot them with the weight blocks
+directly, so GGUF weights stay zero-copy views of the memory-mapped file.
+
+The C sources next to this file are compiled on first use with the system C compiler (`cc`, or $CC) for this CPU
+(-march=native), into the cache (`~/.cache/marco-local/native/<hash>/`), keyed by the sources, flags, compiler and
+CPU flags; later runs load the cached library. Without a compiler, or with MARCO_NATIVE=0, `library()` is None and
+callers keep torch's int4 path. Threads: OpenMP in the libgomp torch has loaded, sized by torch.get_num_threads().
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..paths import cache_home
+
+HERE = Path(__file__).parent
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
+# ggml type ids the kernels read (GGUF numbering)
+SUPPORTED_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
+
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_tried = False
+
+
+def _sources() -> list[Path]:
+    return sorted(HERE.glob("*.c")) + sorted(HERE.glob("*.h"))
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_key(cc: str) -> str:
+    h = hashlib.sha256()
+    for src in _sources():
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    for part in (" ".join(FLAGS), version, platform.machine(), _cpu_flags()):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    out_dir = cache_home() / "native" / _build_key(cc)
+    lib_path = out_dir / "libmarco_ggml.so"
+    if not lib_path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            c_files = [str(s) for s in _sources() if s.suffix == ".c"]
+            done = subprocess.run([cc, *FLAGS, "-o", tmp, *c_files, "-lm"], capture_output=True, text=True, timeout=600)
+            if done.returncode:
+                raise RuntimeError(f"compiling the native kernels failed: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, lib_path)  # atomic: concurrent builders each install a complete library
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return _bind(ctypes.CDLL(str(lib_path)))
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.marco_row_bytes.argtypes, lib.marco_row_bytes.restype = [i, i], i64
+    lib.marco_matmul.argtypes = [i, p, i64, i, i, p, i, p, i]
+    lib.marco_matmul.restype = i
+    lib.marco_moe.argtypes = [i, p, p, p, p, i, i, i, i, i, p, p, i]
+    lib.marco_moe.restype = i
+    lib.marco_dot_ref.argtypes, lib.marco_dot_ref.restype = [i, p, i, p], f
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None when they cannot be had (see `unavailable_reason`)."""
+    global _lib, _reason, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("MARCO_NATIVE", "1") == "0":
+            _reason = "disabled by MARCO_NATIVE=0"
+        elif platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+            _reason = f"not built for {platform.system()} {platform.machine()}"
+        else:
+            try:
+                _lib = _build()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _reason = str(e)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _reason
+
+
+def supports(ggml_type: int) -> bool:
+    """Whether the native kernels read this ggml type (and are available)."""
+    return int(ggml_type) in SUPPORTED_TYPES and available()
+
+
+def _check(code: int) -> None:
+    if code == -1:
+        raise ValueError("native kernel: unsupported type or shape")
+    if code:
+        raise MemoryError("native kernel: out of scratch memory")
+
+
+def matmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """float32 x [M, K] @ W.T -> float32 [M, N], W = the ggml rows `raw` [N, row_bytes] (rows may be strided)."""
+    lib = library()
+    x = x.contiguous()
+    n, m = raw.shape[0], x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    stride = raw.stride(0) if n > 1 else raw.shape[1]
+    code = lib.marco_matmul(
+        int(ggml_type), raw.data_ptr(), stride, n, in_features, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads()
+    )
+    _check(code)
+    return y
+
+
+def moe(
+    x: torch.Tensor,
+    gate_ptrs: list[int],
+    up_ptrs: list[int],
+    down_ptrs: list[int],
+    route_weights: torch.Tensor,
+    types: tuple[int, int, int],
+    hidden: int,
+    inter: int,
+) -> torch.Tensor:
+    """One token (float32 x [hidden]) through the selected experts, whose matrices start at the given addresses;
+    route_weights float32 [A]. Returns float32 [hidden]: sum_e w_e * down_e(silu(gate_e x) * up_e x)."""
+    lib = library()
+    a = len(gate_ptrs)
+    arr = ctypes.c_int64 * a
+    y = torch.empty(hidden, dtype=torch.float32)
+    rw = route_weights.contiguous()
+    code = lib.marco_moe(
+        a, arr(*gate_ptrs), arr(*up_ptrs), arr(*down_ptrs), rw.data_ptr(), int(types[0]), int(types[1]),
+        int(types[2]), hidden, inter, x.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+    )
+    _check(code)
+    return y
+
+
+def row_bytes(ggml_type: int, k: int) -> int:
+    return int(library().marco_row_bytes(int(ggml_type), k))
+
+
+def dot_reference(raw_row: torch.Tensor, ggml_type: int, x: torch.Tensor) -> float:
+    """The plain-C kernel's dot of one ggml row with float32 x (tests compare the vectorised kernels with it)."""
+    raw_row, x = raw_row.contiguous(), x.contiguous().float()
+    return float(library().marco_dot_ref(int(ggml_type), raw_row.data_ptr(), x.numel(), x.data_ptr()))

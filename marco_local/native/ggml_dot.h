@@ -1,0 +1,100 @@
+/* Dot products of ggml weight blocks with int8-quantized activations, for marco-local's native CPU kernels.
+ *
+ * Why: torch's int4 kernel cannot read ggml's 5-, 6- and 8-bit blocks without splitting them into two nibbles, which
+ * costs memory and bandwidth. These kernels read the blocks as they lie in the GGUF file (or in an offload slot).
+ *
+ * Activations are quantized once per matrix product, like llama.cpp does (Q8_0 / Q8_K): to blocks of 32 for the
+ * 32-weight types, to blocks of 256 for the K-quants. Block layouts of the weights are ggml's (ggml-common.h).
+ */
+#ifndef MARCO_GGML_DOT_H
+#define MARCO_GGML_DOT_H
+
+#include <stdint.h>
+#include <string.h>
+
+/* ggml type ids (the GGUF file's numbers) */
+enum {
+    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+    T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
+};
+
+/* Activations, blocks of 32: x[i] ~= d * qs[i]; s = d * sum(qs) (carries the weight blocks' additive constants). */
+typedef struct {
+    float d;
+    float s;
+    int8_t qs[32];
+} act32;
+
+/* Activations, blocks of 256: x[i] ~= d * qs[i]; bsums[j] = sum(qs[16 j .. 16 j + 15]). */
+typedef struct {
+    float d;
+    int16_t bsums[16];
+    int8_t qs[256];
+} act256;
+
+/* Weight blocks (ggml-common.h). Halves are IEEE binary16 stored as uint16_t. */
+typedef struct { uint16_t d; uint8_t qs[16]; } blk_q4_0;                      /* 18 bytes */
+typedef struct { uint16_t d, m; uint8_t qs[16]; } blk_q4_1;                   /* 20 */
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } blk_q5_0;       /* 22 */
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } blk_q5_1;    /* 24 */
+typedef struct { uint16_t d; int8_t qs[32]; } blk_q8_0;                       /* 34 */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } blk_q4_K;              /* 144 */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } blk_q5_K; /* 176 */
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } blk_q6_K;     /* 210 */
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            mant &= 0x3FF;
+            bits = sign | ((exp + 112) << 23) | (mant << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000 | (mant << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* get_scale_min_k4: the j-th 6-bit (scale, min) of a Q4_K/Q5_K block's packed scales[12]. */
+static inline void k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *mn) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+void quantize_act32(const float *x, act32 *y, int k);   /* k % 32 == 0 */
+void quantize_act256(const float *x, act256 *y, int k); /* k % 256 == 0 */
+
+/* One weight row (k inputs, k / block_size blocks) dotted with one quantized activation row. */
+float dot_q4_0(int k, const void *w, const act32 *a);
+float dot_q4_1(int k, const void *w, const act32 *a);
+float dot_q5_0(int k, const void *w, const act32 *a);
+float dot_q5_1(int k, const void *w, const act32 *a);
+float dot_q8_0(int k, const void *w, const act32 *a);
+float dot_q4_K(int k, const void *w, const act256 *a);
+float dot_q5_K(int k, const void *w, const act256 *a);
+float dot_q6_K(int k, const void *w, const act256 *a);
+
+/* Plain-C versions of the same (the reference the vectorised ones are tested against). */
+float dot_q4_0_ref(int k, const void *w, const act32 *a);
+float dot_q4_1_ref(int k, const void *w, const act32 *a);
+float dot_q5_0_ref(int k, const void *w, const act32 *a);
+float dot_q5_1_ref(int k, const void *w, const act32 *a);
+float dot_q8_0_ref(int k, const void *w, const act32 *a);
+float dot_q4_K_ref(int k, const void *w, const act256 *a);
+float dot_q5_K_ref(int k, const void *w, const act256 *a);
+float dot_q6_K_ref(int k, const void *w, const act256 *a);
+
+#endif

@@ -1,0 +1,165 @@
+/* Matrix products on ggml blocks: y = x @ W.T for a quantized W, and one token through a layer's selected experts.
+ *
+ * Threads: OpenMP, in the libgomp that torch already loaded (same soname), with the thread count passed in by the
+ * caller (torch.get_num_threads()). Activations are quantized into a per-thread scratch that grows and is reused, so
+ * the decode path allocates nothing after its first call.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "ggml_dot.h"
+
+typedef float (*dot32_fn)(int, const void *, const act32 *);
+typedef float (*dot256_fn)(int, const void *, const act256 *);
+
+typedef struct {
+    int block, type_size;
+    dot32_fn dot32;   /* set for the 32-weight types */
+    dot256_fn dot256; /* set for the K-quants */
+} kind;
+
+static int kind_of(int type, kind *t) {
+    kind k = {0, 0, 0, 0};
+    switch (type) {
+    case T_Q4_0: k = (kind){32, 18, dot_q4_0, 0}; break;
+    case T_Q4_1: k = (kind){32, 20, dot_q4_1, 0}; break;
+    case T_Q5_0: k = (kind){32, 22, dot_q5_0, 0}; break;
+    case T_Q5_1: k = (kind){32, 24, dot_q5_1, 0}; break;
+    case T_Q8_0: k = (kind){32, 34, dot_q8_0, 0}; break;
+    case T_Q4_K: k = (kind){256, 144, 0, dot_q4_K}; break;
+    case T_Q5_K: k = (kind){256, 176, 0, dot_q5_K}; break;
+    case T_Q6_K: k = (kind){256, 210, 0, dot_q6_K}; break;
+    default: return -1;
+    }
+    *t = k;
+    return 0;
+}
+
+static size_t act_bytes(const kind *t, int k) {
+    return t->dot32 ? (size_t)(k / 32) * sizeof(act32) : (size_t)(k / 256) * sizeof(act256);
+}
+
+static void quantize_act(const kind *t, const float *x, void *dst, int k) {
+    if (t->dot32)
+        quantize_act32(x, dst, k);
+    else
+        quantize_act256(x, dst, k);
+}
+
+static inline float dot(const kind *t, int k, const uint8_t *w, const void *a) {
+    return t->dot32 ? t->dot32(k, w, a) : t->dot256(k, w, a);
+}
+
+/* Scratch of the calling thread, grown on demand and kept. */
+static __thread void *scratch_ptr;
+static __thread size_t scratch_size;
+
+static void *scratch(size_t bytes) {
+    if (bytes > scratch_size) {
+        void *p = realloc(scratch_ptr, bytes);
+        if (!p) return NULL;
+        scratch_ptr = p;
+        scratch_size = bytes;
+    }
+    return scratch_ptr;
+}
+
+/* Bytes of one row of k inputs of `type`, or -1 when the type is not supported or k is not a whole number of
+ * blocks. */
+int64_t marco_row_bytes(int type, int k) {
+    kind t;
+    if (kind_of(type, &t) || k <= 0 || k % t.block) return -1;
+    return (int64_t)(k / t.block) * t.type_size;
+}
+
+/* y[m, n] = x[m, k] @ W.T, W = n rows of ggml blocks, `row_stride` bytes apart. Returns 0, or -1 for an unsupported
+ * type or shape, -2 when scratch memory could not be had. */
+int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, const float *x, int m, float *y,
+                 int n_threads) {
+    kind t;
+    if (kind_of(type, &t) || k % t.block || n < 0 || m < 0) return -1;
+    size_t ab = act_bytes(&t, k);
+    uint8_t *acts = scratch(ab * (size_t)m);
+    if (!acts && m) return -2;
+    for (int i = 0; i < m; i++) quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
+    /* Rows are split over threads; each thread runs every token of its rows (a weight row is read once). */
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int r = 0; r < n; r++) {
+        const uint8_t *row = w + (size_t)r * row_stride;
+        for (int i = 0; i < m; i++) y[(size_t)i * n + r] = dot(&t, k, row, acts + ab * i);
+    }
+    return 0;
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* One token through `n_sel` experts: y[hidden] = sum_e route_w[e] * down_e(silu(gate_e(x)) * up_e(x)).
+ * Expert e's matrices start at gate_ptrs[e] / up_ptrs[e] ([inter] rows of `hidden` inputs) and down_ptrs[e]
+ * ([hidden] rows of `inter` inputs), rows contiguous. The routing weight is applied before the (linear) down
+ * projection, so each output row sums its experts in one pass and no thread reduces another's work. */
+int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
+              const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter, const float *x,
+              float *y, int n_threads) {
+    kind tg, tu, td;
+    if (kind_of(gate_type, &tg) || kind_of(up_type, &tu) || kind_of(down_type, &td)) return -1;
+    if (hidden % tg.block || hidden % tu.block || inter % td.block || n_sel <= 0) return -1;
+    size_t gb = act_bytes(&tg, hidden), ub = act_bytes(&tu, hidden), db = act_bytes(&td, inter);
+    size_t hbytes = sizeof(float) * 2 * (size_t)n_sel * inter;
+    uint8_t *buf = scratch(gb + ub + hbytes + db * n_sel);
+    if (!buf) return -2;
+    uint8_t *xg = buf, *xu = buf + gb;
+    float *h = (float *)(buf + gb + ub); /* [n_sel][2][inter]: gate, then up */
+    uint8_t *ad = buf + gb + ub + hbytes;
+    int64_t rg = (int64_t)(hidden / tg.block) * tg.type_size, ru = (int64_t)(hidden / tu.block) * tu.type_size;
+    int64_t rd = (int64_t)(inter / td.block) * td.type_size;
+    quantize_act(&tg, x, xg, hidden);
+    if ((tu.dot32 && tg.dot32) || (tu.dot256 && tg.dot256))
+        xu = xg;
+    else
+        quantize_act(&tu, x, xu, hidden);
+    int gate_up_rows = 2 * n_sel * inter;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int r = 0; r < gate_up_rows; r++) {
+            int e = r / (2 * inter), which = (r / inter) & 1, i = r % inter;
+            const uint8_t *row = (const uint8_t *)(which ? up_ptrs[e] : gate_ptrs[e]) + (size_t)i * (which ? ru : rg);
+            h[r] = which ? dot(&tu, hidden, row, xu) : dot(&tg, hidden, row, xg);
+        }
+#pragma omp for schedule(static)
+        for (int e = 0; e < n_sel; e++) {
+            float *g = h + (size_t)e * 2 * inter, *u = g + inter;
+            for (int i = 0; i < inter; i++) g[i] = silu(g[i]) * u[i] * route_w[e];
+            quantize_act(&td, g, ad + db * e, inter);
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < hidden; r++) {
+            float acc = 0.0f;
+            for (int e = 0; e < n_sel; e++) acc += dot(&td, inter, (const uint8_t *)down_ptrs[e] + (size_t)r * rd, ad + db * e);
+            y[r] = acc;
+        }
+    }
+    return 0;
+}
+
+/* The plain-C reference kernels by type, for tests: one row dotted with x (quantized here). */
+float marco_dot_ref(int type, const uint8_t *w, int k, const float *x) {
+    kind t;
+    if (kind_of(type, &t) || k % t.block) return NAN;
+    void *a = malloc(act_bytes(&t, k));
+    if (!a) return NAN;
+    quantize_act(&t, x, a, k);
+    float r;
+    switch (type) {
+    case T_Q4_0: r = dot_q4_0_ref(k, w, a); break;
+    case T_Q4_1: r = dot_q4_1_ref(k, w, a); break;
+    case T_Q5_0: r = dot_q5_0_ref(k, w, a); break;
+    case T_Q5_1: r = dot_q5_1_ref(k, w, a); break;
+    case T_Q8_0: r = dot_q8_0_ref(k, w, a); break;
+    case T_Q4_K: r = dot_q4_K_ref(k, w, a); break;
+    case T_Q5_K: r = dot_q5_K_ref(k, w, a); break;
+    default: r = dot_q6_K_ref(k, w, a); break;
+    }
+    free(a);
+    return r;
+}
