@@ -1,0 +1,123 @@
+"""The vectorised native kernels for the 32-weight ggml types (marco_local/native/dot_legacy.c) against exact sums.
+
+The kernels quantize the activations to int8 blocks of 32 (act_quant.c) and dot them with the weight blocks. The
+activation quantization is reproduced here in float32 torch ops (d = amax / 127, q = round-half-to-even(x * (1 / d)),
+as lrintf does), so the kernel's result can be checked against the float64 sum of dequantized weights times d * q.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from marco_local import native
+from quant.ggml_codecs import codec_for
+
+if not native.available():
+    pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}", allow_module_level=True)
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+ROWS = 24
+# weight = d * u + c with u the block's unsigned integer (Q4/Q5) and c = OFFSET * d (Q4_0, Q5_0) or the block's m
+OFFSET = {"Q4_0": 8.0, "Q5_0": 16.0, "Q8_0": 0.0}
+
+
+def quantize_act(x: torch.Tensor) -> torch.Tensor:
+    """float32 [M, K] -> the activations the kernels see, d * q per element, float64 [M, K]."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv)  # half to even, like lrintf in the default rounding mode
+    assert q.abs().max() <= 127
+    return (d.double() * q.double()).reshape(x.shape)
+
+
+def error_scale(name: str, raw: torch.Tensor, wd: torch.Tensor, xa: torch.Tensor) -> torch.Tensor:
+    """[M, N]: sum over i of (|w_i| + |c_i|) * |a_i|, the size of the terms the kernels add in float32.
+
+    Float32 sums of K products round at ~1e-7 of the magnitudes they add, and the kernels add d * u * a and c * a
+    separately (the constants go through the activation block's d * sum(q)): a row whose terms cancel has a small
+    result, so errors are measured relative to this, not to the result."""
+    c = codec_for(name)
+    blocks = raw.reshape(raw.shape[0], -1, c.type_size)
+    halves = blocks[..., :4].contiguous().view(torch.float16).double()  # d, and m for Q4_1 / Q5_1
+    const = halves[..., 1] if name not in OFFSET else halves[..., 0] * OFFSET[name]
+    mag = wd.abs() + const.abs().repeat_interleave(32, dim=1)
+    return xa.abs() @ mag.T + 1e-30
+
+
+def make_weights(kind: str, k: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "normal":
+        w = torch.randn(ROWS, k, generator=gen)
+    else:  # heavy tails (student-t, 2 degrees of freedom) and some positive-only rows
+        z = torch.randn(ROWS, k, generator=gen)
+        chi2 = torch.randn(ROWS, k, 2, generator=gen).square().sum(-1)
+        w = z / (chi2 / 2).sqrt() * 0.02
+        w[1::4] = w[1::4].abs() + 0.01
+    w[0, :32] = 0.0  # an all-zero block (d = 0)
+    w[2] = 0.0  # an all-zero row
+    return w
+
+
+def make_acts(kind: str, k: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(3, k, generator=gen)
+    if kind != "normal":
+        x[0] = x[0].abs() * 0.1  # all positive: the blocks' additive constants do not cancel
+        x[1, :: max(1, k // 7)] *= 300.0  # outliers
+    x[2, 32:64] = 0.0  # an all-zero activation block (d = 0, q = 0)
+    return x
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("kind", ["normal", "heavy"])
+@pytest.mark.parametrize("k", [32, 384, 1024])
+def test_matches_exact_sum_and_reference(name: str, kind: str, k: int) -> None:
+    gen = torch.Generator().manual_seed(TYPES.index(name) * 10000 + k * 2 + (kind == "heavy"))
+    c = codec_for(name)
+    raw = c.quantize(make_weights(kind, k, gen)).reshape(ROWS, -1)
+    wd = c.dequantize(raw).reshape(ROWS, k).double()
+    x = make_acts(kind, k, gen)
+    got = native.matmul(x, raw, c.ggml_type, k).double()
+    xa = quantize_act(x)
+    exact = xa @ wd.T
+    # Seen (relative to error_scale): <= 2e-7 against the exact sum, <= 2e-7 against the plain-C kernel.
+    scale = error_scale(name, raw, wd, xa)
+    err = ((got - exact).abs() / scale).max().item()
+    assert err < 1e-5, f"{name} {kind} k={k}: relative error {err:.2e} against the exact sum"
+    ref = torch.tensor([[native.dot_reference(raw[r], c.ggml_type, x[i]) for r in range(ROWS)] for i in range(3)])
+    err_ref = ((got - ref.double()).abs() / scale).max().item()
+    assert err_ref < 1e-6, f"{name} {kind} k={k}: relative difference {err_ref:.2e} from the plain-C kernel"
+    assert got[:, 2].eq(0).all()  # the all-zero row
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_close_to_float_product(name: str) -> None:
+    """Against x @ W.T in float64 with unquantized activations: only the int8 activation error remains (measured
+    relative error, norm over the output: 0.5-0.6% for every type)."""
+    gen = torch.Generator().manual_seed(7)
+    c = codec_for(name)
+    k, n = 1024, 256
+    raw = c.quantize(torch.randn(n, k, generator=gen)).reshape(n, -1)
+    wd = c.dequantize(raw).reshape(n, k).double()
+    x = torch.randn(4, k, generator=gen)
+    got = native.matmul(x, raw, c.ggml_type, k).double()
+    want = x.double() @ wd.T
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1.5e-2, f"{name}: relative error {rel:.2e}"
+
+
+def test_strided_rows_and_odd_block_counts() -> None:
+    """Rows `row_stride` apart inside a wider buffer, and block counts that are not a multiple of the 4-block step."""
+    gen = torch.Generator().manual_seed(3)
+    for name in TYPES:
+        c = codec_for(name)
+        for k in (64, 96, 224):
+            raw = c.quantize(torch.randn(ROWS, k, generator=gen)).reshape(ROWS, -1)
+            wide = torch.zeros(ROWS, raw.shape[1] + 13, dtype=torch.uint8)
+            wide[:, 5 : 5 + raw.shape[1]] = raw
+            view = wide[:, 5 : 5 + raw.shape[1]]
+            x = torch.randn(2, k, generator=gen)
+            got = native.matmul(x, view, c.ggml_type, k).double()
+            xa, wd = quantize_act(x), c.dequantize(raw).reshape(ROWS, k).double()
+            scale = error_scale(name, raw, wd, xa)
+            assert ((got - xa @ wd.T).abs() / scale).max().item() < 1e-5, (name, k)
