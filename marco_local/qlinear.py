@@ -1,4 +1,10 @@
-"""Linear layers, experts and embeddings that keep GGUF weights quantized and run torch's int4 kernel on them.
+"""Linear layers, experts and embeddings that keep GGUF weights quantized and compute on them.
+
+Two kernel families. When the native kernels can be had (`marco_local.native`: C, compiled on first use), every
+quantized type they read (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) runs on the file's blocks as they lie:
+nothing is repacked, the weights stay zero-copy views of the memory-mapped GGUF, and a layer's selected experts run
+in one call per token (`native.moe`). The activations are quantized to int8 blocks for that (llama.cpp's numerics).
+Without them (no C compiler, or MARCO_NATIVE=0), the torch int4 path below is used; its description follows.
 
 Job: turn the raw ggml blocks of a tensor (a zero-copy uint8 view `[rows, row_bytes]` of the GGUF file) into modules
 whose forward computes `x @ W.T` without ever materialising W in float. The loader builds them with `make_linear`,
@@ -58,6 +64,7 @@ from torch import nn
 
 from quant.ggml_codecs import Codec, codec_for
 
+from . import native
 from .models.qwen3_moe import Experts
 
 KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the CPU int4 kernel vectorises
@@ -342,11 +349,13 @@ class QLinear(nn.Module):
         _check_raw(raw, self.codec, (out_features,), in_features)
         self.raw = raw  # the file's bytes: the exact float32 path and `rows` read them
         self.dense = self.ggml_type in DENSE
-        self.q = None if self.dense else Int4Weight(raw, self.ggml_type, out_features, in_features)
+        self.native = not self.dense and native.supports(self.ggml_type)
+        self.q = None if self.dense or self.native else Int4Weight(raw, self.ggml_type, out_features, in_features)
         self.weight_view = _dense_view(raw, self.ggml_type, in_features) if self.dense else None
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, {self.ggml_type.name}"
+        kernel = ", native" if self.native else ""
+        return f"{self.in_features} -> {self.out_features}, {self.ggml_type.name}{kernel}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -356,6 +365,8 @@ class QLinear(nn.Module):
             y = F.linear(x2, w.float()) if x.dtype == torch.float32 else _dense_mm(x2, w)
         elif x.dtype == torch.float32:
             y = F.linear(x2, self.codec.dequantize(self.raw))  # exact reference path
+        elif self.native:
+            y = native.matmul(x2.float(), self.raw, self.ggml_type, self.in_features).to(x.dtype)
         else:
             q = self.q
             xb = x2 if x2.dtype == KERNEL_DTYPE else x2.to(KERNEL_DTYPE)
@@ -471,11 +482,15 @@ class QExperts(Experts):
         self.raws = (gate_raw, up_raw, down_raw)
         gt, ut, dt = self.types
         self.dense = any(t in DENSE for t in self.types)
+        self.native = not self.dense and all(native.supports(t) for t in self.types)
+        if self.native and in_file:  # the native kernels read raw blocks: an offload slot holds them as they are
+            in_file = "raw"
         self.fused: _Int4Bank | None = None
         # in_file ("int4" or "raw"): nothing is repacked here. An offload runtime owns the per-expert data (its
         # slots) and fills a slot with `fill_expert` from the expert's raw blocks, read from the file on a miss.
         # "int4" slots hold only the kernel form (bf16/f16 models): the file's views move to a private name, which the
-        # slot layout does not pick up. "raw" slots hold only the raw blocks (float32 models: the exact path).
+        # slot layout does not pick up. "raw" slots hold only the raw blocks (float32 models: the exact path; the
+        # native kernels).
         self.in_file = None if self.dense else in_file
         self._file_raws = self.raws
         if self.in_file == "int4":
@@ -486,7 +501,7 @@ class QExperts(Experts):
                 for r, t in zip(self.raws, self.types, strict=True)
             )
             return
-        if self.in_file == "raw":
+        if self.in_file == "raw" or self.native:
             return
         repack = self.in_file is None
         if gt == ut:
@@ -547,6 +562,12 @@ class QExperts(Experts):
         if x.dtype == torch.float32:  # exact reference path
             g, u, d = (c.dequantize(r[e]) for c, r in zip(self.codecs, self.raws, strict=True))
             return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        if self.native:
+            (g, u, d), (gt, ut, dt) = self.raws, self.types
+            xf = x.float()
+            h = native.matmul(xf, g[e], gt, self.hidden)
+            h = F.silu(h) * native.matmul(xf, u[e], ut, self.hidden)
+            return native.matmul(h, d[e], dt, self.intermediate).to(x.dtype)
         if self.dense:
             g, u, d = (v[e] for v in self.views)
             return _dense_mm(F.silu(_dense_mm(x, g)) * _dense_mm(x, u), d)
@@ -565,8 +586,22 @@ class QExperts(Experts):
         ys = [_MM(r, b.packed[e], b.group, b.scales_zeros[e]) for r, e in zip(ap.split(1), experts, strict=True)]
         return torch.cat(ys).sum(0, keepdim=True)[:, : self.hidden].to(x.dtype)
 
+    def _decode_native(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token through the selected experts in one native call (the raws may be file views or slots)."""
+        experts = idx.reshape(-1).tolist()
+        ptrs = []
+        for r in self.raws:
+            base, stride = r.data_ptr(), r.stride(0)  # uint8: strides are bytes
+            ptrs.append([base + e * stride for e in experts])
+        y = native.moe(
+            x.reshape(-1).float(), *ptrs, weights.reshape(-1).float(), self.types, self.hidden, self.intermediate
+        )
+        return y.view(1, -1).to(x.dtype)
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and not self.dense and x.dtype != torch.float32:
+            if self.native:
+                return self._decode_native(x, idx, weights)
             return self._decode(x, idx, weights)
         return super().forward(x, idx, weights)
 
@@ -574,7 +609,7 @@ class QExperts(Experts):
 def make_linear(raw: torch.Tensor, ggml_type, out_features: int, in_features: int) -> QLinear:
     """A module computing `x @ W.T` for the GGUF tensor whose raw bytes are `raw` [out_features, row_bytes]."""
     lin = QLinear(raw, ggml_type, out_features, in_features)
-    if not lin.dense:
+    if lin.q is not None:
         release_pages(raw)  # repacked: the file's pages are only read again by the float32 path and `rows`
         if out_features * in_features >= 1 << 24:
             trim_heap()
@@ -594,7 +629,7 @@ def make_experts(
     """The experts of one layer from `ffn_{gate,up,down}_exps` bytes: gate/up [E, I, bytes], down [E, D, bytes].
     `in_file` ("int4" / "raw", see `QExperts`): repack nothing and touch no expert page (the experts are offloaded)."""
     experts = QExperts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate, in_file)
-    if not experts.dense and not experts.in_file:
+    if not experts.dense and not experts.in_file and not experts.native:
         for raw in (gate_raw, up_raw, down_raw):
             release_pages(raw)
         trim_heap()

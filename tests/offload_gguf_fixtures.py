@@ -41,3 +41,18 @@ def q4_path(make_checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "q4.gguf"
     write_gguf(Checkpoint(folder), load_config(folder), folder, path, "q4_k_m")
     return path
+
+
+@pytest.fixture
+def int4_kernels(monkeypatch):
+    """Pin qlinear's torch int4 path (the one used without the native kernels)."""
+    from marco_local import native
+
+    monkeypatch.setattr(native, "supports", lambda ggml_type: False)
+
+
+def native_or_skip():
+    from marco_local import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")

@@ -22,12 +22,14 @@ TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "
 
 # Float reference (transformers on the same dequantized weights), float32 activations: the loader's exact path.
 F32_REL_TOL = 1e-4
-# bf16 activations take qlinear's int4 kernels (scales in bf16, activations and outputs rounded to bf16). A max-error
-# bound is the wrong check there: bf16 rounding flips a near-tie in the top-k routing at one or two positions, which
-# moves those logits by up to ~0.3 of max |logit|. So: median over positions of max |diff| / max |ref|, and the KL
-# divergence from the dequantized float reference (measured: median 1.3e-2 - 1.9e-2, KL 1.6e-4 - 3.8e-3).
+# bf16 activations take the native kernels (activations quantized to int8 blocks, as llama.cpp does) or, without
+# them, qlinear's int4 kernels (scales in bf16, activations and outputs rounded to bf16). A max-error bound is the
+# wrong check there: rounding flips a near-tie in the top-k routing at one or two positions, which moves those logits
+# by up to ~0.4 of max |logit|. So: median over positions of max |diff| / max |ref|, and the KL divergence from the
+# dequantized float reference (measured, native: median 1.2e-2 - 2.9e-2, KL 1.5e-4 - 1.04e-2 (Q4_K); int4: median
+# 1.2e-2 - 1.9e-2, KL 1.5e-4 - 5.6e-3). The KL from the unquantized model is the same for both (figures below).
 BF16_MEDIAN_TOL = 0.04
-BF16_KL_TOL = 0.01
+BF16_KL_TOL = 0.02
 # KL(unquantized transformers || ours) per token, mean over 2 x 24 positions, float32 activations, measured on this
 # fixture (2 layers, random weights, vocabulary 400): the bound is a few times the measured figure.
 # Measured (nats/token; float32 path, bf16 path): F32 2.2e-14, 1.6e-4 | F16 5.2e-7, 1.7e-4 | BF16 3.8e-5, 1.7e-4 |

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from offload_gguf_fixtures import PROMPT, greedy, one_thread, prefill_logits, q4_path  # noqa: F401
+from offload_gguf_fixtures import (  # noqa: F401
+    PROMPT,
+    greedy,
+    int4_kernels,
+    native_or_skip,
+    one_thread,
+    prefill_logits,
+    q4_path,
+)
 
 from marco_local.offload import Placement, install, offload_stats
 
@@ -24,10 +32,23 @@ def test_quantized_gguf_experts_offload_identically(q4_path, dtype):
         assert offload_stats(model)["expert_slots_per_layer"] == int(slots)
 
 
-def test_ram_budget_with_experts_held_in_ram_is_refused_clearly(q4_path):
+def test_ram_budget_with_experts_held_in_ram_is_refused_clearly(q4_path, int4_kernels):
     from marco_local.errors import MarcoError
     from marco_local.gguf_loader import load_gguf
 
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16, device=torch.device("cpu"))
     with pytest.raises(MarcoError, match="cannot stay in the file"):
         install(model, Placement(ram_mem="1GiB"), files=[q4_path])
+
+
+def test_ram_budget_with_native_experts_reads_the_file(q4_path):
+    """Native kernels keep a loaded GGUF's experts as views of the file: a RAM budget then reads them from there."""
+    native_or_skip()
+    from marco_local.gguf_loader import load_gguf
+
+    plain, _ = load_gguf(q4_path, dtype=torch.bfloat16)
+    want = greedy(plain)
+    model, _ = load_gguf(q4_path, dtype=torch.bfloat16)
+    install(model, Placement(ram_mem="1GiB", ctx=64), files=[q4_path])
+    assert greedy(model) == want
+    model.offload.close()

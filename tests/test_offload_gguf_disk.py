@@ -1,5 +1,5 @@
-"""Disk tier for GGUF models (CPU-only): experts left in the .gguf file, read as raw ggml blocks on a miss and repacked
-into the slot's int4 form (repack on read).
+"""Disk tier for GGUF models (CPU-only): experts left in the .gguf file, read as raw ggml blocks on a miss, kept as they
+are in the slot (native kernels) or repacked into the slot's int4 form (repack on read, without them).
 
 Checks: loading with `experts_in_file` repacks and reads no expert; output equals the fully resident GGUF model (same
 tokens, bit-identical logits: a slot holds exactly the bytes the load-time repack makes) for one slot to all, every
@@ -10,13 +10,22 @@ and RSS stays within the budget plus MARGIN, measured in a fresh subprocess as t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from offload_gguf_fixtures import PROMPT, greedy, one_thread, prefill_logits, q4_path  # noqa: F401
+from offload_gguf_fixtures import (  # noqa: F401
+    PROMPT,
+    greedy,
+    int4_kernels,
+    native_or_skip,
+    one_thread,
+    prefill_logits,
+    q4_path,
+)
 from test_offload_disk import CONFIG, write_random_checkpoint
 
 from marco_local.offload import Placement, install, offload_stats
@@ -25,13 +34,32 @@ BUDGET = 32 << 20
 MARGIN = 2 << 20
 
 
-def test_experts_in_file_are_not_repacked_at_load(q4_path):
+def test_experts_in_file_are_not_repacked_at_load(q4_path, int4_kernels):
     from marco_local.gguf_loader import load_gguf
 
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16, experts_in_file=True)
     experts = model.model.layers[0].mlp.experts
     assert experts.in_file == "int4" and experts.raws is None
     assert all(t.is_meta for t in experts.fused.packed + experts.down_bank.scales_zeros)
+
+
+def test_native_experts_in_file_keep_raw_blocks(q4_path):
+    native_or_skip()
+    from marco_local.gguf_loader import load_gguf
+
+    model, _ = load_gguf(q4_path, dtype=torch.bfloat16, experts_in_file=True)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.native and experts.in_file == "raw" and experts.fused is None
+    assert all(r.data_ptr() == f.data_ptr() for r, f in zip(experts.raws, experts.file_raws, strict=True))
+    install(model, Placement(experts_resident="2"), files=[q4_path])
+    x = model.model.layers[1].mlp.experts
+    for e in (0, 5):
+        x.preload([e])
+        s = x.table.slot_of[e]
+        for slot_raw, file_raw in zip(x.inner.raws, x.inner.file_raws, strict=True):
+            assert torch.equal(slot_raw[s], file_raw[e])  # a slot holds the file's blocks, nothing else
+    assert x.layout.expert_bytes < 1.1 * sum(r[0].nbytes for r in x.inner.file_raws)
+    model.offload.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -57,7 +85,7 @@ def test_repack_on_read_matches_the_resident_model(q4_path, dtype, tmp_path):
         model.offload.close()
 
 
-def test_slot_bytes_equal_the_load_time_repack(q4_path):
+def test_slot_bytes_equal_the_load_time_repack(q4_path, int4_kernels):
     from marco_local.gguf_loader import load_gguf
 
     plain, _ = load_gguf(q4_path, dtype=torch.bfloat16)
@@ -134,18 +162,24 @@ def big_gguf(tmp_path_factory, tokenizer_obj):
     return path
 
 
-def test_ram_budget_holds_with_experts_in_the_gguf(big_gguf):
+@pytest.mark.parametrize("kernels", ["native", "int4"])
+def test_ram_budget_holds_with_experts_in_the_gguf(big_gguf, kernels, monkeypatch):
+    from marco_local import native
     from marco_local.gguf_loader import load_gguf
 
+    if kernels == "native":
+        native_or_skip()
+    else:
+        monkeypatch.setattr(native, "supports", lambda ggml_type: False)
+    env = {**os.environ, "MARCO_NATIVE": "1" if kernels == "native" else "0"}
     prompt, steps = list(range(3, 40)), 12
     plain, _ = load_gguf(big_gguf, dtype=torch.bfloat16)
     want = greedy(plain, prompt, steps)
-    layers = plain.model.layers
-    expert_bytes = sum(layer.mlp.experts.fused.nbytes + layer.mlp.experts.down_bank.nbytes for layer in layers)
-    assert expert_bytes > 2 * BUDGET
-    del plain, layers
+    expert_bytes = sum(r.nbytes for layer in plain.model.layers for r in layer.mlp.experts.file_raws)
+    assert expert_bytes > 1.5 * BUDGET  # the file's expert blocks
+    del plain
     args = [sys.executable, "-c", MEASURE, str(big_gguf), str(BUDGET), json.dumps(prompt), str(steps)]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["tokens"] == want

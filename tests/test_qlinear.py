@@ -3,7 +3,8 @@
 Tolerances (see marco_local/qlinear.py): bf16 activations run the int4 kernel with bf16 group scales: each represented
 weight within 2^-6.5 of its block's largest |w| (measured worst 2^-6.75, Q5_1/Q5_K), and a relative output error
 below 6e-3 (measured 2.4e-3 for the 4-bit types and Q8_0, up to 3.9e-3 for the 5-bit ones); float32 activations take
-the exact path (1e-5).
+the exact path (1e-5). These tests pin the int4 path (the one used without the native kernels); the native kernels'
+own tests are tests/test_native*.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as GT
 
+from marco_local import native
 from marco_local.models.qwen3_moe import Experts
 from marco_local.qlinear import DENSE, LAYOUTS, _pack_rows, make_embedding, make_experts, make_linear
 from quant.ggml_codecs import codec_for
@@ -20,6 +22,11 @@ TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "
 BF16_REL_TOL = 6e-3
 F32_REL_TOL = 1e-5
 BLOCK_TOL = 2**-6.5
+
+
+@pytest.fixture(autouse=True)
+def int4_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "supports", lambda ggml_type: False)
 
 
 def _quantized(name: str, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
