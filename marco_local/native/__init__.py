@@ -163,8 +163,19 @@ def moe(
     y = torch.empty(hidden, dtype=torch.float32)
     rw = route_weights.contiguous()
     code = lib.marco_moe(
-        a, arr(*gate_ptrs), arr(*up_ptrs), arr(*down_ptrs), rw.data_ptr(), int(types[0]), int(types[1]),
-        int(types[2]), hidden, inter, x.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        a,
+        arr(*gate_ptrs),
+        arr(*up_ptrs),
+        arr(*down_ptrs),
+        rw.data_ptr(),
+        int(types[0]),
+        int(types[1]),
+        int(types[2]),
+        hidden,
+        inter,
+        x.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
     )
     _check(code)
     return y
