@@ -31,12 +31,13 @@ from torch import nn
 
 from quant.ggml_codecs import codec_for
 
+from .config import ModelConfig
 from .errors import MarcoError
 from .gguf_file import GGUFFile, TensorInfo, model_config
 from .gguf_tokenizer import load_tokenizer
 from .models.llama import LlamaForCausalLM
 from .models.qwen3 import Qwen3ForCausalLM
-from .models.qwen3_moe import Experts, Qwen3MoeForCausalLM
+from .models.qwen3_moe import Experts, Qwen3MoeForCausalLM, SparseMoeBlock
 from .tokenizer import Tokenizer
 
 ProgressFn = Callable[[int, int], None]
@@ -149,6 +150,21 @@ def _unpermute_rows(raw: torch.Tensor, n_heads: int) -> torch.Tensor:
     return raw[idx]
 
 
+def _use_native_moe_blocks(model: nn.Module, cfg: ModelConfig) -> None:
+    """Swap each (still meta) `SparseMoeBlock` for qlinear's `NativeMoeBlock` when the native kernels are there."""
+    try:
+        from . import native
+        from .qlinear import NativeMoeBlock
+    except ImportError:
+        return
+    if not native.available():
+        return
+    blocks = [name for name, m in model.named_modules() if isinstance(m, SparseMoeBlock)]
+    for name in blocks:
+        with torch.device("meta"):
+            _replace(model, name, NativeMoeBlock(cfg))
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     model.get_submodule(parent)._modules[attr] = module
@@ -206,6 +222,7 @@ def build_model(
         model = MODEL_CLASSES[cfg.model_type](cfg)
     make_linear, make_experts, make_embedding = _kernels()
     unpermute = cfg.model_type == "llama"
+    _use_native_moe_blocks(model, cfg)
 
     jobs: list[Callable[[], None]] = []
     for name, module in model.named_modules():

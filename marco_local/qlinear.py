@@ -65,7 +65,7 @@ from torch import nn
 from quant.ggml_codecs import Codec, codec_for
 
 from . import native
-from .models.qwen3_moe import Experts
+from .models.qwen3_moe import Experts, SparseMoeBlock
 
 KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the CPU int4 kernel vectorises
 ROW_BLOCK = 64  # the CPU int4 kernel packs rows in blocks of 64: byte [k, j] = row j | row 32 + j << 4
@@ -604,6 +604,35 @@ class QExperts(Experts):
                 return self._decode_native(x, idx, weights)
             return self._decode(x, idx, weights)
         return super().forward(x, idx, weights)
+
+
+class NativeMoeBlock(SparseMoeBlock):
+    """`SparseMoeBlock` whose one-token path runs in the native kernels: the routing (`native.route`: logits from the
+    bf16 router accumulated in float32, softmax, top-k) always, and routing plus experts in one call
+    (`native.moe_routed`) when the experts are native, resident and unobserved (a hook, e.g. a trace recorder, must
+    see every experts call). Offloaded experts get the same routing through `route`, so their output stays
+    bit-identical to the resident model's. Several tokens, float32 and f16 keep the parent's code."""
+
+    def _native_route(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.bfloat16 and self.gate.weight.dtype == torch.bfloat16 and native.available()
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[0] == 1 and self._native_route(x):
+            ids, weights = native.route(x.reshape(-1).float(), self.gate.weight, self.top_k, self.norm_topk_prob)
+            return ids.view(1, -1), weights.view(1, -1).to(x.dtype)
+        return super().route(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        ex = self.experts
+        fused = isinstance(ex, QExperts) and ex.native and ex.raws is not None and not ex.in_file
+        if B * T == 1 and fused and self._native_route(x) and not (ex._forward_hooks or ex._forward_pre_hooks):
+            flat = x.reshape(D).float()
+            y = native.moe_routed(
+                flat, self.gate.weight, self.top_k, self.norm_topk_prob, ex.raws, ex.types, ex.intermediate
+            )
+            return y.view(B, T, D).to(x.dtype)
+        return super().forward(x)
 
 
 def make_linear(raw: torch.Tensor, ggml_type, out_features: int, in_features: int) -> QLinear:

@@ -112,3 +112,63 @@ def test_disabled_by_environment() -> None:
     env = {**os.environ, "MARCO_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False disabled by MARCO_NATIVE=0"
+
+
+@pytest.mark.parametrize("positions", [1, 7, 300])
+def test_decode_attention_on_the_bf16_cache(positions: int) -> None:
+    """One query over a bf16 cache (GQA 16/8, a layer slice of a longer cache) against float64 attention: the kernel
+    accumulates in float32 (measured 4e-7 at 300 positions)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(positions)
+    H, Hkv, hd, max_len = 16, 8, 128, 512
+    keys = torch.randn(Hkv, max_len, hd, generator=g).bfloat16()
+    values = torch.randn(Hkv, max_len, hd, generator=g).bfloat16()
+    q = torch.randn(H, hd, generator=g)
+    got = native.attend_bf16(q, keys[:, :positions], values[:, :positions], hd**-0.5)
+    k64, v64 = keys[:, :positions].double()[None], values[:, :positions].double()[None]
+    want = F.scaled_dot_product_attention(q.double().view(1, H, 1, hd), k64, v64, enable_gqa=True).view(H, hd)
+    assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_route_matches_the_model_semantics(norm_topk: bool) -> None:
+    """Router logits in float64 from the same bf16 weights, softmax, top-k, renormalised, rounded to bf16."""
+    g = torch.Generator().manual_seed(6)
+    E, D, k = 40, 256, 8
+    router = (torch.randn(E, D, generator=g) * 0.1).bfloat16()
+    for _ in range(5):
+        x = torch.randn(D, generator=g).bfloat16().float()
+        ids, weights = native.route(x, router, k, norm_topk)
+        probs = torch.softmax(router.double() @ x.double(), -1)
+        want_w, want_ids = torch.topk(probs, k)
+        if norm_topk:
+            want_w = want_w / want_w.sum()
+        assert ids.tolist() == want_ids.tolist()
+        assert torch.allclose(weights.double(), want_w.bfloat16().double(), rtol=8e-3, atol=0)
+        assert torch.equal(weights.bfloat16().float(), weights)  # bf16 values, as the torch path hands them on
+
+
+def test_fused_moe_block_equals_routing_then_experts() -> None:
+    """`NativeMoeBlock`'s one-call path equals its two-step path (native routing, then the experts), bit for bit:
+    the offloaded model relies on it (it routes, then runs experts from its slots)."""
+    from marco_local.config import ModelConfig
+    from marco_local.qlinear import NativeMoeBlock
+
+    experts, _ = _experts(("Q4_K", "Q4_K", "Q5_0"), E=12)
+    cfg = ModelConfig.from_dict(
+        {
+            "model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 512,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128,
+            "num_experts": 12, "num_experts_per_tok": 4, "vocab_size": 100, "norm_topk_prob": True,
+        }
+    )  # fmt: skip
+    block = NativeMoeBlock(cfg).bfloat16()
+    block.experts = experts
+    torch.nn.init.normal_(block.gate.weight, std=0.1)
+    x = torch.randn(1, 1, 256).bfloat16()
+    fused = block(x)
+    seen = []
+    experts.register_forward_pre_hook(lambda mod, args: seen.append(args[1].tolist()))  # observed: two steps
+    two_step = block(x)
+    assert len(seen) == 1 and torch.equal(fused, two_step)

@@ -90,6 +90,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.marco_moe.argtypes = [i, p, p, p, p, i, i, i, i, i, p, p, i]
     lib.marco_moe.restype = i
     lib.marco_dot_ref.argtypes, lib.marco_dot_ref.restype = [i, p, i, p], f
+    lib.marco_route.argtypes, lib.marco_route.restype = [p, p, i, i, i, i, p, p, i], i
+    lib.marco_moe_routed.argtypes = [p, p, i, i, i, i64, i64, i64, i64, i64, i64, i, i, i, i, i, p, p, p, i]
+    lib.marco_moe_routed.restype = i
+    lib.marco_attend_bf16.argtypes = [p, p, p, i64, i, i, i, i, f, p, i]
+    lib.marco_attend_bf16.restype = i
     return lib
 
 
@@ -179,6 +184,95 @@ def moe(
     )
     _check(code)
     return y
+
+
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token's routing: float32 x [D], bf16 router [E, D] -> (expert ids int64 [top_k], weights float32 [top_k],
+    bf16-valued). Same semantics as `SparseMoeBlock.route` (logits accumulated in float32)."""
+    ids = torch.empty(top_k, dtype=torch.int32)
+    weights = torch.empty(top_k, dtype=torch.float32)
+    E, D = router.shape
+    code = library().marco_route(
+        x.data_ptr(),
+        router.data_ptr(),
+        E,
+        D,
+        top_k,
+        int(norm_topk),
+        ids.data_ptr(),
+        weights.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(code)
+    return ids.long(), weights
+
+
+def moe_routed(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    top_k: int,
+    norm_topk: bool,
+    raws: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    types: tuple[int, int, int],
+    inter: int,
+) -> torch.Tensor:
+    """`route` and `moe` in one call, for experts stacked as raws (gate/up [E, I, bytes], down [E, D, bytes])."""
+    E, D = router.shape
+    y = torch.empty(D, dtype=torch.float32)
+    ids = torch.empty(top_k, dtype=torch.int32)
+    weights = torch.empty(top_k, dtype=torch.float32)
+    g, u, d = raws
+    code = library().marco_moe_routed(
+        x.data_ptr(),
+        router.data_ptr(),
+        E,
+        top_k,
+        int(norm_topk),
+        g.data_ptr(),
+        g.stride(0),
+        u.data_ptr(),
+        u.stride(0),
+        d.data_ptr(),
+        d.stride(0),
+        int(types[0]),
+        int(types[1]),
+        int(types[2]),
+        D,
+        inter,
+        y.data_ptr(),
+        ids.data_ptr(),
+        weights.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(code)
+    return y
+
+
+def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token over a bf16 cache: q float32 [H, hd]; keys/values bf16 [H_kv, n, hd] views whose positions
+    are contiguous rows (a KV cache's layer slice). Returns float32 [H, hd]."""
+    lib = library()
+    n_heads, hd = q.shape
+    n_kv, n_pos, _ = keys.shape
+    if keys.stride() != values.stride() or keys.stride(1) != hd or keys.stride(2) != 1:
+        raise ValueError("native attention: keys and values must be [H_kv, n, hd] slices with contiguous positions")
+    q = q.contiguous()
+    out = torch.empty(n_heads, hd, dtype=torch.float32)
+    code = lib.marco_attend_bf16(
+        q.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        keys.stride(0),
+        n_pos,
+        n_heads,
+        n_kv,
+        hd,
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(code)
+    return out
 
 
 def row_bytes(ggml_type: int, k: int) -> int:

@@ -9,6 +9,7 @@
 #ifndef MARCO_GGML_DOT_H
 #define MARCO_GGML_DOT_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -73,6 +74,19 @@ static inline void k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m
         *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
     }
 }
+
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* float32 . bf16 over n values (attention.c). */
+float dot_f32_bf16(const float *q, const uint16_t *k, int n);
+
+/* The calling thread's scratch buffer, grown to `bytes` and kept between calls (NULL without memory). */
+void *marco_scratch(size_t bytes);
 
 void quantize_act32(const float *x, act32 *y, int k);   /* k % 32 == 0 */
 void quantize_act256(const float *x, act256 *y, int k); /* k % 256 == 0 */

@@ -50,11 +50,11 @@ static inline float dot(const kind *t, int k, const uint8_t *w, const void *a) {
     return t->dot32 ? t->dot32(k, w, a) : t->dot256(k, w, a);
 }
 
-/* Scratch of the calling thread, grown on demand and kept. */
+/* Scratch of the calling thread, grown on demand and kept (shared by the calls of this library: none nests). */
 static __thread void *scratch_ptr;
 static __thread size_t scratch_size;
 
-static void *scratch(size_t bytes) {
+void *marco_scratch(size_t bytes) {
     if (bytes > scratch_size) {
         void *p = realloc(scratch_ptr, bytes);
         if (!p) return NULL;
@@ -79,7 +79,7 @@ int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, c
     kind t;
     if (kind_of(type, &t) || k % t.block || n < 0 || m < 0) return -1;
     size_t ab = act_bytes(&t, k);
-    uint8_t *acts = scratch(ab * (size_t)m);
+    uint8_t *acts = marco_scratch(ab * (size_t)m);
     if (!acts && m) return -2;
     for (int i = 0; i < m; i++) quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
     /* Rows are split over threads; each thread runs every token of its rows (a weight row is read once). */
@@ -105,7 +105,7 @@ int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const
     if (hidden % tg.block || hidden % tu.block || inter % td.block || n_sel <= 0) return -1;
     size_t gb = act_bytes(&tg, hidden), ub = act_bytes(&tu, hidden), db = act_bytes(&td, inter);
     size_t hbytes = sizeof(float) * 2 * (size_t)n_sel * inter;
-    uint8_t *buf = scratch(gb + ub + hbytes + db * n_sel);
+    uint8_t *buf = marco_scratch(gb + ub + hbytes + db * n_sel);
     if (!buf) return -2;
     uint8_t *xg = buf, *xu = buf + gb;
     float *h = (float *)(buf + gb + ub); /* [n_sel][2][inter]: gate, then up */

@@ -1,0 +1,68 @@
+/* A MoE layer's routing for one token, and routing plus experts in one call.
+ *
+ * Why: on the decode path the router is a small product followed by softmax, top-k and a renormalisation: in torch
+ * that is half a dozen calls per layer, each costing more than its arithmetic. Semantics are the model's
+ * (`SparseMoeBlock.route`): logits from the bf16 router weights (accumulated in float32), softmax in float32, the
+ * top_k largest (ties: the lower expert id first), renormalised when norm_topk is set, then rounded to bf16 as the
+ * torch path hands the routing weights on in the activation dtype.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "ggml_dot.h"
+
+int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
+              const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter, const float *x,
+              float *y, int n_threads);
+
+static float round_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000u; /* round to nearest even (finite inputs) */
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* ids[top_k], weights[top_k] for x[dim] through the router w (bf16 [n_experts, dim]). */
+int marco_route(const float *x, const uint16_t *w, int n_experts, int dim, int top_k, int norm_topk, int32_t *ids,
+                float *weights, int n_threads) {
+    if (top_k <= 0 || top_k > n_experts || top_k > 64) return -1;
+    float *p = marco_scratch(sizeof(float) * (size_t)n_experts);
+    if (!p) return -2;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int e = 0; e < n_experts; e++) p[e] = dot_f32_bf16(x, w + (size_t)e * dim, dim);
+    float m = -INFINITY, sum = 0.0f;
+    for (int e = 0; e < n_experts; e++) m = p[e] > m ? p[e] : m;
+    for (int e = 0; e < n_experts; e++) sum += (p[e] = expf(p[e] - m));
+    float picked = 0.0f;
+    for (int j = 0; j < top_k; j++) {
+        int best = -1;
+        for (int e = 0; e < n_experts; e++) {
+            if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+        }
+        if (best < 0) return -1; /* NaN logits */
+        ids[j] = best;
+        weights[j] = p[best] / sum;
+        picked += weights[j];
+        p[best] = -1.0f; /* taken */
+    }
+    for (int j = 0; j < top_k; j++) weights[j] = round_bf16(norm_topk ? weights[j] / picked : weights[j]);
+    return 0;
+}
+
+/* Routing, then the selected experts (marco_moe), for one token. Expert e's gate matrix starts at
+ * gate_base + e * gate_stride (likewise up and down). The chosen ids and weights are written out for the caller. */
+int marco_moe_routed(const float *x, const uint16_t *router, int n_experts, int top_k, int norm_topk,
+                     int64_t gate_base, int64_t gate_stride, int64_t up_base, int64_t up_stride, int64_t down_base,
+                     int64_t down_stride, int gate_type, int up_type, int down_type, int hidden, int inter, float *y,
+                     int32_t *ids, float *weights, int n_threads) {
+    int code = marco_route(x, router, n_experts, hidden, top_k, norm_topk, ids, weights, n_threads);
+    if (code) return code;
+    int64_t g[64], u[64], d[64];
+    for (int j = 0; j < top_k; j++) {
+        g[j] = gate_base + ids[j] * gate_stride;
+        u[j] = up_base + ids[j] * up_stride;
+        d[j] = down_base + ids[j] * down_stride;
+    }
+    return marco_moe(top_k, g, u, d, weights, gate_type, up_type, down_type, hidden, inter, x, y, n_threads);
+}
