@@ -18,8 +18,9 @@ if not native.available():
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 ROWS = 24
-# weight = d * u + c with u the block's unsigned integer (Q4/Q5) and c = OFFSET * d (Q4_0, Q5_0) or the block's m
-OFFSET = {"Q4_0": 8.0, "Q5_0": 16.0, "Q8_0": 0.0}
+# weight = d * u + c with u the block's unsigned integer and c = -OFFSET * d (Q4_0, Q5_0; Q8_0 as the VNNI kernel
+# reads it, u = q + 128) or the block's m (Q4_1, Q5_1)
+OFFSET = {"Q4_0": 8.0, "Q5_0": 16.0, "Q8_0": 128.0}
 
 
 def quantize_act(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,7 @@ def error_scale(name: str, raw: torch.Tensor, wd: torch.Tensor, xa: torch.Tensor
     blocks = raw.reshape(raw.shape[0], -1, c.type_size)
     halves = blocks[..., :4].contiguous().view(torch.float16).double()  # d, and m for Q4_1 / Q5_1
     const = halves[..., 1] if name not in OFFSET else halves[..., 0] * OFFSET[name]
-    mag = wd.abs() + const.abs().repeat_interleave(32, dim=1)
+    mag = wd.abs() + const.abs().repeat_interleave(32, dim=1)  # >= |d * u|, |c|
     return xa.abs() @ mag.T + 1e-30
 
 

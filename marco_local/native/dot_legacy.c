@@ -82,16 +82,14 @@ static inline __m256i reduce4(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
     return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
 }
 
-/* Four halves / floats read with scalar integer loads (the integer ALUs are idle) and moved into one vector. */
+/* Four halves (packed with scalar integer loads and shifts) / floats (vmovss + vinsertps) into one vector. */
 static inline __m128 halves4(uint16_t h0, uint16_t h1, uint16_t h2, uint16_t h3) {
     uint64_t v = (uint64_t)h0 | (uint64_t)h1 << 16 | (uint64_t)h2 << 32 | (uint64_t)h3 << 48;
     return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
 }
 
 static inline __m128 floats4(const float *f0, const float *f1, const float *f2, const float *f3) {
-    uint32_t u0, u1, u2, u3;
-    memcpy(&u0, f0, 4), memcpy(&u1, f1, 4), memcpy(&u2, f2, 4), memcpy(&u3, f3, 4);
-    return _mm_castsi128_ps(_mm_set_epi64x((long long)(u2 | (uint64_t)u3 << 32), (long long)(u0 | (uint64_t)u1 << 32)));
+    return _mm_set_ps(*f3, *f2, *f1, *f0);
 }
 
 static inline float hsum4(__m128 s) {
@@ -108,16 +106,27 @@ static inline __m256i isum_q5_0(const blk_q5_0 *x, const act32 *a) {
 static inline __m256i isum_q5_1(const blk_q5_1 *x, const act32 *a) {
     return dot_u8s8(q5_values(x->qs, x->qh), load32(a->qs));
 }
-/* Q8_0, signed x signed: |w| as the unsigned operand, w's sign moved onto the activation (q_a != -128, so the
- * negation cannot overflow; w = -128 gives |w| = 0x80 = 128 as an unsigned byte, which is right). */
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+/* Q8_0, signed x signed, with vpdpbusd: w + 128 (w xor 0x80) as the unsigned operand; the extra 128 * sum(q_a) goes
+ * out through s_a like Q4_0's 8 (OFFSET -128). One xor instead of two sign operations: ~7% faster. */
+#define Q8_OFFSET (-128)
+static inline __m256i isum_q8_0(const blk_q8_0 *x, const act32 *a) {
+    return dot_u8s8(_mm256_xor_si256(load32(x->qs), _mm256_set1_epi8((char)0x80)), load32(a->qs));
+}
+#else
+/* Q8_0 with vpmaddubsw, whose 16-bit pair sums would saturate on (w + 128) * q_a: |w| as the unsigned operand, w's
+ * sign moved onto the activation (q_a != -128, so the negation cannot overflow; w = -128 gives |w| = 0x80 = 128 as
+ * an unsigned byte, which is right). */
+#define Q8_OFFSET 0
 static inline __m256i isum_q8_0(const blk_q8_0 *x, const act32 *a) {
     __m256i wq = load32(x->qs), aq = load32(a->qs);
     return dot_u8s8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(aq, wq));
 }
+#endif
 
 /* The row: sum over blocks of d_w * d_a * isum (vector lanes, 4 blocks per step) plus, for the types with an
  * additive constant, OFFSET * sum of c_b * s_a, where c_b is the block's d_w (Q4_0, Q5_0: OFFSET -8, -16) or its m
- * (Q4_1, Q5_1: OFFSET 1). Q8_0 has none (OFFSET 0). */
+ * (Q4_1, Q5_1: OFFSET 1); Q8_0: d_w with OFFSET -128 (VNNI, weights + 128) or none (OFFSET 0). */
 #define DOT_ROW(BLK, ISUM, CVEC, CONE, OFFSET)                                                                  \
     const BLK *x = w;                                                                                         \
     int nb = k / 32, b = 0;                                                                                   \
@@ -150,7 +159,7 @@ float dot_q4_0(int k, const void *w, const act32 *a) { DOT_ROW(blk_q4_0, isum_q4
 float dot_q4_1(int k, const void *w, const act32 *a) { DOT_ROW(blk_q4_1, isum_q4_1, C_M4, C_M1, 1) }
 float dot_q5_0(int k, const void *w, const act32 *a) { DOT_ROW(blk_q5_0, isum_q5_0, C_D4, C_D1, -16) }
 float dot_q5_1(int k, const void *w, const act32 *a) { DOT_ROW(blk_q5_1, isum_q5_1, C_M4, C_M1, 1) }
-float dot_q8_0(int k, const void *w, const act32 *a) { DOT_ROW(blk_q8_0, isum_q8_0, C_D4, C_D1, 0) }
+float dot_q8_0(int k, const void *w, const act32 *a) { DOT_ROW(blk_q8_0, isum_q8_0, C_D4, C_D1, Q8_OFFSET) }
 
 #else /* no AVX2: the plain-C reference */
 
