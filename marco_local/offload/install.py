@@ -4,7 +4,8 @@ Two entry points: `load_offloaded` builds a model from a Hugging Face folder wit
 (non-expert weights are read as usual; experts stay in the file and are read with positional reads, or are copied
 once into pinned host RAM on CUDA); `install` wraps the experts of a model that is already loaded (in RAM, or as
 zero-copy views of a memory-mapped GGUF, which become a file store; quantized GGUF experts loaded with
-`experts_in_file`, never repacked at load, become a `RepackStore` that repacks an expert's raw blocks on a miss).
+`experts_in_file` become a file store too when their slots hold raw blocks (native kernels, float32), else a
+`RepackStore` that repacks an expert's raw blocks into the int4 form on a miss).
 Both attach an `OffloadRuntime` as `model.offload`, which owns the prefetch thread and reports the stats
 (`offload_stats(model)`).
 Invariant: the plan is computed and checked against the budget before any expert byte is read.
@@ -36,6 +37,7 @@ from .store import (
     RepackStore,
     ThreadScratch,
     mapped_segments,
+    raw_segments,
     raw_tensors,
     safetensors_segments,
     tensor_bytes,
@@ -249,11 +251,15 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
     raws: dict[int, list] = {}  # GGUF experts loaded with experts_in_file: repacked from the file on a miss
     for i, block in _moe_blocks(model):
         layouts[i] = ExpertLayout(block.experts, cfg.num_experts)
-        if getattr(block.experts, "in_file", None):
+        in_file = getattr(block.experts, "in_file", None)
+        if in_file:
             if not maps:
                 raise MarcoError("these experts were left in their GGUF file, but the file is not mapped here")
-            raws[i] = raw_tensors(list(block.experts.file_raws), maps)
-            segments[i] = None
+            tensors = raw_tensors(list(block.experts.file_raws), maps)
+            if in_file == "raw":  # slots hold the raw blocks: read straight into them
+                segments[i] = raw_segments(layouts[i], tensors, cfg.num_experts)
+            else:
+                raws[i], segments[i] = tensors, None
             continue
         try:
             segments[i] = mapped_segments(block.experts, layouts[i], maps) if maps else None

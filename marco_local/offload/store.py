@@ -373,6 +373,16 @@ class RepackStore(ExpertStore):
         self.close()
 
 
+def raw_segments(layout: ExpertLayout, tensors: list[RawTensor], num_experts: int) -> list[list[Segment]]:
+    """Per-expert byte ranges of experts whose slots hold the file's raw blocks as they are (`QExperts` with
+    in_file="raw", fields "raws.0/1/2" = gate, up, down): a `FileStore` reads them straight into the slot."""
+    by_name = {f"raws.{k}": t for k, t in enumerate(tensors)}
+    fields = [by_name[f.name] for f in layout.fields]
+    return [
+        [Segment(t.path, t.offset + e * t.stride, t.nbytes, torch.uint8) for t in fields] for e in range(num_experts)
+    ]
+
+
 def raw_tensors(tensors: list[torch.Tensor], maps: list[tuple[Path, int, int]]) -> list[RawTensor]:
     """Where stacked expert tensors that are zero-copy views of memory-mapped files ([E, rows, row_bytes] uint8) lie
     in those files; `MarcoError` when one is not such a view."""
