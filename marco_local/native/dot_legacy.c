@@ -82,14 +82,16 @@ static inline __m256i reduce4(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
     return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
 }
 
-/* Four halves (packed with scalar integer loads and shifts) / floats (vmovss + vinsertps) into one vector. */
+/* Four halves, packed with scalar integer loads and shifts (fewer vector operations than inserts or a gather). */
 static inline __m128 halves4(uint16_t h0, uint16_t h1, uint16_t h2, uint16_t h3) {
     uint64_t v = (uint64_t)h0 | (uint64_t)h1 << 16 | (uint64_t)h2 << 32 | (uint64_t)h3 << 48;
     return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
 }
 
-static inline __m128 floats4(const float *f0, const float *f1, const float *f2, const float *f3) {
-    return _mm_set_ps(*f3, *f2, *f1, *f0);
+/* [d0 s0 d1 s1] of two consecutive activation blocks (d and s are adjacent): two 64-bit loads. */
+static inline __m128 ds2(const act32 *ab) {
+    __m128 lo = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)&ab[0].d));
+    return _mm_loadh_pi(lo, (const __m64 *)&ab[1].d);
 }
 
 static inline float hsum4(__m128 s) {
@@ -137,10 +139,10 @@ static inline __m256i isum_q8_0(const blk_q8_0 *x, const act32 *a) {
         const BLK *xb = x + b;                                                                                \
         const act32 *ab = a + b;                                                                              \
         __m256i r = reduce4(ISUM(xb, ab), ISUM(xb + 1, ab + 1), ISUM(xb + 2, ab + 2), ISUM(xb + 3, ab + 3));    \
-        __m128 dw = halves4(xb[0].d, xb[1].d, xb[2].d, xb[3].d);                                              \
-        __m128 s = _mm_mul_ps(dw, floats4(&ab[0].d, &ab[1].d, &ab[2].d, &ab[3].d));                           \
+        __m128 dw = halves4(xb[0].d, xb[1].d, xb[2].d, xb[3].d), ds01 = ds2(ab), ds23 = ds2(ab + 2);          \
+        __m128 s = _mm_mul_ps(dw, _mm_shuffle_ps(ds01, ds23, 0x88));                                          \
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), _mm256_set_m128(s, s), acc);                             \
-        if (OFFSET) off = _mm_fmadd_ps(CVEC(xb, dw), floats4(&ab[0].s, &ab[1].s, &ab[2].s, &ab[3].s), off);   \
+        if (OFFSET) off = _mm_fmadd_ps(CVEC(xb, dw), _mm_shuffle_ps(ds01, ds23, 0xDD), off);                  \
     }                                                                                                         \
     for (; b < nb; b++) {                                                                                     \
         float dw = h2f(x[b].d);                                                                               \
