@@ -1,17 +1,23 @@
 /* Vectorised dot products for the 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
  *
  * Approach: one 256-bit vector holds a whole block (32 weights x 8 bits). The weights are widened to 32 unsigned
- * bytes (nibbles, nibbles + fifth bit, or |w| for Q8_0 with the weight's sign moved onto the activation), multiplied
- * with the 32 int8 activations and summed in groups of 4 into 8 int32 lanes (VNNI vpdpbusd; on plain AVX2
- * vpmaddubsw + vpmaddwd, which cannot saturate here: |w| <= 128, |a| <= 127). The 8 lanes are converted to float
- * and FMA'd into a float accumulator with the block's scale d_w * d_a, so the float sum is reduced horizontally once
- * per row. The unsigned-weight types' additive constants (-8 / -16 offsets, Q4_1/Q5_1's m) go through the
- * activation block's s = d_a * sum(q_a), in a scalar accumulator. Two blocks per iteration, two accumulators (the FMA
- * latency would otherwise bound the loop). Integer sums are exactly the reference's (dot_ref.c); only the float
- * additions are reordered.
+ * bytes (nibbles; nibbles + 16 where the fifth bit is set; Q8_0: w + 128 with VNNI, |w| with w's sign moved onto
+ * the activation on plain AVX2), multiplied with the 32 int8 activations and summed in groups of 4 into 8 int32 lanes
+ * (VNNI vpdpbusd; on AVX2 vpmaddubsw + vpmaddwd, which cannot saturate on these values). Four blocks per step: their
+ * four int32 vectors are folded into one (unpack + add), converted to float and FMA'd with the four block scales
+ * d_w * d_a, so each step does one float FMA and the row is reduced horizontally once. The additive constants (the
+ * -8 / -16 / -128 offsets, Q4_1/Q5_1's m) go through the activation block's s = d_a * sum(q_a), four blocks per FMA.
+ * The per-block scale work (halves, activation scales) costs about as much as the integer work, hence the 4-block
+ * step and the cheap ways of gathering scales (integer-register packing of the halves, 64-bit loads of d_a, s_a);
+ * vpermt2w/vpermt2ps gathers, vphaddd, gathers and 512-bit vectors were tried and were slower on Zen 4.
+ * Integer sums are exact (Q8_0 with VNNI sums (w + 128) * q_a, and takes 128 * d_w * s_a off in float); only the float
+ * additions differ from the reference (dot_ref.c).
  *
- * Measured, 1 thread, one token, 768 rows x 1024 inputs, matrix warm in cache (EPYC Zen 4, VNNI path), us per matvec:
- * reference -> this file: see MEASURED below.
+ * Measured, EPYC Zen 4, 1 thread, one token, 768 rows x 1024 inputs, matrix warm in cache, us per matvec through
+ * native.matmul from Python (about 5 us of it is the call and activation quantization), reference -> this file:
+ * Q4_0 240 -> 19.8, Q4_1 265 -> 21.5, Q5_0 110 -> 23.2, Q5_1 120 -> 24.8, Q8_0 65 -> 19.0. The kernels alone
+ * (C timing loop): Q4_0 14.8, Q4_1 16.6, Q5_0 18.0, Q5_1 19.4, Q8_0 13.6 (VNNI path); the AVX2 path built with
+ * -march=haswell on the same CPU: 15.9, 17.0, 24.9, 25.6, 15.5.
  */
 #include "ggml_dot.h"
 
@@ -19,13 +25,14 @@
 #include <immintrin.h>
 #endif
 
-#if (defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)) || \
-    (defined(__AVX2__) && defined(__FMA__))
+/* The VNNI path (AVX512-VNNI + VL + BW: vpdpbusd on 256-bit vectors, byte masks for Q5's fifth bit) or the AVX2 one
+ * (also taken with AVX-VNNI, which only changes the byte dot); F16C converts the halves. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
-#if defined(__F16C__)
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
-#else
-static inline float h2f(uint16_t h) { return half_to_float(h); }
+
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define HAVE_DPBUSD 1 /* exact 32-bit sums of u8 x s8 products */
 #endif
 
 /* Sum over groups of 4 of u[i] * s[i] (u unsigned, s signed bytes) into 8 int32 lanes. */
@@ -34,7 +41,7 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 #elif defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
+#else /* 16-bit pair sums: exact while |u0 * s0 + u1 * s1| < 2^15 */
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
@@ -62,7 +69,7 @@ static inline __m256i q5_values(const uint8_t *qs, const uint8_t *qh) {
     memcpy(&h, qh, 4);
     __m256i n = nibbles(qs);
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
-    return _mm256_mask_add_epi8(n, (__mmask32)h, n, _mm256_set1_epi8(0x10));
+    return _mm256_or_si256(n, _mm256_maskz_mov_epi8((__mmask32)h, _mm256_set1_epi8(0x10)));
 #else
     /* byte j <- byte j / 8 of h, then keep bit j % 8 and turn it into 0x10 */
     __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h),
@@ -108,7 +115,7 @@ static inline __m256i isum_q5_0(const blk_q5_0 *x, const act32 *a) {
 static inline __m256i isum_q5_1(const blk_q5_1 *x, const act32 *a) {
     return dot_u8s8(q5_values(x->qs, x->qh), load32(a->qs));
 }
-#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+#if defined(HAVE_DPBUSD)
 /* Q8_0, signed x signed, with vpdpbusd: w + 128 (w xor 0x80) as the unsigned operand; the extra 128 * sum(q_a) goes
  * out through s_a like Q4_0's 8 (OFFSET -128). One xor instead of two sign operations: ~7% faster. */
 #define Q8_OFFSET (-128)
@@ -135,16 +142,16 @@ static inline __m256i isum_q8_0(const blk_q8_0 *x, const act32 *a) {
     __m256 acc = _mm256_setzero_ps();                                                                         \
     __m128 off = _mm_setzero_ps();                                                                            \
     float off1 = 0.0f;                                                                                        \
-    for (; b + 3 < nb; b += 4) {                                                                              \
-        const BLK *xb = x + b;                                                                                \
-        const act32 *ab = a + b;                                                                              \
+    const BLK *xb = x;                                                                                        \
+    const act32 *ab = a;                                                                                      \
+    for (int n4 = nb >> 2; n4 > 0; n4--, xb += 4, ab += 4) {                                                  \
         __m256i r = reduce4(ISUM(xb, ab), ISUM(xb + 1, ab + 1), ISUM(xb + 2, ab + 2), ISUM(xb + 3, ab + 3));    \
         __m128 dw = halves4(xb[0].d, xb[1].d, xb[2].d, xb[3].d), ds01 = ds2(ab), ds23 = ds2(ab + 2);          \
         __m128 s = _mm_mul_ps(dw, _mm_shuffle_ps(ds01, ds23, 0x88));                                          \
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), _mm256_set_m128(s, s), acc);                             \
         if (OFFSET) off = _mm_fmadd_ps(CVEC(xb, dw), _mm_shuffle_ps(ds01, ds23, 0xDD), off);                  \
     }                                                                                                         \
-    for (; b < nb; b++) {                                                                                     \
+    for (b = nb & ~3; b < nb; b++) {                                                                          \
         float dw = h2f(x[b].d);                                                                               \
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ISUM(x + b, a + b)), _mm256_set1_ps(dw * a[b].d), acc);      \
         if (OFFSET) off1 += CONE(x + b, dw) * a[b].s;                                                         \
