@@ -51,33 +51,46 @@ static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The 8 six-bit scales and 8 mins of a Q4_K/Q5_K block's packed scales[12] as bytes: bytes 0-7 scales, 8-15 mins
- * (the values k4_scale_min gives). With dwords u0 u1 u2 of the packed bytes: scales 0-3 = u0 & 63, mins 0-3 =
- * u1 & 63, scales 4-7 = (u2 & 15) | (u0 >> 6) << 4, mins 4-7 = (u2 >> 4) | (u1 >> 6) << 4, bytewise. Reads 16 bytes
- * (the 12 and 4 of the quants that follow them). */
-static inline __m128i k4_scales_mins(const uint8_t *q) {
-    __m128i u = _mm_loadu_si128((const __m128i *)q);                       /* u0 u1 u2 - */
-    __m128i lo = _mm_shuffle_epi32(u, _MM_SHUFFLE(2, 1, 2, 0));            /* u0 u2 u1 u2 */
-    lo = _mm_and_si128(_mm_srlv_epi32(lo, _mm_setr_epi32(0, 0, 0, 4)),     /* u0 u2 u1 u2>>4 */
-                       _mm_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
-    __m128i hi = _mm_srli_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(1, 1, 0, 0)), 2); /* - u0>>2 - u1>>2 */
-    hi = _mm_and_si128(hi, _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
-    return _mm_or_si128(lo, hi); /* sc 0-3, sc 4-7, mn 0-3, mn 4-7 */
+/* The 8 six-bit scales and 8 mins of a Q4_K/Q5_K block's packed scales[12], as bytes in each 128-bit lane: bytes 0-3
+ * scales 0-3, 4-7 mins 0-3, 8-11 scales 4-7, 12-15 mins 4-7 (the values k4_scale_min gives). With u0 u1 u2 the
+ * packed bytes' dwords, bytewise: scales 0-3 = u0 & 63, mins 0-3 = u1 & 63, scales 4-7 = (u2 & 15) | (u0 >> 6) << 4,
+ * mins 4-7 = (u2 >> 4) | (u1 >> 6) << 4. Reads 16 bytes (the 12, then 4 of the quants that follow them). */
+static inline __m256i k4_scales_mins(const uint8_t *q) {
+    __m256i u = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q)); /* u0 u1 u2 - */
+    __m256i lo = _mm256_srlv_epi32(_mm256_shuffle_epi32(u, _MM_SHUFFLE(2, 2, 1, 0)),
+                                   _mm256_setr_epi32(0, 0, 0, 4, 0, 0, 0, 4)); /* u0 u1 u2 u2>>4 */
+    lo = _mm256_and_si256(lo, _mm256_setr_epi32(0x3F3F3F3F, 0x3F3F3F3F, 0x0F0F0F0F, 0x0F0F0F0F, 0x3F3F3F3F,
+                                                 0x3F3F3F3F, 0x0F0F0F0F, 0x0F0F0F0F));
+    __m256i hi = _mm256_srli_epi32(_mm256_shuffle_epi32(u, _MM_SHUFFLE(1, 0, 0, 0)), 2); /* - - u0>>2 u1>>2 */
+    hi = _mm256_and_si256(hi, _mm256_setr_epi32(0, 0, 0x30303030, 0x30303030, 0, 0, 0x30303030, 0x30303030));
+    return _mm256_or_si256(lo, hi);
 }
 
-/* Shared by Q4_K and Q5_K (qh NULL for Q4_K): acc += d_a * (d * sum_j sc_j * dot_j - dmin * sum_j m_j * bsums_j),
- * spread over 8 lanes. */
-static inline __m256 k45_block(const uint16_t *dm, const uint8_t *scales, const uint8_t *qs, const uint8_t *qh,
+/* [d_a * d, -d_a * dmin] (lanes 0, 1) of a block's two halves */
+static inline __m128 k45_factors(const uint16_t *dm, float da) {
+#if defined(__F16C__)
+    uint32_t v;
+    memcpy(&v, dm, 4);
+    return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)v)), _mm_setr_ps(da, -da, 0.0f, 0.0f));
+#else
+    return _mm_setr_ps(da * half_to_float(dm[0]), -da * half_to_float(dm[1]), 0.0f, 0.0f);
+#endif
+}
+
+/* Shared by Q4_K and Q5_K (qh NULL for Q4_K), sm = k4_scales_mins of the block:
+ * acc += d_a * (d * sum_j sc_j * dot_j - dmin * sum_j m_j * bsums_j), spread over 8 lanes. */
+static inline __m256 k45_block(const uint16_t *dm, __m256i sm, const uint8_t *qs, const uint8_t *qh,
                                const act256 *a, __m256 acc) {
     const __m256i m0f = _mm256_set1_epi8(0x0F), m10 = _mm256_set1_epi8(0x10);
     const char Z = (char)0x80; /* pshufb: zero byte */
-    __m256i sm = _mm256_broadcastsi128_si256(k4_scales_mins(scales));
     /* int16 [m0 m0 m1 m1 .. m3 m3 | m4 m4 .. m7 m7] against bsums[0..15] */
-    __m256i mn16 = _mm256_shuffle_epi8(sm, _mm256_setr_epi8(8, Z, 8, Z, 9, Z, 9, Z, 10, Z, 10, Z, 11, Z, 11, Z, 12, Z,
-                                                            12, Z, 13, Z, 13, Z, 14, Z, 14, Z, 15, Z, 15, Z));
+    __m256i mn16 = _mm256_shuffle_epi8(sm, _mm256_setr_epi8(4, Z, 4, Z, 5, Z, 5, Z, 6, Z, 6, Z, 7, Z, 7, Z, 12, Z, 12,
+                                                            Z, 13, Z, 13, Z, 14, Z, 14, Z, 15, Z, 15, Z));
     __m256i sum_m = _mm256_madd_epi16(loadu(a->bsums), mn16);
     __m256i qhv = qh ? loadu(qh) : _mm256_setzero_si256();
     __m256i sum_q = _mm256_setzero_si256();
+    /* scale j sits in byte S(j) of sm */
+#define S(j) ((j) < 4 ? (j) : (j) + 4)
 #define K45_PAIR(c, SHL_LO, SHR_LO, SHL_HI, SHR_HI)                                                                   \
     do {                                                                                                               \
         __m256i q = loadu(qs + 32 * (c));                                                                              \
@@ -88,10 +101,9 @@ static inline __m256 k45_block(const uint16_t *dm, const uint8_t *scales, const 
         }                                                                                                              \
         __m256i p0 = dot_u8s8(lo, loadu(a->qs + 64 * (c))), p1 = dot_u8s8(hi, loadu(a->qs + 64 * (c) + 32));          \
         /* int16 [p0 0-3, p1 0-3 | p0 4-7, p1 4-7] times [sc_2c x4, sc_2c+1 x4] in each lane */                        \
-        __m256i sc = _mm256_shuffle_epi8(                                                                              \
-            sm, _mm256_setr_epi8(2 * (c), Z, 2 * (c), Z, 2 * (c), Z, 2 * (c), Z, 2 * (c) + 1, Z, 2 * (c) + 1, Z,       \
-                                 2 * (c) + 1, Z, 2 * (c) + 1, Z, 2 * (c), Z, 2 * (c), Z, 2 * (c), Z, 2 * (c), Z,       \
-                                 2 * (c) + 1, Z, 2 * (c) + 1, Z, 2 * (c) + 1, Z, 2 * (c) + 1, Z));                     \
+        const char e = S(2 * (c)), o = S(2 * (c) + 1);                                                                 \
+        __m256i sc = _mm256_shuffle_epi8(sm, _mm256_setr_epi8(e, Z, e, Z, e, Z, e, Z, o, Z, o, Z, o, Z, o, Z, e, Z, e, \
+                                                              Z, e, Z, e, Z, o, Z, o, Z, o, Z, o, Z));                 \
         sum_q = madd_acc(sum_q, _mm256_packs_epi32(p0, p1), sc);                                                       \
     } while (0)
     /* sub-block 2c takes bit 2c of qh, sub-block 2c + 1 bit 2c + 1: shift left then right within 16-bit lanes so the
@@ -101,26 +113,39 @@ static inline __m256 k45_block(const uint16_t *dm, const uint8_t *scales, const 
     K45_PAIR(2, 0, 0, 0, 1);
     K45_PAIR(3, 0, 2, 0, 3);
 #undef K45_PAIR
-    uint32_t dm32;
-    memcpy(&dm32, dm, 4);
-    /* [d_a d, d_a dmin] */
-    __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dm32)), _mm_set1_ps(a->d));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_q), _mm256_broadcastss_ps(f), acc);
-    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(sum_m), _mm256_permutevar8x32_ps(_mm256_castps128_ps256(f),
-                                                                                  _mm256_set1_epi32(1)), acc);
+#undef S
+    /* lanes [q0+q1, q2+q3, m0+m1, m2+m3 | same for 4-7] times [d_a d, d_a d, -d_a dmin, -d_a dmin | ...] */
+    __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(k45_factors(dm, a->d)),
+                                        _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sum_q, sum_m)), f, acc);
 }
 
+/* The block loops decode the next block's scales one iteration ahead (it takes a chain of shuffles). */
 float dot_q4_K(int k, const void *w, const act256 *a) {
     const blk_q4_K *x = w;
+    int nb = k / 256;
     __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < k / 256; b++) acc = k45_block(&x[b].d, x[b].scales, x[b].qs, NULL, a + b, acc);
+    if (nb <= 0) return 0.0f;
+    __m256i sm_next = k4_scales_mins(x[0].scales);
+    for (int b = 0; b < nb; b++) {
+        __m256i sm = sm_next;
+        sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
+        acc = k45_block(&x[b].d, sm, x[b].qs, NULL, a + b, acc);
+    }
     return hsum_ps(acc);
 }
 
 float dot_q5_K(int k, const void *w, const act256 *a) {
     const blk_q5_K *x = w;
+    int nb = k / 256;
     __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < k / 256; b++) acc = k45_block(&x[b].d, x[b].scales, x[b].qs, x[b].qh, a + b, acc);
+    if (nb <= 0) return 0.0f;
+    __m256i sm_next = k4_scales_mins(x[0].scales);
+    for (int b = 0; b < nb; b++) {
+        __m256i sm = sm_next;
+        sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
+        acc = k45_block(&x[b].d, sm, x[b].qs, x[b].qh, a + b, acc);
+    }
     return hsum_ps(acc);
 }
 
