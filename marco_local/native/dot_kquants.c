@@ -43,6 +43,13 @@ static inline __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
 #endif
 
 static inline __m256i loadu(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+/* A load kept in a register: without the empty asm the compiler folds the load into every instruction that uses the
+ * value, loading the same bytes 2-4 times (loads, 2 per cycle, are what these loops run out of first). */
+static inline __m256i loadr(const void *p) {
+    __m256i v = loadu(p);
+    __asm__("" : "+v"(v));
+    return v;
+}
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -67,13 +74,14 @@ static inline __m256i k4_scales_mins(const uint8_t *q) {
 }
 
 /* [d_a * d, -d_a * dmin] (lanes 0, 1) of a block's two halves */
-static inline __m128 k45_factors(const uint16_t *dm, float da) {
+static inline __m128 k45_factors(const uint16_t *dm, const float *da) {
 #if defined(__F16C__)
     uint32_t v;
     memcpy(&v, dm, 4);
-    return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)v)), _mm_setr_ps(da, -da, 0.0f, 0.0f));
+    __m128i h = _mm_xor_si128(_mm_cvtsi32_si128((int)v), _mm_cvtsi32_si128((int)0x80000000u)); /* -dmin */
+    return _mm_mul_ps(_mm_cvtph_ps(h), _mm_broadcast_ss(da));
 #else
-    return _mm_setr_ps(da * half_to_float(dm[0]), -da * half_to_float(dm[1]), 0.0f, 0.0f);
+    return _mm_setr_ps(*da * half_to_float(dm[0]), -*da * half_to_float(dm[1]), 0.0f, 0.0f);
 #endif
 }
 
@@ -93,7 +101,7 @@ static inline __m256 k45_block(const uint16_t *dm, __m256i sm, const uint8_t *qs
 #define S(j) ((j) < 4 ? (j) : (j) + 4)
 #define K45_PAIR(c, SHL_LO, SHR_LO, SHL_HI, SHR_HI)                                                                   \
     do {                                                                                                               \
-        __m256i q = loadu(qs + 32 * (c));                                                                              \
+        __m256i q = loadr(qs + 32 * (c));                                                                              \
         __m256i lo = _mm256_and_si256(q, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m0f);                   \
         if (qh) { /* bit j of qh[l] -> bit 4 of weight 32 j + l */                                                     \
             lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_srli_epi16(_mm256_slli_epi16(qhv, SHL_LO), SHR_LO), m10)); \
@@ -115,7 +123,7 @@ static inline __m256 k45_block(const uint16_t *dm, __m256i sm, const uint8_t *qs
 #undef K45_PAIR
 #undef S
     /* lanes [q0+q1, q2+q3, m0+m1, m2+m3 | same for 4-7] times [d_a d, d_a d, -d_a dmin, -d_a dmin | ...] */
-    __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(k45_factors(dm, a->d)),
+    __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(k45_factors(dm, &a->d)),
                                         _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sum_q, sum_m)), f, acc);
 }
@@ -164,7 +172,7 @@ float dot_q6_K(int k, const void *w, const act256 *a) {
         __m256i isum = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(off, 5));
         for (int h = 0; h < 2; h++) {
             const uint8_t *ql = x[b].ql + 64 * h;
-            __m256i l0 = loadu(ql), l1 = loadu(ql + 32), qh = loadu(x[b].qh + 32 * h);
+            __m256i l0 = loadr(ql), l1 = loadr(ql + 32), qh = loadr(x[b].qh + 32 * h);
             /* weight 128 h + 32 c + l: nibble c of (l0, l1, l0 >> 4, l1 >> 4), top bits 2c of qh */
             __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
             __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m0f), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
