@@ -215,6 +215,51 @@ float dot_q5_K(int k, const void *w, const act256 *a) {
     return hsum_ps(acc);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* vpermw indexes: for half h, 128-bit lane l holds int16 [scales[8h + l] x4, scales[8h + 4 + l] x4] */
+#define PAT6(e, o) e, e, e, e, o, o, o, o
+static const uint16_t k6_pat[2][32] __attribute__((aligned(64))) = {
+    {PAT6(0, 4), PAT6(1, 5), PAT6(2, 6), PAT6(3, 7)},
+    {PAT6(8, 12), PAT6(9, 13), PAT6(10, 14), PAT6(11, 15)},
+};
+#undef PAT6
+
+float dot_q6_K(int k, const void *w, const act256 *a) {
+    const blk_q6_K *x = w;
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    /* per 256-bit half: top bits of weights 32 c + l at bits 2c of qh[l] go to bits 4-5 */
+    const __m512i shl01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1); /* c = 0 | 1 */
+    const __m512i shr23 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1); /* c = 2 | 3 */
+    const __m512i pat0 = _mm512_load_si512(k6_pat[0]), pat1 = _mm512_load_si512(k6_pat[1]);
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < k / 256; b++) {
+        const act256 *ab = a + b;
+        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x[b].scales)); /* int16 scales[0..15] */
+        /* -32 offset: sum_i scales[i / 16] * 32 * qa_i = 32 * sum_g scales[g] * bsums[g] */
+        __m256i off = _mm256_madd_epi16(loadu(ab->bsums), sc16);
+        __m512i scz = _mm512_castsi256_si512(sc16);
+        __m512i isum = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            /* weight 128 h + 32 c + l: nibble c of (ql[l], ql[32 + l], ql[l] >> 4, ql[32 + l] >> 4), top bits 2c of
+             * qh[l]; [c0 | c1] and [c2 | c3] line up with the activations' 64-byte halves */
+            __m512i ql = _mm512_loadu_si512(x[b].ql + 64 * h);
+            __m512i qh = _mm512_broadcast_i64x4(loadu(x[b].qh + 32 * h));
+            __asm__("" : "+v"(ql), "+v"(qh));
+            __m512i q01 = _mm512_or_si512(_mm512_and_si512(ql, m0f), _mm512_and_si512(_mm512_sllv_epi16(qh, shl01), m30));
+            __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m0f),
+                                          _mm512_and_si512(_mm512_srlv_epi16(qh, shr23), m30));
+            __m512i p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q01, _mm512_loadu_si512(ab->qs + 128 * h));
+            __m512i p23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q23, _mm512_loadu_si512(ab->qs + 128 * h + 64));
+            /* lane l of packs: int16 [p01 (16-weight group 8h + l) x4, p23 (group 8h + 4 + l) x4] */
+            isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(p01, p23), _mm512_permutexvar_epi16(h ? pat1 : pat0, scz));
+        }
+        __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(isum), _mm512_extracti64x4_epi64(isum, 1));
+        s = _mm256_sub_epi32(s, _mm256_slli_epi32(off, 5));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ab->d * fp16(x[b].d)), acc);
+    }
+    return hsum_ps(acc);
+}
+#else
 float dot_q6_K(int k, const void *w, const act256 *a) {
     const blk_q6_K *x = w;
     const __m256i m0f = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
@@ -258,6 +303,8 @@ float dot_q6_K(int k, const void *w, const act256 *a) {
     }
     return hsum_ps(acc);
 }
+
+#endif
 
 #else /* no AVX2: the plain-C kernels */
 
