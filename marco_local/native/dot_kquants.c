@@ -134,7 +134,6 @@ static inline __m256 k45_block(const uint16_t *dm, __m256i sm, const uint8_t *qs
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sum_q, sum_m)), f, acc);
 }
 
-/* The block loops decode the next block's scales one iteration ahead (it takes a chain of shuffles). */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* 64-byte pshufb controls: pattern for Q4_K half h (see dot_q4_K), int16 scale bytes from the scale vector */
 #define ZB 0x80
@@ -146,45 +145,51 @@ static const uint8_t k4_pat[2][64] __attribute__((aligned(64))) = {
 #undef PAT4
 #undef ZB
 
-float dot_q4_K(int k, const void *w, const act256 *a) {
-    const blk_q4_K *x = w;
-    int nb = k / 256;
-    __m256 acc = _mm256_setzero_ps();
-    if (nb <= 0) return 0.0f;
-    const __m512i m0f = _mm512_set1_epi8(0x0F);
-    const __m512i pat0 = _mm512_load_si512(k4_pat[0]), pat1 = _mm512_load_si512(k4_pat[1]);
+/* Q4_K (qh NULL) and Q5_K super-block, 512 bits at a time: acc += d_a * (d * sum_j sc_j dot_j - dmin * mins). */
+static inline __m256 k45_block512(const uint16_t *dm, __m256i sm, const uint8_t *qs, const uint8_t *qh,
+                                  const act256 *a, __m256 acc) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m10 = _mm512_set1_epi8(0x10);
     const char Z = (char)0x80;
-    __m256i sm_next = k4_scales_mins(x[0].scales);
-    for (int b = 0; b < nb; b++) {
-        __m256i sm = sm_next;
-        sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
-        const act256 *ab = a + b;
-        __m256i mn16 = _mm256_shuffle_epi8(sm, _mm256_setr_epi8(4, Z, 4, Z, 5, Z, 5, Z, 6, Z, 6, Z, 7, Z, 7, Z, 12, Z, 12,
-                                                                Z, 13, Z, 13, Z, 14, Z, 14, Z, 15, Z, 15, Z));
-        __m256i sum_m = _mm256_madd_epi16(loadu(ab->bsums), mn16);
-        __m512i smz = _mm512_broadcast_i64x4(sm);
-        __m512i sum_q = _mm512_setzero_si512();
-        for (int h = 0; h < 2; h++) {
-            /* 64 quant bytes: low nibbles [sub-block 4h | 4h+2], high nibbles [4h+1 | 4h+3] */
-            __m512i q = _mm512_loadu_si512(x[b].qs + 64 * h);
-            __asm__("" : "+v"(q));
-            __m512i lo = _mm512_and_si512(q, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
-            __m512i x0 = _mm512_shuffle_i64x2(lo, hi, 0x44); /* [4h | 4h+1] */
-            __m512i x1 = _mm512_shuffle_i64x2(lo, hi, 0xEE); /* [4h+2 | 4h+3] */
-            __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x0, _mm512_loadu_si512(ab->qs + 128 * h));
-            __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x1, _mm512_loadu_si512(ab->qs + 128 * h + 64));
-            /* 128-bit lane l: int16 [p0 (sub-block 4h + l/2) x4, p1 (4h + 2 + l/2) x4] */
-            __m512i sc = _mm512_shuffle_epi8(smz, h ? pat1 : pat0);
-            sum_q = _mm512_dpwssd_epi32(sum_q, _mm512_packs_epi32(p0, p1), sc);
+    __m256i mn16 = _mm256_shuffle_epi8(sm, _mm256_setr_epi8(4, Z, 4, Z, 5, Z, 5, Z, 6, Z, 6, Z, 7, Z, 7, Z, 12, Z, 12, Z,
+                                                            13, Z, 13, Z, 14, Z, 14, Z, 15, Z, 15, Z));
+    __m256i sum_m = _mm256_madd_epi16(loadu(a->bsums), mn16);
+    __m512i smz = _mm512_broadcast_i64x4(sm);
+    __m512i qhz = qh ? _mm512_broadcast_i64x4(loadu(qh)) : _mm512_setzero_si512();
+    __m512i sum_q = _mm512_setzero_si512();
+    for (int h = 0; h < 2; h++) {
+        /* 64 quant bytes: low nibbles [sub-block 4h | 4h+2], high nibbles [4h+1 | 4h+3] */
+        __m512i q = _mm512_loadu_si512(qs + 64 * h);
+        __asm__("" : "+v"(q));
+        __m512i lo = _mm512_and_si512(q, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
+        if (qh) { /* bit j of qh[l] -> bit 4 of weight 32 j + l: per 256-bit half, j = 4h (+2) and 4h+1 (+2) */
+            const __m512i c4 = _mm512_set1_epi16(4), c3 = _mm512_set1_epi16(3), c2 = _mm512_set1_epi16(2);
+            const __m512i c1 = _mm512_set1_epi16(1), c0 = _mm512_setzero_si512();
+            __m512i bl = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c0, 0xF0, c2))  /* j = 4 | 6 */
+                           : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c4, 0xF0, c2)); /* j = 0 | 2 */
+            __m512i bh = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c1, 0xF0, c3))  /* j = 5 | 7 */
+                           : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c3, 0xF0, c1)); /* j = 1 | 3 */
+            lo = _mm512_or_si512(lo, _mm512_and_si512(bl, m10));
+            hi = _mm512_or_si512(hi, _mm512_and_si512(bh, m10));
         }
-        __m256i sq = _mm256_add_epi32(_mm512_castsi512_si256(sum_q), _mm512_extracti64x4_epi64(sum_q, 1));
-        __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(k45_factors(&x[b].d, &ab->d)),
-                                            _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sq, sum_m)), f, acc);
+        __m512i x0 = _mm512_shuffle_i64x2(lo, hi, 0x44); /* [4h | 4h+1] */
+        __m512i x1 = _mm512_shuffle_i64x2(lo, hi, 0xEE); /* [4h+2 | 4h+3] */
+        __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x0, _mm512_loadu_si512(a->qs + 128 * h));
+        __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x1, _mm512_loadu_si512(a->qs + 128 * h + 64));
+        /* 128-bit lane l: int16 [p0 (sub-block 4h + l/2) x4, p1 (4h + 2 + l/2) x4] */
+        __m512i sc = _mm512_shuffle_epi8(smz, _mm512_load_si512(k4_pat[h]));
+        sum_q = _mm512_dpwssd_epi32(sum_q, _mm512_packs_epi32(p0, p1), sc);
     }
-    return hsum_ps(acc);
+    __m256i sq = _mm256_add_epi32(_mm512_castsi512_si256(sum_q), _mm512_extracti64x4_epi64(sum_q, 1));
+    __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(k45_factors(dm, &a->d)),
+                                        _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sq, sum_m)), f, acc);
 }
+#define K45_BLOCK k45_block512
 #else
+#define K45_BLOCK k45_block
+#endif
+
+/* The block loops decode the next block's scales one iteration ahead (it takes a chain of shuffles). */
 float dot_q4_K(int k, const void *w, const act256 *a) {
     const blk_q4_K *x = w;
     int nb = k / 256;
@@ -194,12 +199,10 @@ float dot_q4_K(int k, const void *w, const act256 *a) {
     for (int b = 0; b < nb; b++) {
         __m256i sm = sm_next;
         sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
-        acc = k45_block(&x[b].d, sm, x[b].qs, NULL, a + b, acc);
+        acc = K45_BLOCK(&x[b].d, sm, x[b].qs, NULL, a + b, acc);
     }
     return hsum_ps(acc);
 }
-
-#endif
 
 float dot_q5_K(int k, const void *w, const act256 *a) {
     const blk_q5_K *x = w;
@@ -210,7 +213,7 @@ float dot_q5_K(int k, const void *w, const act256 *a) {
     for (int b = 0; b < nb; b++) {
         __m256i sm = sm_next;
         sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
-        acc = k45_block(&x[b].d, sm, x[b].qs, x[b].qh, a + b, acc);
+        acc = K45_BLOCK(&x[b].d, sm, x[b].qs, x[b].qh, a + b, acc);
     }
     return hsum_ps(acc);
 }
