@@ -145,9 +145,10 @@ static const uint8_t k4_pat[2][64] __attribute__((aligned(64))) = {
 #undef PAT4
 #undef ZB
 
-/* Q4_K (qh NULL) and Q5_K super-block, 512 bits at a time: acc += d_a * (d * sum_j sc_j dot_j - dmin * mins). */
+/* Q4_K (qh NULL) and Q5_K super-block, 512 bits at a time: *accz += d_a * d * sum_j sc_j dot_j (16 lanes),
+ * acc -= d_a * dmin * sum_j m_j bsums_j (8 lanes). */
 static inline __m256 k45_block512(const uint16_t *dm, __m256i sm, const uint8_t *qs, const uint8_t *qh,
-                                  const act256 *a, __m256 acc) {
+                                  const act256 *a, __m256 acc, __m512 *accz) {
     const __m512i m0f = _mm512_set1_epi8(0x0F), m10 = _mm512_set1_epi8(0x10);
     const char Z = (char)0x80;
     __m256i mn16 = _mm256_shuffle_epi8(sm, _mm256_setr_epi8(4, Z, 4, Z, 5, Z, 5, Z, 6, Z, 6, Z, 7, Z, 7, Z, 12, Z, 12, Z,
@@ -179,14 +180,18 @@ static inline __m256 k45_block512(const uint16_t *dm, __m256i sm, const uint8_t 
         __m512i sc = _mm512_shuffle_epi8(smz, _mm512_load_si512(k4_pat[h]));
         sum_q = _mm512_dpwssd_epi32(sum_q, _mm512_packs_epi32(p0, p1), sc);
     }
-    __m256i sq = _mm256_add_epi32(_mm512_castsi512_si256(sum_q), _mm512_extracti64x4_epi64(sum_q, 1));
-    __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(k45_factors(dm, &a->d)),
-                                        _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(sq, sum_m)), f, acc);
+    __m128 f = k45_factors(dm, &a->d);
+    *accz = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_q), _mm512_broadcastss_ps(f), *accz);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_m), _mm256_permutevar8x32_ps(_mm256_castps128_ps256(f),
+                                                                                 _mm256_set1_epi32(1)), acc);
 }
-#define K45_BLOCK k45_block512
+/* the 8 float lanes of a 16-lane accumulator */
+static inline __m256 fold512(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#define K45_512 1
 #else
-#define K45_BLOCK k45_block
+#define K45_512 0
 #endif
 
 /* The block loops decode the next block's scales one iteration ahead (it takes a chain of shuffles). */
@@ -195,12 +200,22 @@ float dot_q4_K(int k, const void *w, const act256 *a) {
     int nb = k / 256;
     __m256 acc = _mm256_setzero_ps();
     if (nb <= 0) return 0.0f;
+#if K45_512
+    __m512 accz = _mm512_setzero_ps();
+#endif
     __m256i sm_next = k4_scales_mins(x[0].scales);
     for (int b = 0; b < nb; b++) {
         __m256i sm = sm_next;
         sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
-        acc = K45_BLOCK(&x[b].d, sm, x[b].qs, NULL, a + b, acc);
+#if K45_512
+        acc = k45_block512(&x[b].d, sm, x[b].qs, NULL, a + b, acc, &accz);
+#else
+        acc = k45_block(&x[b].d, sm, x[b].qs, NULL, a + b, acc);
+#endif
     }
+#if K45_512
+    acc = _mm256_add_ps(acc, fold512(accz));
+#endif
     return hsum_ps(acc);
 }
 
@@ -209,12 +224,22 @@ float dot_q5_K(int k, const void *w, const act256 *a) {
     int nb = k / 256;
     __m256 acc = _mm256_setzero_ps();
     if (nb <= 0) return 0.0f;
+#if K45_512
+    __m512 accz = _mm512_setzero_ps();
+#endif
     __m256i sm_next = k4_scales_mins(x[0].scales);
     for (int b = 0; b < nb; b++) {
         __m256i sm = sm_next;
         sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
-        acc = K45_BLOCK(&x[b].d, sm, x[b].qs, x[b].qh, a + b, acc);
+#if K45_512
+        acc = k45_block512(&x[b].d, sm, x[b].qs, x[b].qh, a + b, acc, &accz);
+#else
+        acc = k45_block(&x[b].d, sm, x[b].qs, x[b].qh, a + b, acc);
+#endif
     }
+#if K45_512
+    acc = _mm256_add_ps(acc, fold512(accz));
+#endif
     return hsum_ps(acc);
 }
 
