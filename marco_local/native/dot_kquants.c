@@ -3,20 +3,26 @@
  * Approach (same integer sums as dot_ref.c, float arithmetic reordered): per super-block of 256 weights, each run of
  * 32 weights is rebuilt as unsigned bytes (nibble, plus the fifth bit for Q5_K, plus the top two bits for Q6_K, whose
  * -32 offset is taken out afterwards through the activation block sums) and dotted with the int8 activations, u8 x s8
- * -> 8 int32 partial sums (vpdpbusd; on plain AVX2 vpmaddubsw + vpmaddwd). Those partials fit int16 (|4 * 63 * 127| <
- * 32768), so two of them are packed (vpackssdw, never saturating) and multiplied by their sub-block scales with one
- * vpdpwssd (vpmaddwd + vpaddd on AVX2) into the super-block's int32 vector. Q4_K/Q5_K mins and Q6_K's -32 offset come
- * from vpmaddwd of the block sums with the mins/scales. Each super-block ends in one float FMA; the row is reduced
- * horizontally once. On Zen 4 these loops are bound by the vector pipes (shuffles and multiplies share one) and by
- * loads (2 per cycle): hence weight vectors loaded once, scales decoded once per block into a byte vector that
- * vpshufb spreads, no stack round trips (store-to-load forwarding into broadcasts measured slower).
+ * -> int32 partial sums of 4 (vpdpbusd; on plain AVX2 vpmaddubsw + vpmaddwd). Those partials fit int16 (|4 * 63 *
+ * 127| < 32768), so two of them are packed (vpackssdw, never saturating) and multiplied by their sub-block scales with
+ * one vpdpwssd (vpmaddwd + vpaddd on AVX2) into the super-block's int32 vector. Q4_K/Q5_K mins and Q6_K's -32 offset
+ * come from vpmaddwd of the block sums with the mins/scales. Each super-block ends in float FMAs of its int32 lanes
+ * (one for Q6_K, scale part and mins part for Q4_K/Q5_K); the row is reduced horizontally once.
  *
- * Measured (AMD EPYC Zen 4, 1 thread, one token, 768 rows x 1024 inputs, matrix in cache; us per native.matmul call,
- * of which ~5 us is the call itself: ctypes, activation quantization, output tensor; bench/native_kernels_kquants.py):
- *   Q4_K  50.7 -> 16.6   (kernel alone ~10.4 us, 14 cycles per super-block)
- *   Q5_K  84.0 -> 19.5   (~14.1 us)
- *   Q6_K  1323 -> 18.1   (~12.5 us)
- * The plain AVX2 path (-march=haswell) is ~20% slower; both are checked against dot_ref.c.
+ * Three builds: 512-bit (AVX512BW + VNNI: 64 weight bytes per instruction; Q6_K's halves line up with the activations,
+ * Q4_K/Q5_K pair sub-blocks with one vshufi64x2), 256-bit (AVX2, with vpdpbusd when AVX512VL+VNNI), plain C. What
+ * bounds these loops (measured on the EPYC here, cpu family 26, whose 512-bit ops run at the 256-bit rate): loads (2
+ * per cycle; weight vectors are loaded once, the compiler would fold them into every use), then shuffles. Scales are
+ * decoded once per block (next block's one iteration ahead) into a byte vector that vpshufb / vpermw spread; stack
+ * round trips (store, then broadcast loads) measured slower.
+ *
+ * Measured (1 thread, one token, 768 rows x 1024 inputs, matrix in cache; us per native.matmul call, of which ~5 us is
+ * the call itself: ctypes, activation quantization, output tensor; bench/native_kernels_kquants.py):
+ *   Q4_K  50.4 -> 15.5   (the loop alone: 8.9 us, 12 cycles per super-block; 256-bit AVX2 build 13.3 us)
+ *   Q5_K  85.0 -> 18.2   (12.2 us; AVX2 17.6 us)
+ *   Q6_K  1319 -> 15.3   (8.8 us; AVX2 15.5 us)
+ * A 151936 x 1024 Q6_K lm_head (128 MB, from memory): 2.6-2.8 ms at 2 threads, 46-49 GB/s (a plain 2-thread read of
+ * the same size: ~57 GB/s); 3.9 ms, 33 GB/s at 1 thread.
  */
 #include "ggml_dot.h"
 
