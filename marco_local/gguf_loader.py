@@ -285,7 +285,18 @@ def build_model(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a bug, not a user error: every meta tensor must have been replaced above
         raise RuntimeError(f"GGUF loader left meta tensors: {left[:5]}")
+    _attach_native_decoder(model)
     return model.eval()
+
+
+def _attach_native_decoder(model: nn.Module) -> None:
+    """One-token steps through `native_decode.NativeDecoder` when the model qualifies (bf16, native projections)."""
+    try:
+        from .native_decode import NativeDecoder
+    except ImportError:
+        return
+    if NativeDecoder.supports(model):
+        model.decode_step = NativeDecoder(model)
 
 
 def load_gguf(

@@ -608,17 +608,26 @@ class QExperts(Experts):
         ys = [_MM(r, b.packed[e], b.group, b.scales_zeros[e]) for r, e in zip(ap.split(1), experts, strict=True)]
         return torch.cat(ys).sum(0, keepdim=True)[:, : self.hidden].to(x.dtype)
 
-    def _decode_native(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One token through the selected experts in one native call (the raws may be file views or slots)."""
+    def _decode_native(
+        self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One token through the selected experts in one native call (the raws may be file views or slots); with
+        `out` (float32 [D]) the result is added onto it, in the additions' order of a single call (see
+        `native.moe`), and `out` is returned."""
         experts = idx.reshape(-1).tolist()
         ptrs = []
         for r in self.raws:
             base, stride = r.data_ptr(), r.stride(0)  # uint8: strides are bytes
             ptrs.append([base + e * stride for e in experts])
-        y = native.moe(
-            x.reshape(-1).float(), *ptrs, weights.reshape(-1).float(), self.types, self.hidden, self.intermediate
-        )
-        return y.view(1, -1).to(x.dtype)
+        w = weights.reshape(-1).float()
+        y = native.moe(x.reshape(-1).float(), *ptrs, w, self.types, self.hidden, self.intermediate, out=out)
+        return y if out is not None else y.view(1, -1).to(x.dtype)
+
+    def decode_into(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+        """Add one token's output through the listed experts onto the float32 `out` [D] (native kernels only): an
+        offload cache with fewer slots than a token's experts runs them in groups this way, bit-identical to one
+        call over all of them."""
+        self._decode_native(x, idx, weights, out)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and not self.dense and x.dtype != torch.float32:

@@ -9,6 +9,8 @@ quantized or offloaded variants replace `nn.Linear`s and `Experts` with modules 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -214,6 +216,8 @@ class Qwen3MoeForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # an optional fast path for one new token (set by the GGUF loader: native_decode.NativeDecoder)
+        self.decode_step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None
 
     def make_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
         cfg, p = self.config, self.model.norm.weight
@@ -229,6 +233,8 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] (positions cache.offset ...) -> logits [B, T, V], or [B, 1, V] with last_only."""
+        if self.decode_step is not None and tokens.shape == (1, 1) and cache.native_decode:
+            return self.decode_step(tokens, cache)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(cache.offset, tokens.shape[1], x.dtype, x.device)
         for layer in self.model.layers:

@@ -97,9 +97,9 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
  * Expert e's matrices start at gate_ptrs[e] / up_ptrs[e] ([inter] rows of `hidden` inputs) and down_ptrs[e]
  * ([hidden] rows of `inter` inputs), rows contiguous. The routing weight is applied before the (linear) down
  * projection, so each output row sums its experts in one pass and no thread reduces another's work. */
-int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
-              const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter, const float *x,
-              float *y, int n_threads) {
+static int moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
+               const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter, const float *x,
+               float *y, int accumulate, int n_threads) {
     kind tg, tu, td;
     if (kind_of(gate_type, &tg) || kind_of(up_type, &tu) || kind_of(down_type, &td)) return -1;
     if (hidden % tg.block || hidden % tu.block || inter % td.block || n_sel <= 0) return -1;
@@ -134,12 +134,29 @@ int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const
         }
 #pragma omp for schedule(static)
         for (int r = 0; r < hidden; r++) {
-            float acc = 0.0f;
+            float acc = accumulate ? y[r] : 0.0f;
             for (int e = 0; e < n_sel; e++) acc += dot(&td, inter, (const uint8_t *)down_ptrs[e] + (size_t)r * rd, ad + db * e);
             y[r] = acc;
         }
     }
     return 0;
+}
+
+int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
+              const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter, const float *x,
+              float *y, int n_threads) {
+    return moe(n_sel, gate_ptrs, up_ptrs, down_ptrs, route_w, gate_type, up_type, down_type, hidden, inter, x, y, 0,
+               n_threads);
+}
+
+/* marco_moe adding onto y instead of overwriting it. Experts run in groups (an offload cache with fewer slots than
+ * a token's experts) accumulate into one float32 y, in routing order: the additions are the very ones of a single
+ * call over all experts, so the result is bit-identical to it. */
+int marco_moe_acc(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
+                  const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter,
+                  const float *x, float *y, int n_threads) {
+    return moe(n_sel, gate_ptrs, up_ptrs, down_ptrs, route_w, gate_type, up_type, down_type, hidden, inter, x, y, 1,
+               n_threads);
 }
 
 /* The plain-C reference kernels by type, for tests: one row dotted with x (quantized here). */

@@ -173,6 +173,8 @@ class OffloadedExperts(nn.Module):
             slot_of = self.table.slot_of
             slots = torch.tensor([[slot_of[e] for e in row] for row in idx.tolist()], device=idx.device)
             return self.inner(x, slots, weights)
+        if x.shape[0] == 1 and getattr(self.inner, "native", False) and x.dtype != torch.float32:
+            return self._decode_in_groups(x, idx, weights)
         flat_weights = weights.reshape(-1, 1)
         out = torch.zeros_like(x)
         start = i = 0
@@ -196,6 +198,18 @@ class OffloadedExperts(nn.Module):
             elif nxt is not None:  # a single slot: nothing to overlap, the next group replaces this one
                 self._fetch(self.table.assign(*nxt))
         return out
+
+    def _decode_in_groups(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token whose experts outnumber the slots (native experts): groups that fit, in routing order, each
+        added onto one float32 output by the native kernel, so the result equals the single-call (resident) one."""
+        order = idx[0].tolist()
+        acc = torch.zeros(x.shape[1], dtype=torch.float32)
+        for group, protected in self.table.schedule(order):
+            self._fetch(self.table.assign(group, protected))
+            at = [order.index(e) for e in group]
+            slots = torch.tensor([[self.table.slot_of[e] for e in group]])
+            self.inner.decode_into(x, slots, weights[:, at], acc)
+        return acc.view(1, -1).to(x.dtype)
 
     def stats(self) -> dict:
         t = self.table
