@@ -40,6 +40,7 @@ from .checkpoint import Checkpoint
 from .config import load_config
 from .errors import MarcoError
 from .loader import _set_param, _stacked_expert_source
+from .meta import meta_device
 from .models.qwen3_moe import Experts, Qwen3MoeForCausalLM
 
 ProgressFn = Callable[[int, int], None]
@@ -253,7 +254,7 @@ def load_bnb_model(
     ckpt = Checkpoint(folder)
     cpu_kernel = device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernel_available()
     store = _Store(ckpt, device, float(qc.get("llm_int8_threshold", 6.0)), cpu_kernel)
-    with torch.device("meta"):
+    with meta_device():
         model = Qwen3MoeForCausalLM(cfg)
     # lm_head is never a bnb linear (transformers skips the output head); the router is a float linear if stored so
     linears = [

@@ -17,6 +17,7 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .config import load_config
 from .errors import MarcoError
+from .meta import meta_device
 from .models.qwen3_moe import Qwen3MoeForCausalLM
 
 ProgressFn = Callable[[int, int], None]
@@ -65,7 +66,7 @@ def load_model(
 ) -> Qwen3MoeForCausalLM:
     cfg = load_config(folder)
     ckpt = Checkpoint(folder)
-    with torch.device("meta"):
+    with meta_device():
         model = Qwen3MoeForCausalLM(cfg)
     params = dict(model.named_parameters())  # tied lm_head appears once, as the embedding
     sources: dict[str, Callable[[], torch.Tensor]] = {}

@@ -132,11 +132,13 @@ def test_decode_attention_on_the_bf16_cache(positions: int) -> None:
 
 
 @pytest.mark.parametrize("norm_topk", [True, False])
-def test_route_matches_the_model_semantics(norm_topk: bool) -> None:
-    """Router logits in float64 from the same bf16 weights, softmax, top-k, renormalised, rounded to bf16."""
+@pytest.mark.parametrize("router_dtype", [torch.bfloat16, torch.float32])
+def test_route_matches_the_model_semantics(norm_topk: bool, router_dtype: torch.dtype) -> None:
+    """Router logits in float64 from the same (bf16 or float32) weights, softmax, top-k, renormalised, rounded to
+    bf16."""
     g = torch.Generator().manual_seed(6)
     E, D, k = 40, 256, 8
-    router = (torch.randn(E, D, generator=g) * 0.1).bfloat16()
+    router = (torch.randn(E, D, generator=g) * 0.1).to(router_dtype)
     for _ in range(5):
         x = torch.randn(D, generator=g).bfloat16().float()
         ids, weights = native.route(x, router, k, norm_topk)

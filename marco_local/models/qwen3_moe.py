@@ -171,7 +171,8 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (expert ids [T, A], weights [T, A] in x's dtype)."""
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)  # [T, E]
+        gate = self.gate.weight  # may be float32 in a bf16 model (a GGUF's router): computed in its dtype
+        probs = F.softmax(F.linear(x.to(gate.dtype), gate), dim=-1, dtype=torch.float)  # [T, E]
         weights, idx = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)

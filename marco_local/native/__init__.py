@@ -93,8 +93,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.marco_moe.restype = i
     lib.marco_moe_acc.argtypes, lib.marco_moe_acc.restype = lib.marco_moe.argtypes, i
     lib.marco_dot_ref.argtypes, lib.marco_dot_ref.restype = [i, p, i, p], f
-    lib.marco_route.argtypes, lib.marco_route.restype = [p, p, i, i, i, i, p, p, i], i
-    lib.marco_moe_routed.argtypes = [p, p, i, i, i, i64, i64, i64, i64, i64, i64, i, i, i, i, i, p, p, p, i]
+    lib.marco_route.argtypes, lib.marco_route.restype = [p, p, i, i, i, i, i, p, p, i], i
+    lib.marco_moe_routed.argtypes = [p, p, i, i, i, i, i64, i64, i64, i64, i64, i64, i, i, i, i, i, p, p, p, i]
     lib.marco_moe_routed.restype = i
     lib.marco_rms_norm.argtypes, lib.marco_rms_norm.restype = [p, p, i, f, p], None
     lib.marco_attn_decode.argtypes = [p, i, i, i, p, p, f, p, p, p, p, i64, i, p, i]
@@ -197,22 +197,15 @@ def moe(
 
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token's routing: float32 x [D], bf16 router [E, D] -> (expert ids int64 [top_k], weights float32 [top_k],
-    bf16-valued). Same semantics as `SparseMoeBlock.route` (logits accumulated in float32)."""
+    """One token's routing: float32 x [D], router [E, D] (bf16 or float32) -> (expert ids int64 [top_k], weights
+    float32 [top_k], bf16-valued). Same semantics as `SparseMoeBlock.route` (logits accumulated in float32)."""
     ids = torch.empty(top_k, dtype=torch.int32)
     weights = torch.empty(top_k, dtype=torch.float32)
     E, D = router.shape
     code = library().marco_route(
-        x.data_ptr(),
-        router.data_ptr(),
-        E,
-        D,
-        top_k,
-        int(norm_topk),
-        ids.data_ptr(),
-        weights.data_ptr(),
-        torch.get_num_threads(),
-    )
+        x.data_ptr(), router.data_ptr(), int(router.dtype == torch.float32), E, D, top_k, int(norm_topk),
+        ids.data_ptr(), weights.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
     _check(code)
     return ids.long(), weights
 
@@ -235,6 +228,7 @@ def moe_routed(
     code = library().marco_moe_routed(
         x.data_ptr(),
         router.data_ptr(),
+        int(router.dtype == torch.float32),
         E,
         top_k,
         int(norm_topk),

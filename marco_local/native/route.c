@@ -2,7 +2,7 @@
  *
  * Why: on the decode path the router is a small product followed by softmax, top-k and a renormalisation: in torch
  * that is half a dozen calls per layer, each costing more than its arithmetic. Semantics are the model's
- * (`SparseMoeBlock.route`): logits from the bf16 router weights (accumulated in float32), softmax in float32, the
+ * (`SparseMoeBlock.route`): logits from the router weights (bf16 or float32, accumulated in float32), softmax in float32, the
  * top_k largest (ties: the lower expert id first), renormalised when norm_topk is set, then rounded to bf16 as the
  * torch path hands the routing weights on in the activation dtype.
  */
@@ -10,6 +10,10 @@
 #include <stdint.h>
 
 #include "ggml_dot.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
               const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter, const float *x,
@@ -23,14 +27,28 @@ static float round_bf16(float f) {
     return f;
 }
 
-/* ids[top_k], weights[top_k] for x[dim] through the router w (bf16 [n_experts, dim]). */
-int marco_route(const float *x, const uint16_t *w, int n_experts, int dim, int top_k, int norm_topk, int32_t *ids,
-                float *weights, int n_threads) {
+static float dot_f32_f32(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.0f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* ids[top_k], weights[top_k] for x[dim] through the router w ([n_experts, dim], float32 when w_f32, else bf16). */
+int marco_route(const float *x, const void *w, int w_f32, int n_experts, int dim, int top_k, int norm_topk,
+                int32_t *ids, float *weights, int n_threads) {
     if (top_k <= 0 || top_k > n_experts || top_k > 64) return -1;
     float *p = marco_scratch(sizeof(float) * (size_t)n_experts);
     if (!p) return -2;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int e = 0; e < n_experts; e++) p[e] = dot_f32_bf16(x, w + (size_t)e * dim, dim);
+    for (int e = 0; e < n_experts; e++)
+        p[e] = w_f32 ? dot_f32_f32(x, (const float *)w + (size_t)e * dim, dim)
+                     : dot_f32_bf16(x, (const uint16_t *)w + (size_t)e * dim, dim);
     float m = -INFINITY, sum = 0.0f;
     for (int e = 0; e < n_experts; e++) m = p[e] > m ? p[e] : m;
     for (int e = 0; e < n_experts; e++) sum += (p[e] = expf(p[e] - m));
@@ -52,11 +70,11 @@ int marco_route(const float *x, const uint16_t *w, int n_experts, int dim, int t
 
 /* Routing, then the selected experts (marco_moe), for one token. Expert e's gate matrix starts at
  * gate_base + e * gate_stride (likewise up and down). The chosen ids and weights are written out for the caller. */
-int marco_moe_routed(const float *x, const uint16_t *router, int n_experts, int top_k, int norm_topk,
+int marco_moe_routed(const float *x, const void *router, int router_f32, int n_experts, int top_k, int norm_topk,
                      int64_t gate_base, int64_t gate_stride, int64_t up_base, int64_t up_stride, int64_t down_base,
                      int64_t down_stride, int gate_type, int up_type, int down_type, int hidden, int inter, float *y,
                      int32_t *ids, float *weights, int n_threads) {
-    int code = marco_route(x, router, n_experts, hidden, top_k, norm_topk, ids, weights, n_threads);
+    int code = marco_route(x, router, router_f32, n_experts, hidden, top_k, norm_topk, ids, weights, n_threads);
     if (code) return code;
     int64_t g[64], u[64], d[64];
     for (int j = 0; j < top_k; j++) {

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.qwen3_moe import Experts
@@ -151,7 +152,8 @@ class OffloadedExperts(nn.Module):
         nxt = self.next
         if nxt is None or x.shape[0] != 1:  # decode only: a prefill chunk streams layers anyway
             return
-        guess = torch.topk(self.next_gate(x), self.next_top_k, dim=-1).indices.reshape(-1).tolist()
+        w = self.next_gate.weight
+        guess = torch.topk(F.linear(x.to(w.dtype), w), self.next_top_k, dim=-1).indices.reshape(-1).tolist()
         nxt.predicted = set(guess)
         if nxt.executor is not None:
             nxt.pending = nxt.executor.submit(nxt.preload, guess)

@@ -25,6 +25,7 @@ from ..checkpoint import Checkpoint
 from ..config import load_config
 from ..errors import MarcoError
 from ..kv_cache import kv_cache_bytes
+from ..meta import meta_device
 from ..models.qwen3_moe import Qwen3MoeForCausalLM
 from .budget import AUTO_GPU_MARGIN, WORKING_RESERVE, Placement, Plan, parse_size, plan_slots
 from .experts import OffloadedExperts
@@ -299,7 +300,7 @@ def load_offloaded(
     device = torch.device(device)
     cfg = load_config(folder)
     ckpt = Checkpoint(folder)
-    with torch.device("meta"):
+    with meta_device():
         model = Qwen3MoeForCausalLM(cfg).to(dtype)
     blocks = _moe_blocks(model)
     expert_params = {id(p) for _, b in blocks for p in b.experts.parameters()}
