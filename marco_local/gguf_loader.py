@@ -306,10 +306,6 @@ def _attach_native_decoder(model: nn.Module) -> None:
         return
     if NativeDecoder.supports(model):
         model.decode_step = NativeDecoder(model)
-        from .qlinear import return_large_frees_to_the_os, trim_heap
-
-        return_large_frees_to_the_os()
-        trim_heap()
 
 
 def load_gguf(

@@ -349,25 +349,6 @@ def trim_heap() -> None:
             pass
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def return_large_frees_to_the_os() -> None:
-    """Make glibc return freed blocks of 1 MiB and more to the OS at once (process-wide).
-
-    Why: glibc raises its mmap threshold each time a large block is freed, so a prefill's MiB-sized temporaries end
-    up in the heap and stay resident after use. With the native kernels a GGUF's weights are the file's own pages, so
-    the heap is most of what the process adds; a fixed threshold cut the peak RSS of a Nano Q4_K_M bench by 15 MiB and
-    the resident heap after a 512-token prefill by 28 MiB. A no-op elsewhere."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
-        except (OSError, AttributeError):
-            pass
-
-
 def _as_type(ggml_type: GT | int | str) -> GT:
     return codec_for(ggml_type).ggml_type
 
