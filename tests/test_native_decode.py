@@ -111,3 +111,19 @@ def test_context_full_is_the_usual_error(q4_path):
         model(torch.tensor([[1, 2, 3]]), cache, last_only=True)
         with pytest.raises(MarcoError, match="context window full"):
             model(torch.tensor([[4]]), cache)
+
+
+@pytest.mark.parametrize(
+    "setting,expected", [("1", "kernels: native"), ("0", "kernels: torch int4 (disabled by MARCO_NATIVE=0)")]
+)
+def test_verbose_run_names_the_kernels(q4_path, setting, expected):
+    """`marco run -v` says which kernels ran, and why not the native ones (the user's clue to a slow machine)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NO_COLOR": "1", "MARCO_NATIVE": setting}
+    args = [sys.executable, "-m", "marco_local", "run", str(q4_path), "--raw", "-n", "3", "-v", "--temperature", "0"]
+    r = subprocess.run(args, input=b"hello", capture_output=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert expected in r.stderr.decode().splitlines()[-1]

@@ -34,6 +34,7 @@ def bench(
     import torch
 
     from ..benchmark import run_benchmark
+    from ..qlinear import kernel_summary
     from ..runtime import load
 
     if min(prompt_tokens, decode_tokens, repeats) < 1 or (threads is not None and threads < 1):
@@ -49,7 +50,12 @@ def bench(
             decode_tokens,
             repeats,
             progress=cb,
-            settings={"model": str(lm.source.path), "format": lm.source.format, "dtype": dtype},
+            settings={
+                "model": str(lm.source.path),
+                "format": lm.source.format,
+                "dtype": dtype,
+                "kernels": kernel_summary(lm.model),
+            },
         )
     data = result.to_json()
     if as_json:

@@ -122,4 +122,8 @@ def run(
         sys.stdout.write("\n")
     sys.stdout.flush()
     if verbose and last is not None:
-        ui.info(ui.stats_line(last) + f" · finish: {last.finish_reason}")
+        from ..qlinear import kernel_summary
+
+        kernels = kernel_summary(lm.model)
+        extra = f" · kernels: {kernels}" if kernels else ""
+        ui.info(ui.stats_line(last) + f" · finish: {last.finish_reason}{extra}")
