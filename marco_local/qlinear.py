@@ -2,9 +2,13 @@
 
 Two kernel families. When the native kernels can be had (`marco_local.native`: C, compiled on first use), every
 quantized type they read (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) runs on the file's blocks as they lie:
-nothing is repacked, the weights stay zero-copy views of the memory-mapped GGUF, and a layer's selected experts run
-in one call per token (`native.moe`). The activations are quantized to int8 blocks for that (llama.cpp's numerics).
-Without them (no C compiler, or MARCO_NATIVE=0), the torch int4 path below is used; its description follows.
+nothing is repacked, the weights stay zero-copy views of the memory-mapped GGUF (prefaulted at load, see `prefault`),
+and a layer's routing and selected experts run in one call per token (`NativeMoeBlock`, `native.moe_routed`). The
+activations are quantized to int8 blocks for that (llama.cpp's numerics): relative output error against
+`x @ dequantize(W).T` ~0.5-0.7% (tests/test_native.py); the KL from the unquantized model is that of the int4 path
+(tests/test_gguf_types.py). Speed, Nano-shaped Q4_K_M, 2 threads: decode 1.34x llama.cpp's on the same file
+(bench/bench_vs_llamacpp.py), with `native_decode.NativeDecoder` running the rest of the step. Without them (no C
+compiler, or MARCO_NATIVE=0), the torch int4 path below is used (0.69x llama.cpp); its description follows.
 
 Job: turn the raw ggml blocks of a tensor (a zero-copy uint8 view `[rows, row_bytes]` of the GGUF file) into modules
 whose forward computes `x @ W.T` without ever materialising W in float. The loader builds them with `make_linear`,
@@ -35,17 +39,19 @@ each call and multiplied in float32 (a reference path for checks: slow, allocate
 Speed (Marco-Nano-shaped Q4_K_M, one decode token, kernels only, 1 thread / 2 threads): attention projections
 6.4 / 3.6 ms, the 8 selected experts of 28 layers 14.5 / 9.5 ms, the Q6_K lm_head 8.9 / 4.7 ms.
 
-Invariants: the weights stay quantized in memory (bytes per weight: 0.625 for the 4-bit types, 1.125 for Q5_0,
-Q5_1, Q5_K and Q8_0, 1.25 for Q6_K; a GGUF file's pages are released after repacking, see `release_pages`); no
-float copy of a quantized tensor is ever kept. On the bf16 decode path (one token) `QExperts` does a fixed number of
-torch calls per layer (one int4 matmul per selected expert and projection, a few batched elementwise ops), no Python
-work that grows with the number of experts and no buffer allocation beyond the ops' own outputs.
+Invariants (int4 path): the weights stay quantized in memory (bytes per weight: 0.625 for the 4-bit types, 1.125
+for Q5_0, Q5_1, Q5_K and Q8_0, 1.25 for Q6_K; a GGUF file's pages are released after repacking, see
+`release_pages`); no float copy of a quantized tensor is ever kept. On the bf16 decode path (one token) `QExperts`
+does a fixed number of torch calls per layer (one int4 matmul per selected expert and projection, a few batched
+elementwise ops), no Python work that grows with the number of experts and no buffer allocation beyond the ops' own
+outputs.
 Modules are CPU-only (the int4 packing is the CPU kernel's); a CUDA placement needs another packing.
 
 Offloading (`make_experts(..., in_file="int4" | "raw")`): `QExperts` repacks nothing and touches no expert page at
-load; its per-expert tensors are shape-only placeholders that the offload runtime rebinds to its slots, and a miss
-fills a slot through `fill_expert` (the load-time routine `_fill_int4`, so a slot's bytes equal the resident
-model's). The kernel's padding rows of a slot are never written: they only feed output rows that are sliced off.
+load. With the native kernels its slots hold the raw blocks ("raw"), read straight from the file on a miss. Else its
+per-expert tensors are shape-only placeholders that the offload runtime rebinds to its slots, and a miss fills a
+slot through `fill_expert` (the load-time routine `_fill_int4`, so a slot's bytes equal the resident model's). The
+kernel's padding rows of a slot are never written: they only feed output rows that are sliced off.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ costs a private copy of the weights (RSS above the file size) and ~30% more byte
 quantize the activations to int8 blocks once per product (as llama.cpp does) and dot them with the weight blocks
 directly, so GGUF weights stay zero-copy views of the memory-mapped file.
 
+Files: ggml_dot.h (block and activation layouts), act_quant.c, dot_ref.c (plain-C reference dots), dot_legacy.c and
+dot_kquants.c (vectorised dots), matmul.c (products, one token through a layer's experts), route.c (MoE routing),
+attention.c (one query over a bf16 KV cache), decode.c (the other pieces of a decode step, for native_decode.py).
+
 The C sources next to this file are compiled on first use with the system C compiler (`cc`, or $CC) for this CPU
 (-march=native), into the cache (`~/.cache/marco-local/native/<hash>/`), keyed by the sources, flags, compiler and
 CPU flags; later runs load the cached library. Without a compiler, or with MARCO_NATIVE=0, `library()` is None and
