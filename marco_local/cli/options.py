@@ -41,5 +41,10 @@ ExpertProfile = Annotated[
 ]
 ExpertPolicy = Annotated[str, typer.Option("--expert-policy", help="Expert cache eviction: lru, lfu or static.")]
 Prefetch = Annotated[
-    bool, typer.Option("--prefetch/--no-prefetch", help="Speculate the next layer's experts and load them early.")
+    bool,
+    typer.Option(
+        "--prefetch/--no-prefetch",
+        help="Speculate the next layer's experts and load them early (for CUDA: on a CPU with few cores the extra "
+        "reads slow decode).",
+    ),
 ]
