@@ -19,7 +19,8 @@ def kv_cache_bytes(
 ) -> int:
     """What `KVCache` allocates for these arguments (batch 1), float32 scratch included: memory budgets use it."""
     per_layer = 2 * num_kv_heads * head_dim * max_len
-    scratch = per_layer * 4 if torch.device(device).type == "cpu" and dtype == torch.bfloat16 else 0
+    cpu_bf16 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
+    scratch = per_layer * 4 if cpu_bf16 and not native.available() else 0
     return num_layers * per_layer * dtype.itemsize + scratch
 
 
@@ -43,11 +44,13 @@ class KVCache:
         # and past ~2500 positions those allocations page-fault: Nano-shaped q4_k_m, 2 threads, 46 ms/token at
         # position 2048 but 205 ms at 3000. So a bf16 CPU cache is cast into one preallocated float32 scratch pair,
         # shared by the layers (they attend one after another).
-        # One new token with the native kernels needs no scratch: they read the bf16 cache directly (`update`
-        # returns its views; `models.qwen3_moe.attend` hands them to `native.attend_bf16`).
+        # With the native kernels there is no scratch: one new token reads the bf16 cache directly (`update` returns
+        # its views; `models.qwen3_moe.attend` hands them to `native.attend_bf16`), and a multi-token chunk casts
+        # once per layer (a chunk is rare next to decode steps, and the scratch would hold 32 MiB of a Nano cache
+        # at 4096 tokens for it).
         self.float_keys = self.float_values = None
         self.native_decode = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native.available()
-        if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+        if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not self.native_decode:
             scratch = (batch_size, num_kv_heads, max_len, head_dim)
             self.float_keys = torch.zeros(scratch, dtype=torch.float32, device=device)
             self.float_values = torch.zeros(scratch, dtype=torch.float32, device=device)
@@ -60,8 +63,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [B, H_kv, T, hd] for the new positions -> all cached [B, H_kv, offset + T, hd].
 
-        On a bf16 CPU cache the returned views are the float32 scratch copies, except for one new token when the
-        native kernels are there (the bf16 views themselves)."""
+        On a bf16 CPU cache without the native kernels the returned views are the float32 scratch copies."""
         end = self.offset + k.shape[2]
         if end > self.max_len:
             raise MarcoError(
@@ -70,7 +72,7 @@ class KVCache:
         self.keys[layer, :, :, self.offset : end] = k
         self.values[layer, :, :, self.offset : end] = v
         keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-        if self.float_keys is None or (self.native_decode and k.shape[2] == 1):
+        if self.float_keys is None:
             return keys, values
         return self.float_keys[:, :, :end].copy_(keys), self.float_values[:, :, :end].copy_(values)
 

@@ -1,7 +1,9 @@
-"""KVCache protocol: update/advance/trim, the float32 scratch of a bf16 CPU cache, and its byte count."""
+"""KVCache protocol: update/advance/trim, the float32 scratch of a bf16 CPU cache (without the native kernels), and
+its byte count."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from marco_local.kv_cache import KVCache, kv_cache_bytes
@@ -20,7 +22,11 @@ def test_update_returns_everything_cached_and_trim_forgets():
     assert cache.offset == 1
 
 
-def test_bf16_cpu_cache_attends_through_a_float32_scratch():
+def test_bf16_cpu_cache_attends_through_a_float32_scratch(monkeypatch):
+    """Without the native kernels (with them, there is no scratch: see the next test)."""
+    from marco_local import native
+
+    monkeypatch.setattr(native, "available", lambda: False)
     cache = KVCache(3, 2, 4, 16, dtype=torch.bfloat16)
     x = torch.randn(1, 2, 5, 4).bfloat16()
     k, v = cache.update(2, x, x * 2)
@@ -30,3 +36,15 @@ def test_bf16_cpu_cache_attends_through_a_float32_scratch():
     assert cache.nbytes == kv_cache_bytes(3, 2, 4, 16, torch.bfloat16, "cpu")
     f32 = KVCache(3, 2, 4, 16, dtype=torch.float32)
     assert f32.float_keys is None and f32.nbytes == kv_cache_bytes(3, 2, 4, 16, torch.float32, "cpu")
+
+
+def test_bf16_cpu_cache_with_native_kernels_has_no_scratch():
+    from marco_local import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    cache = KVCache(3, 2, 4, 16, dtype=torch.bfloat16)
+    x = torch.randn(1, 2, 5, 4).bfloat16()
+    k, v = cache.update(2, x, x * 2)
+    assert cache.float_keys is None and k.dtype == torch.bfloat16 and torch.equal(k, x) and torch.equal(v, x * 2)
+    assert cache.nbytes == kv_cache_bytes(3, 2, 4, 16, torch.bfloat16, "cpu") == 2 * 3 * 2 * 16 * 4 * 2
