@@ -3,10 +3,11 @@
 Why: the torch forward is the reference and the prefill path, but a decode step is dozens of tiny torch calls per
 layer, each costing more than its arithmetic (SmolLM2: 140 us of Python and dispatch in a 270 us layer; Nano: 190 us
 per layer). `NativeDecoder` runs the same step with one call per stage: RMSNorm, q/k/v products, the attention block
-(q/k norm, RoPE, cache write, attention over the bf16 cache), the output product, RMSNorm, then the layer's own MLP /
-MoE module (the MoE block routes and runs its experts in one native call, offloaded or traced experts keep their
-paths). The residual stream is float32 (the torch path keeps it in bf16), so outputs differ from the torch path by
-rounding only; tests/test_native_decode.py bounds the difference against a float64 reference.
+(q/k norm, RoPE, cache write, attention over the bf16 cache), the output product, RMSNorm, then the FFN: a dense one
+in one native call (as a MoE layer with one expert), a MoE block through its module (it routes and runs its experts
+in one native call; offloaded or traced experts keep their paths). The residual stream is float32 (the torch path
+keeps it in bf16), so outputs differ from the torch path by rounding only; tests/test_native_decode.py bounds both
+against the float32 exact path of the same file.
 
 The loader attaches it as `model.decode_step` when the model qualifies (`NativeDecoder.supports`): bf16 on the CPU,
 every attention projection and the output matrix on the native kernels, batch 1 at call time. Invariants: no
@@ -60,6 +61,7 @@ class NativeDecoder:
                     "k_norm": _ptr(getattr(getattr(att, "k_norm", None), "weight", None)),
                     "o": att.o_proj,
                     "mlp": layer.mlp,
+                    "dense": self._dense_mlp(layer.mlp),
                 }
             )
         self.final_norm = model.model.norm.weight.data_ptr()
@@ -70,6 +72,18 @@ class NativeDecoder:
         self.qkv = torch.zeros(qkv_size)
         self.att = torch.zeros(self.H * self.hd)
         self.tmp = torch.zeros(self.D)
+        self.one = torch.ones(1)  # the routing weight of a dense FFN
+
+    @staticmethod
+    def _dense_mlp(mlp: nn.Module) -> tuple | None:
+        """A dense SwiGLU FFN on native linears, as the arguments of `marco_moe` with one expert of weight 1 (the
+        dense FFN is a MoE layer whose one expert every token uses); None for a MoE block or another FFN."""
+        parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(m, QLinear) and m.native for m in parts):
+            return None
+        g, u, d = parts
+        ptrs = tuple((ctypes.c_int64 * 1)(m.raw.data_ptr()) for m in parts)
+        return (*ptrs, int(g.ggml_type), int(u.ggml_type), int(d.ggml_type), g.out_features)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -114,7 +128,15 @@ class NativeDecoder:
             self._matmul(L["o"], att, tmp)
             x.add_(tmp)
             lib.marco_rms_norm(x.data_ptr(), L["ln2"], D, eps, h.data_ptr())
-            x.add_(L["mlp"](h.to(dtype).view(1, 1, D)).view(D))
+            if L["dense"] is not None:
+                g, u, d, gt, ut, dt, inter = L["dense"]
+                code = lib.marco_moe(
+                    1, g, u, d, self.one.data_ptr(), gt, ut, dt, D, inter, h.data_ptr(), tmp.data_ptr(), nt
+                )
+                native._check(code)
+                x.add_(tmp)
+            else:
+                x.add_(L["mlp"](h.to(dtype).view(1, 1, D)).view(D))
         cache.advance(1)
         lib.marco_rms_norm(x.data_ptr(), self.final_norm, D, eps, h.data_ptr())
         logits = torch.empty(self.lm_head.out_features)
