@@ -117,8 +117,10 @@ def library() -> ctypes.CDLL | None:
         _tried = True
         if os.environ.get("MARCO_NATIVE", "1") == "0":
             _reason = "disabled by MARCO_NATIVE=0"
-        elif platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        elif platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
             _reason = f"not built for {platform.system()} {platform.machine()}"
+        elif " avx2" not in _cpu_flags():  # the plain-C fallbacks are slower than torch's int4 kernel
+            _reason = "this CPU has no AVX2"
         else:
             try:
                 _lib = _build()
