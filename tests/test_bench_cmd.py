@@ -37,3 +37,17 @@ def test_cli_table_and_bad_repeats() -> None:
     assert "decode 2" in res.stderr and "peak RSS" in res.stderr and res.stdout == ""
     bad = CliRunner().invoke(app, ["bench", "demo", "-r", "0"])
     assert bad.exit_code != 0
+
+
+def test_cli_takes_the_placement_options() -> None:
+    """`marco bench` takes the offload options of `marco run` and reports the expert cache."""
+    res = CliRunner().invoke(
+        app, ["bench", "demo", "-p", "8", "-n", "4", "-r", "1", "--experts-resident", "2", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout.strip())
+    off = data["offload"]
+    assert off["expert_slots_per_layer"] == 2 and 0 < off["experts_resident_fraction"] < 1
+    assert 0 <= off["expert_hit_rate"] <= 1 and off["expert_bytes_moved"] > 0
+    table = CliRunner().invoke(app, ["bench", "demo", "-p", "4", "-n", "2", "-r", "1", "--experts-resident", "50%"])
+    assert table.exit_code == 0 and "resident" in table.stderr and "hit rate" in table.stderr

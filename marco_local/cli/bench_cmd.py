@@ -11,12 +11,13 @@ from rich.table import Table
 
 from ..errors import MarcoError
 from . import ui
-from .options import Device, Dtype, ModelArg
+from .options import Device, Dtype, ExpertPolicy, ExpertProfile, ExpertsResident, GpuMem, ModelArg, Prefetch, RamMem
 
 EPILOG = (
     "Measures a 512-token prompt processed in one batch and 128 greedily decoded tokens (random token ids), "
     "--repeats times each, as llama-bench's pp512/tg128.\n\n"
-    "Examples:\n\n  marco bench nano\n\n  marco bench marco-nano-q4_k_m.gguf --threads 2 --json"
+    "Examples:\n\n  marco bench nano\n\n  marco bench marco-nano-q4_k_m.gguf --threads 2 --json\n\n"
+    "  marco bench marco-nano-q4_k_m.gguf --ram-mem 3GiB"
 )
 
 
@@ -29,11 +30,18 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of the table.")] = False,
     dtype: Dtype = "bf16",
     device: Device = "auto",
+    ram_mem: RamMem = None,
+    gpu_mem: GpuMem = None,
+    experts_resident: ExpertsResident = None,
+    profile: ExpertProfile = None,
+    expert_policy: ExpertPolicy = "lru",
+    prefetch: Prefetch = False,
 ) -> None:
     """Measure prompt processing and decode speed (tokens/s) and peak memory."""
     import torch
 
     from ..benchmark import run_benchmark
+    from ..offload import Placement, offload_stats
     from ..qlinear import kernel_summary
     from ..runtime import load
 
@@ -41,8 +49,10 @@ def bench(
         raise MarcoError("--prompt-tokens, --decode-tokens, --repeats and --threads must be at least 1")
     if threads:
         torch.set_num_threads(threads)
+    ctx = max(prompt_tokens, decode_tokens + 1)  # what run_benchmark's cache holds: the budget counts it
+    placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx)
     with ui.progress("loading") as cb:
-        lm = load(model, dtype=dtype, device=device, progress=cb)
+        lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
     with ui.progress("benchmarking") as cb:
         result = run_benchmark(
             lm.model,
@@ -58,6 +68,10 @@ def bench(
             },
         )
     data = result.to_json()
+    stats = offload_stats(lm.model)
+    if stats:
+        keys = ("experts_resident_fraction", "expert_hit_rate", "expert_bytes_moved", "expert_stall_s")
+        data["offload"] = {k: stats[k] for k in keys} | {"expert_slots_per_layer": stats["expert_slots_per_layer"]}
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
         return
@@ -72,3 +86,10 @@ def bench(
     if data["peak_vram_bytes"] is not None:
         mem += f" · peak VRAM {ui.human_bytes(data['peak_vram_bytes'])}"
     ui.info(mem)
+    if stats:
+        hit = stats["expert_hit_rate"]
+        ui.info(
+            f"experts: {stats['experts_resident_fraction']:.0%} resident"
+            + (f" · hit rate {hit:.0%}" if hit is not None else "")
+            + f" · {ui.human_bytes(stats['expert_bytes_moved'])} read · stalled {stats['expert_stall_s']:.2f} s"
+        )
