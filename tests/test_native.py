@@ -174,3 +174,14 @@ def test_fused_moe_block_equals_routing_then_experts() -> None:
     experts.register_forward_pre_hook(lambda mod, args: seen.append(args[1].tolist()))  # observed: two steps
     two_step = block(x)
     assert len(seen) == 1 and torch.equal(fused, two_step)
+
+
+def test_a_failing_compiler_falls_back_with_a_reason(tmp_path) -> None:
+    """No usable compiler: the kernels are unavailable, with the reason; nothing half-built is left in the cache."""
+    code = "from marco_local import native; print(native.available()); print(native.unavailable_reason())"
+    env = {**os.environ, "CC": "false", "MARCO_HOME": str(tmp_path)}
+    env.pop("MARCO_NATIVE", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    available, reason = out.strip().split("\n", 1)
+    assert available == "False" and reason.startswith("compiling the native kernels failed")
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # no library, no temporary file
