@@ -12,8 +12,8 @@ attention.c (one query over a bf16 KV cache), decode.c (the other pieces of a de
 The C sources next to this file are compiled on first use with the system C compiler (`cc`, or $CC) for this CPU
 (-march=native), into the cache (`~/.cache/marco-local/native/<hash>/`), keyed by the sources, flags, compiler and
 CPU flags; later runs load the cached library. Without a compiler, on a CPU without AVX2 (x86-64 only), or with
-MARCO_NATIVE=0, `library()` is None and
-callers keep torch's int4 path. Threads: OpenMP in the libgomp torch has loaded, sized by torch.get_num_threads().
+MARCO_NATIVE=0, `library()` is None and callers keep torch's int4 path. Threads: OpenMP in the libgomp torch has
+loaded, sized by torch.get_num_threads().
 """
 
 from __future__ import annotations
