@@ -220,12 +220,12 @@ def write_dense_gguf(path: Path, arch: str, model: torch.nn.Module, tok_folder: 
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_dense_architectures_against_transformers(arch, checkpoint, tmp_path):
+def dense_reference(arch: str, folder: Path, **shape) -> torch.nn.Module:
+    """A random-weight transformers `llama` / `qwen3` model (2 layers, GQA 4/2) over the fixture tokenizer's
+    vocabulary; `shape` sets hidden_size, intermediate_size, head_dim, tie_word_embeddings."""
     import transformers
     from conftest import randomize
 
-    folder, _ = checkpoint  # for its tokenizer
     cls, cfg_cls = {
         "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
         "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
@@ -233,19 +233,25 @@ def test_dense_architectures_against_transformers(arch, checkpoint, tmp_path):
     vocab = HFTokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
     cfg = cfg_cls(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=False,
         max_position_embeddings=256,
         rope_theta=10000.0,
+        **shape,
     )
     torch.manual_seed(0)
     ref = cls(cfg).eval()
     randomize(ref, seed=3)
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_dense_architectures_against_transformers(arch, checkpoint, tmp_path):
+    folder, _ = checkpoint  # for its tokenizer
+    shape = dict(hidden_size=64, intermediate_size=96, head_dim=16, tie_word_embeddings=False)
+    ref = dense_reference(arch, folder, **shape)
+    vocab = ref.config.vocab_size
     path = tmp_path / f"{arch}.gguf"
     write_dense_gguf(path, arch, ref, folder, "F32")
     model, tok = load_gguf(path, dtype=torch.float32)

@@ -45,6 +45,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", NATIVE_TYPES)
 def test_linear_runs_on_the_file_bytes(name: str) -> None:
+    """Every native type against x @ W.T in float64 (the exact sums are in tests/test_native_{legacy,kquants}.py)."""
     N, K = 200, 512
     raw, w = _quantized(name, (N, K), seed=1)
     lin = make_linear(raw, name, N, K)

@@ -64,24 +64,10 @@ def test_qwen3moe_q4_k_m(q4_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_dense_architectures(arch, checkpoint, tmp_path):
-    import transformers
-    from conftest import randomize
-    from test_gguf_runtime import write_dense_gguf
-    from tokenizers import Tokenizer as HFTokenizer
+    from test_gguf_runtime import dense_reference, write_dense_gguf
 
     folder, _ = checkpoint
-    cls, cfg_cls = {
-        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
-        "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
-    }[arch]
-    vocab = HFTokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
-    cfg = cfg_cls(
-        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=256, rope_theta=10000.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    ref = cls(cfg).eval()
-    randomize(ref, seed=3)
+    ref = dense_reference(arch, folder, hidden_size=128, intermediate_size=256, head_dim=32, tie_word_embeddings=True)
     path = tmp_path / f"{arch}.gguf"
     write_dense_gguf(path, arch, ref, folder, "Q8_0")
     _check(path, f"{arch} Q8_0")
