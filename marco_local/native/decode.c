@@ -16,13 +16,6 @@ int marco_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, int6
 int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, const float *x, int m, float *y,
                  int n_threads);
 
-static uint16_t float_to_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((b >> 16) | 0x40); /* NaN stays NaN */
-    return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);                 /* round to nearest even */
-}
-
 /* out[i] = x[i] / rms(x) * w[i] (w bf16), over n values. out may be x. */
 void marco_rms_norm(const float *x, const uint16_t *w, int n, float eps, float *out) {
     double ss = 0.0;

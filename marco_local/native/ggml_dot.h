@@ -82,6 +82,14 @@ static inline float bf16_to_float(uint16_t b) {
     return f;
 }
 
+/* float32 -> bf16, round to nearest even (NaN stays NaN), as torch's .to(torch.bfloat16). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((b >> 16) | 0x40);
+    return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+
 /* float32 . bf16 over n values (attention.c). */
 float dot_f32_bf16(const float *q, const uint16_t *k, int n);
 

@@ -19,13 +19,7 @@ int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const
               const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter, const float *x,
               float *y, int n_threads);
 
-static float round_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000u; /* round to nearest even (finite inputs) */
-    memcpy(&f, &b, 4);
-    return f;
-}
+static float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 static float dot_f32_f32(const float *a, const float *b, int n) {
     int i = 0;
