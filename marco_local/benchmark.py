@@ -1,10 +1,11 @@
 """Speed benchmark of a loaded model: prompt processing and decode tokens per second, peak memory.
 
-What is measured (the same protocol as llama-bench's pp/tg tests, so the figures compare): a prompt of
-`prompt_tokens` random ids is processed in one forward (prefill, from an empty cache); then `decode_tokens` tokens are
-generated one at a time, each the greedy pick of the previous logits, after a short prefill. Each repeat starts from
-an emptied cache; one warm-up round (a few tokens) runs first so lazy initialisation is not timed. The KV cache is
-allocated once for all repeats. The library never prints: progress goes to the optional callback.
+What is measured (the same protocol as llama-bench's pp/tg tests, so the figures compare): a prompt of `prompt_tokens`
+random ids is processed from an empty cache, in the chunks `generate.prefill` uses on the device (as llama.cpp splits a
+prompt into batches); then `decode_tokens` tokens are generated one at a time, each the greedy pick of the previous
+logits, after a short prefill. Each repeat starts from an emptied cache; one warm-up round (a few tokens) runs first so
+lazy initialisation is not timed. The KV cache is allocated once for all repeats. The library never prints: progress
+goes to the optional callback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .generate import peak_memory_bytes
+from .generate import peak_memory_bytes, prefill, prefill_chunk
 
 ProgressFn = Callable[[int, int], None]
 
@@ -90,11 +91,11 @@ def run_benchmark(
         _sync(device)
         return n / (time.perf_counter() - start)
 
-    def prefill() -> float:
+    def timed_prefill() -> float:
         cache.reset()
         _sync(device)
         start = time.perf_counter()
-        model(prompt, cache, last_only=True)
+        prefill(model, prompt, cache)
         _sync(device)
         return prompt_tokens / (time.perf_counter() - start)
 
@@ -102,7 +103,7 @@ def run_benchmark(
     prompt_tps: list[float] = []
     decode_tps: list[float] = []
     for i in range(repeats):
-        prompt_tps.append(prefill())
+        prompt_tps.append(timed_prefill())
         decode_tps.append(decode(decode_tokens))
         if progress:
             progress(i + 1, repeats)
@@ -113,5 +114,10 @@ def run_benchmark(
         decode_tokens_per_s=decode_tps,
         peak_rss_bytes=peak_memory_bytes(None),
         peak_vram_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        settings={"threads": torch.get_num_threads(), "device": str(device), **(settings or {})},
+        settings={
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "prefill_chunk": prefill_chunk(device),
+            **(settings or {}),
+        },
     )

@@ -57,6 +57,26 @@ class GenerationResponse:
     stats: dict = field(default_factory=dict)  # runtime extras (expert cache hit rate, ...)
 
 
+# Prompt tokens per forward. On the CPU, chunks of 128 prefill as fast as 512 (Nano Q4_K_M, 2 threads: 200 against 198
+# tok/s; SmolLM2: 590 against 565) and hold a third of the activations (a 512-token Nano prompt: +10 against +30 MiB
+# of heap), which counts against the RSS budget. A GPU wants large batches.
+PREFILL_CHUNK = {"cpu": 128}
+PREFILL_CHUNK_DEFAULT = 512
+
+
+def prefill_chunk(device: torch.device) -> int:
+    """How many prompt tokens one forward takes on `device`."""
+    return PREFILL_CHUNK.get(device.type, PREFILL_CHUNK_DEFAULT)
+
+
+def prefill(model: nn.Module, tokens: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+    """Run the prompt `tokens` [1, T] into `cache` in chunks; logits [1, 1, V] of its last token."""
+    step = chunk or prefill_chunk(tokens.device)
+    for start in range(0, tokens.shape[1], step):
+        logits = model(tokens[:, start : start + step], cache, last_only=True)
+    return logits
+
+
 def peak_memory_bytes(device: torch.device | None = None) -> int:
     """Peak VRAM on CUDA, else the process's peak RSS."""
     if device is not None and device.type == "cuda":
@@ -73,16 +93,17 @@ def generate_step(
     sampler: Sampler,
     logits_processors: Sequence[LogitsProcessor] = (),
     max_tokens: int = 256,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
     progress: ProgressFn | None = None,
 ) -> Iterator[int]:
     """Yield up to `max_tokens` sampled ids. The cache always matches `prompt_cache.tokens`, even if interrupted."""
     device = next(model.parameters()).device
+    step = prefill_step_size or prefill_chunk(device)
     reused = prompt_cache.reuse(prompt)
     history = list(prompt)
     todo = list(prompt[reused:])
     while True:
-        chunk, todo = todo[:prefill_step_size], todo[prefill_step_size:]
+        chunk, todo = todo[:step], todo[step:]
         logits = model(torch.tensor([chunk], device=device), prompt_cache.cache, last_only=True)
         prompt_cache.tokens.extend(chunk)
         if progress:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marco_local.generate import PromptCache, generate, generate_step, stream_generate
+from marco_local.generate import PromptCache, generate, generate_step, prefill, prefill_chunk, stream_generate
 from marco_local.loader import load_model
 from marco_local.sampling import make_logits_processors, make_sampler
 from marco_local.tokenizer import Tokenizer
@@ -51,6 +51,20 @@ def test_same_seed_same_text(lm):
     model, tok = lm
     texts = [generate(model, tok, "Hello", max_tokens=20, sampler=make_sampler(0.9, top_k=50, seed=s)) for s in (3, 3)]
     assert texts[0] == texts[1]
+
+
+def test_chunked_prefill_matches_one_forward(lm):
+    """Chunks see the same keys as one forward (each chunk attends to the cached prefix and causally to itself)."""
+    model, _ = lm
+    tokens = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(1))
+    whole_cache, chunked_cache = model.make_cache(32), model.make_cache(32)
+    with torch.inference_mode():
+        whole = model(tokens, whole_cache, last_only=True)
+        chunked = prefill(model, tokens, chunked_cache, chunk=5)  # 5+5+5+5+3: a ragged last chunk
+    assert chunked.shape == whole.shape == (1, 1, model.config.vocab_size)
+    assert chunked_cache.offset == whole_cache.offset == 23
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)  # float32: only summation order differs
+    assert prefill_chunk(torch.device("cpu")) < prefill_chunk(torch.device("cuda"))
 
 
 def test_prompt_cache_reuse_gives_the_same_tokens(lm):
