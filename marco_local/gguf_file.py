@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from quant.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .config import ModelConfig
 from .errors import MarcoError

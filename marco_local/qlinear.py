@@ -65,10 +65,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType as GT
 from torch import nn
 
 from quant.ggml_codecs import Codec, codec_for
+from quant.ggml_types import GGMLQuantizationType as GT
 
 from . import native
 from .models.qwen3_moe import Experts, SparseMoeBlock

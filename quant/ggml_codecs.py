@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QK_K = 256  # weights per K-quant super-block
 CHUNK_ELEMS = 1 << 18  # weights per vectorised step: temporaries stay cache-sized (about 1 MiB each)

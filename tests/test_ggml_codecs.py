@@ -12,10 +12,20 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 import quant.ggml_codecs as gc
+from quant import ggml_types
 from quant.ggml_codecs import CODECS, codec_for
 
 GGUF_PY_QUANTIZED = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]
+
+
+def test_format_tables_equal_gguf_py():
+    """quant/ggml_types.py copies three gguf-py tables so that the runtime need not import gguf-py."""
+    ours = {t.name: (int(t), ggml_types.GGML_QUANT_SIZES[t]) for t in ggml_types.GGMLQuantizationType}
+    theirs = {t.name: (int(t), gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType}
+    assert ours == theirs
+    assert {v.name: int(v) for v in ggml_types.GGUFValueType} == {v.name: int(v) for v in gguf.GGUFValueType}
+    assert ggml_types.GGMLQuantizationType.Q4_K == T.Q4_K and {T.Q4_K: 1}[ggml_types.GGMLQuantizationType.Q4_K] == 1
 
 
 def make_data(kind: str, rows: int = 32, cols: int = 512, seed: int = 0) -> np.ndarray:
