@@ -17,7 +17,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from marco_local.chat import ChatSession, ChatSettings
-from marco_local.cli.chat_cmd import ChatUI, MarkdownStream, SlashCompleter, data_dir, make_prompt_session, printable
+from marco_local.cli.chat_ui import ChatUI, MarkdownStream, SlashCompleter, data_dir, make_prompt_session, printable
 from marco_local.cli.main import app
 from marco_local.runtime import load
 
