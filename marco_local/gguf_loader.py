@@ -22,6 +22,7 @@ for every block format because GGML quantizes each row on its own. qwen3/qwen3mo
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -320,4 +321,11 @@ def load_gguf(
     model_config(g)  # architecture errors before the tokenizer's
     tokenizer = load_tokenizer(g)
     model = build_model(g, dtype=dtype, device=device, progress=progress, experts_in_file=experts_in_file)
+    # The tokenizer's build made ~300k Python strings and ~20 MB of temporaries; hand the freed memory back before the
+    # prompt's activations and the KV cache arrive (2 MiB less peak RSS on Nano).
+    del g
+    gc.collect()
+    from .qlinear import trim_heap
+
+    trim_heap()
     return model, tokenizer
