@@ -45,9 +45,8 @@ class KVCache:
         # position 2048 but 205 ms at 3000. So a bf16 CPU cache is cast into one preallocated float32 scratch pair,
         # shared by the layers (they attend one after another).
         # With the native kernels there is no scratch: one new token reads the bf16 cache directly (`update` returns
-        # its views; `models.qwen3_moe.attend` hands them to `native.attend_bf16`), and a multi-token chunk casts
-        # once per layer (a chunk is rare next to decode steps, and the scratch would hold 32 MiB of a Nano cache
-        # at 4096 tokens for it).
+        # its views; `models.qwen3_moe.attend` hands them to `native.attend_bf16`), and a multi-token chunk attends
+        # in bf16 with torch's flash kernel.
         self.float_keys = self.float_values = None
         self.native_decode = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native.available()
         if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not self.native_decode:
