@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from marco_local import native
-from marco_local.qlinear import make_experts, make_linear
+from marco_local.qlinear import make_embedding, make_experts, make_linear
 from quant.ggml_codecs import codec_for
 
 if not native.available():
@@ -56,6 +56,25 @@ def test_linear_runs_on_the_file_bytes(name: str) -> None:
         y = lin(x)
         assert y.dtype == torch.bfloat16 and y.shape == (tokens, N)
         assert _rel(y, x.double() @ w.T) < REL_TOL
+
+
+@pytest.mark.parametrize("name", NATIVE_TYPES)
+def test_embedding_rows_are_bit_exact(name: str) -> None:
+    """dequant.c's rows against the codec (itself bit-exact with gguf-py and ggml): the same float32 bits, including
+    rows read through a strided view and repeated ids; an id outside the table is an IndexError, not a stray read."""
+    raw, _ = _quantized(name, (300, 512), seed=3)
+    codec = codec_for(name)
+    ids = torch.tensor([[0, 299, 17, 17], [5, 6, 7, 298]])
+    want = codec.dequantize(raw[ids.reshape(-1)]).reshape(2, 4, 512)
+    emb = make_embedding(raw, name, 300, 512, dtype=torch.float32)
+    assert torch.equal(emb(ids).view(torch.int32), want.view(torch.int32))
+    wide = torch.zeros(300, raw.shape[1] + 40, dtype=torch.uint8)  # rows 40 bytes apart from the next one's start
+    wide[:, : raw.shape[1]] = raw
+    rows = native.dequant_rows(wide[:, : raw.shape[1]], codec.ggml_type, ids, 512)
+    assert torch.equal(rows.view(torch.int32), want.reshape(8, 512).view(torch.int32))
+    for bad in (300, -1):
+        with pytest.raises(IndexError):
+            native.dequant_rows(raw, codec.ggml_type, torch.tensor([1, bad]), 512)
 
 
 def test_strided_rows() -> None:

@@ -7,7 +7,8 @@ directly, so GGUF weights stay zero-copy views of the memory-mapped file.
 
 Files: ggml_dot.h (block and activation layouts), act_quant.c, dot_ref.c (plain-C reference dots), dot_legacy.c and
 dot_kquants.c (vectorised dots), matmul.c (products, one token through a layer's experts), route.c (MoE routing),
-attention.c (one query over a bf16 KV cache), decode.c (the other pieces of a decode step, for native_decode.py).
+attention.c (one query over a bf16 KV cache), decode.c (the other pieces of a decode step, for native_decode.py),
+dequant.c (rows dequantized to float32, for embedding lookups).
 
 The C sources next to this file are compiled on first use with the system C compiler (`cc`, or $CC) for this CPU
 (-march=native), into the cache (`~/.cache/marco-local/native/<hash>/`), keyed by the sources, flags, compiler and
@@ -108,6 +109,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.marco_matmul_multi.restype = i
     lib.marco_attend_bf16.argtypes = [p, p, p, i64, i, i, i, i, f, p, i]
     lib.marco_attend_bf16.restype = i
+    lib.marco_dequant_rows.argtypes, lib.marco_dequant_rows.restype = [i, p, i64, i64, p, i, i, p], i
     return lib
 
 
@@ -282,6 +284,21 @@ def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale
         out.data_ptr(),
         torch.get_num_threads(),
     )
+    _check(code)
+    return out
+
+
+def dequant_rows(raw: torch.Tensor, ggml_type: int, ids: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Rows `ids` of the ggml matrix `raw` [N, row_bytes] dequantized to float32 [len(ids), in_features], bit-exact
+    with ggml (an embedding lookup)."""
+    ids = ids.reshape(-1).to(device="cpu", dtype=torch.int64).contiguous()
+    out = torch.empty(ids.numel(), in_features, dtype=torch.float32)
+    stride = raw.stride(0) if raw.shape[0] > 1 else raw.shape[1]
+    code = library().marco_dequant_rows(
+        int(ggml_type), raw.data_ptr(), stride, raw.shape[0], ids.data_ptr(), ids.numel(), in_features, out.data_ptr()
+    )
+    if code == -2:
+        raise IndexError(f"token id out of range for {raw.shape[0]} rows")
     _check(code)
     return out
 
