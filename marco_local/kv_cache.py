@@ -35,9 +35,12 @@ class KVCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
     ) -> None:
+        # Uninitialised: attention reads positions below `offset` only, all written first. A large buffer then comes
+        # from fresh mmap pages that take RAM when first written, so a chat with --ctx 4096 holds the memory of the
+        # positions it used, not 448 MiB (Nano) from its first message.
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.offset = 0
         # torch's CPU attention is fast only in float32. Casting a bf16 cache afresh each step allocates per layer,
@@ -51,8 +54,8 @@ class KVCache:
         self.native_decode = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native.available()
         if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not self.native_decode:
             scratch = (batch_size, num_kv_heads, max_len, head_dim)
-            self.float_keys = torch.zeros(scratch, dtype=torch.float32, device=device)
-            self.float_values = torch.zeros(scratch, dtype=torch.float32, device=device)
+            self.float_keys = torch.empty(scratch, dtype=torch.float32, device=device)
+            self.float_values = torch.empty(scratch, dtype=torch.float32, device=device)
 
     @property
     def nbytes(self) -> int:

@@ -3,6 +3,9 @@ its byte count."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,3 +51,27 @@ def test_bf16_cpu_cache_with_native_kernels_has_no_scratch():
     k, v = cache.update(2, x, x * 2)
     assert cache.float_keys is None and k.dtype == torch.bfloat16 and torch.equal(k, x) and torch.equal(v, x * 2)
     assert cache.nbytes == kv_cache_bytes(3, 2, 4, 16, torch.bfloat16, "cpu") == 2 * 3 * 2 * 16 * 4 * 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_long_cache_takes_memory_only_for_the_positions_written():
+    """A Nano-shaped bf16 cache for 4096 positions is 448 MiB; a chat that has used 100 of them should hold ~12 MiB of
+    it (one 4 KiB page per 16 positions of each layer's 2 x 8 head rows), not all of it from the start."""
+
+    def rss_mib() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    before = rss_mib()
+    cache = KVCache(28, 8, 128, 4096, dtype=torch.bfloat16)
+    assert cache.nbytes == 448 * 2**20
+    allocated = rss_mib() - before
+    k = torch.randn(1, 8, 100, 128).bfloat16()
+    for layer in range(28):
+        keys, values = cache.update(layer, k, -k)
+        assert torch.equal(keys[0, :, -100:], k[0]) and torch.equal(values[0, :, -100:], -k[0])
+    cache.advance(100)
+    used = rss_mib() - before
+    assert allocated < 16 and used < 48, (allocated, used)
