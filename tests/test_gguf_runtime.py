@@ -147,6 +147,23 @@ def test_runtime_load_runs_a_gguf(moe_f32):
     assert list(steps) == out[0, len(prompt) :].tolist()  # f32 GGUF: the same greedy tokens as transformers
 
 
+def test_marco_run_on_a_gguf_leaves_heavy_modules_unimported(moe_f32):
+    """Each costs RSS in every run (gguf-py 2.6 MiB with PyYAML, prompt_toolkit and rich's markdown 9 MiB): reading
+    a GGUF has its own tables (quant/ggml_types.py) and only `marco chat` needs the terminal UI."""
+    _, _, path = moe_f32
+    code = (
+        "import sys; from marco_local.cli.main import main\n"
+        f"sys.argv = ['marco', 'run', {str(path)!r}, '--raw', '-n', '3', 'Hello']\n"
+        "try:\n    main()\nfinally:\n"
+        "    print(sorted({m.split('.')[0] for m in sys.modules} & {'gguf', 'yaml', 'prompt_toolkit', 'markdown_it'}),"
+        " file=sys.stderr)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip(), "no text generated"
+    assert r.stderr.strip().splitlines()[-1] == "[]"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Dense architectures: llama (Q/K permuted in the file) and qwen3
 
