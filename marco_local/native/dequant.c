@@ -59,35 +59,31 @@ static void row_q8_0(const blk_q8_0 *x, int nb, float *y) {
     }
 }
 
-/* Q4_K and Q5_K: sub-block j (32 weights) is (d * sc_j) * q - dmin * m_j; qs[32 c + l] holds weight 64 c + l in
- * its low nibble and 64 c + 32 + l in its high nibble; Q5_K's bit 4 of weight 32 j + l is bit j of qh[l]. */
-static void row_q4_K(const blk_q4_K *x, int nb, float *y) {
-    for (int b = 0; b < nb; b++, y += 256) {
-        const float d = half_to_float(x[b].d), dmin = half_to_float(x[b].dmin);
-        for (int j = 0; j < 8; j++) {
-            uint8_t sc, mn;
-            k4_scale_min(j, x[b].scales, &sc, &mn);
-            const float scale = d * (float)sc, min = dmin * (float)mn;
-            const uint8_t *q = x[b].qs + 32 * (j / 2);
-            for (int l = 0; l < 32; l++) y[32 * j + l] = scale * (float)((j & 1) ? q[l] >> 4 : q[l] & 0x0F) - min;
+/* One Q4_K or Q5_K block: sub-block j (32 weights) is (d * sc_j) * q - dmin * m_j; qs[32 c + l] holds weight
+ * 64 c + l in its low nibble and 64 c + 32 + l in its high nibble; Q5_K's bit 4 of weight 32 j + l is bit j of
+ * qh[l] (qh is NULL for Q4_K). */
+static void block_q45_K(uint16_t d16, uint16_t dmin16, const uint8_t *scales, const uint8_t *qs, const uint8_t *qh,
+                        float *y) {
+    const float d = half_to_float(d16), dmin = half_to_float(dmin16);
+    for (int j = 0; j < 8; j++) {
+        uint8_t sc, mn;
+        k4_scale_min(j, scales, &sc, &mn);
+        const float scale = d * (float)sc, min = dmin * (float)mn;
+        const uint8_t *q = qs + 32 * (j / 2);
+        for (int l = 0; l < 32; l++) {
+            const int lo = (j & 1) ? q[l] >> 4 : q[l] & 0x0F;
+            const int hi = qh ? ((qh[l] >> j) & 1) << 4 : 0;
+            y[32 * j + l] = scale * (float)(lo | hi) - min;
         }
     }
 }
 
+static void row_q4_K(const blk_q4_K *x, int nb, float *y) {
+    for (int b = 0; b < nb; b++) block_q45_K(x[b].d, x[b].dmin, x[b].scales, x[b].qs, NULL, y + 256 * b);
+}
+
 static void row_q5_K(const blk_q5_K *x, int nb, float *y) {
-    for (int b = 0; b < nb; b++, y += 256) {
-        const float d = half_to_float(x[b].d), dmin = half_to_float(x[b].dmin);
-        for (int j = 0; j < 8; j++) {
-            uint8_t sc, mn;
-            k4_scale_min(j, x[b].scales, &sc, &mn);
-            const float scale = d * (float)sc, min = dmin * (float)mn;
-            const uint8_t *q = x[b].qs + 32 * (j / 2);
-            for (int l = 0; l < 32; l++) {
-                const int lo = (j & 1) ? q[l] >> 4 : q[l] & 0x0F;
-                y[32 * j + l] = scale * (float)(lo | (((x[b].qh[l] >> j) & 1) << 4)) - min;
-            }
-        }
-    }
+    for (int b = 0; b < nb; b++) block_q45_K(x[b].d, x[b].dmin, x[b].scales, x[b].qs, x[b].qh, y + 256 * b);
 }
 
 /* Q6_K: in each 128-weight half h, weight 32 k + l (k = 0..3) has its low nibble in ql[64 h + 32 (k % 2) + l] (low
