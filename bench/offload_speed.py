@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantize_nano  # noqa: E402
 
+from marco_local.generate import prefill  # noqa: E402
 from marco_local.loader import load_model  # noqa: E402
 from marco_local.offload import Placement, install, load_offloaded, offload_stats, synthetic_trace  # noqa: E402
 
@@ -78,10 +79,10 @@ def evict_file_pages(folder: Path) -> None:
 def timed(
     model, prompt: list[int], stream: list[int], repeats: int = 2, cold: Path | None = None
 ) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s): prefill `prompt` in one chunk, then feed `stream` one token per forward (what a
-    decode step computes). Tokens are fed rather than sampled because a random model's own text repeats one token
-    (tied random embeddings), which would make its routing trivially local. Best of `repeats` passes (shared CPU);
-    with `cold`, that folder's file pages are evicted before each pass.
+    """(prefill tok/s, decode tok/s): prefill `prompt` as the runtime does (`generate.prefill`), then feed `stream` one
+    token per forward (what a decode step computes). Tokens are fed rather than sampled because a random model's own
+    text repeats one token (tied random embeddings), which would make its routing trivially local. Best of `repeats`
+    passes (shared CPU); with `cold`, that folder's file pages are evicted before each pass.
     """
     best_p = best_d = 0.0
     device = next(model.parameters()).device
@@ -90,7 +91,7 @@ def timed(
             evict_file_pages(cold)
         cache = model.make_cache(len(prompt) + len(stream))
         t0 = time.perf_counter()
-        model(torch.tensor([prompt], device=device), cache, last_only=True)
+        prefill(model, torch.tensor([prompt], device=device), cache)
         best_p = max(best_p, len(prompt) / (time.perf_counter() - t0))
         rt = getattr(model, "offload", None)
         if rt is not None:
