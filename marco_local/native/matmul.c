@@ -81,12 +81,20 @@ int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, c
     size_t ab = act_bytes(&t, k);
     uint8_t *acts = marco_scratch(ab * (size_t)m);
     if (!acts && m) return -2;
-    for (int i = 0; i < m; i++) quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
-    /* Rows are split over threads; each thread runs every token of its rows (a weight row is read once). */
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int r = 0; r < n; r++) {
-        const uint8_t *row = w + (size_t)r * row_stride;
-        for (int i = 0; i < m; i++) y[(size_t)i * n + r] = dot(&t, k, row, acts + ab * i);
+    /* Several tokens are quantized by all threads (one token: by this one, sparing a barrier); then rows are split over
+     * threads, and each thread runs every token of its rows (a weight row is read once). */
+    if (m == 1) quantize_act(&t, x, acts, k);
+#pragma omp parallel num_threads(n_threads)
+    {
+        if (m > 1) {
+#pragma omp for schedule(static)
+            for (int i = 0; i < m; i++) quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < n; r++) {
+            const uint8_t *row = w + (size_t)r * row_stride;
+            for (int i = 0; i < m; i++) y[(size_t)i * n + r] = dot(&t, k, row, acts + ab * i);
+        }
     }
     return 0;
 }
