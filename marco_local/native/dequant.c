@@ -1,7 +1,7 @@
 /* Rows of a ggml matrix dequantized to float32, for embedding lookups (a token's row of token_embd, which is also
  * the tied output matrix): a decode step's lookup takes 9 us with the call, against 49 us of torch ops in
- * quant/ggml_codecs.py. Each weight is computed with the float operations of ggml's dequantize_row_* in the same order, so the rows are
- * bit-exact with ggml and with the codecs (tests/test_native.py checks every type). */
+ * quant/ggml_codecs.py. Each weight is computed with the float operations of ggml's dequantize_row_* in the same
+ * order, so the rows are bit-exact with ggml and with the codecs (tests/test_native.py checks every type). */
 /* ggml rounds d * q and then the + m; a fused multiply-add would round once. (The products here are exact in float32,
  * a half times a small integer, so it could not change a value today; this keeps the operations ggml's by
  * construction.) */
