@@ -108,6 +108,9 @@ float dot_q8_0(int k, const void *w, const act32 *a);
 float dot_q4_K(int k, const void *w, const act256 *a);
 float dot_q5_K(int k, const void *w, const act256 *a);
 float dot_q6_K(int k, const void *w, const act256 *a);
+/* One Q4_K row dotted with 4 tokens' activation rows, a[0 .. nb), a[nb .. 2 nb), ... (nb = k / 256 blocks each):
+ * out[t] is bit-identical to dot_q4_K(k, w, a + t * nb); the weights are unpacked once for the 4 (prefill). */
+void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]);
 
 /* Plain-C versions of the same (the reference the vectorised ones are tested against). */
 float dot_q4_0_ref(int k, const void *w, const act32 *a);

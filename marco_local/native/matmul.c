@@ -50,6 +50,18 @@ static inline float dot(const kind *t, int k, const uint8_t *w, const void *a) {
     return t->dot32 ? t->dot32(k, w, a) : t->dot256(k, w, a);
 }
 
+/* One Q4_K row against tokens 0, 1, .. of acts (`ab` bytes apart) in groups of 4, which unpack the row's weights once
+ * per group (the same results as dot_q4_K): y[i * n] for each token i done; returns how many were (a multiple of 4). */
+static int dot_rows_q4_K(int k, const uint8_t *row, const uint8_t *acts, size_t ab, int m, float *y, int n) {
+    int i = 0;
+    for (; i + 4 <= m; i += 4) {
+        float o[4];
+        dot_q4_K_x4(k, row, (const act256 *)(acts + ab * i), o);
+        for (int j = 0; j < 4; j++) y[(size_t)(i + j) * n] = o[j];
+    }
+    return i;
+}
+
 /* Scratch of the calling thread, grown on demand and kept (shared by the calls of this library: none nests). */
 static __thread void *scratch_ptr;
 static __thread size_t scratch_size;
@@ -93,7 +105,8 @@ int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, c
 #pragma omp for schedule(static)
         for (int r = 0; r < n; r++) {
             const uint8_t *row = w + (size_t)r * row_stride;
-            for (int i = 0; i < m; i++) y[(size_t)i * n + r] = dot(&t, k, row, acts + ab * i);
+            int i = type == T_Q4_K ? dot_rows_q4_K(k, row, acts, ab, m, y + r, n) : 0;
+            for (; i < m; i++) y[(size_t)i * n + r] = dot(&t, k, row, acts + ab * i);
         }
     }
     return 0;
