@@ -50,16 +50,27 @@ static inline float dot(const kind *t, int k, const uint8_t *w, const void *a) {
     return t->dot32 ? t->dot32(k, w, a) : t->dot256(k, w, a);
 }
 
-/* One Q4_K row against tokens 0, 1, .. of acts (`ab` bytes apart) in groups of 4, which unpack the row's weights once
- * per group (the same results as dot_q4_K): y[i * n] for each token i done; returns how many were (a multiple of 4). */
-static int dot_rows_q4_K(int k, const uint8_t *row, const uint8_t *acts, size_t ab, int m, float *y, int n) {
+/* Q4_K rows [r0, r1) against all m tokens of acts (`ab` bytes per token): tokens in groups of 4 (dot_q4_K_x4 unpacks
+ * each row's weights once per group; results bit-identical to dot_q4_K), the rest one by one. The group loop is
+ * outside the row loop: a group's activations (4 x 1168 bytes at k = 1024) stay in L1 across the tile's rows, whose
+ * weights stay there across the groups. */
+static void q4_K_tile(int k, const uint8_t *w, int64_t row_stride, int r0, int r1, const uint8_t *acts, size_t ab,
+                      int m, float *y, int n) {
     int i = 0;
-    for (; i + 4 <= m; i += 4) {
-        float o[4];
-        dot_q4_K_x4(k, row, (const act256 *)(acts + ab * i), o);
-        for (int j = 0; j < 4; j++) y[(size_t)(i + j) * n] = o[j];
-    }
-    return i;
+    for (; i + 4 <= m; i += 4)
+        for (int r = r0; r < r1; r++) {
+            float o[4];
+            dot_q4_K_x4(k, w + (size_t)r * row_stride, (const act256 *)(acts + ab * i), o);
+            for (int j = 0; j < 4; j++) y[(size_t)(i + j) * n + r] = o[j];
+        }
+    for (; i < m; i++)
+        for (int r = r0; r < r1; r++) y[(size_t)i * n + r] = dot_q4_K(k, w + (size_t)r * row_stride, acts + ab * i);
+}
+
+/* Rows per q4_K_tile: about 16 KB of weights (half of a 48 KB L1, the rest for the activations). */
+static int q4_K_tile_rows(int k) {
+    int rows = 16384 / ((k / 256) * (int)sizeof(blk_q4_K));
+    return rows > 1 ? rows : 1;
 }
 
 /* Scratch of the calling thread, grown on demand and kept (shared by the calls of this library: none nests). */
@@ -102,11 +113,17 @@ int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, c
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
         }
+        if (type == T_Q4_K && m >= 4) { /* several tokens: in tiles of rows (q4_K_tile) */
+            int tile = q4_K_tile_rows(k);
 #pragma omp for schedule(static)
-        for (int r = 0; r < n; r++) {
-            const uint8_t *row = w + (size_t)r * row_stride;
-            int i = type == T_Q4_K ? dot_rows_q4_K(k, row, acts, ab, m, y + r, n) : 0;
-            for (; i < m; i++) y[(size_t)i * n + r] = dot(&t, k, row, acts + ab * i);
+            for (int r0 = 0; r0 < n; r0 += tile)
+                q4_K_tile(k, w, row_stride, r0, r0 + tile < n ? r0 + tile : n, acts, ab, m, y, n);
+        } else {
+#pragma omp for schedule(static)
+            for (int r = 0; r < n; r++) {
+                const uint8_t *row = w + (size_t)r * row_stride;
+                for (int i = 0; i < m; i++) y[(size_t)i * n + r] = dot(&t, k, row, acts + ab * i);
+            }
         }
     }
     return 0;
