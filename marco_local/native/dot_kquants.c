@@ -247,8 +247,11 @@ static inline void k4_block512_x4(const blk_q4_K *x, __m256i sm, const act256 *a
         xs[2 * h + 1] = _mm512_shuffle_i64x2(lo, hi, 0xEE);
         sc[h] = _mm512_shuffle_epi8(smz, _mm512_load_si512(k4_pat[h]));
     }
-    /* d_a * d and -d_a * dmin, the products k45_factors forms (IEEE multiplication commutes) */
-    float d = fp16(x->d), mdmin = -fp16(x->dmin);
+    /* d_a * d and -d_a * dmin, the products k45_factors forms (IEEE multiplication commutes), each one vmulps with
+     * d_a broadcast from memory (the empty asm keeps the compiler from multiplying scalars, then broadcasting) */
+    __m512 d = _mm512_set1_ps(fp16(x->d));
+    __m256 mdmin = _mm256_set1_ps(-fp16(x->dmin));
+    __asm__("" : "+v"(d), "+v"(mdmin));
 #pragma GCC unroll 4
     for (int t = 0; t < 4; t++) {
         const act256 *at = a + (size_t)t * nb;
@@ -260,8 +263,8 @@ static inline void k4_block512_x4(const blk_q4_K *x, __m256i sm, const act256 *a
                                              _mm512_loadu_si512(at->qs + 128 * h + 64));
             sum_q = _mm512_dpwssd_epi32(sum_q, _mm512_packs_epi32(p0, p1), sc[h]);
         }
-        accz[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_q), _mm512_set1_ps(at->d * d), accz[t]);
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_m), _mm256_set1_ps(at->d * mdmin), acc[t]);
+        accz[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_q), _mm512_mul_ps(d, _mm512_set1_ps(at->d)), accz[t]);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_m), _mm256_mul_ps(mdmin, _mm256_set1_ps(at->d)), acc[t]);
     }
 }
 
