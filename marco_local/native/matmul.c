@@ -64,7 +64,8 @@ static void q4_K_tile(int k, const uint8_t *w, int64_t row_stride, int r0, int r
             for (int j = 0; j < 4; j++) y[(size_t)(i + j) * n + r] = o[j];
         }
     for (; i < m; i++)
-        for (int r = r0; r < r1; r++) y[(size_t)i * n + r] = dot_q4_K(k, w + (size_t)r * row_stride, acts + ab * i);
+        for (int r = r0; r < r1; r++)
+            y[(size_t)i * n + r] = dot_q4_K(k, w + (size_t)r * row_stride, (const act256 *)(acts + ab * i));
 }
 
 /* Rows per q4_K_tile: about 16 KB of weights (half of a 48 KB L1, the rest for the activations). */
