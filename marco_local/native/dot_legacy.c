@@ -170,6 +170,63 @@ float dot_q5_0(int k, const void *w, const act32 *a) { DOT_ROW(blk_q5_0, isum_q5
 float dot_q5_1(int k, const void *w, const act32 *a) { DOT_ROW(blk_q5_1, isum_q5_1, C_M4, C_M1, 1) }
 float dot_q8_0(int k, const void *w, const act32 *a) { DOT_ROW(blk_q8_0, isum_q8_0, C_D4, C_D1, Q8_OFFSET) }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+/* Several tokens (prefill): one row dotted with 4 tokens' activation rows a[0 .. nb), a[nb .. 2 nb), ... The
+ * weights' unsigned bytes (WVAL: loads, Q8_0's xor, Q5_0's nibbles and fifth bits) and the blocks' d_w are formed
+ * once per block for the 4 tokens; each token then runs DOT_ROW's integer and float operations, in its order, on
+ * its own accumulators, so out[t] is bit-identical to the one-token kernel's result for token t. */
+static inline __m256i wval_q5_0(const blk_q5_0 *x) { return q5_values(x->qs, x->qh); }
+static inline __m256i wval_q8_0(const blk_q8_0 *x) {
+    return _mm256_xor_si256(load32(x->qs), _mm256_set1_epi8((char)0x80));
+}
+
+#define DOT_ROW_X4(BLK, WVAL, CVEC, CONE, OFFSET)                                                               \
+    const BLK *x = w;                                                                                         \
+    int nb = k / 32;                                                                                          \
+    __m256 acc[4];                                                                                            \
+    __m128 off[4];                                                                                            \
+    float off1[4];                                                                                            \
+    for (int t = 0; t < 4; t++) {                                                                             \
+        acc[t] = _mm256_setzero_ps();                                                                         \
+        off[t] = _mm_setzero_ps();                                                                            \
+        off1[t] = 0.0f;                                                                                       \
+    }                                                                                                         \
+    for (int b = 0; b + 4 <= nb; b += 4) {                                                                    \
+        const BLK *xb = x + b;                                                                                \
+        __m256i v0 = WVAL(xb), v1 = WVAL(xb + 1), v2 = WVAL(xb + 2), v3 = WVAL(xb + 3);                       \
+        __m128 dw = halves4(xb[0].d, xb[1].d, xb[2].d, xb[3].d);                                              \
+        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                 \
+            const act32 *ab = a + (size_t)t * nb + b;                                                         \
+            __m256i r = reduce4(dot_u8s8(v0, load32(ab[0].qs)), dot_u8s8(v1, load32(ab[1].qs)),               \
+                                dot_u8s8(v2, load32(ab[2].qs)), dot_u8s8(v3, load32(ab[3].qs)));              \
+            __m128 ds01 = ds2(ab), ds23 = ds2(ab + 2);                                                        \
+            __m128 s = _mm_mul_ps(dw, _mm_shuffle_ps(ds01, ds23, 0x88));                                      \
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), _mm256_set_m128(s, s), acc[t]);                   \
+            if (OFFSET) off[t] = _mm_fmadd_ps(CVEC(xb, dw), _mm_shuffle_ps(ds01, ds23, 0xDD), off[t]);        \
+        }                                                                                                     \
+    }                                                                                                         \
+    for (int b = nb & ~3; b < nb; b++) {                                                                      \
+        float dw = h2f(x[b].d);                                                                               \
+        __m256i v = WVAL(x + b);                                                                              \
+        for (int t = 0; t < 4; t++) {                                                                         \
+            const act32 *at = a + (size_t)t * nb + b;                                                         \
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(v, load32(at->qs))), _mm256_set1_ps(dw * at->d), \
+                                     acc[t]);                                                                 \
+            if (OFFSET) off1[t] += CONE(x + b, dw) * at->s;                                                   \
+        }                                                                                                     \
+    }                                                                                                         \
+    for (int t = 0; t < 4; t++) {                                                                             \
+        float r = hsum8(acc[t]);                                                                              \
+        out[t] = OFFSET ? r + (float)(OFFSET) * (hsum4(off[t]) + off1[t]) : r;                                \
+    }
+
+void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q5_0, wval_q5_0, C_D4, C_D1, -16) }
+void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]) {
+    DOT_ROW_X4(blk_q8_0, wval_q8_0, C_D4, C_D1, Q8_OFFSET)
+}
+#define HAVE_X4 1
+#endif
+
 #else /* no AVX2: the plain-C reference */
 
 float dot_q4_0(int k, const void *w, const act32 *a) { return dot_q4_0_ref(k, w, a); }
@@ -178,4 +235,14 @@ float dot_q5_0(int k, const void *w, const act32 *a) { return dot_q5_0_ref(k, w,
 float dot_q5_1(int k, const void *w, const act32 *a) { return dot_q5_1_ref(k, w, a); }
 float dot_q8_0(int k, const void *w, const act32 *a) { return dot_q8_0_ref(k, w, a); }
 
+#endif
+
+#if !defined(HAVE_X4)
+/* builds without the AVX-512 path: the one-token kernel per token */
+void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_q5_0(k, w, a + (size_t)t * (k / 32));
+}
+void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_q8_0(k, w, a + (size_t)t * (k / 32));
+}
 #endif

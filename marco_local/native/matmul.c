@@ -11,24 +11,28 @@
 
 typedef float (*dot32_fn)(int, const void *, const act32 *);
 typedef float (*dot256_fn)(int, const void *, const act256 *);
+typedef void (*dot32x4_fn)(int, const void *, const act32 *, float[4]);
+typedef void (*dot256x4_fn)(int, const void *, const act256 *, float[4]);
 
 typedef struct {
     int block, type_size;
-    dot32_fn dot32;   /* set for the 32-weight types */
-    dot256_fn dot256; /* set for the K-quants */
+    dot32_fn dot32;     /* set for the 32-weight types */
+    dot256_fn dot256;   /* set for the K-quants */
+    dot32x4_fn x4_32;   /* one row against 4 tokens (bit-identical to dot32 per token), or NULL */
+    dot256x4_fn x4_256; /* the same for dot256 */
 } kind;
 
 static int kind_of(int type, kind *t) {
-    kind k = {0, 0, 0, 0};
+    kind k = {0};
     switch (type) {
-    case T_Q4_0: k = (kind){32, 18, dot_q4_0, 0}; break;
-    case T_Q4_1: k = (kind){32, 20, dot_q4_1, 0}; break;
-    case T_Q5_0: k = (kind){32, 22, dot_q5_0, 0}; break;
-    case T_Q5_1: k = (kind){32, 24, dot_q5_1, 0}; break;
-    case T_Q8_0: k = (kind){32, 34, dot_q8_0, 0}; break;
-    case T_Q4_K: k = (kind){256, 144, 0, dot_q4_K}; break;
-    case T_Q5_K: k = (kind){256, 176, 0, dot_q5_K}; break;
-    case T_Q6_K: k = (kind){256, 210, 0, dot_q6_K}; break;
+    case T_Q4_0: k = (kind){32, 18, .dot32 = dot_q4_0}; break;
+    case T_Q4_1: k = (kind){32, 20, .dot32 = dot_q4_1}; break;
+    case T_Q5_0: k = (kind){32, 22, .dot32 = dot_q5_0, .x4_32 = dot_q5_0_x4}; break;
+    case T_Q5_1: k = (kind){32, 24, .dot32 = dot_q5_1}; break;
+    case T_Q8_0: k = (kind){32, 34, .dot32 = dot_q8_0, .x4_32 = dot_q8_0_x4}; break;
+    case T_Q4_K: k = (kind){256, 144, .dot256 = dot_q4_K, .x4_256 = dot_q4_K_x4}; break;
+    case T_Q5_K: k = (kind){256, 176, .dot256 = dot_q5_K}; break;
+    case T_Q6_K: k = (kind){256, 210, .dot256 = dot_q6_K}; break;
     default: return -1;
     }
     *t = k;
@@ -50,27 +54,36 @@ static inline float dot(const kind *t, int k, const uint8_t *w, const void *a) {
     return t->dot32 ? t->dot32(k, w, a) : t->dot256(k, w, a);
 }
 
-/* Q4_K rows [r0, r1) against all m tokens of acts (`ab` bytes per token): tokens in groups of 4 (dot_q4_K_x4 unpacks
- * each row's weights once per group; results bit-identical to dot_q4_K), the rest one by one. The group loop is
- * outside the row loop: a group's activations (4 x 1168 bytes at k = 1024) stay in L1 across the tile's rows, whose
- * weights stay there across the groups. */
-static void q4_K_tile(int k, const uint8_t *w, int64_t row_stride, int r0, int r1, const uint8_t *acts, size_t ab,
-                      int m, float *y, int n) {
+static inline int has_x4(const kind *t) { return t->x4_32 || t->x4_256; }
+
+static inline void dot_x4(const kind *t, int k, const uint8_t *w, const void *a, float o[4]) {
+    if (t->x4_32)
+        t->x4_32(k, w, a, o);
+    else
+        t->x4_256(k, w, a, o);
+}
+
+/* Rows [r0, r1) against all m tokens of acts (`ab` bytes per token), for a type with an x4 kernel: tokens in groups
+ * of 4 (the x4 kernel unpacks each row's weights once per group; results bit-identical to the one-token kernel), the
+ * rest one by one. The group loop is outside the row loop: a group's activations (4 x 1168 bytes for Q4_K at
+ * k = 1024, 4 x 1280 for the 32-weight types) stay in L1 across the tile's rows, whose weights stay there across the
+ * groups. */
+static void x4_tile(const kind *t, int k, const uint8_t *w, int64_t row_stride, int r0, int r1, const uint8_t *acts,
+                    size_t ab, int m, float *y, int n) {
     int i = 0;
     for (; i + 4 <= m; i += 4)
         for (int r = r0; r < r1; r++) {
             float o[4];
-            dot_q4_K_x4(k, w + (size_t)r * row_stride, (const act256 *)(acts + ab * i), o);
+            dot_x4(t, k, w + (size_t)r * row_stride, acts + ab * i, o);
             for (int j = 0; j < 4; j++) y[(size_t)(i + j) * n + r] = o[j];
         }
     for (; i < m; i++)
-        for (int r = r0; r < r1; r++)
-            y[(size_t)i * n + r] = dot_q4_K(k, w + (size_t)r * row_stride, (const act256 *)(acts + ab * i));
+        for (int r = r0; r < r1; r++) y[(size_t)i * n + r] = dot(t, k, w + (size_t)r * row_stride, acts + ab * i);
 }
 
-/* Rows per q4_K_tile: about 16 KB of weights (half of a 48 KB L1, the rest for the activations). */
-static int q4_K_tile_rows(int k) {
-    int rows = 16384 / ((k / 256) * (int)sizeof(blk_q4_K));
+/* Rows per x4_tile: about 16 KB of weights (half of a 48 KB L1, the rest for the activations). */
+static int x4_tile_rows(const kind *t, int k) {
+    int rows = 16384 / ((k / t->block) * t->type_size);
     return rows > 1 ? rows : 1;
 }
 
@@ -114,11 +127,11 @@ int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, c
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
         }
-        if (type == T_Q4_K && m >= 4) { /* several tokens: in tiles of rows (q4_K_tile) */
-            int tile = q4_K_tile_rows(k);
+        if (has_x4(&t) && m >= 4) { /* several tokens, a type with an x4 kernel: in tiles of rows (x4_tile) */
+            int tile = x4_tile_rows(&t, k);
 #pragma omp for schedule(static)
             for (int r0 = 0; r0 < n; r0 += tile)
-                q4_K_tile(k, w, row_stride, r0, r0 + tile < n ? r0 + tile : n, acts, ab, m, y, n);
+                x4_tile(&t, k, w, row_stride, r0, r0 + tile < n ? r0 + tile : n, acts, ab, m, y, n);
         } else {
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++) {
