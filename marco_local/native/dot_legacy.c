@@ -171,59 +171,98 @@ float dot_q5_1(int k, const void *w, const act32 *a) { DOT_ROW(blk_q5_1, isum_q5
 float dot_q8_0(int k, const void *w, const act32 *a) { DOT_ROW(blk_q8_0, isum_q8_0, C_D4, C_D1, Q8_OFFSET) }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-/* Several tokens (prefill): one row dotted with 4 tokens' activation rows a[0 .. nb), a[nb .. 2 nb), ... The
- * weights' unsigned bytes (WVAL: loads, Q8_0's xor, Q5_0's nibbles and fifth bits) and the blocks' d_w are formed
- * once per block for the 4 tokens; each token then runs DOT_ROW's integer and float operations, in its order, on
- * its own accumulators, so out[t] is bit-identical to the one-token kernel's result for token t. */
+/* Several tokens (prefill): one row dotted with 4 tokens' activation rows a[0 .. nb), a[nb .. 2 nb), ..., which
+ * pack_act32x4 has rearranged. The weights' unsigned bytes (WVAL: loads, Q8_0's xor, Q5_0's nibbles and fifth bits)
+ * and the blocks' d_w are formed once per 4 blocks for the 4 tokens.
+ *
+ * DOT_ROW's reduce4 (9 shuffles and adds per token and 4 blocks) is what the packed layout saves: per group of 4
+ * blocks the activations' dwords are transposed (4 x 4 within each 128-bit half, the same for the weights, shared),
+ * so that vector j holds dword j of every block in the low half and dword 4 + j in the high half; four accumulating
+ * vpdpbusd then leave in lane b the sum over block b's bytes 0..15 and in lane 4 + b its bytes 16..31 -- the very
+ * int32 values reduce4 forms (integer sums: the order does not matter). d_a and s_a of the 4 blocks lie together, one
+ * load each. The float operations per token are DOT_ROW's, in its order, so out[t] is bit-identical to the one-token
+ * kernel's result for token t. Blocks past the last group of 4 stay in the act32 layout and run DOT_ROW's tail loop. */
+
+/* Packed group of 4 act32 blocks (160 bytes, the size of the 4): float d[4], float s[4], then 4 x 32 bytes of q (the
+ * transposed dwords). Accessed through intrinsics loads and stores (they may alias). */
+#define G_D 0
+#define G_S 16
+#define G_Q 32
+
+/* 4 x 4 dword transpose within each 128-bit half: v[j] <- [v0.j v1.j v2.j v3.j | v0.(4+j) v1.(4+j) ...] */
+static inline void transpose4(__m256i v[4]) {
+    __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    v[0] = _mm256_unpacklo_epi64(t0, t2);
+    v[1] = _mm256_unpackhi_epi64(t0, t2);
+    v[2] = _mm256_unpacklo_epi64(t1, t3);
+    v[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+void pack_act32x4(act32 *a, int nb) {
+    for (int b = 0; b + 4 <= nb; b += 4) {
+        act32 *g = a + b;
+        __m256i v[4] = {load32(g[0].qs), load32(g[1].qs), load32(g[2].qs), load32(g[3].qs)};
+        __m128 d = _mm_setr_ps(g[0].d, g[1].d, g[2].d, g[3].d), s = _mm_setr_ps(g[0].s, g[1].s, g[2].s, g[3].s);
+        transpose4(v);
+        uint8_t *p = (uint8_t *)g;
+        _mm_storeu_ps((float *)(p + G_D), d);
+        _mm_storeu_ps((float *)(p + G_S), s);
+        for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(p + G_Q + 32 * j), v[j]);
+    }
+}
+
 static inline __m256i wval_q5_0(const blk_q5_0 *x) { return q5_values(x->qs, x->qh); }
 static inline __m256i wval_q8_0(const blk_q8_0 *x) {
     return _mm256_xor_si256(load32(x->qs), _mm256_set1_epi8((char)0x80));
 }
 
-#define DOT_ROW_X4(BLK, WVAL, CVEC, CONE, OFFSET)                                                               \
+/* For the types whose additive constant is OFFSET * d_w (Q5_0, Q8_0: DOT_ROW's C_D4 / C_D1). */
+#define DOT_ROW_X4(BLK, WVAL, OFFSET)                                                                           \
     const BLK *x = w;                                                                                         \
     int nb = k / 32;                                                                                          \
     __m256 acc[4];                                                                                            \
     __m128 off[4];                                                                                            \
     float off1[4];                                                                                            \
-    for (int t = 0; t < 4; t++) {                                                                             \
+    _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                     \
         acc[t] = _mm256_setzero_ps();                                                                         \
         off[t] = _mm_setzero_ps();                                                                            \
         off1[t] = 0.0f;                                                                                       \
     }                                                                                                         \
     for (int b = 0; b + 4 <= nb; b += 4) {                                                                    \
         const BLK *xb = x + b;                                                                                \
-        __m256i v0 = WVAL(xb), v1 = WVAL(xb + 1), v2 = WVAL(xb + 2), v3 = WVAL(xb + 3);                       \
+        __m256i v[4] = {WVAL(xb), WVAL(xb + 1), WVAL(xb + 2), WVAL(xb + 3)};                                  \
+        transpose4(v);                                                                                        \
         __m128 dw = halves4(xb[0].d, xb[1].d, xb[2].d, xb[3].d);                                              \
+        __m256 dw2 = _mm256_set_m128(dw, dw);                                                                 \
         _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                 \
-            const act32 *ab = a + (size_t)t * nb + b;                                                         \
-            __m256i r = reduce4(dot_u8s8(v0, load32(ab[0].qs)), dot_u8s8(v1, load32(ab[1].qs)),               \
-                                dot_u8s8(v2, load32(ab[2].qs)), dot_u8s8(v3, load32(ab[3].qs)));              \
-            __m128 ds01 = ds2(ab), ds23 = ds2(ab + 2);                                                        \
-            __m128 s = _mm_mul_ps(dw, _mm_shuffle_ps(ds01, ds23, 0x88));                                      \
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), _mm256_set_m128(s, s), acc[t]);                   \
-            if (OFFSET) off[t] = _mm_fmadd_ps(CVEC(xb, dw), _mm_shuffle_ps(ds01, ds23, 0xDD), off[t]);        \
+            const uint8_t *g = (const uint8_t *)(a + (size_t)t * nb + b);                                     \
+            __m256i r = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], load32(g + G_Q));                   \
+            r = _mm256_dpbusd_epi32(r, v[1], load32(g + G_Q + 32));                                           \
+            r = _mm256_dpbusd_epi32(r, v[2], load32(g + G_Q + 64));                                           \
+            r = _mm256_dpbusd_epi32(r, v[3], load32(g + G_Q + 96));                                           \
+            __m256 s = _mm256_mul_ps(dw2, _mm256_broadcast_ps((const __m128 *)(g + G_D)));                    \
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), s, acc[t]);                                       \
+            if (OFFSET) off[t] = _mm_fmadd_ps(dw, _mm_loadu_ps((const float *)(g + G_S)), off[t]);            \
         }                                                                                                     \
     }                                                                                                         \
     for (int b = nb & ~3; b < nb; b++) {                                                                      \
         float dw = h2f(x[b].d);                                                                               \
         __m256i v = WVAL(x + b);                                                                              \
-        for (int t = 0; t < 4; t++) {                                                                         \
+        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                 \
             const act32 *at = a + (size_t)t * nb + b;                                                         \
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(v, load32(at->qs))), _mm256_set1_ps(dw * at->d), \
                                      acc[t]);                                                                 \
-            if (OFFSET) off1[t] += CONE(x + b, dw) * at->s;                                                   \
+            if (OFFSET) off1[t] += C_D1(x + b, dw) * at->s;                                                   \
         }                                                                                                     \
     }                                                                                                         \
-    for (int t = 0; t < 4; t++) {                                                                             \
+    _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                     \
         float r = hsum8(acc[t]);                                                                              \
         out[t] = OFFSET ? r + (float)(OFFSET) * (hsum4(off[t]) + off1[t]) : r;                                \
     }
 
-void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q5_0, wval_q5_0, C_D4, C_D1, -16) }
-void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]) {
-    DOT_ROW_X4(blk_q8_0, wval_q8_0, C_D4, C_D1, Q8_OFFSET)
-}
+void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q5_0, wval_q5_0, -16) }
+void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q8_0, wval_q8_0, Q8_OFFSET) }
 #define HAVE_X4 1
 #endif
 
@@ -238,7 +277,11 @@ float dot_q8_0(int k, const void *w, const act32 *a) { return dot_q8_0_ref(k, w,
 #endif
 
 #if !defined(HAVE_X4)
-/* builds without the AVX-512 path: the one-token kernel per token */
+/* builds without the AVX-512 path: the activations stay as they are, and the one-token kernel runs per token */
+void pack_act32x4(act32 *a, int nb) {
+    (void)a;
+    (void)nb;
+}
 void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) {
     for (int t = 0; t < 4; t++) out[t] = dot_q5_0(k, w, a + (size_t)t * (k / 32));
 }

@@ -125,7 +125,11 @@ int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, c
     {
         if (m > 1) {
 #pragma omp for schedule(static)
-            for (int i = 0; i < m; i++) quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
+            for (int i = 0; i < m; i++) {
+                quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
+                /* the tokens x4_tile runs in groups of 4: in the layout dot_q5_0_x4 / dot_q8_0_x4 read */
+                if (t.x4_32 && i < (m & ~3)) pack_act32x4((act32 *)(acts + ab * i), k / 32);
+            }
         }
         if (has_x4(&t) && m >= 4) { /* several tokens, a type with an x4 kernel: in tiles of rows (x4_tile) */
             int tile = x4_tile_rows(&t, k);
