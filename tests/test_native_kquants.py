@@ -197,3 +197,29 @@ def test_q4_k_token_groups_match_single_tokens(k: int) -> None:
         got = native.matmul(x, raw, c.ggml_type, k)
         single = torch.cat([native.matmul(x[i : i + 1], raw, c.ggml_type, k) for i in range(m)])
         assert got.dtype == torch.float32 and torch.equal(got, single), f"M={m}"
+
+
+@pytest.mark.parametrize("k", [256, 1024])
+def test_q6_k_token_groups_match_single_tokens(k: int) -> None:
+    """Q6_K with M >= 4 runs tokens in groups of 4 (dot_q6_K_x4, over tiles of rows), the rest one by one: every
+    token's outputs must be bit-identical to a call with that token alone (the single-token kernel)."""
+    gen = torch.Generator().manual_seed(17 + k)
+    c = codec_for("Q6_K")
+    n = 61  # several row tiles (~16 KB of weights each), the last one partial
+    quantized = c.quantize(make_weights("heavy", k, gen)).reshape(ROWS, -1)
+    large = c.quantize(torch.randn(8, k, generator=gen) * 30.0).reshape(8, -1)  # large d
+    raw = torch.cat([_random_blocks("Q6_K", n - ROWS - 8, k, gen), quantized, large])
+    blocks = raw.view(n, k // 256, c.type_size)
+    blocks[3, 0, 192:208] = 0x80  # scales -128
+    blocks[4, -1, 192:208] = 0x7F  # scales 127
+    blocks[4, -1, 0:192] = 0xFF  # every quant at its maximum
+    blocks[5, :, 208:210] = 0  # d = 0
+    wide = torch.zeros(n, raw.shape[1] + 5, dtype=torch.uint8)  # rows strided, as slices of a larger matrix are
+    wide[:, 2 : 2 + raw.shape[1]] = raw
+    raw = wide[:, 2 : 2 + raw.shape[1]]
+    for m in (1, 3, 4, 5, 9, 45):
+        x = make_acts("heavy", k, gen).repeat(m // TOKENS + 1, 1)[:m] * (1 + torch.rand(m, k, generator=gen))
+        x[m // 2, : k // 2] = 0.0  # zero activation blocks inside a group
+        got = native.matmul(x, raw, c.ggml_type, k)
+        single = torch.cat([native.matmul(x[i : i + 1], raw, c.ggml_type, k) for i in range(m)])
+        assert got.dtype == torch.float32 and torch.equal(got, single), f"M={m}"

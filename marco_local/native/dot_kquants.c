@@ -368,7 +368,56 @@ float dot_q6_K(int k, const void *w, const act256 *a) {
     }
     return hsum_ps(acc);
 }
+
+/* One Q6_K row against 4 tokens a[0 .. nb), a[nb .. 2 nb), ...: the weights' 6-bit values (loads, masks, shifts) and
+ * the scale vectors are formed once per super-block for the 4; each token's integer and float operations are
+ * dot_q6_K's, in its order, so out[t] is bit-identical to dot_q6_K for token t. */
+void dot_q6_K_x4(int k, const void *w, const act256 *a, float out[4]) {
+    const blk_q6_K *x = w;
+    int nb = k / 256;
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    const __m512i shl01 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1); /* see dot_q6_K */
+    const __m512i shr23 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    const __m512i pat0 = _mm512_load_si512(k6_pat[0]), pat1 = _mm512_load_si512(k6_pat[1]);
+    __m256 acc[4];
+    for (int t = 0; t < 4; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x[b].scales));
+        __m512i scz = _mm512_castsi256_si512(sc16);
+        __m512i q01[2], q23[2], sc[2];
+        for (int h = 0; h < 2; h++) {
+            __m512i ql = _mm512_loadu_si512(x[b].ql + 64 * h);
+            __m512i qh = _mm512_broadcast_i64x4(loadu(x[b].qh + 32 * h));
+            __asm__("" : "+v"(ql), "+v"(qh));
+            q01[h] = _mm512_or_si512(_mm512_and_si512(ql, m0f), _mm512_and_si512(_mm512_sllv_epi16(qh, shl01), m30));
+            q23[h] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m0f),
+                                     _mm512_and_si512(_mm512_srlv_epi16(qh, shr23), m30));
+            sc[h] = _mm512_permutexvar_epi16(h ? pat1 : pat0, scz);
+        }
+        float d = fp16(x[b].d);
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            const act256 *ab = a + (size_t)t * nb + b;
+            __m256i off = _mm256_madd_epi16(loadu(ab->bsums), sc16);
+            __m512i isum = _mm512_setzero_si512();
+            for (int h = 0; h < 2; h++) {
+                __m512i p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q01[h], _mm512_loadu_si512(ab->qs + 128 * h));
+                __m512i p23 =
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), q23[h], _mm512_loadu_si512(ab->qs + 128 * h + 64));
+                isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(p01, p23), sc[h]);
+            }
+            __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(isum), _mm512_extracti64x4_epi64(isum, 1));
+            s = _mm256_sub_epi32(s, _mm256_slli_epi32(off, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(ab->d * d), acc[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) out[t] = hsum_ps(acc[t]);
+}
 #else
+/* 256-bit build: the single-token kernel per token */
+void dot_q6_K_x4(int k, const void *w, const act256 *a, float out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_q6_K(k, w, a + (size_t)t * (k / 256));
+}
 float dot_q6_K(int k, const void *w, const act256 *a) {
     const blk_q6_K *x = w;
     const __m256i m0f = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
@@ -423,5 +472,8 @@ void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
 }
 float dot_q5_K(int k, const void *w, const act256 *a) { return dot_q5_K_ref(k, w, a); }
 float dot_q6_K(int k, const void *w, const act256 *a) { return dot_q6_K_ref(k, w, a); }
+void dot_q6_K_x4(int k, const void *w, const act256 *a, float out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_q6_K_ref(k, w, a + (size_t)t * (k / 256));
+}
 
 #endif
