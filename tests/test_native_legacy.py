@@ -109,24 +109,26 @@ def test_strided_rows_and_odd_block_counts() -> None:
 
 
 def _random_blocks(name: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Random bytes in every field (all quant and fifth-bit patterns), sane float16 d."""
+    """Random bytes in every field (all quant and fifth-bit patterns), sane float16 d (and m for Q4_1 / Q5_1)."""
     c = codec_for(name)
+    nh = 1 if name in OFFSET else 2  # halves at the block's start
     blocks = torch.randint(0, 256, (n, k // 32, c.type_size), generator=gen, dtype=torch.uint8)
-    d = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-4) * (
-        torch.randint(0, 2, (n, k // 32), generator=gen) * 2 - 1
+    halves = (torch.rand(n, k // 32, nh, generator=gen) * 0.01 + 1e-4) * (
+        torch.randint(0, 2, (n, k // 32, nh), generator=gen) * 2 - 1
     )
-    blocks[..., 0:2] = d.to(torch.float16).view(torch.uint8).reshape(n, k // 32, 2)
+    blocks[..., 0 : 2 * nh] = halves.to(torch.float16).view(torch.uint8).reshape(n, k // 32, 2 * nh)
     return blocks.reshape(n, -1)
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q5_0"])
+@pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("k", [1024, 224])
 def test_token_groups_match_single_tokens(name: str, k: int) -> None:
-    """Q8_0 / Q5_0 with M >= 4 run tokens in groups of 4 (dot_q8_0_x4 / dot_q5_0_x4, over tiles of rows), the rest one
-    by one: every token's outputs must be bit-identical to a call with that token alone (the single-token kernel).
-    k = 224: 7 blocks, so the kernels' 4-block steps leave a tail of 3 blocks."""
+    """With M >= 4 tokens run in groups of 4 (dot_q8_0_x4 etc., over tiles of rows, on activations packed by
+    pack_act32x4), the rest one by one: every token's outputs must be bit-identical to a call with that token alone (the
+    single-token kernel). k = 224: 7 blocks, so the kernels' 4-block steps leave a tail of 3 blocks."""
     gen = torch.Generator().manual_seed(11 + k + TYPES.index(name))
     c = codec_for(name)
+    nh = 1 if name in OFFSET else 2
     n = 61  # several row tiles (~16 KB of weights each), the last one partial
     quantized = c.quantize(make_weights("heavy", k, gen)).reshape(ROWS, -1)
     large = c.quantize(torch.randn(8, k, generator=gen) * 3000.0).reshape(8, -1)  # large d
@@ -134,7 +136,7 @@ def test_token_groups_match_single_tokens(name: str, k: int) -> None:
     blocks = raw.view(n, k // 32, c.type_size)
     blocks[3, :, 0:2] = 0  # d = 0 (random quants)
     blocks[4, 1, 0:2] = torch.tensor([65504.0], dtype=torch.float16).view(torch.uint8)  # the largest half
-    blocks[5, -1, 2:] = 0xFF  # every quant bit set
+    blocks[5, -1, 2 * nh :] = 0xFF  # every quant bit set
     wide = torch.zeros(n, raw.shape[1] + 5, dtype=torch.uint8)  # rows strided, as slices of a larger matrix are
     wide[:, 2 : 2 + raw.shape[1]] = raw
     raw = wide[:, 2 : 2 + raw.shape[1]]

@@ -19,8 +19,8 @@
  * (C timing loop): Q4_0 14.8, Q4_1 16.6, Q5_0 18.0, Q5_1 19.4, Q8_0 13.6 (VNNI path); the AVX2 path built with
  * -march=haswell on the same CPU: 15.9, 17.0, 24.9, 25.6, 15.5.
  *
- * Several tokens (prefill): dot_q8_0_x4 / dot_q5_0_x4 dot one row with 4 tokens (AVX-512 build; the others call the
- * one-token kernel per token), forming the weights' bytes and d_w once, on activations that pack_act32x4 transposed
+ * Several tokens (prefill): dot_q8_0_x4, dot_q5_0_x4 (and the same for Q4_0, Q4_1, Q5_1) dot one row with 4 tokens
+ * (AVX-512 build; the others call the one-token kernel per token), forming the weights' bytes and d_w once, on activations that pack_act32x4 transposed
  * per 4 blocks so that no reduce4 is needed (see DOT_ROW_X4); each token's result is bit-identical to the one-token
  * kernel's. marco_matmul runs them for M >= 4 in tiles of rows (matmul.c). Measured (bench/native_tokens.py, Zen 5,
  * us per native.matmul call, 1024 x 1024, before -> after): Q8_0 1 thread M = 16 291 -> 153, M = 128 2304 -> 1217;
@@ -182,7 +182,7 @@ float dot_q8_0(int k, const void *w, const act32 *a) { DOT_ROW(blk_q8_0, isum_q8
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 /* Several tokens (prefill): one row dotted with 4 tokens' activation rows a[0 .. nb), a[nb .. 2 nb), ..., which
- * pack_act32x4 has rearranged. The weights' unsigned bytes (WVAL: loads, Q8_0's xor, Q5_0's nibbles and fifth bits)
+ * pack_act32x4 has rearranged. The weights' unsigned bytes (WVAL: loads, Q8_0's xor, nibbles and fifth bits)
  * and the blocks' d_w are formed once per 4 blocks for the 4 tokens.
  *
  * DOT_ROW's reduce4 (9 shuffles and adds per token and 4 blocks) is what the packed layout saves: per group of 4
@@ -222,57 +222,66 @@ void pack_act32x4(act32 *a, int nb) {
     }
 }
 
+static inline __m256i wval_q4_0(const blk_q4_0 *x) { return nibbles(x->qs); }
+static inline __m256i wval_q4_1(const blk_q4_1 *x) { return nibbles(x->qs); }
 static inline __m256i wval_q5_0(const blk_q5_0 *x) { return q5_values(x->qs, x->qh); }
+static inline __m256i wval_q5_1(const blk_q5_1 *x) { return q5_values(x->qs, x->qh); }
 static inline __m256i wval_q8_0(const blk_q8_0 *x) {
     return _mm256_xor_si256(load32(x->qs), _mm256_set1_epi8((char)0x80));
 }
 
-/* For the types whose additive constant is OFFSET * d_w (Q5_0, Q8_0: DOT_ROW's C_D4 / C_D1). */
-#define DOT_ROW_X4(BLK, WVAL, OFFSET)                                                                           \
-    const BLK *x = w;                                                                                         \
-    int nb = k / 32;                                                                                          \
-    __m256 acc[4];                                                                                            \
-    __m128 off[4];                                                                                            \
-    float off1[4];                                                                                            \
-    _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                     \
-        acc[t] = _mm256_setzero_ps();                                                                         \
-        off[t] = _mm_setzero_ps();                                                                            \
-        off1[t] = 0.0f;                                                                                       \
-    }                                                                                                         \
-    for (int b = 0; b + 4 <= nb; b += 4) {                                                                    \
-        const BLK *xb = x + b;                                                                                \
-        __m256i v[4] = {WVAL(xb), WVAL(xb + 1), WVAL(xb + 2), WVAL(xb + 3)};                                  \
-        transpose4(v);                                                                                        \
-        __m128 dw = halves4(xb[0].d, xb[1].d, xb[2].d, xb[3].d);                                              \
-        __m256 dw2 = _mm256_set_m128(dw, dw);                                                                 \
-        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                 \
-            const uint8_t *g = (const uint8_t *)(a + (size_t)t * nb + b);                                     \
-            __m256i r = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], load32(g + G_Q));                   \
-            r = _mm256_dpbusd_epi32(r, v[1], load32(g + G_Q + 32));                                           \
-            r = _mm256_dpbusd_epi32(r, v[2], load32(g + G_Q + 64));                                           \
-            r = _mm256_dpbusd_epi32(r, v[3], load32(g + G_Q + 96));                                           \
-            __m256 s = _mm256_mul_ps(dw2, _mm256_broadcast_ps((const __m128 *)(g + G_D)));                    \
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), s, acc[t]);                                       \
-            if (OFFSET) off[t] = _mm_fmadd_ps(dw, _mm_loadu_ps((const float *)(g + G_S)), off[t]);            \
-        }                                                                                                     \
-    }                                                                                                         \
-    for (int b = nb & ~3; b < nb; b++) {                                                                      \
-        float dw = h2f(x[b].d);                                                                               \
-        __m256i v = WVAL(x + b);                                                                              \
-        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                 \
-            const act32 *at = a + (size_t)t * nb + b;                                                         \
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(v, load32(at->qs))), _mm256_set1_ps(dw * at->d), \
-                                     acc[t]);                                                                 \
-            if (OFFSET) off1[t] += C_D1(x + b, dw) * at->s;                                                   \
-        }                                                                                                     \
-    }                                                                                                         \
-    _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                     \
-        float r = hsum8(acc[t]);                                                                              \
-        out[t] = OFFSET ? r + (float)(OFFSET) * (hsum4(off[t]) + off1[t]) : r;                                \
+/* CVEC, CONE, OFFSET: DOT_ROW's (the blocks' additive constants). */
+#define DOT_ROW_X4(BLK, WVAL, CVEC, CONE, OFFSET)                                                                      \
+    const BLK *x = w;                                                                                                  \
+    int nb = k / 32;                                                                                                   \
+    __m256 acc[4];                                                                                                     \
+    __m128 off[4];                                                                                                     \
+    float off1[4];                                                                                                     \
+    _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                              \
+        acc[t] = _mm256_setzero_ps();                                                                                  \
+        off[t] = _mm_setzero_ps();                                                                                     \
+        off1[t] = 0.0f;                                                                                                \
+    }                                                                                                                  \
+    for (int b = 0; b + 4 <= nb; b += 4) {                                                                             \
+        const BLK *xb = x + b;                                                                                         \
+        __m256i v[4] = {WVAL(xb), WVAL(xb + 1), WVAL(xb + 2), WVAL(xb + 3)};                                           \
+        transpose4(v);                                                                                                 \
+        __m128 dw = halves4(xb[0].d, xb[1].d, xb[2].d, xb[3].d);                                                       \
+        __m256 dw2 = _mm256_set_m128(dw, dw);                                                                          \
+        __m128 c = CVEC(xb, dw);                                                                                       \
+        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                          \
+            const uint8_t *g = (const uint8_t *)(a + (size_t)t * nb + b);                                              \
+            __m256i r = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v[0], load32(g + G_Q));                            \
+            r = _mm256_dpbusd_epi32(r, v[1], load32(g + G_Q + 32));                                                    \
+            r = _mm256_dpbusd_epi32(r, v[2], load32(g + G_Q + 64));                                                    \
+            r = _mm256_dpbusd_epi32(r, v[3], load32(g + G_Q + 96));                                                    \
+            __m256 s = _mm256_mul_ps(dw2, _mm256_broadcast_ps((const __m128 *)(g + G_D)));                             \
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), s, acc[t]);                                                \
+            if (OFFSET) off[t] = _mm_fmadd_ps(c, _mm_loadu_ps((const float *)(g + G_S)), off[t]);                      \
+        }                                                                                                              \
+    }                                                                                                                  \
+    for (int b = nb & ~3; b < nb; b++) {                                                                               \
+        float dw = h2f(x[b].d);                                                                                        \
+        __m256i v = WVAL(x + b);                                                                                       \
+        _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                          \
+            const act32 *at = a + (size_t)t * nb + b;                                                                  \
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(v, load32(at->qs))), _mm256_set1_ps(dw * at->d),      \
+                                     acc[t]);                                                                          \
+            if (OFFSET) off1[t] += CONE(x + b, dw) * at->s;                                                            \
+        }                                                                                                              \
+    }                                                                                                                  \
+    _Pragma("GCC unroll 4") for (int t = 0; t < 4; t++) {                                                              \
+        float r = hsum8(acc[t]);                                                                                       \
+        out[t] = OFFSET ? r + (float)(OFFSET) * (hsum4(off[t]) + off1[t]) : r;                                         \
     }
 
-void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q5_0, wval_q5_0, -16) }
-void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q8_0, wval_q8_0, Q8_OFFSET) }
+void dot_q4_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q4_0, wval_q4_0, C_D4, C_D1, -8) }
+void dot_q4_1_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q4_1, wval_q4_1, C_M4, C_M1, 1) }
+void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q5_0, wval_q5_0, C_D4, C_D1, -16) }
+void dot_q5_1_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q5_1, wval_q5_1, C_M4, C_M1, 1) }
+void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]) {
+    DOT_ROW_X4(blk_q8_0, wval_q8_0, C_D4, C_D1, Q8_OFFSET)
+}
 #define HAVE_X4 1
 #endif
 
@@ -292,8 +301,17 @@ void pack_act32x4(act32 *a, int nb) {
     (void)a;
     (void)nb;
 }
+void dot_q4_0_x4(int k, const void *w, const act32 *a, float out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_q4_0(k, w, a + (size_t)t * (k / 32));
+}
+void dot_q4_1_x4(int k, const void *w, const act32 *a, float out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_q4_1(k, w, a + (size_t)t * (k / 32));
+}
 void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) {
     for (int t = 0; t < 4; t++) out[t] = dot_q5_0(k, w, a + (size_t)t * (k / 32));
+}
+void dot_q5_1_x4(int k, const void *w, const act32 *a, float out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_q5_1(k, w, a + (size_t)t * (k / 32));
 }
 void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]) {
     for (int t = 0; t < 4; t++) out[t] = dot_q8_0(k, w, a + (size_t)t * (k / 32));

@@ -112,10 +112,13 @@ float dot_q6_K(int k, const void *w, const act256 *a);
  * out[t] is bit-identical to dot_q4_K(k, w, a + t * nb); the weights are unpacked once for the 4 (prefill). */
 void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]);
 void dot_q6_K_x4(int k, const void *w, const act256 *a, float out[4]); /* the same for Q6_K */
-/* The same for Q5_0 and Q8_0 (nb = k / 32 blocks per token): out[t] bit-identical to dot_q5_0 / dot_q8_0 on token
+/* The same for the 32-weight types (nb = k / 32 blocks per token): out[t] bit-identical to dot_q8_0 etc. on token
  * t's activation row before pack_act32x4, which must have rearranged each of the 4 rows (in place, same size; the
  * one-token kernels cannot read a packed row). */
+void dot_q4_0_x4(int k, const void *w, const act32 *a, float out[4]);
+void dot_q4_1_x4(int k, const void *w, const act32 *a, float out[4]);
 void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]);
+void dot_q5_1_x4(int k, const void *w, const act32 *a, float out[4]);
 void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]);
 void pack_act32x4(act32 *a, int nb);
 

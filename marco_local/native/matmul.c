@@ -25,10 +25,10 @@ typedef struct {
 static int kind_of(int type, kind *t) {
     kind k = {0};
     switch (type) {
-    case T_Q4_0: k = (kind){32, 18, .dot32 = dot_q4_0}; break;
-    case T_Q4_1: k = (kind){32, 20, .dot32 = dot_q4_1}; break;
+    case T_Q4_0: k = (kind){32, 18, .dot32 = dot_q4_0, .x4_32 = dot_q4_0_x4}; break;
+    case T_Q4_1: k = (kind){32, 20, .dot32 = dot_q4_1, .x4_32 = dot_q4_1_x4}; break;
     case T_Q5_0: k = (kind){32, 22, .dot32 = dot_q5_0, .x4_32 = dot_q5_0_x4}; break;
-    case T_Q5_1: k = (kind){32, 24, .dot32 = dot_q5_1}; break;
+    case T_Q5_1: k = (kind){32, 24, .dot32 = dot_q5_1, .x4_32 = dot_q5_1_x4}; break;
     case T_Q8_0: k = (kind){32, 34, .dot32 = dot_q8_0, .x4_32 = dot_q8_0_x4}; break;
     case T_Q4_K: k = (kind){256, 144, .dot256 = dot_q4_K, .x4_256 = dot_q4_K_x4}; break;
     case T_Q5_K: k = (kind){256, 176, .dot256 = dot_q5_K}; break;
@@ -127,7 +127,7 @@ int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, c
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) {
                 quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
-                /* the tokens x4_tile runs in groups of 4: in the layout dot_q5_0_x4 / dot_q8_0_x4 read */
+                /* the tokens x4_tile runs in groups of 4: in the layout the 32-weight x4 kernels read */
                 if (t.x4_32 && i < (m & ~3)) pack_act32x4((act32 *)(acts + ab * i), k / 32);
             }
         }
