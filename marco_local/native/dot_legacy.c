@@ -20,14 +20,15 @@
  * -march=haswell on the same CPU: 15.9, 17.0, 24.9, 25.6, 15.5.
  *
  * Several tokens (prefill): dot_q8_0_x4, dot_q5_0_x4 (and the same for Q4_0, Q4_1, Q5_1) dot one row with 4 tokens
- * (AVX-512 build; the others call the one-token kernel per token), forming the weights' bytes and d_w once, on activations that pack_act32x4 transposed
- * per 4 blocks so that no reduce4 is needed (see DOT_ROW_X4); each token's result is bit-identical to the one-token
- * kernel's. marco_matmul runs them for M >= 4 in tiles of rows (matmul.c). Measured (bench/native_tokens.py, Zen 5,
- * us per native.matmul call, 1024 x 1024, before -> after): Q8_0 1 thread M = 16 291 -> 153, M = 128 2304 -> 1217;
- * 2 threads M = 45 419 -> 233. Q5_0 1 thread M = 16 391 -> 194, M = 128 3125 -> 1524; 2 threads M = 45 563 -> 297.
- * Without the packed activations (weights shared, reduce4 per token) the gain was a third of that: Q8_0 M = 128
- * 2304 -> 1982, Q5_0 3125 -> 2338. Q4_0 / Q4_1 / Q5_1, 1 thread M = 128: 2733 -> 1309, 2987 -> 1336, 3437 -> 1614. End to end, a 512-token prefill at 2 threads: nano Q8_0 182 -> 270 tok/s, nano
- * Q4_K_M (Q5_0 expert down-projections) 252 -> 284 tok/s.
+ * (AVX-512 build; the others call the one-token kernel per token), forming the weights' bytes and d_w once, on
+ * activations that pack_act32x4 transposed per 4 blocks so that no reduce4 is needed (see DOT_ROW_X4); each token's
+ * result is bit-identical to the one-token kernel's. marco_matmul runs them for M >= 4 in tiles of rows (matmul.c).
+ * Measured (bench/native_tokens.py, Zen 5, us per native.matmul call, 1024 x 1024, before -> after): Q8_0 1 thread
+ * M = 16 291 -> 153, M = 128 2304 -> 1217; 2 threads M = 45 419 -> 233. Q5_0 1 thread M = 16 391 -> 194, M = 128
+ * 3125 -> 1524; 2 threads M = 45 563 -> 297. Without the packed activations (weights shared, reduce4 per token) the
+ * gain was a third of that: Q8_0 M = 128 2304 -> 1982, Q5_0 3125 -> 2338. Q4_0 / Q4_1 / Q5_1, 1 thread M = 128:
+ * 2733 -> 1309, 2987 -> 1336, 3437 -> 1614. End to end, a 512-token prefill at 2 threads: nano Q8_0 ~180 -> ~260 tok/s,
+ * nano Q4_K_M (Q5_0 expert down-projections, Q6_K) ~250 -> ~282 tok/s.
  */
 #include "ggml_dot.h"
 
@@ -277,7 +278,9 @@ static inline __m256i wval_q8_0(const blk_q8_0 *x) {
 
 void dot_q4_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q4_0, wval_q4_0, C_D4, C_D1, -8) }
 void dot_q4_1_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q4_1, wval_q4_1, C_M4, C_M1, 1) }
-void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q5_0, wval_q5_0, C_D4, C_D1, -16) }
+void dot_q5_0_x4(int k, const void *w, const act32 *a, float out[4]) {
+    DOT_ROW_X4(blk_q5_0, wval_q5_0, C_D4, C_D1, -16)
+}
 void dot_q5_1_x4(int k, const void *w, const act32 *a, float out[4]) { DOT_ROW_X4(blk_q5_1, wval_q5_1, C_M4, C_M1, 1) }
 void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]) {
     DOT_ROW_X4(blk_q8_0, wval_q8_0, C_D4, C_D1, Q8_OFFSET)
