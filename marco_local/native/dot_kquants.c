@@ -26,7 +26,7 @@
  *
  * Several tokens (prefill): dot_q4_K_x4 dots one Q4_K row with 4 tokens, unpacking weights and scales once (512-bit
  * build; the others call the one-token kernel per token), each token's result bit-identical to dot_q4_K's. Measured
- * (bench/native_q4k_tokens.py, us per native.matmul call, 384 x 1024, with matmul.c's row tiles): 1 thread M = 16
+ * (bench/native_tokens.py, us per native.matmul call, 384 x 1024, with matmul.c's row tiles): 1 thread M = 16
  * 92 -> 62, M = 128 714 -> 472; 2 threads M = 45 136 -> 94. End to end, a 512-token prefill of the nano Q4_K_M model
  * at 2 threads: 206 -> 245 tok/s. dot_q6_K_x4 does the same for Q6_K (1024 x 1024: 1 thread M = 128 1752 -> 1100 us,
  * 2 threads M = 45 316 -> 208 us).
