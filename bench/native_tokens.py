@@ -8,24 +8,11 @@ machine's timings drift.
 """
 
 import sys
-import time
 
 import torch
+from native_kernels_kquants import best_time  # this folder is on sys.path when the script runs
 
-from marco_local import native
 from quant.ggml_codecs import codec_for
-
-
-def best_time(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, k: int, reps: int, runs: int = 5) -> float:
-    for _ in range(min(reps, 20)):
-        native.matmul(x, raw, ggml_type, k)
-    best = float("inf")
-    for _ in range(runs):
-        t = time.perf_counter()
-        for _ in range(reps):
-            native.matmul(x, raw, ggml_type, k)
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
 
 
 def main() -> None:

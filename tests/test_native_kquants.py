@@ -174,6 +174,21 @@ def test_strided_rows(name: str) -> None:
     assert torch.equal(got, native.matmul(x, raw, c.ggml_type, k))
 
 
+def _assert_token_groups_match_single_tokens(raw: torch.Tensor, c, k: int, gen: torch.Generator) -> None:
+    """M >= 4 runs tokens in groups of 4 (the type's x4 kernel, over tiles of rows), the rest one by one: every
+    token's outputs must be bit-identical to a call with that token alone (the single-token kernel). Rows strided, as
+    slices of a larger matrix are; zero activation blocks inside a group."""
+    wide = torch.zeros(raw.shape[0], raw.shape[1] + 5, dtype=torch.uint8)
+    wide[:, 2 : 2 + raw.shape[1]] = raw
+    raw = wide[:, 2 : 2 + raw.shape[1]]
+    for m in (1, 3, 4, 5, 9, 45):
+        x = make_acts("heavy", k, gen).repeat(m // TOKENS + 1, 1)[:m] * (1 + torch.rand(m, k, generator=gen))
+        x[m // 2, : k // 2] = 0.0
+        got = native.matmul(x, raw, c.ggml_type, k)
+        single = torch.cat([native.matmul(x[i : i + 1], raw, c.ggml_type, k) for i in range(m)])
+        assert got.dtype == torch.float32 and torch.equal(got, single), f"M={m}"
+
+
 @pytest.mark.parametrize("k", [256, 2048])
 def test_q4_k_token_groups_match_single_tokens(k: int) -> None:
     """Q4_K with M >= 4 runs tokens in groups of 4 (dot_q4_K_x4, over tiles of rows), the rest one by one: every
@@ -188,15 +203,7 @@ def test_q4_k_token_groups_match_single_tokens(k: int) -> None:
     blocks[3, 0, 4:16] = 0  # zero scales and mins
     blocks[4, -1, 4:16] = 0xFF  # the largest scales and mins
     blocks[5, :, 0:4] = 0  # d = dmin = 0
-    wide = torch.zeros(n, raw.shape[1] + 5, dtype=torch.uint8)  # rows strided, as slices of a larger matrix are
-    wide[:, 2 : 2 + raw.shape[1]] = raw
-    raw = wide[:, 2 : 2 + raw.shape[1]]
-    for m in (1, 3, 4, 5, 9, 45):
-        x = make_acts("heavy", k, gen).repeat(m // TOKENS + 1, 1)[:m] * (1 + torch.rand(m, k, generator=gen))
-        x[m // 2, : k // 2] = 0.0  # zero activation blocks inside a group
-        got = native.matmul(x, raw, c.ggml_type, k)
-        single = torch.cat([native.matmul(x[i : i + 1], raw, c.ggml_type, k) for i in range(m)])
-        assert got.dtype == torch.float32 and torch.equal(got, single), f"M={m}"
+    _assert_token_groups_match_single_tokens(raw, c, k, gen)
 
 
 @pytest.mark.parametrize("k", [256, 1024])
@@ -214,12 +221,4 @@ def test_q6_k_token_groups_match_single_tokens(k: int) -> None:
     blocks[4, -1, 192:208] = 0x7F  # scales 127
     blocks[4, -1, 0:192] = 0xFF  # every quant at its maximum
     blocks[5, :, 208:210] = 0  # d = 0
-    wide = torch.zeros(n, raw.shape[1] + 5, dtype=torch.uint8)  # rows strided, as slices of a larger matrix are
-    wide[:, 2 : 2 + raw.shape[1]] = raw
-    raw = wide[:, 2 : 2 + raw.shape[1]]
-    for m in (1, 3, 4, 5, 9, 45):
-        x = make_acts("heavy", k, gen).repeat(m // TOKENS + 1, 1)[:m] * (1 + torch.rand(m, k, generator=gen))
-        x[m // 2, : k // 2] = 0.0  # zero activation blocks inside a group
-        got = native.matmul(x, raw, c.ggml_type, k)
-        single = torch.cat([native.matmul(x[i : i + 1], raw, c.ggml_type, k) for i in range(m)])
-        assert got.dtype == torch.float32 and torch.equal(got, single), f"M={m}"
+    _assert_token_groups_match_single_tokens(raw, c, k, gen)
