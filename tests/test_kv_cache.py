@@ -66,7 +66,7 @@ def test_a_long_cache_takes_memory_only_for_the_positions_written():
 
     before = rss_mib()
     cache = KVCache(28, 8, 128, 4096, dtype=torch.bfloat16)
-    assert cache.nbytes == 448 * 2**20
+    assert cache.keys.nbytes + cache.values.nbytes == 448 * 2**20  # (+ a float32 scratch without native kernels)
     allocated = rss_mib() - before
     k = torch.randn(1, 8, 100, 128).bfloat16()
     for layer in range(28):
