@@ -233,31 +233,42 @@ float dot_q4_K(int k, const void *w, const act256 *a) {
 }
 
 #if K45_512
-/* Q4_K super-block x dotted with 4 tokens' activations a[0], a[nb], a[2 nb], a[3 nb] (nb blocks per token): the
- * weights' unpacking (loads, nibble masks, lane shuffles) and the scale / min vectors are shared, which is what bounds
- * k45_block512 (loads, then shuffles); each token's integer and float operations are k45_block512's, in its order,
- * so every token's sum is bit-identical to dot_q4_K's. */
-static inline void k4_block512_x4(const blk_q4_K *x, __m256i sm, const act256 *a, int nb, __m256 acc[4],
-                                  __m512 accz[4]) {
-    const __m512i m0f = _mm512_set1_epi8(0x0F);
+/* Q4_K (qh NULL) or Q5_K super-block (dm, qs, qh) dotted with 4 tokens' activations a[0], a[nb], a[2 nb], a[3 nb]
+ * (nb blocks per token): the weights' unpacking (loads, nibble masks, fifth bits, lane shuffles) and the scale / min
+ * vectors are shared, which is what bounds k45_block512 (loads, then shuffles); each token's integer and float
+ * operations are k45_block512's, in its order, so every token's sum is bit-identical to dot_q4_K's / dot_q5_K's. */
+static inline void k45_block512_x4(const uint16_t *dm, __m256i sm, const uint8_t *qs, const uint8_t *qh,
+                                   const act256 *a, int nb, __m256 acc[4], __m512 accz[4]) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m10 = _mm512_set1_epi8(0x10);
     const char Z = (char)0x80;
     __m256i mn16 = _mm256_shuffle_epi8(sm, _mm256_setr_epi8(4, Z, 4, Z, 5, Z, 5, Z, 6, Z, 6, Z, 7, Z, 7, Z, 12, Z, 12, Z,
                                                             13, Z, 13, Z, 14, Z, 14, Z, 15, Z, 15, Z));
     __m512i smz = _mm512_broadcast_i64x4(sm);
+    __m512i qhz = qh ? _mm512_broadcast_i64x4(loadu(qh)) : _mm512_setzero_si512();
     /* sub-blocks [0 | 1], [2 | 3], [4 | 5], [6 | 7] as bytes, and each half's int16 scales (see k45_block512) */
     __m512i xs[4], sc[2];
     for (int h = 0; h < 2; h++) {
-        __m512i q = _mm512_loadu_si512(x->qs + 64 * h);
+        __m512i q = _mm512_loadu_si512(qs + 64 * h);
         __asm__("" : "+v"(q));
         __m512i lo = _mm512_and_si512(q, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
+        if (qh) { /* the fifth bits, as k45_block512 places them */
+            const __m512i c4 = _mm512_set1_epi16(4), c3 = _mm512_set1_epi16(3), c2 = _mm512_set1_epi16(2);
+            const __m512i c1 = _mm512_set1_epi16(1), c0 = _mm512_setzero_si512();
+            __m512i bl = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c0, 0xF0, c2))  /* j = 4 | 6 */
+                           : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c4, 0xF0, c2)); /* j = 0 | 2 */
+            __m512i bh = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c1, 0xF0, c3))  /* j = 5 | 7 */
+                           : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c3, 0xF0, c1)); /* j = 1 | 3 */
+            lo = _mm512_or_si512(lo, _mm512_and_si512(bl, m10));
+            hi = _mm512_or_si512(hi, _mm512_and_si512(bh, m10));
+        }
         xs[2 * h] = _mm512_shuffle_i64x2(lo, hi, 0x44);
         xs[2 * h + 1] = _mm512_shuffle_i64x2(lo, hi, 0xEE);
         sc[h] = _mm512_shuffle_epi8(smz, _mm512_load_si512(k4_pat[h]));
     }
     /* d_a * d and -d_a * dmin, the products k45_factors forms (IEEE multiplication commutes), each one vmulps with
      * d_a broadcast from memory (the empty asm keeps the compiler from multiplying scalars, then broadcasting) */
-    __m512 d = _mm512_set1_ps(fp16(x->d));
-    __m256 mdmin = _mm256_set1_ps(-fp16(x->dmin));
+    __m512 d = _mm512_set1_ps(fp16(dm[0]));
+    __m256 mdmin = _mm256_set1_ps(-fp16(dm[1]));
     __asm__("" : "+v"(d), "+v"(mdmin));
 #pragma GCC unroll 4
     for (int t = 0; t < 4; t++) {
@@ -289,7 +300,27 @@ void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
         for (int b = 0; b < nb; b++) {
             __m256i sm = sm_next;
             sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
-            k4_block512_x4(x + b, sm, a + b, nb, acc, accz);
+            k45_block512_x4(&x[b].d, sm, x[b].qs, NULL, a + b, nb, acc, accz);
+        }
+    }
+    for (int t = 0; t < 4; t++) out[t] = nb > 0 ? hsum_ps(_mm256_add_ps(acc[t], fold512(accz[t]))) : 0.0f;
+}
+
+void dot_q5_K_x4(int k, const void *w, const act256 *a, float out[4]) {
+    const blk_q5_K *x = w;
+    int nb = k / 256;
+    __m256 acc[4];
+    __m512 accz[4];
+    for (int t = 0; t < 4; t++) {
+        acc[t] = _mm256_setzero_ps();
+        accz[t] = _mm512_setzero_ps();
+    }
+    if (nb > 0) {
+        __m256i sm_next = k4_scales_mins(x[0].scales);
+        for (int b = 0; b < nb; b++) {
+            __m256i sm = sm_next;
+            sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
+            k45_block512_x4(&x[b].d, sm, x[b].qs, x[b].qh, a + b, nb, acc, accz);
         }
     }
     for (int t = 0; t < 4; t++) out[t] = nb > 0 ? hsum_ps(_mm256_add_ps(acc[t], fold512(accz[t]))) : 0.0f;
@@ -298,6 +329,9 @@ void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
 /* 256-bit build: the single-token kernel per token */
 void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
     for (int t = 0; t < 4; t++) out[t] = dot_q4_K(k, w, a + (size_t)t * (k / 256));
+}
+void dot_q5_K_x4(int k, const void *w, const act256 *a, float out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_q5_K(k, w, a + (size_t)t * (k / 256));
 }
 #endif
 
@@ -472,6 +506,9 @@ void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
     for (int t = 0; t < 4; t++) out[t] = dot_q4_K_ref(k, w, a + (size_t)t * (k / 256));
 }
 float dot_q5_K(int k, const void *w, const act256 *a) { return dot_q5_K_ref(k, w, a); }
+void dot_q5_K_x4(int k, const void *w, const act256 *a, float out[4]) {
+    for (int t = 0; t < 4; t++) out[t] = dot_q5_K_ref(k, w, a + (size_t)t * (k / 256));
+}
 float dot_q6_K(int k, const void *w, const act256 *a) { return dot_q6_K_ref(k, w, a); }
 void dot_q6_K_x4(int k, const void *w, const act256 *a, float out[4]) {
     for (int t = 0; t < 4; t++) out[t] = dot_q6_K_ref(k, w, a + (size_t)t * (k / 256));

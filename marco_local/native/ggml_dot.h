@@ -111,6 +111,7 @@ float dot_q6_K(int k, const void *w, const act256 *a);
 /* One Q4_K row dotted with 4 tokens' activation rows, a[0 .. nb), a[nb .. 2 nb), ... (nb = k / 256 blocks each):
  * out[t] is bit-identical to dot_q4_K(k, w, a + t * nb); the weights are unpacked once for the 4 (prefill). */
 void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]);
+void dot_q5_K_x4(int k, const void *w, const act256 *a, float out[4]); /* the same for Q5_K */
 void dot_q6_K_x4(int k, const void *w, const act256 *a, float out[4]); /* the same for Q6_K */
 /* The same for the 32-weight types (nb = k / 32 blocks per token): out[t] bit-identical to dot_q8_0 etc. on token
  * t's activation row before pack_act32x4, which must have rearranged each of the 4 rows (in place, same size; the

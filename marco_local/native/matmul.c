@@ -31,7 +31,7 @@ static int kind_of(int type, kind *t) {
     case T_Q5_1: k = (kind){32, 24, .dot32 = dot_q5_1, .x4_32 = dot_q5_1_x4}; break;
     case T_Q8_0: k = (kind){32, 34, .dot32 = dot_q8_0, .x4_32 = dot_q8_0_x4}; break;
     case T_Q4_K: k = (kind){256, 144, .dot256 = dot_q4_K, .x4_256 = dot_q4_K_x4}; break;
-    case T_Q5_K: k = (kind){256, 176, .dot256 = dot_q5_K}; break;
+    case T_Q5_K: k = (kind){256, 176, .dot256 = dot_q5_K, .x4_256 = dot_q5_K_x4}; break;
     case T_Q6_K: k = (kind){256, 210, .dot256 = dot_q6_K, .x4_256 = dot_q6_K_x4}; break;
     default: return -1;
     }
