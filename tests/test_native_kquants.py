@@ -206,6 +206,26 @@ def test_q4_k_token_groups_match_single_tokens(k: int) -> None:
     _assert_token_groups_match_single_tokens(raw, c, k, gen)
 
 
+@pytest.mark.parametrize("k", [256, 2048])
+def test_q5_k_token_groups_match_single_tokens(k: int) -> None:
+    """Q5_K with M >= 4 runs tokens in groups of 4 (dot_q5_K_x4, over tiles of rows), the rest one by one: every
+    token's outputs must be bit-identical to a call with that token alone (the single-token kernel)."""
+    gen = torch.Generator().manual_seed(27 + k)
+    c = codec_for("Q5_K")
+    n = 61  # several row tiles (~16 KB of weights each), the last one partial
+    quantized = c.quantize(make_weights("heavy", k, gen)).reshape(ROWS, -1)
+    large = c.quantize(torch.randn(8, k, generator=gen) * 30.0).reshape(8, -1)  # large d
+    raw = torch.cat([_random_blocks("Q5_K", n - ROWS - 8, k, gen), quantized, large])
+    blocks = raw.view(n, k // 256, c.type_size)
+    blocks[3, 0, 4:16] = 0  # zero scales and mins
+    blocks[4, -1, 4:16] = 0xFF  # the largest scales and mins
+    blocks[4, -1, 16:176] = 0xFF  # every quant at its maximum (fifth bits set)
+    blocks[5, :, 0:4] = 0  # d = dmin = 0
+    blocks[6, :, 16:48] = 0xFF  # qh all ones
+    blocks[7, :, 16:48] = 0  # qh all zeros
+    _assert_token_groups_match_single_tokens(raw, c, k, gen)
+
+
 @pytest.mark.parametrize("k", [256, 1024])
 def test_q6_k_token_groups_match_single_tokens(k: int) -> None:
     """Q6_K with M >= 4 runs tokens in groups of 4 (dot_q6_K_x4, over tiles of rows), the rest one by one: every
