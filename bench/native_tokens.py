@@ -1,6 +1,6 @@
 """Time native.matmul with several tokens (prefill's products) for the types with a 4-token kernel (Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0, Q4_K, Q6_K): 384 x 1024 and 1024 x 1024 matrices, M = 1, 4, 16, 45, 128 tokens, 1 and 2 threads, matrices
-warm in cache.
+Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): 384 x 1024 and 1024 x 1024 matrices, M = 1, 4, 16, 45, 128 tokens, 1 and 2 threads,
+matrices warm in cache.
 
 Usage: python3 bench/native_tokens.py [TYPE ...] (default: Q8_0 Q5_0 Q6_K). Prints the best of 5 runs per case, in us
 per call. To compare two checkouts, run a copy of this file with PYTHONPATH set to each checkout, alternately: the
