@@ -208,29 +208,37 @@ static inline __m256 fold512(__m512 v) {
 #define K45_512 0
 #endif
 
-/* The block loops decode the next block's scales one iteration ahead (it takes a chain of shuffles). */
-float dot_q4_K(int k, const void *w, const act256 *a) {
-    const blk_q4_K *x = w;
+/* A Q4_K or Q5_K row: blocks of `block_bytes` with d, dmin at byte 0, the packed scales at 4, quants at `qs_at` and
+ * (Q5_K) fifth bits at `qh_at` (0: none). The block loop decodes the next block's scales one iteration ahead (it
+ * takes a chain of shuffles). Inlined with constant layouts, so each type gets its own loop. */
+static inline float dot_k45(int k, const uint8_t *w, size_t block_bytes, size_t qs_at, size_t qh_at,
+                            const act256 *a) {
     int nb = k / 256;
     __m256 acc = _mm256_setzero_ps();
     if (nb <= 0) return 0.0f;
 #if K45_512
     __m512 accz = _mm512_setzero_ps();
 #endif
-    __m256i sm_next = k4_scales_mins(x[0].scales);
+    __m256i sm_next = k4_scales_mins(w + 4);
     for (int b = 0; b < nb; b++) {
+        const uint8_t *x = w + (size_t)b * block_bytes;
         __m256i sm = sm_next;
-        sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
+        sm_next = k4_scales_mins(w + (size_t)(b + 1 < nb ? b + 1 : b) * block_bytes + 4);
+        const uint8_t *qh = qh_at ? x + qh_at : NULL;
 #if K45_512
-        acc = k45_block512(&x[b].d, sm, x[b].qs, NULL, a + b, acc, &accz);
+        acc = k45_block512((const uint16_t *)x, sm, x + qs_at, qh, a + b, acc, &accz);
 #else
-        acc = k45_block(&x[b].d, sm, x[b].qs, NULL, a + b, acc);
+        acc = k45_block((const uint16_t *)x, sm, x + qs_at, qh, a + b, acc);
 #endif
     }
 #if K45_512
     acc = _mm256_add_ps(acc, fold512(accz));
 #endif
     return hsum_ps(acc);
+}
+
+float dot_q4_K(int k, const void *w, const act256 *a) {
+    return dot_k45(k, w, sizeof(blk_q4_K), offsetof(blk_q4_K, qs), 0, a);
 }
 
 #if K45_512
@@ -287,8 +295,9 @@ static inline void k45_block512_x4(const uint16_t *dm, __m256i sm, const uint8_t
     }
 }
 
-void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
-    const blk_q4_K *x = w;
+/* dot_k45 for 4 tokens (see k45_block512_x4) */
+static inline void dot_k45_x4(int k, const uint8_t *w, size_t block_bytes, size_t qs_at, size_t qh_at,
+                              const act256 *a, float out[4]) {
     int nb = k / 256;
     __m256 acc[4];
     __m512 accz[4];
@@ -297,34 +306,23 @@ void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
         accz[t] = _mm512_setzero_ps();
     }
     if (nb > 0) {
-        __m256i sm_next = k4_scales_mins(x[0].scales);
+        __m256i sm_next = k4_scales_mins(w + 4);
         for (int b = 0; b < nb; b++) {
+            const uint8_t *x = w + (size_t)b * block_bytes;
             __m256i sm = sm_next;
-            sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
-            k45_block512_x4(&x[b].d, sm, x[b].qs, NULL, a + b, nb, acc, accz);
+            sm_next = k4_scales_mins(w + (size_t)(b + 1 < nb ? b + 1 : b) * block_bytes + 4);
+            k45_block512_x4((const uint16_t *)x, sm, x + qs_at, qh_at ? x + qh_at : NULL, a + b, nb, acc, accz);
         }
     }
     for (int t = 0; t < 4; t++) out[t] = nb > 0 ? hsum_ps(_mm256_add_ps(acc[t], fold512(accz[t]))) : 0.0f;
 }
 
+void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
+    dot_k45_x4(k, w, sizeof(blk_q4_K), offsetof(blk_q4_K, qs), 0, a, out);
+}
+
 void dot_q5_K_x4(int k, const void *w, const act256 *a, float out[4]) {
-    const blk_q5_K *x = w;
-    int nb = k / 256;
-    __m256 acc[4];
-    __m512 accz[4];
-    for (int t = 0; t < 4; t++) {
-        acc[t] = _mm256_setzero_ps();
-        accz[t] = _mm512_setzero_ps();
-    }
-    if (nb > 0) {
-        __m256i sm_next = k4_scales_mins(x[0].scales);
-        for (int b = 0; b < nb; b++) {
-            __m256i sm = sm_next;
-            sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
-            k45_block512_x4(&x[b].d, sm, x[b].qs, x[b].qh, a + b, nb, acc, accz);
-        }
-    }
-    for (int t = 0; t < 4; t++) out[t] = nb > 0 ? hsum_ps(_mm256_add_ps(acc[t], fold512(accz[t]))) : 0.0f;
+    dot_k45_x4(k, w, sizeof(blk_q5_K), offsetof(blk_q5_K, qs), offsetof(blk_q5_K, qh), a, out);
 }
 #else
 /* 256-bit build: the single-token kernel per token */
@@ -337,27 +335,7 @@ void dot_q5_K_x4(int k, const void *w, const act256 *a, float out[4]) {
 #endif
 
 float dot_q5_K(int k, const void *w, const act256 *a) {
-    const blk_q5_K *x = w;
-    int nb = k / 256;
-    __m256 acc = _mm256_setzero_ps();
-    if (nb <= 0) return 0.0f;
-#if K45_512
-    __m512 accz = _mm512_setzero_ps();
-#endif
-    __m256i sm_next = k4_scales_mins(x[0].scales);
-    for (int b = 0; b < nb; b++) {
-        __m256i sm = sm_next;
-        sm_next = k4_scales_mins(x[b + 1 < nb ? b + 1 : b].scales);
-#if K45_512
-        acc = k45_block512(&x[b].d, sm, x[b].qs, x[b].qh, a + b, acc, &accz);
-#else
-        acc = k45_block(&x[b].d, sm, x[b].qs, x[b].qh, a + b, acc);
-#endif
-    }
-#if K45_512
-    acc = _mm256_add_ps(acc, fold512(accz));
-#endif
-    return hsum_ps(acc);
+    return dot_k45(k, w, sizeof(blk_q5_K), offsetof(blk_q5_K, qs), offsetof(blk_q5_K, qh), a);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
