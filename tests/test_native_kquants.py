@@ -189,56 +189,54 @@ def _assert_token_groups_match_single_tokens(raw: torch.Tensor, c, k: int, gen: 
         assert got.dtype == torch.float32 and torch.equal(got, single), f"M={m}"
 
 
-@pytest.mark.parametrize("k", [256, 2048])
-def test_q4_k_token_groups_match_single_tokens(k: int) -> None:
-    """Q4_K with M >= 4 runs tokens in groups of 4 (dot_q4_K_x4, over tiles of rows), the rest one by one: every
+ALL = slice(None)
+# per type: a seed and (row, block, bytes, value) edits that put extreme values where the kernels decode them
+TOKEN_GROUP_CASES = {
+    "Q4_K": (
+        7,
+        [
+            (3, 0, slice(4, 16), 0),  # zero scales and mins
+            (4, -1, slice(4, 16), 0xFF),  # the largest scales and mins
+            (5, ALL, slice(0, 4), 0),  # d = dmin = 0
+        ],
+    ),
+    "Q5_K": (
+        27,
+        [
+            (3, 0, slice(4, 16), 0),  # zero scales and mins
+            (4, -1, slice(4, 16), 0xFF),  # the largest scales and mins
+            (4, -1, slice(16, 176), 0xFF),  # every quant at its maximum (fifth bits set)
+            (5, ALL, slice(0, 4), 0),  # d = dmin = 0
+            (6, ALL, slice(16, 48), 0xFF),  # qh all ones
+            (7, ALL, slice(16, 48), 0),  # qh all zeros
+        ],
+    ),
+    "Q6_K": (
+        17,
+        [
+            (3, 0, slice(192, 208), 0x80),  # scales -128
+            (4, -1, slice(192, 208), 0x7F),  # scales 127
+            (4, -1, slice(0, 192), 0xFF),  # every quant at its maximum
+            (5, ALL, slice(208, 210), 0),  # d = 0
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "name,k", [("Q4_K", 256), ("Q4_K", 2048), ("Q5_K", 256), ("Q5_K", 2048), ("Q6_K", 256), ("Q6_K", 1024)]
+)
+def test_k_quant_token_groups_match_single_tokens(name: str, k: int) -> None:
+    """With M >= 4 tokens in groups of 4 (the type's x4 kernel, over tiles of rows), the rest one by one: every
     token's outputs must be bit-identical to a call with that token alone (the single-token kernel)."""
-    gen = torch.Generator().manual_seed(7 + k)
-    c = codec_for("Q4_K")
+    seed, edits = TOKEN_GROUP_CASES[name]
+    gen = torch.Generator().manual_seed(seed + k)
+    c = codec_for(name)
     n = 61  # several row tiles (~16 KB of weights each), the last one partial
     quantized = c.quantize(make_weights("heavy", k, gen)).reshape(ROWS, -1)
     large = c.quantize(torch.randn(8, k, generator=gen) * 30.0).reshape(8, -1)  # large d
-    raw = torch.cat([_random_blocks("Q4_K", n - ROWS - 8, k, gen), quantized, large])
+    raw = torch.cat([_random_blocks(name, n - ROWS - 8, k, gen), quantized, large])
     blocks = raw.view(n, k // 256, c.type_size)
-    blocks[3, 0, 4:16] = 0  # zero scales and mins
-    blocks[4, -1, 4:16] = 0xFF  # the largest scales and mins
-    blocks[5, :, 0:4] = 0  # d = dmin = 0
-    _assert_token_groups_match_single_tokens(raw, c, k, gen)
-
-
-@pytest.mark.parametrize("k", [256, 2048])
-def test_q5_k_token_groups_match_single_tokens(k: int) -> None:
-    """Q5_K with M >= 4 runs tokens in groups of 4 (dot_q5_K_x4, over tiles of rows), the rest one by one: every
-    token's outputs must be bit-identical to a call with that token alone (the single-token kernel)."""
-    gen = torch.Generator().manual_seed(27 + k)
-    c = codec_for("Q5_K")
-    n = 61  # several row tiles (~16 KB of weights each), the last one partial
-    quantized = c.quantize(make_weights("heavy", k, gen)).reshape(ROWS, -1)
-    large = c.quantize(torch.randn(8, k, generator=gen) * 30.0).reshape(8, -1)  # large d
-    raw = torch.cat([_random_blocks("Q5_K", n - ROWS - 8, k, gen), quantized, large])
-    blocks = raw.view(n, k // 256, c.type_size)
-    blocks[3, 0, 4:16] = 0  # zero scales and mins
-    blocks[4, -1, 4:16] = 0xFF  # the largest scales and mins
-    blocks[4, -1, 16:176] = 0xFF  # every quant at its maximum (fifth bits set)
-    blocks[5, :, 0:4] = 0  # d = dmin = 0
-    blocks[6, :, 16:48] = 0xFF  # qh all ones
-    blocks[7, :, 16:48] = 0  # qh all zeros
-    _assert_token_groups_match_single_tokens(raw, c, k, gen)
-
-
-@pytest.mark.parametrize("k", [256, 1024])
-def test_q6_k_token_groups_match_single_tokens(k: int) -> None:
-    """Q6_K with M >= 4 runs tokens in groups of 4 (dot_q6_K_x4, over tiles of rows), the rest one by one: every
-    token's outputs must be bit-identical to a call with that token alone (the single-token kernel)."""
-    gen = torch.Generator().manual_seed(17 + k)
-    c = codec_for("Q6_K")
-    n = 61  # several row tiles (~16 KB of weights each), the last one partial
-    quantized = c.quantize(make_weights("heavy", k, gen)).reshape(ROWS, -1)
-    large = c.quantize(torch.randn(8, k, generator=gen) * 30.0).reshape(8, -1)  # large d
-    raw = torch.cat([_random_blocks("Q6_K", n - ROWS - 8, k, gen), quantized, large])
-    blocks = raw.view(n, k // 256, c.type_size)
-    blocks[3, 0, 192:208] = 0x80  # scales -128
-    blocks[4, -1, 192:208] = 0x7F  # scales 127
-    blocks[4, -1, 0:192] = 0xFF  # every quant at its maximum
-    blocks[5, :, 208:210] = 0  # d = 0
+    for row, block, byte_range, value in edits:
+        blocks[row, block, byte_range] = value
     _assert_token_groups_match_single_tokens(raw, c, k, gen)
