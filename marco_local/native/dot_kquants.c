@@ -159,11 +159,33 @@ static const uint8_t k4_pat[2][64] __attribute__((aligned(64))) = {
 #undef PAT4
 #undef ZB
 
+/* Half h (sub-blocks 4h .. 4h+3) of a Q4_K / Q5_K block's weights as unsigned bytes, paired for the activations:
+ * *x0 = [4h | 4h+1], *x1 = [4h+2 | 4h+3]. The 64 quant bytes hold low nibbles [4h | 4h+2] and high nibbles
+ * [4h+1 | 4h+3]; for Q5_K (has_qh, qhz = qh[32] in both 256-bit halves) bit j of qh[l] is bit 4 of weight 32 j + l:
+ * per 256-bit half, j = 4h (+2) and 4h+1 (+2). */
+static inline void k45_weights512(const uint8_t *qs, int has_qh, __m512i qhz, int h, __m512i *x0, __m512i *x1) {
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m10 = _mm512_set1_epi8(0x10);
+    __m512i q = _mm512_loadu_si512(qs + 64 * h);
+    __asm__("" : "+v"(q));
+    __m512i lo = _mm512_and_si512(q, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
+    if (has_qh) {
+        const __m512i c4 = _mm512_set1_epi16(4), c3 = _mm512_set1_epi16(3), c2 = _mm512_set1_epi16(2);
+        const __m512i c1 = _mm512_set1_epi16(1), c0 = _mm512_setzero_si512();
+        __m512i bl = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c0, 0xF0, c2))  /* j = 4 | 6 */
+                       : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c4, 0xF0, c2)); /* j = 0 | 2 */
+        __m512i bh = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c1, 0xF0, c3))  /* j = 5 | 7 */
+                       : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c3, 0xF0, c1)); /* j = 1 | 3 */
+        lo = _mm512_or_si512(lo, _mm512_and_si512(bl, m10));
+        hi = _mm512_or_si512(hi, _mm512_and_si512(bh, m10));
+    }
+    *x0 = _mm512_shuffle_i64x2(lo, hi, 0x44);
+    *x1 = _mm512_shuffle_i64x2(lo, hi, 0xEE);
+}
+
 /* Q4_K (qh NULL) and Q5_K super-block, 512 bits at a time: *accz += d_a * d * sum_j sc_j dot_j (16 lanes),
  * acc -= d_a * dmin * sum_j m_j bsums_j (8 lanes). */
 static inline __m256 k45_block512(const uint16_t *dm, __m256i sm, const uint8_t *qs, const uint8_t *qh,
                                   const act256 *a, __m256 acc, __m512 *accz) {
-    const __m512i m0f = _mm512_set1_epi8(0x0F), m10 = _mm512_set1_epi8(0x10);
     const char Z = (char)0x80;
     __m256i mn16 = _mm256_shuffle_epi8(sm, _mm256_setr_epi8(4, Z, 4, Z, 5, Z, 5, Z, 6, Z, 6, Z, 7, Z, 7, Z, 12, Z, 12, Z,
                                                             13, Z, 13, Z, 14, Z, 14, Z, 15, Z, 15, Z));
@@ -172,22 +194,8 @@ static inline __m256 k45_block512(const uint16_t *dm, __m256i sm, const uint8_t 
     __m512i qhz = qh ? _mm512_broadcast_i64x4(loadu(qh)) : _mm512_setzero_si512();
     __m512i sum_q = _mm512_setzero_si512();
     for (int h = 0; h < 2; h++) {
-        /* 64 quant bytes: low nibbles [sub-block 4h | 4h+2], high nibbles [4h+1 | 4h+3] */
-        __m512i q = _mm512_loadu_si512(qs + 64 * h);
-        __asm__("" : "+v"(q));
-        __m512i lo = _mm512_and_si512(q, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
-        if (qh) { /* bit j of qh[l] -> bit 4 of weight 32 j + l: per 256-bit half, j = 4h (+2) and 4h+1 (+2) */
-            const __m512i c4 = _mm512_set1_epi16(4), c3 = _mm512_set1_epi16(3), c2 = _mm512_set1_epi16(2);
-            const __m512i c1 = _mm512_set1_epi16(1), c0 = _mm512_setzero_si512();
-            __m512i bl = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c0, 0xF0, c2))  /* j = 4 | 6 */
-                           : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c4, 0xF0, c2)); /* j = 0 | 2 */
-            __m512i bh = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c1, 0xF0, c3))  /* j = 5 | 7 */
-                           : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c3, 0xF0, c1)); /* j = 1 | 3 */
-            lo = _mm512_or_si512(lo, _mm512_and_si512(bl, m10));
-            hi = _mm512_or_si512(hi, _mm512_and_si512(bh, m10));
-        }
-        __m512i x0 = _mm512_shuffle_i64x2(lo, hi, 0x44); /* [4h | 4h+1] */
-        __m512i x1 = _mm512_shuffle_i64x2(lo, hi, 0xEE); /* [4h+2 | 4h+3] */
+        __m512i x0, x1;
+        k45_weights512(qs, qh != NULL, qhz, h, &x0, &x1);
         __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x0, _mm512_loadu_si512(a->qs + 128 * h));
         __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x1, _mm512_loadu_si512(a->qs + 128 * h + 64));
         /* 128-bit lane l: int16 [p0 (sub-block 4h + l/2) x4, p1 (4h + 2 + l/2) x4] */
@@ -248,7 +256,6 @@ float dot_q4_K(int k, const void *w, const act256 *a) {
  * operations are k45_block512's, in its order, so every token's sum is bit-identical to dot_q4_K's / dot_q5_K's. */
 static inline void k45_block512_x4(const uint16_t *dm, __m256i sm, const uint8_t *qs, const uint8_t *qh,
                                    const act256 *a, int nb, __m256 acc[4], __m512 accz[4]) {
-    const __m512i m0f = _mm512_set1_epi8(0x0F), m10 = _mm512_set1_epi8(0x10);
     const char Z = (char)0x80;
     __m256i mn16 = _mm256_shuffle_epi8(sm, _mm256_setr_epi8(4, Z, 4, Z, 5, Z, 5, Z, 6, Z, 6, Z, 7, Z, 7, Z, 12, Z, 12, Z,
                                                             13, Z, 13, Z, 14, Z, 14, Z, 15, Z, 15, Z));
@@ -257,21 +264,7 @@ static inline void k45_block512_x4(const uint16_t *dm, __m256i sm, const uint8_t
     /* sub-blocks [0 | 1], [2 | 3], [4 | 5], [6 | 7] as bytes, and each half's int16 scales (see k45_block512) */
     __m512i xs[4], sc[2];
     for (int h = 0; h < 2; h++) {
-        __m512i q = _mm512_loadu_si512(qs + 64 * h);
-        __asm__("" : "+v"(q));
-        __m512i lo = _mm512_and_si512(q, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f);
-        if (qh) { /* the fifth bits, as k45_block512 places them */
-            const __m512i c4 = _mm512_set1_epi16(4), c3 = _mm512_set1_epi16(3), c2 = _mm512_set1_epi16(2);
-            const __m512i c1 = _mm512_set1_epi16(1), c0 = _mm512_setzero_si512();
-            __m512i bl = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c0, 0xF0, c2))  /* j = 4 | 6 */
-                           : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c4, 0xF0, c2)); /* j = 0 | 2 */
-            __m512i bh = h ? _mm512_srlv_epi16(qhz, _mm512_mask_mov_epi64(c1, 0xF0, c3))  /* j = 5 | 7 */
-                           : _mm512_sllv_epi16(qhz, _mm512_mask_mov_epi64(c3, 0xF0, c1)); /* j = 1 | 3 */
-            lo = _mm512_or_si512(lo, _mm512_and_si512(bl, m10));
-            hi = _mm512_or_si512(hi, _mm512_and_si512(bh, m10));
-        }
-        xs[2 * h] = _mm512_shuffle_i64x2(lo, hi, 0x44);
-        xs[2 * h + 1] = _mm512_shuffle_i64x2(lo, hi, 0xEE);
+        k45_weights512(qs, qh != NULL, qhz, h, &xs[2 * h], &xs[2 * h + 1]);
         sc[h] = _mm512_shuffle_epi8(smz, _mm512_load_si512(k4_pat[h]));
     }
     /* d_a * d and -d_a * dmin, the products k45_factors forms (IEEE multiplication commutes), each one vmulps with
