@@ -149,6 +149,8 @@ class Experts(nn.Module):
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda" and x.shape[0] == 1 and self.stacked:
+            return self.forward_gathered(x, idx, weights)
         A = idx.shape[1]  # x [T, D], idx/weights [T, A]
         flat = idx.reshape(-1)  # [T*A]
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
@@ -163,6 +165,23 @@ class Experts(nn.Module):
             out.index_add_(0, tokens, y.to(out.dtype))
             start += n
         return out
+
+    @property
+    def stacked(self) -> bool:
+        """True while the experts are the [E, out, in] stacks (a subclass that replaces expert_forward is not)."""
+        return type(self).expert_forward is Experts.expert_forward
+
+    def forward_gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weights gathered by id and applied as batched products: no host sync (the grouped
+        loop reads the routing back to the host once per layer), so a CUDA decode step queues without waiting. It
+        copies T*A experts' weights, so it suits a token or a few, not a prefill."""
+        T, A = idx.shape
+        flat = idx.reshape(-1)  # [T*A]
+        xs = x.repeat_interleave(A, dim=0).unsqueeze(-1)  # [T*A, D, 1]
+        gate = torch.bmm(self.gate_proj[flat], xs)  # [T*A, I, 1]
+        up = torch.bmm(self.up_proj[flat], xs)
+        y = torch.bmm(self.down_proj[flat], F.silu(gate) * up).view(T, A, -1)  # [T, A, D]
+        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1).to(x.dtype)
 
 
 class SparseMoeBlock(nn.Module):

@@ -56,6 +56,9 @@ class OffloadedExperts(nn.Module):
         # an inner `forward` of its own (QExperts' decode kernel) is used for single tokens; the base routing loop,
         # replayed here in expert-id order, keeps everything else bit-identical to the unwrapped module
         self.own_forward = type(inner).forward is not Experts.forward
+        # stacked experts on CUDA: a single token's experts are gathered from the slots by slot id (no host sync
+        # after the routing has been read)
+        self.gather_decode = self.device.type == "cuda" and getattr(inner, "stacked", False)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # speculation: the next layer's router and cache, set by `link`
         self.next: OffloadedExperts | None = None
@@ -169,8 +172,9 @@ class OffloadedExperts(nn.Module):
         experts, counts = experts_t.tolist(), counts_t.tolist()
         self._settle(experts)
         self._speculate(x)
-        if self.own_forward and x.shape[0] == 1 and len(experts) <= self.table.num_slots:
-            # a quantized module's batched decode kernel: it walks idx in routing order, so slot ids change nothing
+        if (self.own_forward or self.gather_decode) and x.shape[0] == 1 and len(experts) <= self.table.num_slots:
+            # a quantized module's batched decode kernel, or the gathered CUDA decode: they walk idx in routing
+            # order, so slot ids change nothing
             self._fetch(self.table.assign(experts))
             slot_of = self.table.slot_of
             slots = torch.tensor([[slot_of[e] for e in row] for row in idx.tolist()], device=idx.device)

@@ -1,0 +1,259 @@
+"""CUDA speed of a Marco-Nano-shaped model: fully resident, and with its experts offloaded under a VRAM budget.
+
+Model: Marco-Nano's real shapes and all 28 layers (hidden 1024, 232 experts x 384, top-8, 16/8 heads of 128,
+vocabulary 151936, tied embeddings), random bf16 weights drawn on the GPU (no checkpoint file: a 16 GB file would
+cost more device time than the measurements). Random routers route almost uniformly; `synthetic` rows replace the
+router for decode tokens by a trace with Qwen3-30B-A3B-like locality (bench/offload_speed.py's use_trace_routing).
+
+Measures, in one process:
+  ceiling    device-to-device copy bandwidth (bytes read + written) and pinned host-to-device bandwidth
+  resident   prefill tok/s (512-token prompt) and decode tok/s (fixed random token ids fed one per step), with the
+             gathered single-token experts (default on CUDA) and with the grouped loop (one host sync per layer);
+             the bandwidth bound = measured copy bandwidth / bytes a decode step must read (non-expert weights,
+             8 experts per layer, the KV cache at the mean position); ratio = ours / bound
+  offloaded  the same model under --gpu-mem budgets (8, 4, 2 GiB by default) and --experts-resident 50%: the slow
+             tier is pinned host RAM, misses copied on a side stream; decode tok/s against resident, hit rate,
+             MiB copied per token, peak VRAM (torch.cuda.max_memory_allocated) against the budget
+  cpu expert one expert's SwiGLU on the CPU for one token (what computing a miss where it lies would cost)
+Prints a table; `--json FILE` writes every figure.
+
+Usage: python bench/cuda_speed.py [--layers 28] [--tokens 64] [--budgets 8GiB,4GiB,2GiB] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offload_speed import use_trace_routing  # noqa: E402
+from quantize_nano import NANO  # noqa: E402
+
+from marco_local.config import ModelConfig  # noqa: E402
+from marco_local.generate import prefill  # noqa: E402
+from marco_local.meta import meta_device  # noqa: E402
+from marco_local.models import qwen3_moe  # noqa: E402
+from marco_local.offload import Placement, install, offload_stats  # noqa: E402
+
+GIB = 1 << 30
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(layers: int, device: str = "cuda", seed: int = 0) -> qwen3_moe.Qwen3MoeForCausalLM:
+    """Random bf16 weights drawn directly in VRAM, scaled by 1/sqrt(fan_in) like bench/quantize_nano.py's."""
+    cfg = ModelConfig.from_dict(dict(NANO, num_hidden_layers=layers))
+    with meta_device():
+        model = qwen3_moe.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    model.to_empty(device=device)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0, generator=g)
+            else:
+                p.normal_(0.0, (4.0 if name.endswith("mlp.gate.weight") else 1.0) / p.shape[-1] ** 0.5, generator=g)
+    return model.eval()
+
+
+def copy_bandwidth(nbytes: int = 2 * GIB) -> tuple[float, float]:
+    """(device-to-device bytes/s counting read + write, pinned host-to-device bytes/s)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    host = torch.empty(nbytes // 4, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes // 4, dtype=torch.uint8, device="cuda")
+
+    def timed(fn, reps: int = 10) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times)[len(times) // 2]
+
+    d2d = 2 * nbytes / timed(lambda: b.copy_(a))
+    h2d = host.nbytes / timed(lambda: dev.copy_(host, non_blocking=True))
+    return d2d, h2d  # the buffers go with this frame; main() empties the cache after the resident model
+
+
+def decode_bytes(model, position: int) -> int:
+    """Bytes one decode step must read: every non-expert weight once (tied embeddings counted once, as lm_head),
+    top-k experts per layer, the KV cache up to `position`."""
+    cfg = model.config
+    experts = {id(p) for layer in model.model.layers for p in layer.mlp.experts.parameters()}
+    seen, fixed = set(), 0
+    for p in model.parameters():
+        if id(p) not in experts and id(p) not in seen:
+            seen.add(id(p))
+            fixed += p.nbytes
+    one_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * position
+    return fixed + cfg.num_hidden_layers * cfg.num_experts_per_tok * one_expert + kv
+
+
+@torch.inference_mode()
+def timed_run(model, prompt: list[int], stream: list[int], repeats: int = 2) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s), best of `repeats`; the stream is fed one token per forward."""
+    best_p = best_d = 0.0
+    device = model.model.norm.weight.device
+    for _ in range(repeats):
+        cache = model.make_cache(len(prompt) + len(stream))
+        sync()
+        t0 = time.perf_counter()
+        prefill(model, torch.tensor([prompt], device=device), cache)
+        sync()
+        best_p = max(best_p, len(prompt) / (time.perf_counter() - t0))
+        rt = getattr(model, "offload", None)
+        if rt is not None:
+            rt.reset_stats()
+        tokens = torch.tensor(stream, device=device).view(-1, 1, 1)
+        sync()
+        t0 = time.perf_counter()
+        for t in tokens:
+            model(t, cache)
+        sync()
+        best_d = max(best_d, len(stream) / (time.perf_counter() - t0))
+    return best_p, best_d
+
+
+def cpu_expert_seconds(cfg: ModelConfig, threads: int) -> float:
+    """One token through one bf16 expert on the CPU (median of 50)."""
+    torch.set_num_threads(threads)
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size
+    gate, up, down = torch.randn(I, D).bfloat16(), torch.randn(I, D).bfloat16(), torch.randn(D, I).bfloat16()
+    x = torch.randn(1, D).bfloat16()
+    times = []
+    for _ in range(55):
+        t0 = time.perf_counter()
+        F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[5:])[25]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--budgets", default="8GiB,4GiB,2GiB")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
+    args = ap.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("needs a CUDA device")
+    out: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    out["layers"] = args.layers
+    d2d, h2d = copy_bandwidth() if cuda else (50e9, 50e9)
+    if cuda:
+        torch.cuda.empty_cache()
+    out.update(d2d_bytes_per_s=d2d, h2d_bytes_per_s=h2d)
+    print(f"{out['device']}: copy {d2d / 1e12:.2f} TB/s (read+write), pinned H2D {h2d / 1e9:.1f} GB/s", flush=True)
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 150000, (args.prompt,), generator=g).tolist()
+    stream = torch.randint(3, 150000, (args.tokens,), generator=g).tolist()
+    model = build(args.layers, args.device)
+    cfg = model.config
+    timed_run(model, prompt[:32], stream[:4], repeats=1)  # warm-up: kernels, cuBLAS handles
+    rows = []
+    p_tps, d_tps = timed_run(model, prompt, stream)
+    need = decode_bytes(model, args.prompt + args.tokens // 2)
+    bound = d2d / need
+    rows.append({"config": "resident, gathered experts", "prefill_tps": p_tps, "decode_tps": d_tps})
+    orig = qwen3_moe.Experts.stacked
+    qwen3_moe.Experts.stacked = property(lambda self: False)  # force the grouped loop (host sync per layer)
+    p2, d2 = timed_run(model, prompt, stream)
+    qwen3_moe.Experts.stacked = orig
+    rows.append({"config": "resident, grouped loop", "prefill_tps": p2, "decode_tps": d2})
+    resident_tps = d_tps
+    out.update(decode_bytes=need, bandwidth_bound_tps=bound, resident_decode_tps=d_tps, resident_prefill_tps=p_tps)
+    print(
+        f"decode reads {need / 1e6:.0f} MB/token -> bound {bound:.0f} tok/s; ours {d_tps:.1f} tok/s "
+        f"= {d_tps / bound:.3f} of the bound",
+        flush=True,
+    )
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    ctx = args.prompt + args.tokens
+    # on the CPU (a dry run) an in-RAM model takes no --ram-mem: percentages stand in for the budgets
+    budgets = args.budgets.split(",") if cuda else ["50%", "25%"]
+    key = "gpu_mem" if cuda else "experts_resident"
+    placements = [(b, Placement(**{key: b}, ctx=ctx)) for b in budgets]
+    placements.append(("50% resident", Placement(experts_resident="50%", ctx=ctx)))
+    placements.append((f"{budgets[1]} + prefetch", Placement(**{key: budgets[1]}, prefetch=True, ctx=ctx)))
+    for label, placement in placements:
+        for routing in ("real", "synthetic"):
+            model = build(args.layers, args.device)
+            install(model, placement)
+            gc.collect()
+            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if cuda else 0
+            if routing == "synthetic":
+                use_trace_routing(model, args.layers, 4 * (args.tokens + 8))
+            p_tps, d_tps = timed_run(model, prompt, stream)
+            st = offload_stats(model)
+            plan = model.offload.plan
+            row = {
+                "config": f"{label}, {routing}",
+                "prefill_tps": p_tps,
+                "decode_tps": d_tps,
+                "vs_resident": d_tps / resident_tps,
+                "resident_pct": 100.0 * plan.slots / cfg.num_experts,
+                "hit_rate": st["expert_hit_rate"],
+                "mib_per_token": st["expert_bytes_moved"] / args.tokens / 2**20,
+                "stall_ms_per_token": 1e3 * st["expert_stall_s"] / args.tokens,
+                "prefetch_precision": st["prefetch_precision"],
+                "prefetch_recall": st["prefetch_recall"],
+                "fast_bytes": st["offload_fast_bytes"],
+                "peak_vram": torch.cuda.max_memory_allocated() if cuda else 0,
+                "allocated_after_install": base,
+                "budget": plan.budget,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            model.offload.close()
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    out["cpu_expert_s"] = {n: cpu_expert_seconds(cfg, n) for n in (1, 4, 16)}
+    out["rows"] = rows
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    head = ["prefill", "decode", "x res", "res%", "hit", "MiB/t", "VRAM GiB"]
+    print(f"\n{'config':32} " + " ".join(f"{h:>{w}}" for h, w in zip(head, (9, 8, 6, 5, 5, 6, 9), strict=True)))
+    for r in rows:
+        print(
+            f"{r['config']:32} {r['prefill_tps']:9.0f} {r['decode_tps']:8.1f} {r.get('vs_resident', 1.0):6.2f} "
+            f"{r.get('resident_pct', 100.0):5.0f} {r.get('hit_rate', 1.0):5.2f} {r.get('mib_per_token', 0.0):6.1f} "
+            f"{r.get('peak_vram', 0) / GIB:9.2f}"
+        )
+    print(f"bandwidth bound {bound:.0f} tok/s; resident decode / bound = {resident_tps / bound:.3f}")
+    print("one expert, one token on the CPU (bf16):", {k: f"{v * 1e6:.0f} us" for k, v in out["cpu_expert_s"].items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The CUDA checks, as one script for a lent GPU machine (its own python3 and torch; nothing can be installed there).
+# Missing pure-Python packages and bitsandbytes travel in .gpu/site (copied from a local install; bitsandbytes with
+# its CPU and CUDA 13.0 libraries only). Logs and JSON go to $OUT (default ./gpu-out).
+#   1. the GPU tests (offloading on CUDA, bitsandbytes' CUDA kernels against the CPU path)
+#   2. bench/cuda_speed.py (Nano-shaped decode/prefill, resident and offloaded under VRAM budgets)
+#   3. the whole test suite with a CUDA device visible (device "auto" then means CUDA)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:$PWD/.gpu/site" PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
+  python3 -c "import sys, torch, transformers, bitsandbytes, gguf, typer; print(sys.version.split()[0], torch.__version__, \
+torch.version.cuda, transformers.__version__, bitsandbytes.__version__, typer.__version__)"
+  nproc
+  command -v cc gcc
+} 2>&1 | tee "$OUT/env.log"
+echo "== gpu tests"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
+  tests/test_quantize_bnb.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+echo "== cuda_speed"
+timeout 240 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" 2>&1 | tee "$OUT/cuda_speed.log" | tail -25
+echo "== full suite"
+timeout "${SUITE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --tb=short --maxfail=30 -m "not slow and not gpu" 2>&1 \
+  | tee "$OUT/suite.log" | tail -40
