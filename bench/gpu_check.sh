@@ -18,10 +18,10 @@ torch.version.cuda, transformers.__version__, bitsandbytes.__version__, typer.__
   command -v cc gcc
 } 2>&1 | tee "$OUT/env.log"
 echo "== gpu tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
   tests/test_quantize_bnb.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 echo "== cuda_speed"
-timeout 240 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" 2>&1 | tee "$OUT/cuda_speed.log" | tail -25
+timeout 200 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" 2>&1 | tee "$OUT/cuda_speed.log" | tail -25
 echo "== full suite"
-timeout "${SUITE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --tb=short --maxfail=30 -m "not slow and not gpu" 2>&1 \
+timeout "${SUITE_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider --tb=short --maxfail=30 -m "not slow and not gpu" 2>&1 \
   | tee "$OUT/suite.log" | tail -40
