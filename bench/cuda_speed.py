@@ -7,13 +7,15 @@ router for decode tokens by a trace with Qwen3-30B-A3B-like locality (bench/offl
 
 Measures, in one process:
   ceiling    device-to-device copy bandwidth (bytes read + written) and pinned host-to-device bandwidth
-  resident   prefill tok/s (512-token prompt) and decode tok/s (fixed random token ids fed one per step), with the
-             gathered single-token experts (default on CUDA) and with the grouped loop (one host sync per layer);
+  resident   prefill tok/s (512-token prompt) and decode tok/s (fixed random token ids fed one per step): eager with
+             the gathered single-token experts (default on CUDA), eager with the grouped loop (one host sync per
+             layer), and replayed from CUDA graphs (marco_local/cuda_graphs.py, what `marco run` uses);
              the bandwidth bound = measured copy bandwidth / bytes a decode step must read (non-expert weights,
              8 experts per layer, the KV cache at the mean position); ratio = ours / bound
   offloaded  the same model under --gpu-mem budgets (8, 4, 2 GiB by default) and --experts-resident 50%: the slow
              tier is pinned host RAM, misses copied on a side stream; decode tok/s against resident, hit rate,
-             MiB copied per token, peak VRAM (torch.cuda.max_memory_allocated) against the budget
+             MiB copied per token, peak VRAM (torch.cuda.max_memory_allocated) against the budget (offloaded
+             models decode eagerly: the slot bookkeeping reads each layer's routing on the host)
   cpu expert one expert's SwiGLU on the CPU for one token (what computing a miss where it lies would cost)
 Prints a table; `--json FILE` writes every figure.
 
@@ -38,6 +40,7 @@ from offload_speed import use_trace_routing  # noqa: E402
 from quantize_nano import NANO  # noqa: E402
 
 from marco_local.config import ModelConfig  # noqa: E402
+from marco_local.cuda_graphs import GraphedDecoder  # noqa: E402
 from marco_local.generate import prefill  # noqa: E402
 from marco_local.meta import meta_device  # noqa: E402
 from marco_local.models import qwen3_moe  # noqa: E402
@@ -154,7 +157,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--budgets", default="8GiB,4GiB,2GiB")
+    ap.add_argument("--budgets", default="8GiB,4GiB,2GiB", help="'' for none")
+    ap.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True, help="50%% resident, prefetch")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
     args = ap.parse_args()
@@ -185,8 +189,17 @@ def main() -> None:
     p2, d2 = timed_run(model, prompt, stream)
     qwen3_moe.Experts.stacked = orig
     rows.append({"config": "resident, grouped loop", "prefill_tps": p2, "decode_tps": d2})
+    if cuda:
+        model.decode_step = GraphedDecoder(model)
+        try:
+            p3, d_tps = timed_run(model, prompt, stream)
+            rows.append({"config": "resident, CUDA graphs", "prefill_tps": p3, "decode_tps": d_tps})
+        except Exception as e:  # a failed capture must not cost the other measurements
+            print(f"CUDA graphs failed: {type(e).__name__}: {e}", flush=True)
+        model.decode_step = None
     resident_tps = d_tps
     out.update(decode_bytes=need, bandwidth_bound_tps=bound, resident_decode_tps=d_tps, resident_prefill_tps=p_tps)
+    print(json.dumps(rows), flush=True)
     print(
         f"decode reads {need / 1e6:.0f} MB/token -> bound {bound:.0f} tok/s; ours {d_tps:.1f} tok/s "
         f"= {d_tps / bound:.3f} of the bound",
@@ -198,11 +211,12 @@ def main() -> None:
 
     ctx = args.prompt + args.tokens
     # on the CPU (a dry run) an in-RAM model takes no --ram-mem: percentages stand in for the budgets
-    budgets = args.budgets.split(",") if cuda else ["50%", "25%"]
+    budgets = [b for b in args.budgets.split(",") if b] if cuda else ["50%", "25%"]
     key = "gpu_mem" if cuda else "experts_resident"
     placements = [(b, Placement(**{key: b}, ctx=ctx)) for b in budgets]
-    placements.append(("50% resident", Placement(experts_resident="50%", ctx=ctx)))
-    placements.append((f"{budgets[1]} + prefetch", Placement(**{key: budgets[1]}, prefetch=True, ctx=ctx)))
+    if args.extra:
+        placements.append(("50% resident", Placement(experts_resident="50%", ctx=ctx)))
+        placements.append(("prefetch", Placement(experts_resident="25%", prefetch=True, ctx=ctx)))
     for label, placement in placements:
         for routing in ("real", "synthetic"):
             model = build(args.layers, args.device)

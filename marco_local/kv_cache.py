@@ -38,9 +38,12 @@ class KVCache:
         # Uninitialised: attention reads positions below `offset` only, all written first. A large buffer then comes
         # from fresh mmap pages that take RAM when first written, so a chat with --ctx 4096 holds the memory of the
         # positions it used, not 448 MiB (Nano) from its first message.
+        # On CUDA the buffers are zeroed: a captured decode step (cuda_graphs.py) attends over a fixed window under a
+        # mask, and garbage there could be NaN, which a zero attention weight does not cancel.
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        alloc = torch.zeros if torch.device(device).type == "cuda" else torch.empty
+        self.keys = alloc(shape, dtype=dtype, device=device)
+        self.values = alloc(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.offset = 0
         # torch's CPU attention is fast only in float32. Casting a bf16 cache afresh each step allocates per layer,

@@ -105,6 +105,9 @@ class NativeDecoder:
         )  # fmt: skip
         native._check(code)
 
+    def accepts(self, cache: KVCache) -> bool:
+        return cache.native_decode
+
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens [1, 1] at position cache.offset -> float32 logits [1, 1, V]; advances the cache."""
         lib, nt, D, eps = self.lib, torch.get_num_threads(), self.D, self.eps

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .bnb_loader import is_bnb_folder, load_bnb_model  # imports bitsandbytes only when used
+from .cuda_graphs import enable_cuda_graphs
 from .errors import MarcoError
 from .loader import load_model
 from .offload import Placement, install, load_offloaded
@@ -112,5 +113,7 @@ def load(
         model = load_offloaded(source.path, placement, dtype=pick_dtype(dtype), device=dev, progress=progress)
     else:
         model = load_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
+        if dev.type == "cuda":
+            enable_cuda_graphs(model)  # one-token steps replayed from CUDA graphs (cuda_graphs.py)
     tokenizer = Tokenizer.from_folder(source.path, config_eos=model.config.eos_token_ids)
     return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path))

@@ -8,14 +8,12 @@ RoPE; the GGUF loader undoes that permutation, so this module sees the Hugging F
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from ..config import ModelConfig
 from ..kv_cache import KVCache
-from .qwen3_moe import MLP, RMSNorm, RotaryEmbedding, attend, rotate_half
+from .qwen3_moe import MLP, DecodeStep, RMSNorm, RotaryEmbedding, attend, rotate_half
 
 
 class Attention(nn.Module):
@@ -85,7 +83,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # an optional fast path for one new token (set by the GGUF loader: native_decode.NativeDecoder)
-        self.decode_step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None
+        self.decode_step: DecodeStep | None = None
 
     def make_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
         cfg, p = self.config, self.model.norm.weight
@@ -95,7 +93,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] (positions cache.offset ...) -> logits [B, T, V], or [B, 1, V] with last_only."""
-        if self.decode_step is not None and tokens.shape == (1, 1) and cache.native_decode:
+        if self.decode_step is not None and tokens.shape == (1, 1) and self.decode_step.accepts(cache):
             return self.decode_step(tokens, cache)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(cache.offset, tokens.shape[1], x.dtype, x.device)

@@ -9,7 +9,7 @@ quantized or offloaded variants replace `nn.Linear`s and `Experts` with modules 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,14 @@ from torch import nn
 from .. import native
 from ..config import ModelConfig
 from ..kv_cache import KVCache
+
+
+class DecodeStep(Protocol):
+    """A fast path for one new token: called instead of the layer loop when it accepts the cache."""
+
+    def accepts(self, cache: KVCache) -> bool: ...
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -103,16 +111,41 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, T, D] -> q [B, H, T, hd], k and v [B, H_kv, T, hd]; q and k normed and rotated."""
         B, T, _ = x.shape  # B batch, T new tokens
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         start = cache.offset
         k, v = cache.update(self.layer, k, v)  # [B, H_kv, start + T, hd]
         out = attend(q, k, v, start)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def forward_at(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token at the position held in the device tensor `pos` [1]: its key and value are written there, and
+        it attends over the first W cache positions under `mask` [1, 1, 1, W] (positions <= pos). Shapes are fixed by
+        W and nothing is read back to the host: the form a CUDA graph captures (marco_local/cuda_graphs.py)."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        keys, values = cache.keys[self.layer], cache.values[self.layer]  # [B, H_kv, max_len, hd]
+        keys.index_copy_(2, pos, k)
+        values.index_copy_(2, pos, v)
+        W = mask.shape[-1]
+        out = F.scaled_dot_product_attention(q, keys[:, :, :W], values[:, :, :W], attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -173,11 +206,12 @@ class Experts(nn.Module):
 
     def forward_gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed experts' weights gathered by id and applied as batched products: no host sync (the grouped
-        loop reads the routing back to the host once per layer), so a CUDA decode step queues without waiting. It
-        copies T*A experts' weights, so it suits a token or a few, not a prefill."""
+        loop reads the routing back to the host once per layer), so a CUDA decode step queues without waiting and
+        can be captured in a CUDA graph. It copies T*A experts' weights, so it suits a token or a few, not a
+        prefill."""
         T, A = idx.shape
         flat = idx.reshape(-1)  # [T*A]
-        xs = x.repeat_interleave(A, dim=0).unsqueeze(-1)  # [T*A, D, 1]
+        xs = x.unsqueeze(1).expand(T, A, x.shape[1]).reshape(T * A, -1, 1)  # [T*A, D, 1]
         gate = torch.bmm(self.gate_proj[flat], xs)  # [T*A, I, 1]
         up = torch.bmm(self.up_proj[flat], xs)
         y = torch.bmm(self.down_proj[flat], F.silu(gate) * up).view(T, A, -1)  # [T, A, D]
@@ -220,6 +254,10 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_at(self, x, cos, sin, cache: KVCache, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.forward_at(self.input_layernorm(x), cos, sin, cache, pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class DecoderBody(nn.Module):
     """What the checkpoint calls `model.*`: embeddings, layers, final norm."""
@@ -240,8 +278,9 @@ class Qwen3MoeForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        # an optional fast path for one new token (set by the GGUF loader: native_decode.NativeDecoder)
-        self.decode_step: Callable[[torch.Tensor, KVCache], torch.Tensor] | None = None
+        # an optional fast path for one new token: native_decode.NativeDecoder (GGUF on the CPU, set by the GGUF
+        # loader) or cuda_graphs.GraphedDecoder (a resident model on CUDA, set by runtime.load)
+        self.decode_step: DecodeStep | None = None
 
     def make_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
         cfg, p = self.config, self.model.norm.weight
@@ -257,7 +296,7 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] (positions cache.offset ...) -> logits [B, T, V], or [B, 1, V] with last_only."""
-        if self.decode_step is not None and tokens.shape == (1, 1) and cache.native_decode:
+        if self.decode_step is not None and tokens.shape == (1, 1) and self.decode_step.accepts(cache):
             return self.decode_step(tokens, cache)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(cache.offset, tokens.shape[1], x.dtype, x.device)
@@ -266,4 +305,17 @@ class Qwen3MoeForCausalLM(nn.Module):
         cache.advance(tokens.shape[1])
         if last_only:
             x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    def forward_at(
+        self, token: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, window: int
+    ) -> torch.Tensor:
+        """One token [1, 1] at the device-side position `pos` [1] -> logits [1, 1, V], attending over the first
+        `window` (> pos) cache positions; `cos`/`sin` are whole rotary tables, indexed by `pos` on the device. Same
+        numbers as `forward` up to kernel rounding; leaves `cache.offset` alone (the caller advances it)."""
+        x = self.model.embed_tokens(token)
+        cos, sin = cos.index_select(0, pos), sin.index_select(0, pos)  # [1, hd]
+        mask = (torch.arange(window, device=pos.device) <= pos).view(1, 1, 1, window)
+        for layer in self.model.layers:
+            x = layer.forward_at(x, cos, sin, cache, pos, mask)
         return self.lm_head(self.model.norm(x))
