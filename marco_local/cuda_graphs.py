@@ -43,7 +43,7 @@ class GraphedDecoder:
         device = model.model.norm.weight.device
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None  # the first graph's memory pool, shared by the later ones (they never run concurrently)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # window -> (graph, logits)
         self.cache_key: tuple | None = None
         self.cos = self.sin = torch.empty(0)
@@ -69,6 +69,7 @@ class GraphedDecoder:
         if key == self.cache_key:
             return
         self.graphs.clear()
+        self.pool = None  # a pool whose graphs are all gone cannot take new captures
         self.cache_key = key
         p = self.model.model.norm.weight
         self.cos, self.sin = self.model.rotary(0, cache.max_len, p.dtype, p.device)
@@ -87,6 +88,8 @@ class GraphedDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._run(cache, window)
+        if self.pool is None:
+            self.pool = graph.pool()
         self.captures += 1
         self.graphs[window] = (graph, logits)
         return graph, logits

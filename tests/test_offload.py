@@ -134,6 +134,18 @@ def test_budget_is_respected_and_too_small_is_refused(ref):
         offloaded(folder, ram_mem=str(budget), experts_resident="8")
 
 
+def test_each_budget_flag_belongs_to_its_device():
+    from marco_local.offload.install import _budget
+
+    with pytest.raises(MarcoError, match="--ram-mem bounds a CPU-only run") as e:
+        _budget(Placement(ram_mem="1GiB"), torch.device("cuda"))
+    assert "--gpu-mem" in e.value.hint
+    with pytest.raises(MarcoError, match="--gpu-mem needs a CUDA device"):
+        _budget(Placement(gpu_mem="1GiB"), torch.device("cpu"))
+    assert _budget(Placement(gpu_mem="1GiB", ram_mem="2GiB"), torch.device("cuda")) == (1 << 30, "--gpu-mem")
+    assert _budget(Placement(ram_mem="2GiB"), torch.device("cpu")) == (2 << 30, "--ram-mem")
+
+
 def test_size_and_resident_parsing():
     assert parse_size("4GiB") == 4 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1.5GB") == 1_500_000_000
     assert parse_size("123") == 123
@@ -171,7 +183,7 @@ def test_cli_run_and_profile(ref, tmp_path):
     r = runner.invoke(app, ["profile", folder, "--text", str(text), "-o", str(out)])
     assert isinstance(r.exception, MarcoError) and "already exists" in r.exception.message
     trace = tmp_path / "t.jsonl"
-    args = ["run", folder, "Hello", "-n", "6", "--temperature", "0", "--dtype", "f32", "-v"]
+    args = ["run", folder, "Hello", "-n", "6", "--temperature", "0", "--dtype", "f32", "-v", "--device", "cpu"]
     r = runner.invoke(app, [*args, "--experts-resident", "25%", "--profile", str(out), "--trace", str(trace)])
     assert r.exit_code == 0, r.output
     assert "expert hits" in r.output and trace.read_text().startswith('{"format": "marco-expert-trace"')

@@ -150,6 +150,10 @@ def _kv_bytes(cfg, ctx: int, dtype: torch.dtype, device: torch.device) -> int:
 
 def _budget(placement: Placement, device: torch.device) -> tuple[int | None, str]:
     if device.type == "cuda":
+        if placement.gpu_mem is None and placement.ram_mem is not None:
+            raise MarcoError(
+                "--ram-mem bounds a CPU-only run, and this one runs on CUDA", hint="use --gpu-mem, or --device cpu"
+            )
         if placement.gpu_mem is None:
             return None, "--gpu-mem"
         if placement.gpu_mem == "auto":
