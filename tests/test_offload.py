@@ -146,6 +146,25 @@ def test_each_budget_flag_belongs_to_its_device():
     assert _budget(Placement(ram_mem="2GiB"), torch.device("cpu")) == (2 << 30, "--ram-mem")
 
 
+def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
+    """On CUDA a decode token's experts are gathered out of the slots and cuBLAS allocates its workspace from the
+    same pool: the plan counts both before sizing the slots (an H200 run overshot the budget without them)."""
+    from marco_local.offload.budget import CUDA_LIBRARY_RESERVE
+    from marco_local.offload.install import _make_plan, _moe_blocks
+    from marco_local.offload.store import ExpertLayout
+
+    model = load_model(ref[0], dtype=torch.float32)
+    cfg, blocks = model.config, _moe_blocks(model)
+    layout = ExpertLayout(blocks[0][1].experts, cfg.num_experts)
+    per_slot = layout.expert_bytes * len(blocks)
+    scratch = cfg.num_experts_per_tok * layout.expert_bytes + CUDA_LIBRARY_RESERVE
+    fixed, cuda = 1 << 20, torch.device("cuda")
+    plan = _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + 3 * per_slot)), cuda, fixed)
+    assert plan.scratch_bytes == scratch and plan.slots == 3
+    with pytest.raises(MarcoError, match="too small"):
+        _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + per_slot - 1)), cuda, fixed)
+
+
 def test_size_and_resident_parsing():
     assert parse_size("4GiB") == 4 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1.5GB") == 1_500_000_000
     assert parse_size("123") == 123

@@ -30,10 +30,20 @@ _UNITS = {
     "tb": 1000**4,
     "tib": 1 << 40,
 }
-AUTO_GPU_MARGIN = 512 << 20
+AUTO_GPU_MARGIN = 512 << 20  # `--gpu-mem auto` leaves this much VRAM free for the CUDA context and activations
 # Working memory counted with the fixed part: activations of a prefill chunk, the allocator's slack, per-shape kernel
 # buffers. Measured at ~8 MiB on a 256-wide test model (tests/test_offload_disk.py); doubled for wider models.
-WORKING_RESERVE = 16 << 20  # `--gpu-mem auto` leaves this much VRAM free for the CUDA context and activations
+WORKING_RESERVE = 16 << 20
+# On CUDA the budget also holds a decode token's experts gathered out of their slots (transient) and cuBLAS's
+# workspace, which comes from the same allocator (32 MiB per stream on Hopper). With WORKING_RESERVE alone, the
+# Nano-shaped bench (bench/cuda_speed.py, H200) peaked 68 MB above the weights and KV cache, so 50-86 MB over its
+# 8, 4 and 2 GiB budgets.
+CUDA_LIBRARY_RESERVE = 64 << 20
+
+
+def cuda_scratch_bytes(top_k: int, expert_bytes: int) -> int:
+    """VRAM an offloaded CUDA model needs beyond weights, slots, KV cache and WORKING_RESERVE."""
+    return top_k * expert_bytes + CUDA_LIBRARY_RESERVE
 
 
 def parse_size(text: str) -> int:

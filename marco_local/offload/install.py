@@ -27,7 +27,15 @@ from ..errors import MarcoError
 from ..kv_cache import kv_cache_bytes
 from ..meta import meta_device
 from ..models.qwen3_moe import Qwen3MoeForCausalLM
-from .budget import AUTO_GPU_MARGIN, WORKING_RESERVE, Placement, Plan, parse_size, plan_slots
+from .budget import (
+    AUTO_GPU_MARGIN,
+    WORKING_RESERVE,
+    Placement,
+    Plan,
+    cuda_scratch_bytes,
+    parse_size,
+    plan_slots,
+)
 from .experts import OffloadedExperts
 from .policy import make_policy_factory
 from .store import (
@@ -186,10 +194,9 @@ def _make_plan(
             hint="bound the fast slots with --experts-resident, or run an unquantized checkpoint folder",
         )
     resident = placement.experts_resident
-    cpu_scratch = scratch if device.type == "cpu" else 0
-    return plan_slots(
-        cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, cpu_scratch, what
-    )
+    if device.type == "cuda":
+        scratch = cuda_scratch_bytes(cfg.num_experts_per_tok, layout.expert_bytes)
+    return plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, scratch, what)
 
 
 def _wrap(
