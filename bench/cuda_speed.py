@@ -3,7 +3,8 @@
 Model: Marco-Nano's real shapes and all 28 layers (hidden 1024, 232 experts x 384, top-8, 16/8 heads of 128,
 vocabulary 151936, tied embeddings), random bf16 weights drawn on the GPU (no checkpoint file: a 16 GB file would
 cost more device time than the measurements). Random routers route almost uniformly; `synthetic` rows replace the
-router for decode tokens by a trace with Qwen3-30B-A3B-like locality (bench/offload_speed.py's use_trace_routing).
+router for decode tokens by a trace with Qwen3-30B-A3B-like locality (bench/offload_speed.py's use_trace_routing;
+use_trace_slots for the graphed decode).
 
 Measures, in one process:
   ceiling    device-to-device copy bandwidth (bytes read + written) and pinned host-to-device bandwidth
@@ -13,9 +14,9 @@ Measures, in one process:
              the bandwidth bound = measured copy bandwidth / bytes a decode step must read (non-expert weights,
              8 experts per layer, the KV cache at the mean position); ratio = ours / bound
   offloaded  the same model under --gpu-mem budgets (8, 4, 2 GiB by default) and --experts-resident 50%: the slow
-             tier is pinned host RAM, misses copied on a side stream; decode tok/s against resident, hit rate,
-             MiB copied per token, peak VRAM (torch.cuda.max_memory_allocated) against the budget (offloaded
-             models decode eagerly: the slot bookkeeping reads each layer's routing on the host)
+             tier is pinned host RAM, misses copied on a side stream; decode replayed from CUDA graphs cut at each
+             MoE layer (what `marco run` does) and eager; decode tok/s against the graphed resident model, hit
+             rate, MiB copied per token, peak VRAM (torch.cuda.max_memory_allocated) against the budget
   cpu expert one expert's SwiGLU on the CPU for one token (what computing a miss where it lies would cost)
 Prints a table; `--json FILE` writes every figure.
 
@@ -44,7 +45,7 @@ from marco_local.cuda_graphs import GraphedDecoder  # noqa: E402
 from marco_local.generate import prefill  # noqa: E402
 from marco_local.meta import meta_device  # noqa: E402
 from marco_local.models import qwen3_moe  # noqa: E402
-from marco_local.offload import Placement, install, offload_stats  # noqa: E402
+from marco_local.offload import Placement, install, offload_stats, synthetic_trace  # noqa: E402
 
 GIB = 1 << 30
 
@@ -71,6 +72,19 @@ def build(layers: int, device: str = "cuda", seed: int = 0) -> qwen3_moe.Qwen3Mo
             else:
                 p.normal_(0.0, (4.0 if name.endswith("mlp.gate.weight") else 1.0) / p.shape[-1] ** 0.5, generator=g)
     return model.eval()
+
+
+def use_trace_slots(model, layers: int, tokens: int, seed: int = 0) -> None:
+    """The graphed decode's counterpart of use_trace_routing: each cut layer's host step places the experts of the
+    next token of a synthetic trace (the computed weights stay the router's, which changes no timing)."""
+    cfg = model.config
+    trace = synthetic_trace(layers, cfg.num_experts, cfg.num_experts_per_tok, tokens, seed=seed)
+    rows: dict[int, list[list[int]]] = {}
+    for ev in trace.events:
+        rows.setdefault(ev.layer, []).append(ev.experts[0])
+    for x in model.offload.layers:
+        step, place = iter(rows[x.layer]), x.slots_for_token
+        x.slots_for_token = lambda row, h, step=step, place=place: place(next(step), h)
 
 
 def copy_bandwidth(nbytes: int = 2 * GIB) -> tuple[float, float]:
@@ -189,14 +203,14 @@ def main() -> None:
     p2, d2 = timed_run(model, prompt, stream)
     qwen3_moe.Experts.stacked = orig
     rows.append({"config": "resident, grouped loop", "prefill_tps": p2, "decode_tps": d2})
-    if cuda:
-        model.decode_step = GraphedDecoder(model)
-        try:
-            p3, d_tps = timed_run(model, prompt, stream)
-            rows.append({"config": "resident, CUDA graphs", "prefill_tps": p3, "decode_tps": d_tps})
-        except Exception as e:  # a failed capture must not cost the other measurements
-            print(f"CUDA graphs failed: {type(e).__name__}: {e}", flush=True)
-        model.decode_step = None
+    model.decode_step = decoder = GraphedDecoder(model)  # on the CPU (a dry run) its segments run eagerly
+    try:
+        p3, d_tps = timed_run(model, prompt, stream)
+        config = "resident, CUDA graphs" if not decoder.failed else "resident, graphs FAILED (eager)"
+        rows.append({"config": config, "prefill_tps": p3, "decode_tps": d_tps})
+    except Exception as e:  # an error in the graphed step must not cost the other measurements
+        print(f"CUDA graphs failed: {type(e).__name__}: {e}", flush=True)
+    model.decode_step = None
     resident_tps = d_tps
     out.update(decode_bytes=need, bandwidth_bound_tps=bound, resident_decode_tps=d_tps, resident_prefill_tps=p_tps)
     print(json.dumps(rows), flush=True)
@@ -223,32 +237,44 @@ def main() -> None:
             install(model, placement)
             gc.collect()
             torch.cuda.empty_cache()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated() if cuda else 0
-            if routing == "synthetic":
-                use_trace_routing(model, args.layers, 4 * (args.tokens + 8))
-            p_tps, d_tps = timed_run(model, prompt, stream)
-            st = offload_stats(model)
-            plan = model.offload.plan
-            row = {
-                "config": f"{label}, {routing}",
-                "prefill_tps": p_tps,
-                "decode_tps": d_tps,
-                "vs_resident": d_tps / resident_tps,
-                "resident_pct": 100.0 * plan.slots / cfg.num_experts,
-                "hit_rate": st["expert_hit_rate"],
-                "mib_per_token": st["expert_bytes_moved"] / args.tokens / 2**20,
-                "stall_ms_per_token": 1e3 * st["expert_stall_s"] / args.tokens,
-                "prefetch_precision": st["prefetch_precision"],
-                "prefetch_recall": st["prefetch_recall"],
-                "fast_bytes": st["offload_fast_bytes"],
-                "peak_vram": torch.cuda.max_memory_allocated() if cuda else 0,
-                "allocated_after_install": base,
-                "budget": plan.budget,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            # the decode step `marco run` takes (CUDA graphs, cut at each MoE layer), then the eager one
+            for mode in ("graphs", "eager"):  # on the CPU (a dry run) the decoder's segments run eagerly
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if cuda else 0
+                model.decode_step = None
+                if mode == "graphs":
+                    if cuda and not GraphedDecoder.supports(model):
+                        print(f"{label}: not graphed (a token's experts outnumber the slots)", flush=True)
+                        continue
+                    model.decode_step = GraphedDecoder(model)
+                    if routing == "synthetic":
+                        use_trace_slots(model, args.layers, 4 * (args.tokens + 8))
+                elif routing == "synthetic":
+                    use_trace_routing(model, args.layers, 4 * (args.tokens + 8))
+                p_tps, d_tps = timed_run(model, prompt, stream)
+                if mode == "graphs" and model.decode_step.failed:
+                    mode = "graphs FAILED (eager)"
+                st = offload_stats(model)
+                plan = model.offload.plan
+                row = {
+                    "config": f"{label}, {routing}, {mode}",
+                    "prefill_tps": p_tps,
+                    "decode_tps": d_tps,
+                    "vs_resident": d_tps / resident_tps,
+                    "resident_pct": 100.0 * plan.slots / cfg.num_experts,
+                    "hit_rate": st["expert_hit_rate"],
+                    "mib_per_token": st["expert_bytes_moved"] / args.tokens / 2**20,
+                    "stall_ms_per_token": 1e3 * st["expert_stall_s"] / args.tokens,
+                    "prefetch_precision": st["prefetch_precision"],
+                    "prefetch_recall": st["prefetch_recall"],
+                    "fast_bytes": st["offload_fast_bytes"],
+                    "peak_vram": torch.cuda.max_memory_allocated() if cuda else 0,
+                    "allocated_after_install": base,
+                    "budget": plan.budget,
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             model.offload.close()
             del model
             gc.collect()

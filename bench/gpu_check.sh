@@ -23,7 +23,7 @@ echo "== gpu tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
   tests/test_quantize_bnb.py tests/test_cuda_graphs.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 echo "== cuda_speed"
-timeout 200 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" ${SPEED_ARGS:-} 2>&1 | tee "$OUT/cuda_speed.log" | tail -25
+timeout 280 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" ${SPEED_ARGS:---no-extra} 2>&1 | tee "$OUT/cuda_speed.log" | tail -25
 echo "== marco run / marco bench on CUDA (the demo model)"
 echo "Hello, how are you?" | timeout 90 python3 -m marco_local run demo -n 24 --temperature 0 --verbose 2>&1 \
   | tee "$OUT/cli.log" | tail -8

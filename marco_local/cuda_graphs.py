@@ -1,20 +1,31 @@
-"""One new token on CUDA, replayed from a captured CUDA graph: the CUDA decode fast path.
+"""One new token on CUDA, replayed from captured CUDA graphs: the CUDA decode fast path.
 
 Why: eager decode on CUDA is bound by the host, not the GPU. A Marco-Nano-shaped step is ~2,200 small kernels, each
-costing ~12 us of Python and dispatch; on an H200 that gave 35 tok/s, 1.1% of the memory-bandwidth bound
-(bench/cuda_speed.py). A graph replays the same kernels with one host call.
+costing ~12 us of Python and dispatch; on an H200 that gave 46 tok/s, 1.4% of the memory-bandwidth bound, and 162
+tok/s replayed from a graph (bench/cuda_speed.py).
 
-A graph fixes shapes and addresses, so the captured step is `Qwen3MoeForCausalLM.forward_at`, which differs from
+A graph fixes shapes and addresses, so the captured step is built from the layers' `forward_at`, which differs from
 `forward` in three ways: the position is a device tensor (rotary rows and the cache write are indexed by it), the
 attention reads a fixed window of the cache under a mask (the next power of two above the position, at least
-`min_window`; one graph per window), and the token and logits live in static buffers. Weights and modules are the
-model's own; the experts take the gathered single-token path of `Experts`, which never reads back to the host.
+`min_window`; one set of graphs per window), and every value that crosses a graph boundary lives in a static buffer.
+The experts take the gathered single-token path of `Experts`, which never reads back to the host.
 
-Eligible (`GraphedDecoder.supports`): a resident qwen3_moe model on CUDA whose projections are `nn.Linear` and whose
-experts are stacked (not offloaded, not bitsandbytes). MARCO_CUDA_GRAPHS=0 turns it off. Graphs are keyed by the
-cache buffers they write: a new cache is captured anew. Invariant: the window never reaches past `cache.max_len`,
-and the cache holds zeros or old keys beyond the position (KVCache zero-fills on CUDA), so masked positions are
-finite.
+Offloaded experts (`--gpu-mem`, `--experts-resident`) are chosen on the host (the slot table), so the step is cut
+at each offloaded MoE layer: a segment runs up to that layer's router and leaves the expert ids in a buffer; the host
+reads them, makes the experts resident (`OffloadedExperts.slots_for_token`: the copies, stats and prefetch of its
+forward) and writes their slot ids to a buffer; the next segment computes the experts from their slots and runs on
+to the next router. A resident model is one segment.
+
+A window's first step runs eagerly on a side stream (the warm-up capture needs), then its segments are captured;
+the step after replays them. On the CPU the segments always run eagerly (what the tests check against `forward`).
+A failed capture turns the decoder off: the model then decodes eagerly. Steps with observed experts (a trace
+recorder's hooks) run eagerly too.
+
+Eligible on CUDA (`GraphedDecoder.supports`): a qwen3_moe model built from the model file's own modules and plain
+torch layers (not bitsandbytes, not GGUF), whose offloaded experts (if any) are stacked and have a slot for each of a
+token's experts. MARCO_CUDA_GRAPHS=0 turns it off. Graphs are keyed by the cache buffers they write: a new cache is
+captured anew. Invariant: the window never reaches past `cache.max_len`, and beyond the position the cache holds
+zeros or older keys (KVCache zero-fills on CUDA), so masked positions are finite.
 """
 
 from __future__ import annotations
@@ -28,40 +39,68 @@ from .errors import MarcoError
 from .kv_cache import KVCache
 from .models import qwen3_moe
 from .models.qwen3_moe import Qwen3MoeForCausalLM
+from .offload.experts import OffloadedExperts
 
 MIN_WINDOW = 256
 
 
 def window_for(position: int, max_len: int, min_window: int = MIN_WINDOW) -> int:
-    """Cache positions the graph for `position` attends over: a power of two > position, capped at max_len."""
+    """Cache positions the step at `position` attends over: a power of two > position, capped at max_len."""
     return min(max(min_window, 1 << position.bit_length()), max_len)
 
 
 class GraphedDecoder:
     def __init__(self, model: Qwen3MoeForCausalLM, min_window: int = MIN_WINDOW) -> None:
         self.model, self.min_window = model, min_window
-        device = model.model.norm.weight.device
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.pool = None  # the first graph's memory pool, shared by the later ones (they never run concurrently)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # window -> (graph, logits)
-        self.cache_key: tuple | None = None
+        cfg, p = model.config, model.model.norm.weight
+        self.device, dtype = p.device, p.dtype
+        layers = model.model.layers
+        offloaded = [isinstance(getattr(layer.mlp, "experts", None), OffloadedExperts) for layer in layers]
+        self.cuts = [i for i, is_offloaded in enumerate(offloaded) if is_offloaded]
+        self.cut_experts: list[OffloadedExperts] = [layers[i].mlp.experts for i in self.cuts]
+        n, D, A, dev = len(self.cuts), cfg.hidden_size, cfg.num_experts_per_tok, self.device
+        # static buffers: what crosses a segment boundary, per cut
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.h = torch.zeros(n, 1, 1, D, dtype=dtype, device=dev)  # the residual after the cut layer's attention
+        self.m = torch.zeros(n, 1, D, dtype=dtype, device=dev)  # the cut layer's MoE input
+        self.idx = torch.zeros(n, 1, A, dtype=torch.long, device=dev)
+        self.w = torch.zeros(n, 1, A, dtype=dtype, device=dev)
+        self.slot_ids = torch.zeros(n, 1, A, dtype=torch.long, device=dev)
+        self.host_slots = torch.zeros(n, 1, A, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.logits = torch.zeros(1, 1, cfg.vocab_size, dtype=dtype, device=dev)
+        self.cos_row = torch.zeros(1, cfg.head_dim, dtype=dtype, device=dev)
+        self.sin_row = torch.zeros(1, cfg.head_dim, dtype=dtype, device=dev)
+        self.masks: dict[int, torch.Tensor] = {}
         self.cos = self.sin = torch.empty(0)
+        self.pool = None  # the first graph's memory pool, shared by the later ones (they never run concurrently)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # window -> one graph per segment
+        self.cache_key: tuple | None = None
+        self.failed = False
         self.captures = 0
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
         if os.environ.get("MARCO_CUDA_GRAPHS", "1") == "0" or not isinstance(model, Qwen3MoeForCausalLM):
             return False
-        if model.model.norm.weight.device.type != "cuda" or getattr(model, "offload", None) is not None:
+        if model.model.norm.weight.device.type != "cuda":
             return False
-        # the model file's own modules and plain torch layers only: quantized, offloaded or native replacements
-        # (bitsandbytes linears, QExperts, OffloadedExperts, ...) have host-side code paths a graph cannot hold
+        # the model file's own modules and plain torch layers only: quantized or native replacements (bitsandbytes
+        # linears, QExperts, ...) have host-side code paths a graph cannot hold
         plain = (nn.Linear, nn.Embedding, nn.ModuleList)
-        return all(type(m) in plain or type(m).__module__ == qwen3_moe.__name__ for m in model.modules())
+        for m in model.modules():
+            if isinstance(m, OffloadedExperts):
+                if not m.gather_decode or m.table.num_slots < model.config.num_experts_per_tok:
+                    return False
+            elif type(m) not in plain and type(m).__module__ != qwen3_moe.__name__:
+                return False
+        return True
 
     def accepts(self, cache: KVCache) -> bool:
-        return cache.keys.is_cuda and cache.keys.shape[1] == 1
+        if self.failed or cache.keys.device != self.device or cache.keys.shape[1] != 1:
+            return False
+        observed = [layer.mlp.experts for layer in self.model.model.layers if hasattr(layer.mlp, "experts")]
+        return not any(e._forward_hooks or e._forward_pre_hooks for e in observed)
 
     def _bind(self, cache: KVCache) -> None:
         """Graphs write this cache's buffers: another cache means new graphs (and rotary tables of its length)."""
@@ -71,28 +110,75 @@ class GraphedDecoder:
         self.graphs.clear()
         self.pool = None  # a pool whose graphs are all gone cannot take new captures
         self.cache_key = key
-        p = self.model.model.norm.weight
-        self.cos, self.sin = self.model.rotary(0, cache.max_len, p.dtype, p.device)
+        self.cos, self.sin = self.model.rotary(0, cache.max_len, self.cos_row.dtype, self.device)
 
-    def _run(self, cache: KVCache, window: int) -> torch.Tensor:
-        return self.model.forward_at(self.token, self.pos, self.cos, self.sin, cache, window)
+    def _segment(self, k: int, cache: KVCache, window: int) -> None:
+        """Segment k of a step. k = 0 starts from the token; k > 0 finishes cut k-1's experts from their slots. Then
+        layers up to cut k's router (its expert ids left in `idx[k]`), or to the logits after the last layer."""
+        model, layers = self.model, self.model.model.layers
+        mask = self.masks[window]
+        if k == 0:
+            x = model.model.embed_tokens(self.token)
+            self.cos_row.copy_(self.cos.index_select(0, self.pos))
+            self.sin_row.copy_(self.sin.index_select(0, self.pos))
+            mask.copy_((torch.arange(window, device=self.device) <= self.pos).view(1, 1, 1, window))
+            first = 0
+        else:
+            y = self.cut_experts[k - 1].inner.forward_gathered(self.m[k - 1], self.slot_ids[k - 1], self.w[k - 1])
+            x = self.h[k - 1] + y.view(self.h[k - 1].shape)
+            first = self.cuts[k - 1] + 1
+        cos, sin = self.cos_row, self.sin_row
+        for i in range(first, len(layers)):
+            layer = layers[i]
+            if k < len(self.cuts) and i == self.cuts[k]:
+                h = x + layer.self_attn.forward_at(layer.input_layernorm(x), cos, sin, cache, self.pos, mask)
+                m = layer.post_attention_layernorm(h).view(self.m[k].shape)
+                idx, w = layer.mlp.route(m)
+                self.h[k].copy_(h)
+                self.m[k].copy_(m)
+                self.idx[k].copy_(idx)
+                self.w[k].copy_(w)
+                return
+            x = layer.forward_at(x, cos, sin, cache, self.pos, mask)
+        self.logits.copy_(model.lm_head(model.model.norm(x)))
 
-    def _capture(self, cache: KVCache, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # warm-up on a side stream (cuBLAS workspaces, lazy inits), as capture requires; it computes the very step
-        # about to be replayed, so what it writes into the cache is what the replay writes
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+    def _place(self, k: int) -> None:
+        """The host's part at cut k: read the token's expert ids, make those experts resident, hand their slots on."""
+        row = self.idx[k, 0].tolist()  # waits for the segment that routed
+        slots = self.cut_experts[k].slots_for_token(row, self.m[k])
+        self.host_slots[k, 0] = torch.tensor(slots)
+        self.slot_ids[k].copy_(self.host_slots[k], non_blocking=True)
+
+    def _step(self, cache: KVCache, window: int, graphs: list[torch.cuda.CUDAGraph] | None) -> None:
+        for k in range(len(self.cuts) + 1):
+            if k:
+                self._place(k - 1)
+            if graphs is None:
+                self._segment(k, cache, window)
+            else:
+                graphs[k].replay()
+
+    def _warm_up_and_capture(self, cache: KVCache, window: int) -> None:
+        """This step, eagerly on a side stream (the warm-up capture needs), then its segments captured."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._run(cache, window)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._run(cache, window)
-        if self.pool is None:
-            self.pool = graph.pool()
+            self._step(cache, window, None)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graphs = []
+        try:
+            for k in range(len(self.cuts) + 1):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self._segment(k, cache, window)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                graphs.append(graph)
+        except RuntimeError:  # this step's result is the eager one; the next steps run eagerly
+            self.failed = True
+            return
+        self.graphs[window] = graphs
         self.captures += 1
-        self.graphs[window] = (graph, logits)
-        return graph, logits
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -105,10 +191,17 @@ class GraphedDecoder:
         self.token.copy_(tokens.view(1, 1))
         self.pos.fill_(cache.offset)
         window = window_for(cache.offset, cache.max_len, self.min_window)
-        graph, logits = self.graphs.get(window) or self._capture(cache, window)
-        graph.replay()
+        if window not in self.masks:
+            self.masks[window] = torch.zeros(1, 1, 1, window, dtype=torch.bool, device=self.device)
+        graphs = self.graphs.get(window)
+        if graphs is not None:
+            self._step(cache, window, graphs)
+        elif self.device.type == "cuda":
+            self._warm_up_and_capture(cache, window)
+        else:
+            self._step(cache, window, None)
         cache.advance(1)
-        return logits.clone()  # the static buffer is overwritten by the next replay
+        return self.logits.clone()  # the static buffer is overwritten by the next step
 
 
 def enable_cuda_graphs(model: nn.Module) -> bool:

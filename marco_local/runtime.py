@@ -113,7 +113,7 @@ def load(
         model = load_offloaded(source.path, placement, dtype=pick_dtype(dtype), device=dev, progress=progress)
     else:
         model = load_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
-        if dev.type == "cuda":
-            enable_cuda_graphs(model)  # one-token steps replayed from CUDA graphs (cuda_graphs.py)
+    if dev.type == "cuda":
+        enable_cuda_graphs(model)  # one-token steps replayed from CUDA graphs, where the model qualifies
     tokenizer = Tokenizer.from_folder(source.path, config_eos=model.config.eos_token_ids)
     return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path))

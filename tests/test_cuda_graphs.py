@@ -1,9 +1,9 @@
 """The captured CUDA decode step (marco_local/cuda_graphs.py).
 
-`forward_at`, the fixed-shape step a graph captures, is checked on the CPU against `forward` in float32 (1e-5), with
-the "gqa4-denselayer" fixture too (one dense layer). On a CUDA device: the graphed decoder's greedy tokens equal the
-eager model's over a run that crosses windows, its logits match step by step (1e-4, float32: other kernels), and
-models with host-side paths (offloaded experts) are refused.
+On the CPU the decoder's segments run eagerly: the fixed-shape step (one segment for a resident model, cut at each
+offloaded MoE layer otherwise) is checked against `forward` in float32 (1e-5), with the "gqa4-denselayer" fixture
+too (one dense layer). On a CUDA device: the graphed decoder's greedy tokens equal the eager model's over a run that
+crosses windows, its logits match step by step (1e-4, float32: other kernels), resident and offloaded.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from marco_local.cuda_graphs import GraphedDecoder, window_for
 from marco_local.generate import PromptCache, generate_step
 from marco_local.loader import load_model
+from marco_local.offload import Placement, load_offloaded
 from marco_local.sampling import make_sampler
 
 PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19]
@@ -29,25 +30,62 @@ def test_window_is_a_power_of_two_above_the_position_and_within_the_cache():
     assert window_for(5, 100, min_window=4) == 8
 
 
+def lockstep(model, decoder: GraphedDecoder, steps: list[int], tol: float = 1e-5) -> None:
+    """Feed the same tokens to the eager forward and to the decoder's step (on the CPU its segments run eagerly),
+    each on its own cache: logits agree at every step (float32) and so do the caches."""
+    device = model.model.norm.weight.device
+    eager, static = model.make_cache(48), model.make_cache(48)
+    static.keys.zero_(), static.values.zero_()  # masked positions must be finite (KVCache zero-fills on CUDA)
+    model(torch.tensor([PROMPT], device=device), eager)
+    model(torch.tensor([PROMPT], device=device), static)
+    for token in steps:
+        t = torch.tensor([[token]], device=device)
+        model.decode_step = None
+        want = model(t, eager)  # the eager forward
+        got = decoder(t, static)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    n = eager.offset
+    assert static.offset == n
+    torch.testing.assert_close(static.keys[:, :, :, :n], eager.keys[:, :, :, :n], rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("shape", ["base", "gqa4-denselayer"])
 @torch.no_grad()
-def test_forward_at_matches_forward(make_checkpoint, shape):
+def test_resident_step_matches_forward(make_checkpoint, shape):
+    """One segment: the whole step in fixed shapes (windows 16 -> 32 -> 48 on the way)."""
     overrides = {} if shape == "base" else dict(num_key_value_heads=1, mlp_only_layers=[1])
     folder, _ = make_checkpoint(shape, seed=len(shape), **overrides)
     model = load_model(folder, dtype=torch.float32)
-    eager, static = model.make_cache(48), model.make_cache(48)
-    static.keys.zero_(), static.values.zero_()  # masked positions must be finite (KVCache zero-fills on CUDA)
-    model(torch.tensor([PROMPT]), eager)
-    model(torch.tensor([PROMPT]), static)
-    cos, sin = model.rotary(0, 48, torch.float32, torch.device("cpu"))
-    for token in STREAM:
-        want = model(torch.tensor([[token]]), eager)
-        window = window_for(static.offset, static.max_len, min_window=8)
-        got = model.forward_at(torch.tensor([[token]]), torch.tensor([static.offset]), cos, sin, static, window)
-        static.advance(1)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    n = eager.offset
-    torch.testing.assert_close(static.keys[:, :, :, :n], eager.keys[:, :, :, :n], rtol=1e-5, atol=1e-5)
+    decoder = GraphedDecoder(model, min_window=8)
+    assert decoder.cuts == []
+    lockstep(model, decoder, STREAM)
+
+
+@pytest.mark.parametrize("shape", ["base", "gqa4-denselayer"])
+@pytest.mark.parametrize("slots", ["2", "5"])
+@torch.no_grad()
+def test_offloaded_step_matches_forward(make_checkpoint, shape, slots):
+    """Cut at each offloaded MoE layer: the host makes the routed experts resident between segments (2 slots = the
+    top-k: every new expert evicts). Same logits as the offloaded model's own forward, with misses and prefetch."""
+    overrides = {} if shape == "base" else dict(num_key_value_heads=1, mlp_only_layers=[1])
+    folder, _ = make_checkpoint(shape, seed=len(shape), **overrides)
+    model = load_offloaded(folder, Placement(experts_resident=slots, prefetch=True), torch.float32, "cpu")
+    decoder = GraphedDecoder(model, min_window=8)
+    moe_layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    assert decoder.cuts == moe_layers and len(moe_layers) == (3 if shape == "base" else 2)
+    placed = {x.layer: 0 for x in model.offload.layers}
+    for x in model.offload.layers:
+
+        def counted(row, h, x=x, inner=x.slots_for_token):
+            placed[x.layer] += 1
+            return inner(row, h)
+
+        x.slots_for_token = counted
+    lockstep(model, decoder, STREAM)
+    assert placed == {i: len(STREAM) for i in moe_layers}  # the host's part ran once per cut per step
+    stats = model.offload.stats()
+    assert stats["expert_misses"] > 0 and stats["prefetch_precision"] is not None
+    model.offload.close()
 
 
 def test_cpu_models_are_not_graphed(checkpoint):
@@ -60,12 +98,13 @@ def greedy(model, steps: int) -> list[int]:
     return list(generate_step(model, PROMPT, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=8))
 
 
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu
 @torch.no_grad()
 def test_graphed_decode_matches_eager_on_cuda(checkpoint):
-    from marco_local.offload import Placement, install
-
     folder, _ = checkpoint
     model = load_model(folder, dtype=torch.float32, device="cuda")
     assert GraphedDecoder.supports(model)
@@ -73,22 +112,28 @@ def test_graphed_decode_matches_eager_on_cuda(checkpoint):
     decoder = GraphedDecoder(model, min_window=16)
     model.decode_step = decoder
     assert greedy(model, 40) == want
-    assert decoder.captures >= 3  # windows 16 (first steps), 32, 52 (= the cache length)
+    assert decoder.captures >= 3 and not decoder.failed  # windows 16 (first steps), 32, 52 (= the cache length)
+    lockstep(model, decoder, STREAM, tol=1e-4)
 
-    eager, graphed = model.make_cache(64), model.make_cache(64)
-    model(torch.tensor([PROMPT], device="cuda"), eager)
-    model(torch.tensor([PROMPT], device="cuda"), graphed)
-    for token in STREAM:
-        t = torch.tensor([[token]], device="cuda")
-        model.decode_step = None
-        a = model(t, eager)
-        model.decode_step = decoder
-        b = model(t, graphed)
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    assert graphed.offset == eager.offset
 
-    install(model, Placement(experts_resident="2"))
-    assert not GraphedDecoder.supports(model)
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("slots", ["2", "5"])
+@torch.no_grad()
+def test_graphed_offloaded_decode_matches_eager_on_cuda(checkpoint, slots):
+    folder, _ = checkpoint
+    model = load_offloaded(folder, Placement(experts_resident=slots, prefetch=True), torch.float32, "cuda")
+    assert GraphedDecoder.supports(model)
+    want = greedy(model, 40)
+    decoder = GraphedDecoder(model, min_window=16)
+    model.decode_step = decoder
+    assert greedy(model, 40) == want
+    assert decoder.captures >= 3 and not decoder.failed and len(decoder.cuts) == 3
+    lockstep(model, decoder, STREAM, tol=1e-4)
+    assert model.offload.stats()["expert_misses"] > 0
+    model.offload.close()
+    fewer = load_offloaded(folder, Placement(experts_resident="1"), torch.float32, "cuda")
+    assert not GraphedDecoder.supports(fewer)  # a token's experts do not fit its slots: the eager streaming path
 
 
 @pytest.mark.gpu
@@ -98,4 +143,6 @@ def test_runtime_attaches_the_graphed_decoder_on_cuda(checkpoint):
 
     folder, _ = checkpoint
     loaded = load(str(folder), dtype="f32", device="cuda")
-    assert isinstance(loaded.model.decode_step, GraphedDecoder)
+    assert isinstance(loaded.model.decode_step, GraphedDecoder) and loaded.model.decode_step.cuts == []
+    loaded = load(str(folder), dtype="f32", device="cuda", placement=Placement(experts_resident="2"))
+    assert isinstance(loaded.model.decode_step, GraphedDecoder) and len(loaded.model.decode_step.cuts) == 3

@@ -138,7 +138,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """One token at the position held in the device tensor `pos` [1]: its key and value are written there, and
         it attends over the first W cache positions under `mask` [1, 1, 1, W] (positions <= pos). Shapes are fixed by
-        W and nothing is read back to the host: the form a CUDA graph captures (marco_local/cuda_graphs.py)."""
+        W and nothing is read back to the host: the form a CUDA graph captures (marco_local/cuda_graphs.py).
+        Same numbers as `forward` up to kernel rounding; `cache.offset` is the caller's to advance."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         keys, values = cache.keys[self.layer], cache.values[self.layer]  # [B, H_kv, max_len, hd]
@@ -305,17 +306,4 @@ class Qwen3MoeForCausalLM(nn.Module):
         cache.advance(tokens.shape[1])
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
-
-    def forward_at(
-        self, token: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, window: int
-    ) -> torch.Tensor:
-        """One token [1, 1] at the device-side position `pos` [1] -> logits [1, 1, V], attending over the first
-        `window` (> pos) cache positions; `cos`/`sin` are whole rotary tables, indexed by `pos` on the device. Same
-        numbers as `forward` up to kernel rounding; leaves `cache.offset` alone (the caller advances it)."""
-        x = self.model.embed_tokens(token)
-        cos, sin = cos.index_select(0, pos), sin.index_select(0, pos)  # [1, hd]
-        mask = (torch.arange(window, device=pos.device) <= pos).view(1, 1, 1, window)
-        for layer in self.model.layers:
-            x = layer.forward_at(x, cos, sin, cache, pos, mask)
         return self.lm_head(self.model.norm(x))

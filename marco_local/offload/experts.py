@@ -205,6 +205,16 @@ class OffloadedExperts(nn.Module):
                 self._fetch(self.table.assign(*nxt))
         return out
 
+    def slots_for_token(self, row: list[int], x: torch.Tensor) -> list[int]:
+        """One token's experts `row` (routing order) made resident, for a caller that computes them itself from the
+        slots (cuda_graphs.py): what `forward` does before its gathered single-token path (prefetch scoring and
+        speculation from the MoE input `x` [1, D], copies, stats); their slot ids in routing order."""
+        experts = sorted(set(row))
+        self._settle(experts)
+        self._speculate(x)
+        self._fetch(self.table.assign(experts))
+        return [self.table.slot_of[e] for e in row]
+
     def _decode_in_groups(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token whose experts outnumber the slots (native experts): groups that fit, in routing order, each
         added onto one float32 output by the native kernel, so the result equals the single-call (resident) one."""
