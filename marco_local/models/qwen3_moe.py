@@ -255,7 +255,16 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_at(self, x, cos, sin, cache: KVCache, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_at(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token at a device-side position (Attention.forward_at), then the layer's FFN."""
         x = x + self.self_attn.forward_at(self.input_layernorm(x), cos, sin, cache, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
