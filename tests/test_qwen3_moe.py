@@ -80,10 +80,11 @@ def test_bf16_close_to_float32(checkpoint):
     assert rel_err(got, expected) < 0.1  # bf16 keeps ~3 significant digits through 3 layers
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
 @torch.no_grad()
-def test_gathered_experts_match_the_grouped_loop(tokens):
-    """The sync-free path (CUDA decode) against the grouped loop, in float64: same sum, another order."""
+def test_gathered_and_padded_experts_match_the_grouped_loop(tokens):
+    """The CUDA paths (gathered for decode, padded batches for a prompt) against the grouped loop, in float64: same
+    sums in another order. 40 tokens over 10 experts: uneven groups, every expert used."""
     from marco_local.models.qwen3_moe import Experts
 
     g = torch.Generator().manual_seed(tokens)
@@ -95,4 +96,25 @@ def test_gathered_experts_match_the_grouped_loop(tokens):
     weights = torch.rand(tokens, 4, generator=g, dtype=torch.float64)
     want = experts(x, idx, weights)  # CPU: the grouped loop
     torch.testing.assert_close(experts.forward_gathered(x, idx, weights), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(experts.forward_padded(x, idx, weights), want, rtol=1e-12, atol=1e-12)
     assert experts.stacked
+    skewed = torch.tensor([[0, 1, 2, 3]] * tokens)  # every token to the same experts: padding 10/4 x (40 tokens)
+    torch.testing.assert_close(
+        experts.forward_padded(x, skewed, weights), experts(x, skewed, weights), rtol=1e-12, atol=1e-12
+    )
+
+
+@torch.no_grad()
+def test_a_skewed_routing_takes_the_grouped_loop(monkeypatch):
+    """forward_padded's memory guard: 64 experts, 8 tokens all routed to experts 0 and 1 would pad 64 x 8 rows for
+    16 pairs (32x > PADDED_LIMIT): the grouped loop runs instead, with the same result."""
+    from marco_local.models.qwen3_moe import Experts
+
+    experts = Experts(num_experts=64, hidden=8, intermediate=4).double()
+    for p in experts.parameters():
+        p.copy_(torch.randn(p.shape, dtype=torch.float64))
+    x, idx, weights = torch.randn(8, 8, dtype=torch.float64), torch.tensor([[0, 1]] * 8), torch.rand(8, 2).double()
+    want = experts.forward_grouped(x, idx, weights)
+    calls = []
+    monkeypatch.setattr(Experts, "forward_grouped", lambda self, *a: calls.append(1) or want)
+    assert experts.forward_padded(x, idx, weights) is want and calls == [1]

@@ -163,6 +163,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+PADDED_LIMIT = 4  # Experts.forward_padded: at most this many padded rows per real (token, expert) pair
+
+
 class Experts(nn.Module):
     """All experts of one layer, stacked: gate/up [E, I, D], down [E, D, I].
 
@@ -183,8 +186,11 @@ class Experts(nn.Module):
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and x.shape[0] == 1 and self.stacked:
-            return self.forward_gathered(x, idx, weights)
+        if x.device.type == "cuda" and self.stacked:  # the grouped loop is host-bound on a GPU
+            return self.forward_gathered(x, idx, weights) if x.shape[0] == 1 else self.forward_padded(x, idx, weights)
+        return self.forward_grouped(x, idx, weights)
+
+    def forward_grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         A = idx.shape[1]  # x [T, D], idx/weights [T, A]
         flat = idx.reshape(-1)  # [T*A]
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
@@ -217,6 +223,31 @@ class Experts(nn.Module):
         up = torch.bmm(self.up_proj[flat], xs)
         y = torch.bmm(self.down_proj[flat], F.silu(gate) * up).view(T, A, -1)  # [T, A, D]
         return (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1).to(x.dtype)
+
+    def forward_padded(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Several tokens: each expert's tokens gathered into a row of an [E, C, D] batch (C = the most tokens any
+        expert got, the rest zero padding), all experts in three batched products, results added back per token.
+        One host read per layer (C) where the grouped loop launches ~10 kernels per used expert; every expert's
+        weights are read once, as a prefill chunk uses nearly all of them anyway. A routing so skewed that the
+        batch would exceed PADDED_LIMIT times the real (token, expert) pairs takes the grouped loop instead."""
+        T, A = idx.shape
+        E, D = self.num_experts, x.shape[1]
+        flat = idx.reshape(-1)  # [T*A]
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        expert_of = flat[order]
+        counts = torch.bincount(flat, minlength=E)
+        C = int(counts.max())
+        if E * C > PADDED_LIMIT * T * A:  # a skewed routing: the padding would outweigh the work (and memory)
+            return self.forward_grouped(x, idx, weights)
+        rank = torch.arange(T * A, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_of]  # within group
+        tokens = order // A
+        batch = x.new_zeros(E, C, D)
+        batch[expert_of, rank] = x[tokens]
+        h = F.silu(torch.bmm(batch, self.gate_proj.transpose(1, 2))) * torch.bmm(batch, self.up_proj.transpose(1, 2))
+        y = torch.bmm(h, self.down_proj.transpose(1, 2))[expert_of, rank]  # [T*A, D], pairs in `order`
+        out = torch.zeros_like(x)
+        out.index_add_(0, tokens, (y * weights.reshape(-1, 1)[order]).to(out.dtype))
+        return out
 
 
 class SparseMoeBlock(nn.Module):
