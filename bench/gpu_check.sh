@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The CUDA checks, as one script for a lent GPU machine (its own python3 and torch; nothing can be installed there).
-# SPEED_ARGS: extra arguments for bench/cuda_speed.py; SUITE_TIMEOUT: seconds for the whole suite.
 # Missing pure-Python packages and bitsandbytes travel in .gpu/site (copied from a local install; bitsandbytes with
 # its CPU and CUDA 13.0 libraries only). Logs and JSON go to $OUT (default ./gpu-out).
-#   1. the GPU tests (offloading on CUDA, bitsandbytes' CUDA kernels against the CPU path)
-#   2. bench/cuda_speed.py (Nano-shaped decode/prefill, resident and offloaded under VRAM budgets)
-#   3. `marco run` and `marco bench` on the demo model (device "auto" = CUDA there)
-#   4. the whole test suite with a CUDA device visible
+# STAGES picks the stages (default "tests speed cli"; the suite needs a call of its own: ~4 minutes there):
+#   tests  the GPU tests (offloading and CUDA graphs on CUDA, bitsandbytes' CUDA kernels against the CPU path)
+#   speed  bench/cuda_speed.py (Nano-shaped decode/prefill, resident and offloaded under VRAM budgets); SPEED_ARGS
+#   cli    `marco run` and `marco bench` on the demo model (device "auto" = CUDA there)
+#   suite  the whole test suite with a CUDA device visible; SUITE_TIMEOUT (seconds, default 420)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
+STAGES=${STAGES:-tests speed cli}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/.gpu/site" PYTHONUNBUFFERED=1
 {
@@ -19,15 +20,24 @@ torch.version.cuda, transformers.__version__, bitsandbytes.__version__, typer.__
   nproc
   command -v cc gcc
 } 2>&1 | tee "$OUT/env.log"
-echo "== gpu tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
-  tests/test_quantize_bnb.py tests/test_cuda_graphs.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-echo "== cuda_speed"
-timeout 280 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" ${SPEED_ARGS:---no-extra} 2>&1 | tee "$OUT/cuda_speed.log" | tail -25
-echo "== marco run / marco bench on CUDA (the demo model)"
-echo "Hello, how are you?" | timeout 90 python3 -m marco_local run demo -n 24 --temperature 0 --verbose 2>&1 \
-  | tee "$OUT/cli.log" | tail -8
-timeout 90 python3 -m marco_local bench demo --json 2>&1 | tee -a "$OUT/cli.log" | tail -3
-echo "== full suite"
-timeout "${SUITE_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider --tb=short --maxfail=30 -m "not slow and not gpu" 2>&1 \
-  | tee "$OUT/suite.log" | tail -40
+if [[ " $STAGES " == *" tests "* ]]; then
+  echo "== gpu tests"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
+    tests/test_quantize_bnb.py tests/test_cuda_graphs.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [[ " $STAGES " == *" speed "* ]]; then
+  echo "== cuda_speed"
+  timeout 280 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" ${SPEED_ARGS:---no-extra} 2>&1 \
+    | tee "$OUT/cuda_speed.log" | tail -25
+fi
+if [[ " $STAGES " == *" cli "* ]]; then
+  echo "== marco run / marco bench on CUDA (the demo model)"
+  echo "Hello, how are you?" | timeout 90 python3 -m marco_local run demo -n 24 --temperature 0 --verbose 2>&1 \
+    | tee "$OUT/cli.log" | tail -8
+  timeout 90 python3 -m marco_local bench demo --json 2>&1 | tee -a "$OUT/cli.log" | tail -3
+fi
+if [[ " $STAGES " == *" suite "* ]]; then
+  echo "== full suite"
+  timeout "${SUITE_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider --tb=short --maxfail=30 -rf \
+    -m "not slow and not gpu" 2>&1 | tee "$OUT/suite.log" | tail -40
+fi
