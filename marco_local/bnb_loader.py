@@ -104,6 +104,12 @@ class Linear4bit(nn.Module):
             return bnb.functional.dequantize_4bit(weight, state)
         return bnb.functional.dequantize_4bit(self.weight, self.quant_state)
 
+    def use_slots(self) -> None:
+        """Its data are about to become views of offload slots, rewritten under it: keep no layout of its own."""
+        if getattr(self.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError("experts must be offloaded before their first forward")  # a caller's bug
+        self.cpu_kernel = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.is_cuda:  # bitsandbytes' kernels (gemv_4bit for one token), as bnb.nn.Linear4bit.forward calls them
@@ -130,18 +136,27 @@ class Linear8bit(nn.Module):
         self.out_features, self.in_features = weight.shape
         self._state = None
         self._scale_as: tuple[torch.dtype, torch.Tensor] | None = None  # scale in the activation dtype, made once
+        self.cache_scale = True
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scale[:, None]
+
+    def use_slots(self) -> None:
+        """Its data are about to become views of offload slots, rewritten under it: cast the scale per call."""
+        self.cache_scale, self._scale_as, self._state = False, None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.is_cuda:
             return self._cuda_forward(x, bias)
-        if self._scale_as is None or self._scale_as[0] != x.dtype:
-            self._scale_as = (x.dtype, self.scale.to(x.dtype))
+        if not self.cache_scale:
+            scale = self.scale.to(x.dtype)
+        else:
+            if self._scale_as is None or self._scale_as[0] != x.dtype:
+                self._scale_as = (x.dtype, self.scale.to(x.dtype))
+            scale = self._scale_as[1]
         flat = x.reshape(-1, self.in_features).contiguous()
-        out = torch._weight_int8pack_mm(flat, self.weight, self._scale_as[1])
+        out = torch._weight_int8pack_mm(flat, self.weight, scale)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if bias is None else out + bias
 
@@ -172,6 +187,12 @@ class QuantizedExperts(Experts):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj[e](F.silu(self.gate_proj[e](x)) * self.up_proj[e](x))
+
+    def use_slots(self) -> None:
+        """Before offloading (marco_local/offload): the per-expert linears' data become views of the slots."""
+        for linear in (*self.gate_proj, *self.up_proj, *self.down_proj):
+            if hasattr(linear, "use_slots"):
+                linear.use_slots()
 
 
 class _Store:

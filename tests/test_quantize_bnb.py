@@ -396,6 +396,74 @@ def test_marco_run_end_to_end(written):
     assert r.stdout.decode().rstrip("\n") == expected.rstrip("\n")
 
 
+def steps(model, ids: torch.Tensor, n: int = 6) -> list[torch.Tensor]:
+    """Logits of a prefill of `ids`, then of n tokens fed one at a time (fixed ids: no sampling in the comparison)."""
+    device = model.model.norm.weight.device
+    cache = model.make_cache(ids.shape[1] + n)
+    out = [model(ids.to(device), cache)]
+    out += [model(torch.tensor([[(7 * k + 3) % model.config.vocab_size]], device=device), cache) for k in range(n)]
+    return [t.float().cpu() for t in out]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@torch.no_grad()
+def test_offloaded_experts_compute_what_resident_ones_do(written, preset):
+    """bitsandbytes experts (per-expert quantized linears) under offloading: each slot's linear computes whatever
+    expert was copied into it. float32 activations take the same dequantize path resident or not: equal logits for 2
+    slots (every call streams or evicts) and 5, prefill and decode. In bf16 the resident model runs bitsandbytes' CPU
+    kernel (where the CPU has one) and the offloaded one dequantizes: close, not equal."""
+    from marco_local.offload import Placement, install, offload_stats
+
+    folder, _ = written[preset]
+    ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(3))
+    want = steps(load_bnb_model(folder, dtype=torch.float32), ids)
+    for slots in ("2", "5"):
+        model = load_bnb_model(folder, dtype=torch.float32)
+        install(model, Placement(experts_resident=slots))
+        for got, ref in zip(steps(model, ids), want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert offload_stats(model)["expert_misses"] > 0
+        model.offload.close()
+    resident = steps(load_bnb_model(folder, dtype=torch.bfloat16), ids)
+    model = load_bnb_model(folder, dtype=torch.bfloat16)
+    install(model, Placement(experts_resident="2"))
+    for got, ref in zip(steps(model, ids), resident, strict=True):
+        assert rel_rmse(got, ref) < 0.03
+
+
+def test_a_bnb_folder_runs_offloaded_through_the_runtime(written):
+    from marco_local.offload import Placement
+    from marco_local.runtime import load
+
+    folder = str(written["nf4"][0])
+    texts = []
+    for placement in (None, Placement(experts_resident="25%")):
+        loaded = load(folder, dtype="f32", device="cpu", placement=placement)
+        texts.append(generate(loaded.model, loaded.tokenizer, "Hello there", max_tokens=12, sampler=make_sampler(0.0)))
+    assert loaded.model.offload.plan.slots == 2 and loaded.model.offload.stats()["expert_misses"] > 0
+    assert texts[1] == texts[0] and len(texts[0]) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", PRESETS)
+@torch.no_grad()
+def test_offloaded_experts_on_cuda(written, preset):
+    """Slots in VRAM, the experts in pinned host RAM: bitsandbytes' CUDA kernels on the slot views."""
+    from marco_local.offload import Placement, install
+
+    folder, _ = written[preset]
+    ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(3))
+    want = steps(load_bnb_model(folder, dtype=torch.bfloat16, device="cuda"), ids)
+    model = load_bnb_model(folder, dtype=torch.bfloat16, device="cuda")
+    install(model, Placement(experts_resident="2"))
+    experts = model.model.layers[0].mlp.experts
+    assert experts.slots.is_cuda and experts.store.rows.is_pinned()
+    for got, ref in zip(steps(model, ids), want, strict=True):
+        assert rel_rmse(got, ref) < 1e-3
+    model.offload.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("preset", PRESETS)

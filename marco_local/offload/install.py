@@ -262,6 +262,8 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
     segments: dict[int, list | None] = {}
     raws: dict[int, list] = {}  # GGUF experts loaded with experts_in_file: repacked from the file on a miss
     for i, block in _moe_blocks(model):
+        if hasattr(block.experts, "use_slots"):  # per-expert modules that would keep private copies (bitsandbytes)
+            block.experts.use_slots()
         layouts[i] = ExpertLayout(block.experts, cfg.num_experts)
         in_file = getattr(block.experts, "in_file", None)
         if in_file:

@@ -33,7 +33,9 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
 @dataclass(frozen=True)
 class Field:
     path: tuple  # attribute names / tuple indices from the experts module to the data, e.g. ("gate_proj",)
-    kind: str  # "param" / "buffer" (registered [E, ...]), "attr" (plain [E, ...] attribute), "list" (E tensors)
+    # "param" / "buffer" (registered [E, ...]), "attr" (plain [E, ...] attribute), "list" (E tensors), "each" (a
+    # tensor of each of E same-shaped modules or objects in a list; path = list path, EACH, path inside an element)
+    kind: str
     dtype: torch.dtype
     shape: tuple[int, ...]  # one expert's shape (without the leading E)
     offset: int  # byte offset inside a packed row
@@ -45,6 +47,7 @@ class Field:
 
 
 _LEAF_TYPES = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
+EACH = "*"  # in a Field path: every element of the list before it
 
 
 def _get(obj, path: tuple):
@@ -69,22 +72,56 @@ def _set(obj, path: tuple, value) -> None:
         setattr(parent, last, value)
 
 
+def _children(obj) -> list[tuple]:
+    """(name, value, kind) of what a module, a tuple/list or a plain helper object holds."""
+    if isinstance(obj, nn.Module):
+        items = [(n, t, "param") for n, t in obj._parameters.items() if t is not None]
+        items += [(n, t, "buffer") for n, t in obj._buffers.items() if t is not None]
+        items += [(n, m, "module") for n, m in obj._modules.items() if m is not None]
+        return items + [(n, v, "attr") for n, v in vars(obj).items() if not n.startswith("_")]
+    if isinstance(obj, (tuple, list)):
+        return [(i, v, "attr") for i, v in enumerate(obj)]
+    return [(n, v, "attr") for n, v in vars(obj).items()]
+
+
+def _is_helper(value) -> bool:
+    """A plain object worth looking into (a quantization state), not a leaf, a class or a function."""
+    return hasattr(value, "__dict__") and not isinstance(value, (_LEAF_TYPES, type)) and not callable(value)
+
+
+def _tensors_in(obj, path: tuple, out: list, seen: set[int], depth: int = 0) -> None:
+    """Every tensor reachable from one expert's module or object: (path, kind, tensor)."""
+    if id(obj) in seen or depth > 4:
+        return
+    seen.add(id(obj))
+    for name, value, kind in _children(obj):
+        if isinstance(value, torch.Tensor):
+            out.append(((*path, name), kind, value))
+        elif isinstance(value, (nn.Module, tuple, list)) or _is_helper(value):
+            _tensors_in(value, (*path, name), out, seen, depth + 1)
+
+
+def _discover_each(elements: list, where: tuple, out: list) -> None:
+    """E modules or objects of one structure (a ModuleList of per-expert quantized linears): each tensor that differs
+    between them is per-expert data; a tensor they all share (one code table) is not."""
+    found: list = []
+    _tensors_in(elements[0], (), found, set())
+    for sub, _kind, first in found:
+        tensors = [_get(el, sub) for el in elements]
+        if all(t is first for t in tensors):
+            continue
+        if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
+            raise MarcoError(f"{'.'.join(map(str, (*where, *sub)))} differs in shape between experts")
+        out.append(((*where, EACH, *sub), "each", first.dtype, tuple(first.shape)))
+
+
 def _discover(obj, num_experts: int, path: tuple, out: list, seen: set[int], depth: int = 0) -> None:
     """Find per-expert data: tensors with a leading E (registered or plain attributes, also inside tuples) and lists
     of E same-shaped tensors, in the module, its submodules and plain helper objects (a quantized bank)."""
     if id(obj) in seen or depth > 4:
         return
     seen.add(id(obj))
-    if isinstance(obj, nn.Module):
-        items = [(n, t, "param") for n, t in obj._parameters.items() if t is not None]
-        items += [(n, t, "buffer") for n, t in obj._buffers.items() if t is not None]
-        items += [(n, m, "module") for n, m in obj._modules.items() if m is not None]
-        items += [(n, v, "attr") for n, v in vars(obj).items() if not n.startswith("_")]
-    elif isinstance(obj, (tuple, list)):
-        items = [(i, v, "attr") for i, v in enumerate(obj)]
-    else:
-        items = [(n, v, "attr") for n, v in vars(obj).items()]
-    for name, value, kind in items:
+    for name, value, kind in _children(obj):
         where = (*path, name)
         if isinstance(value, torch.Tensor):
             if value.dim() >= 1 and value.shape[0] == num_experts and id(value) not in seen:
@@ -94,9 +131,9 @@ def _discover(obj, num_experts: int, path: tuple, out: list, seen: set[int], dep
             first = value[0]
             if all(v.shape == first.shape and v.dtype == first.dtype for v in value):
                 out.append((where, "list", first.dtype, tuple(first.shape)))
-        elif isinstance(value, (tuple, list)) or (
-            hasattr(value, "__dict__") and not isinstance(value, (_LEAF_TYPES, type)) and not callable(value)
-        ):
+        elif isinstance(value, nn.ModuleList) and len(value) == num_experts > 1:
+            _discover_each(list(value), where, out)
+        elif isinstance(value, (tuple, list)) or _is_helper(value):
             _discover(value, num_experts, where, out, seen, depth + 1)
 
 
@@ -156,15 +193,30 @@ class ExpertLayout:
 
     def views(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Typed `[S, *shape]` views of a `[S, expert_bytes]` uint8 buffer, one per field (no copy)."""
-        return [rows[:, f.offset : f.offset + f.nbytes].view(f.dtype).unflatten(1, f.shape) for f in self.fields]
+        out = []
+        for f in self.fields:
+            flat = rows[:, f.offset : f.offset + f.nbytes].view(f.dtype)
+            out.append(flat.unflatten(1, f.shape) if f.shape else flat.squeeze(1))
+        return out
 
     def source(self, module: nn.Module, f: Field):
+        """The field's data: the [E, ...] tensor, or (list, each) one tensor per expert."""
+        if f.kind == "each":
+            at = f.path.index(EACH)
+            return [_get(el, f.path[at + 1 :]) for el in _get(module, f.path[:at])]
         return _get(module, f.path)
 
     def bind(self, module: nn.Module, rows: torch.Tensor) -> None:
-        """Point the module's per-expert data at `rows`, so indexing them by slot reads the fast tier."""
+        """Point the module's per-expert data at `rows`, so indexing them by slot reads the fast tier. With per-expert
+        modules ("each"), module s of the list computes slot s; the modules past the slots get slot views too (they
+        are never called with fewer slots than experts), so none keeps its own copy."""
         for f, view in zip(self.fields, self.views(rows), strict=True):
-            _set(module, f.path, list(view.unbind(0)) if f.kind == "list" else view)
+            if f.kind == "each":
+                at = f.path.index(EACH)
+                for e, el in enumerate(_get(module, f.path[:at])):
+                    _set(el, f.path[at + 1 :], view[e % view.shape[0]])
+            else:
+                _set(module, f.path, list(view.unbind(0)) if f.kind == "list" else view)
 
 
 class ExpertStore:
@@ -193,7 +245,7 @@ class MemoryStore(ExpertStore):
         rows = torch.empty(layout.num_experts, layout.expert_bytes, dtype=torch.uint8, pin_memory=pin)
         for f, view in zip(layout.fields, layout.views(rows), strict=True):
             src = layout.source(module, f)
-            if f.kind == "list":
+            if f.kind in ("list", "each"):
                 for e, t in enumerate(src):
                     view[e].copy_(t)
             else:
@@ -457,7 +509,7 @@ def mapped_segments(module: nn.Module, layout: ExpertLayout, maps: list[tuple[Pa
     """
     starts = []
     for f in layout.fields:
-        if f.kind == "list":
+        if f.kind in ("list", "each"):
             raise MarcoError(f"{f.name} is a list of per-expert tensors, not a view of a file")
         t = layout.source(module, f)
         if t.device.type != "cpu" or not t[0].is_contiguous():
