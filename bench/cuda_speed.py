@@ -20,7 +20,11 @@ Measures, in one process:
   cpu expert one expert's SwiGLU on the CPU for one token (what computing a miss where it lies would cost)
 Prints a table; `--json FILE` writes every figure.
 
-Usage: python bench/cuda_speed.py [--layers 28] [--tokens 64] [--budgets 8GiB,4GiB,2GiB] [--json FILE]
+With `--format nf4` the attention and expert linears are bitsandbytes nf4 modules (quantized on the GPU as `marco
+quantize --to nf4` would write them), the q4 model of the issue's 8/4/2 GiB budgets; they decode eagerly (no graphs).
+
+Usage: python bench/cuda_speed.py [--layers 28] [--tokens 64] [--budgets 8GiB,4GiB,2GiB] [--format bf16|nf4]
+       [--json FILE]
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from marco_local.generate import prefill  # noqa: E402
 from marco_local.meta import meta_device  # noqa: E402
 from marco_local.models import qwen3_moe  # noqa: E402
 from marco_local.offload import Placement, install, offload_stats, synthetic_trace  # noqa: E402
+from marco_local.offload.store import tensor_bytes  # noqa: E402
 
 GIB = 1 << 30
 
@@ -112,19 +117,36 @@ def copy_bandwidth(nbytes: int = 2 * GIB) -> tuple[float, float]:
     return d2d, h2d  # the buffers go with this frame; main() empties the cache after the resident model
 
 
+def to_nf4(model: qwen3_moe.Qwen3MoeForCausalLM) -> qwen3_moe.Qwen3MoeForCausalLM:
+    """Every attention and expert linear quantized in place by bitsandbytes (nf4, blocks of 64, nested absmax: what
+    `marco quantize --to nf4` writes), as the bnb loader holds them; embeddings, norms and routers stay bf16."""
+    import bitsandbytes.functional as bnbF
+
+    from marco_local.bnb_loader import Linear4bit, QuantizedExperts
+
+    def q(w: torch.Tensor) -> Linear4bit:
+        packed, state = bnbF.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
+        return Linear4bit(packed, state, None)
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(attn, name, q(getattr(attn, name).weight))
+            ex = layer.mlp.experts
+            layer.mlp.experts = QuantizedExperts(*([q(w) for w in t] for t in (ex.gate_proj, ex.up_proj, ex.down_proj)))
+    return model
+
+
 def decode_bytes(model, position: int) -> int:
-    """Bytes one decode step must read: every non-expert weight once (tied embeddings counted once, as lm_head),
-    top-k experts per layer, the KV cache up to `position`."""
+    """Bytes one decode step must read: every non-expert tensor once (tied embeddings counted once, as lm_head),
+    top-k experts per layer (however they are stored), the KV cache up to `position`."""
     cfg = model.config
-    experts = {id(p) for layer in model.model.layers for p in layer.mlp.experts.parameters()}
-    seen, fixed = set(), 0
-    for p in model.parameters():
-        if id(p) not in experts and id(p) not in seen:
-            seen.add(id(p))
-            fixed += p.nbytes
-    one_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    fixed = tensor_bytes(model, skip={id(e) for e in experts})
+    per_expert = sum(tensor_bytes(e) for e in experts) / (len(experts) * cfg.num_experts)
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * position
-    return fixed + cfg.num_hidden_layers * cfg.num_experts_per_tok * one_expert + kv
+    return int(fixed + cfg.num_hidden_layers * cfg.num_experts_per_tok * per_expert + kv)
 
 
 @torch.inference_mode()
@@ -175,6 +197,7 @@ def main() -> None:
     ap.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True, help="50%% resident, prefetch")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
+    ap.add_argument("--format", choices=("bf16", "nf4"), default="bf16", help="nf4: bitsandbytes 4-bit linears")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -190,23 +213,33 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 150000, (args.prompt,), generator=g).tolist()
     stream = torch.randint(3, 150000, (args.tokens,), generator=g).tolist()
-    model = build(args.layers, args.device)
+
+    def make() -> qwen3_moe.Qwen3MoeForCausalLM:
+        model = build(args.layers, args.device)
+        return to_nf4(model) if args.format == "nf4" else model
+
+    def graphable(model) -> bool:  # on the CPU (a dry run) the decoder's segments run eagerly, for stacked experts
+        return GraphedDecoder.supports(model) if cuda else args.format == "bf16"
+
+    model = make()
     cfg = model.config
     timed_run(model, prompt[:32], stream[:4], repeats=1)  # warm-up: kernels, cuBLAS handles
     rows = []
     p_tps, d_tps = timed_run(model, prompt, stream)
     need = decode_bytes(model, args.prompt + args.tokens // 2)
     bound = d2d / need
-    rows.append({"config": "resident, gathered experts", "prefill_tps": p_tps, "decode_tps": d_tps})
-    orig = qwen3_moe.Experts.stacked
-    qwen3_moe.Experts.stacked = property(lambda self: False)  # force the grouped loop (host sync per layer)
-    p2, d2 = timed_run(model, prompt, stream)
-    qwen3_moe.Experts.stacked = orig
-    rows.append({"config": "resident, grouped loop", "prefill_tps": p2, "decode_tps": d2})
-    model.decode_step = decoder = GraphedDecoder(model)  # on the CPU (a dry run) its segments run eagerly
+    rows.append({"config": f"resident {args.format}, eager", "prefill_tps": p_tps, "decode_tps": d_tps})
+    if args.format == "bf16":  # nf4 experts always take the grouped loop
+        orig = qwen3_moe.Experts.stacked
+        qwen3_moe.Experts.stacked = property(lambda self: False)  # force the grouped loop (host sync per layer)
+        p2, d2 = timed_run(model, prompt, stream)
+        qwen3_moe.Experts.stacked = orig
+        rows.append({"config": "resident, grouped loop", "prefill_tps": p2, "decode_tps": d2})
+    model.decode_step = decoder = GraphedDecoder(model) if graphable(model) else None
     try:
         p3, d_tps = timed_run(model, prompt, stream)
-        config = "resident, CUDA graphs" if not decoder.failed else "resident, graphs FAILED (eager)"
+        graphed = decoder is not None and not decoder.failed
+        config = "resident, CUDA graphs" if graphed else "resident, not graphed (eager)"
         rows.append({"config": config, "prefill_tps": p3, "decode_tps": d_tps})
     except Exception as e:  # an error in the graphed step must not cost the other measurements
         print(f"CUDA graphs failed: {type(e).__name__}: {e}", flush=True)
@@ -233,7 +266,7 @@ def main() -> None:
         placements.append(("prefetch", Placement(experts_resident="25%", prefetch=True, ctx=ctx)))
     for label, placement in placements:
         for routing in ("real", "synthetic"):
-            model = build(args.layers, args.device)
+            model = make()
             install(model, placement)
             gc.collect()
             torch.cuda.empty_cache()
@@ -244,8 +277,8 @@ def main() -> None:
                 base = torch.cuda.memory_allocated() if cuda else 0
                 model.decode_step = None
                 if mode == "graphs":
-                    if cuda and not GraphedDecoder.supports(model):
-                        print(f"{label}: not graphed (a token's experts outnumber the slots)", flush=True)
+                    if not graphable(model):
+                        print(f"{label}: not graphed (bnb linears, or fewer slots than experts per token)", flush=True)
                         continue
                     model.decode_step = GraphedDecoder(model)
                     if routing == "synthetic":
