@@ -4,7 +4,8 @@
 # its CPU and CUDA 13.0 libraries only). Logs and JSON go to $OUT (default ./gpu-out).
 # STAGES picks the stages (default "tests speed cli"; the suite needs a call of its own: ~4 minutes there):
 #   tests  the GPU tests (offloading and CUDA graphs on CUDA, bitsandbytes' CUDA kernels against the CPU path)
-#   speed  bench/cuda_speed.py (Nano-shaped decode/prefill, resident and offloaded under VRAM budgets); SPEED_ARGS
+#   speed  bench/cuda_speed.py (Nano-shaped bf16 decode/prefill, resident and offloaded under VRAM budgets); SPEED_ARGS
+#   nf4    the same with bitsandbytes nf4 linears (the q4 model of the 8/4/2 GiB budgets)
 #   cli    `marco run` and `marco bench` on the demo model (device "auto" = CUDA there)
 #   suite  the whole test suite with a CUDA device visible; SUITE_TIMEOUT (seconds, default 420)
 set -uo pipefail
@@ -29,6 +30,11 @@ if [[ " $STAGES " == *" speed "* ]]; then
   echo "== cuda_speed"
   timeout 280 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" ${SPEED_ARGS:---no-extra} 2>&1 \
     | tee "$OUT/cuda_speed.log" | tail -25
+fi
+if [[ " $STAGES " == *" nf4 "* ]]; then
+  echo "== cuda_speed --format nf4"
+  timeout 280 python3 bench/cuda_speed.py --format nf4 --no-extra --json "$OUT/cuda_speed_nf4.json" 2>&1 \
+    | tee "$OUT/cuda_speed_nf4.log" | tail -25
 fi
 if [[ " $STAGES " == *" cli "* ]]; then
   echo "== marco run / marco bench on CUDA (the demo model)"
