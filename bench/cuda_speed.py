@@ -20,8 +20,9 @@ Measures, in one process:
   cpu expert one expert's SwiGLU on the CPU for one token (what computing a miss where it lies would cost)
 Prints a table; `--json FILE` writes every figure.
 
-With `--format nf4` the attention and expert linears are bitsandbytes nf4 modules (quantized on the GPU as `marco
-quantize --to nf4` would write them), the q4 model of the issue's 8/4/2 GiB budgets; they decode eagerly (no graphs).
+With `--format nf4` the attention and expert linears are bitsandbytes nf4 (quantized on the GPU as `marco quantize
+--to nf4` would write them, then prepared as load_bnb_model does on CUDA: experts stacked, attention dequantized),
+the q4 model of the issue's 8/4/2 GiB budgets.
 
 Usage: python bench/cuda_speed.py [--layers 28] [--tokens 64] [--budgets 8GiB,4GiB,2GiB] [--format bf16|nf4]
        [--json FILE]
@@ -122,7 +123,7 @@ def to_nf4(model: qwen3_moe.Qwen3MoeForCausalLM) -> qwen3_moe.Qwen3MoeForCausalL
     `marco quantize --to nf4` writes), as the bnb loader holds them; embeddings, norms and routers stay bf16."""
     import bitsandbytes.functional as bnbF
 
-    from marco_local.bnb_loader import Linear4bit, QuantizedExperts
+    from marco_local.bnb_loader import Linear4bit, QuantizedExperts, prepare_for_cuda_graphs
 
     def q(w: torch.Tensor) -> Linear4bit:
         packed, state = bnbF.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -135,6 +136,7 @@ def to_nf4(model: qwen3_moe.Qwen3MoeForCausalLM) -> qwen3_moe.Qwen3MoeForCausalL
                 setattr(attn, name, q(getattr(attn, name).weight))
             ex = layer.mlp.experts
             layer.mlp.experts = QuantizedExperts(*([q(w) for w in t] for t in (ex.gate_proj, ex.up_proj, ex.down_proj)))
+    prepare_for_cuda_graphs(model)  # what load_bnb_model does on CUDA
     return model
 
 
@@ -218,8 +220,8 @@ def main() -> None:
         model = build(args.layers, args.device)
         return to_nf4(model) if args.format == "nf4" else model
 
-    def graphable(model) -> bool:  # on the CPU (a dry run) the decoder's segments run eagerly, for stacked experts
-        return GraphedDecoder.supports(model) if cuda else args.format == "bf16"
+    def graphable(model) -> bool:  # on the CPU (a dry run) the decoder's segments run eagerly
+        return GraphedDecoder.supports(model) if cuda else True
 
     model = make()
     cfg = model.config

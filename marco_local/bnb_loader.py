@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,110 @@ class QuantizedExperts(Experts):
                 linear.use_slots()
 
 
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """[256, 2] float32: the two 4-bit values a packed byte holds (high nibble first, as bitsandbytes packs them)."""
+    byte = torch.arange(256, device=code.device)
+    return torch.stack((code[byte >> 4], code[byte & 15]), dim=1).float()
+
+
+def dequantize_4bit_rows(
+    packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, blocksize: int
+) -> torch.Tensor:
+    """bitsandbytes' 4-bit dequantization in plain torch ops, for a batch of rows (one expert's matrix each):
+    packed [..., n/2] uint8, absmax [..., n/blocksize] float32 -> [..., n] float32, each value its code times its
+    block's absmax in float32, as bitsandbytes computes it. Plain ops, so a CUDA graph can hold them."""
+    values = pairs[packed.long()]  # [..., n/2, 2]
+    return (values.view(*packed.shape[:-1], -1, blocksize) * absmax.unsqueeze(-1)).view(*packed.shape[:-1], -1)
+
+
+def _absmax(state) -> torch.Tensor:
+    """A 4-bit state's block scales in float32, de-nested as bitsandbytes does before dequantizing."""
+    if state.nested:
+        return (_bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    return state.absmax.float()
+
+
+class StackedExperts4bit(Experts):
+    """A layer's 4-bit experts stacked per expert: packed codes [E, n/2] and float32 block scales [E, n/blocksize]
+    per projection, for CUDA. A decode token's experts are gathered by id and dequantized in plain torch ops
+    (`dequantize_4bit_rows`), so the step has no host sync and a CUDA graph can hold it (cuda_graphs.py); offloading
+    packs each expert's rows like any stacked experts. Values equal bitsandbytes' dequantization (the scales are
+    de-nested once at load: 4 bytes per 64 weights instead of ~1)."""
+
+    graph_safe = True
+    shared_tensors = ("pairs",)  # [256, 2]: not per-expert, even in a 256-expert model (offload/store.py)
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, gate: list[Linear4bit], up: list[Linear4bit], down: list[Linear4bit]) -> None:
+        nn.Module.__init__(self)  # not Experts.__init__: it would allocate the float [E, out, in] stacks
+        first = gate[0].quant_state
+        self.num_experts, self.blocksize, self.dtype = len(gate), first.blocksize, first.dtype
+        self.register_buffer("pairs", _pair_table(first.code))
+        self.shapes = {}
+        for name, linears in zip(self.PROJECTIONS, (gate, up, down), strict=True):
+            self.shapes[name] = tuple(linears[0].quant_state.shape)
+            self.register_buffer(f"{name}_packed", torch.stack([lin.weight.reshape(-1) for lin in linears]))
+            self.register_buffer(f"{name}_absmax", torch.stack([_absmax(lin.quant_state) for lin in linears]))
+
+    @staticmethod
+    def convertible(gate: list[nn.Module], up: list[nn.Module], down: list[nn.Module]) -> bool:
+        """Every linear 4-bit, with one block size, code table and shape per projection, whole blocks per matrix."""
+        for linears in (gate, up, down):
+            if not all(isinstance(lin, Linear4bit) for lin in linears):
+                return False
+            states = [lin.quant_state for lin in linears]
+            first = states[0]
+            if any(getattr(st, "packing_format_for_cpu", False) for st in states):
+                return False
+            if math.prod(first.shape) % first.blocksize:
+                return False
+            key = (first.blocksize, tuple(first.shape), first.quant_type)
+            if any((st.blocksize, tuple(st.shape), st.quant_type) != key for st in states):
+                return False
+        codes = [lin.quant_state.code for lin in (gate[0], up[0], down[0])]
+        return all(torch.equal(c.cpu(), codes[0].cpu()) for c in codes)
+
+    @property
+    def gathers(self) -> bool:
+        return True
+
+    def _dense(self, name: str, ids: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
+        packed, absmax = getattr(self, f"{name}_packed")[ids], getattr(self, f"{name}_absmax")[ids]
+        # through the stored dtype, as bitsandbytes' dequantize returns it (Linear4bit computes on that)
+        w = dequantize_4bit_rows(packed, absmax, self.pairs, self.blocksize).to(self.dtype).to(dtype)
+        return w.view(*packed.shape[:-1], *self.shapes[name])
+
+    def gathered_weights(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return tuple(self._dense(name, ids, dtype) for name in self.PROJECTIONS)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (self._dense(name, e, x.dtype) for name in self.PROJECTIONS)
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def prepare_for_cuda_graphs(model: Qwen3MoeForCausalLM) -> None:
+    """Make a bnb model's one-token step graph-capturable on CUDA: 4-bit experts stacked (`StackedExperts4bit`), 4-bit
+    attention linears dequantized into bf16/fp16 `nn.Linear`s (bitsandbytes' matmul is not known to be capturable;
+    attention is ~7% of Marco-Nano's weights: +264 MB in bf16). LLM.int8 layers stay as they are (not capturable:
+    the model then decodes eagerly)."""
+    dtype = model.model.norm.weight.dtype
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lin = getattr(attn, name)
+            if isinstance(lin, Linear4bit):
+                dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+                dense.weight = nn.Parameter(lin.dequantize().to(dtype), requires_grad=False)
+                if lin.bias is not None:
+                    dense.bias = nn.Parameter(lin.bias.to(dtype), requires_grad=False)
+                setattr(attn, name, dense)
+        experts = getattr(layer.mlp, "experts", None)
+        if isinstance(experts, QuantizedExperts):
+            lists = (list(experts.gate_proj), list(experts.up_proj), list(experts.down_proj))
+            if StackedExperts4bit.convertible(*lists):
+                layer.mlp.experts = StackedExperts4bit(*lists)
+
+
 class _Store:
     """The checkpoint plus which linears are stored quantized, and how."""
 
@@ -319,4 +424,6 @@ def load_bnb_model(
         step()
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if device.type == "cuda":
+        prepare_for_cuda_graphs(model)
     return model.eval()

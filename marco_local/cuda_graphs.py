@@ -85,14 +85,18 @@ class GraphedDecoder:
             return False
         if model.model.norm.weight.device.type != "cuda":
             return False
-        # the model file's own modules and plain torch layers only: quantized or native replacements (bitsandbytes
-        # linears, QExperts, ...) have host-side code paths a graph cannot hold
+        # the model file's own modules, plain torch layers and modules that declare `graph_safe` (bnb_loader's
+        # StackedExperts4bit) only: other replacements (bitsandbytes linears, QExperts, ...) have host-side paths
         plain = (nn.Linear, nn.Embedding, nn.ModuleList)
         for m in model.modules():
             if isinstance(m, OffloadedExperts):
                 if not m.gather_decode or m.table.num_slots < model.config.num_experts_per_tok:
                     return False
-            elif type(m) not in plain and type(m).__module__ != qwen3_moe.__name__:
+            elif (
+                type(m) not in plain
+                and type(m).__module__ != qwen3_moe.__name__
+                and not getattr(m, "graph_safe", False)
+            ):
                 return False
         return True
 

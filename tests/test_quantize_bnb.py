@@ -431,6 +431,68 @@ def test_offloaded_experts_compute_what_resident_ones_do(written, preset):
         assert rel_rmse(got, ref) < 0.03
 
 
+@pytest.mark.parametrize("preset", ["nf4", "fp4"])
+@torch.no_grad()
+def test_stacked_4bit_experts_dequantize_as_bitsandbytes_does(written, preset):
+    """StackedExperts4bit (CUDA's graph-capturable experts) dequantizes in plain torch: bit-equal to bitsandbytes'
+    own dequantization of each expert linear; its gathered and grouped paths agree (float32)."""
+    from marco_local.bnb_loader import QuantizedExperts, StackedExperts4bit
+
+    model = load_bnb_model(written[preset][0], dtype=torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, QuantizedExperts)
+    lists = (list(experts.gate_proj), list(experts.up_proj), list(experts.down_proj))
+    assert StackedExperts4bit.convertible(*lists)
+    stacked = StackedExperts4bit(*lists)
+    for name, linears in zip(StackedExperts4bit.PROJECTIONS, lists, strict=True):
+        for e in (0, 5):
+            assert torch.equal(stacked._dense(name, e, torch.float32), linears[e].dequantize().float())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, stacked.shapes["gate_proj"][1], generator=g)
+    idx = torch.stack([torch.randperm(stacked.num_experts, generator=g)[:2] for _ in range(3)])
+    weights = torch.rand(3, 2, generator=g)
+    want = experts(x, idx, weights)
+    torch.testing.assert_close(stacked.forward_grouped(x, idx, weights), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stacked.forward_gathered(x, idx, weights), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@torch.no_grad()
+def test_cuda_preparation_keeps_the_numbers(written, preset):
+    """What load_bnb_model does on CUDA (4-bit experts stacked, 4-bit attention dequantized into nn.Linear), run on
+    the CPU: same logits as the loaded model; the decoder's fixed-shape segments (what CUDA graphs replay) agree with
+    the forward, resident and offloaded. int8 layers are left alone."""
+    from marco_local.bnb_loader import StackedExperts4bit, prepare_for_cuda_graphs
+    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.offload import Placement, install
+
+    folder, _ = written[preset]
+    ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(3))
+    want = steps(load_bnb_model(folder, dtype=torch.float32), ids)
+    model = load_bnb_model(folder, dtype=torch.float32)
+    prepare_for_cuda_graphs(model)
+    four_bit = preset != "int8"
+    assert isinstance(model.model.layers[0].mlp.experts, StackedExperts4bit) == four_bit
+    assert (type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear) == four_bit
+    for got, ref in zip(steps(model, ids), want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if not four_bit:
+        return
+    for placement in (None, Placement(experts_resident="2")):
+        model = load_bnb_model(folder, dtype=torch.float32)
+        prepare_for_cuda_graphs(model)
+        if placement:
+            install(model, placement)
+        decoder = GraphedDecoder(model, min_window=8)  # on the CPU its segments run eagerly
+        eager, static = model.make_cache(24), model.make_cache(24)
+        static.keys.zero_(), static.values.zero_()
+        model(ids, eager)
+        model(ids, static)
+        for token in (5, 77, 130, 9):
+            t = torch.tensor([[token]])
+            torch.testing.assert_close(decoder(t, static), model(t, eager), rtol=1e-5, atol=1e-5)
+
+
 def test_a_bnb_folder_runs_offloaded_through_the_runtime(written):
     from marco_local.offload import Placement
     from marco_local.runtime import load
@@ -462,6 +524,34 @@ def test_offloaded_experts_on_cuda(written, preset):
     for got, ref in zip(steps(model, ids), want, strict=True):
         assert rel_rmse(got, ref) < 1e-3
     model.offload.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["nf4", "fp4"])
+@pytest.mark.parametrize("slots", [None, "2"])
+@torch.no_grad()
+def test_4bit_decode_from_cuda_graphs(written, preset, slots):
+    """On CUDA, 4-bit folders load graph-capturable (stacked experts, dense attention): the graphed decode gives the
+    eager decode's greedy tokens, resident and offloaded."""
+    from marco_local.bnb_loader import StackedExperts4bit
+    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.generate import PromptCache, generate_step
+    from marco_local.offload import Placement, install
+
+    model = load_bnb_model(written[preset][0], dtype=torch.float32, device="cuda")
+    assert isinstance(model.model.layers[0].mlp.experts, StackedExperts4bit)
+    if slots:
+        install(model, Placement(experts_resident=slots))
+    assert GraphedDecoder.supports(model)
+
+    def greedy() -> list[int]:
+        cache = PromptCache(model.make_cache(40))
+        return list(generate_step(model, list(range(5, 17)), cache, make_sampler(0.0), max_tokens=24))
+
+    want = greedy()
+    model.decode_step = decoder = GraphedDecoder(model, min_window=16)
+    assert greedy() == want and decoder.captures >= 2 and not decoder.failed
 
 
 @pytest.mark.gpu

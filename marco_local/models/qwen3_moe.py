@@ -186,8 +186,11 @@ class Experts(nn.Module):
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and self.stacked:  # the grouped loop is host-bound on a GPU
-            return self.forward_gathered(x, idx, weights) if x.shape[0] == 1 else self.forward_padded(x, idx, weights)
+        if x.device.type == "cuda":  # the grouped loop is host-bound on a GPU
+            if x.shape[0] == 1 and self.gathers:
+                return self.forward_gathered(x, idx, weights)
+            if x.shape[0] > 1 and self.stacked:
+                return self.forward_padded(x, idx, weights)
         return self.forward_grouped(x, idx, weights)
 
     def forward_grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -211,6 +214,15 @@ class Experts(nn.Module):
         """True while the experts are the [E, out, in] stacks (a subclass that replaces expert_forward is not)."""
         return type(self).expert_forward is Experts.expert_forward
 
+    @property
+    def gathers(self) -> bool:
+        """True when `gathered_weights` can fetch experts by a device tensor of ids (forward_gathered works)."""
+        return self.stacked
+
+    def gathered_weights(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """gate, up [N, I, D] and down [N, D, I] of the experts `ids` [N], in `dtype`."""
+        return self.gate_proj[ids].to(dtype), self.up_proj[ids].to(dtype), self.down_proj[ids].to(dtype)
+
     def forward_gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed experts' weights gathered by id and applied as batched products: no host sync (the grouped
         loop reads the routing back to the host once per layer), so a CUDA decode step queues without waiting and
@@ -218,10 +230,11 @@ class Experts(nn.Module):
         prefill."""
         T, A = idx.shape
         flat = idx.reshape(-1)  # [T*A]
+        gate_w, up_w, down_w = self.gathered_weights(flat, x.dtype)
         xs = x.unsqueeze(1).expand(T, A, x.shape[1]).reshape(T * A, -1, 1)  # [T*A, D, 1]
-        gate = torch.bmm(self.gate_proj[flat], xs)  # [T*A, I, 1]
-        up = torch.bmm(self.up_proj[flat], xs)
-        y = torch.bmm(self.down_proj[flat], F.silu(gate) * up).view(T, A, -1)  # [T, A, D]
+        gate = torch.bmm(gate_w, xs)  # [T*A, I, 1]
+        up = torch.bmm(up_w, xs)
+        y = torch.bmm(down_w, F.silu(gate) * up).view(T, A, -1)  # [T, A, D]
         return (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1).to(x.dtype)
 
     def forward_padded(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

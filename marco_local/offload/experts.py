@@ -58,7 +58,7 @@ class OffloadedExperts(nn.Module):
         self.own_forward = type(inner).forward is not Experts.forward
         # stacked experts on CUDA: a single token's experts are gathered from the slots by slot id (no host sync
         # after the routing has been read)
-        self.gather_decode = self.device.type == "cuda" and getattr(inner, "stacked", False)
+        self.gather_decode = self.device.type == "cuda" and getattr(inner, "gathers", False)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # speculation: the next layer's router and cache, set by `link`
         self.next: OffloadedExperts | None = None

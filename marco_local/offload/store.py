@@ -1,7 +1,8 @@
 """The slow tier: every expert of one layer, packed per expert, and the byte layout shared with the fast-tier slots.
 
 `ExpertLayout` finds the per-expert data of an `Experts` module (tensors whose leading dimension is E, registered
-or plain attributes, and lists of E tensors, as a quantized module keeps them) and packs one expert's slice of all of
+or plain attributes, lists of E tensors, and the tensors of a list of E per-expert modules, as quantized modules keep
+them; a module's `shared_tensors` names those that only look per-expert) and packs one expert's slice of all of
 them into one row of `expert_bytes` bytes (each field 64-byte aligned), so one copy moves
 gate, up and down (and any quantization scales) together. The fast tier is a `[S, expert_bytes]` uint8 buffer whose
 typed views replace the module's tensors; a store fills one row with one expert.
@@ -121,8 +122,11 @@ def _discover(obj, num_experts: int, path: tuple, out: list, seen: set[int], dep
     if id(obj) in seen or depth > 4:
         return
     seen.add(id(obj))
+    shared = getattr(obj, "shared_tensors", ()) if isinstance(obj, nn.Module) else ()
     for name, value, kind in _children(obj):
         where = (*path, name)
+        if name in shared:  # one table for all experts, whatever its leading size
+            continue
         if isinstance(value, torch.Tensor):
             if value.dim() >= 1 and value.shape[0] == num_experts and id(value) not in seen:
                 seen.add(id(value))
