@@ -157,7 +157,8 @@ def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
     cfg, blocks = model.config, _moe_blocks(model)
     layout = ExpertLayout(blocks[0][1].experts, cfg.num_experts)
     per_slot = layout.expert_bytes * len(blocks)
-    scratch = cfg.num_experts_per_tok * layout.expert_bytes + CUDA_LIBRARY_RESERVE
+    dense = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # float32 temporaries of a gathered expert
+    scratch = cfg.num_experts_per_tok * max(layout.expert_bytes, dense) + CUDA_LIBRARY_RESERVE
     fixed, cuda = 1 << 20, torch.device("cuda")
     plan = _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + 3 * per_slot)), cuda, fixed)
     assert plan.scratch_bytes == scratch and plan.slots == 3

@@ -41,9 +41,11 @@ WORKING_RESERVE = 16 << 20
 CUDA_LIBRARY_RESERVE = 64 << 20
 
 
-def cuda_scratch_bytes(top_k: int, expert_bytes: int) -> int:
-    """VRAM an offloaded CUDA model needs beyond weights, slots, KV cache and WORKING_RESERVE."""
-    return top_k * expert_bytes + CUDA_LIBRARY_RESERVE
+def cuda_scratch_bytes(top_k: int, expert_bytes: int, hidden: int, intermediate: int) -> int:
+    """VRAM an offloaded CUDA model needs beyond weights, slots, KV cache and WORKING_RESERVE: a token's experts
+    gathered (as stored, or dequantized with float32 temporaries: 4-bit experts) and the library workspace."""
+    dense = 3 * hidden * intermediate * 4
+    return top_k * max(expert_bytes, dense) + CUDA_LIBRARY_RESERVE
 
 
 def parse_size(text: str) -> int:

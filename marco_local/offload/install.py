@@ -195,7 +195,9 @@ def _make_plan(
         )
     resident = placement.experts_resident
     if device.type == "cuda":
-        scratch = cuda_scratch_bytes(cfg.num_experts_per_tok, layout.expert_bytes)
+        scratch = cuda_scratch_bytes(
+            cfg.num_experts_per_tok, layout.expert_bytes, cfg.hidden_size, cfg.moe_intermediate_size
+        )
     return plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, scratch, what)
 
 
