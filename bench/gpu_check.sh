@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA checks, as one script for a lent GPU machine (its own python3 and torch; nothing can be installed there).
-# Missing pure-Python packages and bitsandbytes travel in .gpu/site (copied from a local install; bitsandbytes with
-# its CPU and CUDA 13.0 libraries only). Logs and JSON go to $OUT (default ./gpu-out).
+# Missing pure-Python packages and bitsandbytes travel in .gpu/site (ignored by git; carry it), made here with:
+#   SP=$(python3 -c 'import site; print(site.getsitepackages()[0])'); mkdir -p .gpu/site
+#   for p in bitsandbytes gguf prompt_toolkit wcwidth; do cp -r $SP/$p $SP/$p-*.dist-info .gpu/site/; done
+#   ls .gpu/site/bitsandbytes/lib*.so | grep -v -e _cpu -e cuda130 | xargs rm   # the image's torch is cu130
+# Logs and JSON go to $OUT (default ./gpu-out).
 # STAGES picks the stages (default "tests speed cli"; the suite needs a call of its own: ~4 minutes there):
 #   tests  the GPU tests (offloading and CUDA graphs on CUDA, bitsandbytes' CUDA kernels against the CPU path)
 #   speed  bench/cuda_speed.py (Nano-shaped bf16 decode/prefill, resident and offloaded under VRAM budgets); SPEED_ARGS
