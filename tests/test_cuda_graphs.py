@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from marco_local.cuda_graphs import GraphedDecoder, window_for
+from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
 from marco_local.loader import load_model
 from marco_local.offload import Placement, load_offloaded
@@ -86,6 +87,35 @@ def test_offloaded_step_matches_forward(make_checkpoint, shape, slots):
     stats = model.offload.stats()
     assert stats["expert_misses"] > 0 and stats["prefetch_precision"] is not None
     model.offload.close()
+
+
+@torch.no_grad()
+def test_a_chat_that_trims_and_refills_the_cache(checkpoint):
+    """A chat reuses one cache: decode, drop the last tokens (a regenerated reply), prefill a new turn, decode on.
+    Positions written before a trim stay in the window under the mask; the decoder agrees with the forward
+    throughout, and says when the context is full, as the forward does."""
+    folder, _ = checkpoint
+    model = load_model(folder, dtype=torch.float32)
+    decoder = GraphedDecoder(model, min_window=8)
+    eager, static = model.make_cache(32), model.make_cache(32)
+    static.keys.zero_(), static.values.zero_()
+    for cache in (eager, static):
+        model(torch.tensor([PROMPT]), cache)
+
+    def step(token: int) -> None:
+        want = model(torch.tensor([[token]]), eager)
+        torch.testing.assert_close(decoder(torch.tensor([[token]]), static), want, rtol=1e-5, atol=1e-5)
+
+    for token in STREAM[:6]:
+        step(token)
+    for cache in (eager, static):
+        cache.trim(4)
+        model(torch.tensor([[40, 41, 42]]), cache)  # a new turn's tokens, prefilled by the forward
+    for token in STREAM[6:21]:  # 12 + 6 - 4 + 3 + 15 = the 32 positions
+        step(token)
+    assert static.offset == eager.offset == 32
+    with pytest.raises(MarcoError, match="context window full"):
+        decoder(torch.tensor([[1]]), static)
 
 
 def test_cpu_models_are_not_graphed(checkpoint):
