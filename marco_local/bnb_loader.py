@@ -19,8 +19,12 @@ dequantizes a whole layer. Per call:
 - int8 on CPU: `torch._weight_int8pack_mm` (per-output-channel int8 weight x activation, no activation quantization):
   LLM.int8's row-wise weight is exactly a per-channel int8 weight with scale SCB/127, so the mapping is lossless and
   several times faster than a bf16 matmul. (bitsandbytes' own int8 matmul also quantizes activations.)
-- On CUDA: bitsandbytes' kernels, as `bnb.nn.Linear4bit` / `Linear8bitLt` call them (`bnb.matmul_4bit`, and
-  `bnb.matmul` with an LLM.int8 `MatmulLtState` using the file's `llm_int8_threshold`).
+- On CUDA: 4-bit layers are prepared for CUDA graphs at load (`prepare_for_cuda_graphs`: experts stacked and a
+  token's experts dequantized in plain torch ops, bit-equal to bitsandbytes; attention dequantized into dense
+  linears); LLM.int8 runs on bitsandbytes' kernels (`bnb.matmul` with an LLM.int8 `MatmulLtState` using the file's
+  `llm_int8_threshold`), eagerly.
+- Offloading (marco_local/offload) moves each expert's tensors into slots; `use_slots` stops the linears from keeping
+  private copies (the CPU kernel's repacked layout, a cast scale) that would not follow the slot's contents.
 """
 
 from __future__ import annotations

@@ -511,7 +511,8 @@ def test_a_bnb_folder_runs_offloaded_through_the_runtime(written):
 @pytest.mark.parametrize("preset", PRESETS)
 @torch.no_grad()
 def test_offloaded_experts_on_cuda(written, preset):
-    """Slots in VRAM, the experts in pinned host RAM: bitsandbytes' CUDA kernels on the slot views."""
+    """Slots in VRAM, the experts in pinned host RAM: the CUDA paths (stacked 4-bit experts, LLM.int8 kernels) compute
+    on the slot views what the resident model computes."""
     from marco_local.offload import Placement, install
 
     folder, _ = written[preset]
@@ -559,7 +560,8 @@ def test_4bit_decode_from_cuda_graphs(written, preset, slots):
 @pytest.mark.parametrize("preset", PRESETS)
 @torch.no_grad()
 def test_cuda_kernels_match_cpu(written, preset):
-    """bitsandbytes' CUDA kernels (matmul_4bit / LLM.int8 with activation quantization) against the CPU path."""
+    """The CUDA paths against the CPU path: 4-bit as load_bnb_model prepares it for CUDA graphs (stacked experts
+    dequantized in torch ops, dense attention), int8 on bitsandbytes' LLM.int8 kernels (activation quantization)."""
     folder, _ = written[preset]
     cpu = load_bnb_model(folder, dtype=torch.float32)
     gpu = load_bnb_model(folder, dtype=torch.bfloat16, device="cuda")
@@ -567,5 +569,5 @@ def test_cuda_kernels_match_cpu(written, preset):
     a = cpu(ids, cpu.make_cache(16))
     b = gpu(ids.cuda(), gpu.make_cache(16)).float().cpu()
     assert rel_rmse(b, a) < (0.1 if preset == "int8" else 0.05)
-    one = gpu(ids[:, :1].cuda(), gpu.make_cache(4)).float().cpu()  # single token: the gemv_4bit path
+    one = gpu(ids[:, :1].cuda(), gpu.make_cache(4)).float().cpu()  # single token: gathered experts (4-bit)
     assert rel_rmse(one, a[:, :1]) < (0.1 if preset == "int8" else 0.05)
