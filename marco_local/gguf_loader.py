@@ -145,6 +145,44 @@ def _kernels() -> tuple[Callable[..., nn.Module], Callable[..., nn.Module], Call
     return qlinear.make_linear, qlinear.make_experts, qlinear.make_embedding
 
 
+def _dense_modules(
+    dtype: torch.dtype, device: torch.device
+) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """make_linear, make_experts and make_embedding that dequantize once, exactly, into plain modules on `device` in
+    `dtype`: a GGUF on CUDA, where the GGUF kernels (CPU kernels) do not run. Costs the dense size in memory (a 4-bit
+    file takes 4x its size in bf16); in return the model is the plain one, so CUDA graphs apply."""
+    from .qlinear import dequantize_rows
+
+    def param(raw: torch.Tensor, ggml_type: int) -> nn.Parameter:
+        return nn.Parameter(dequantize_rows(raw, ggml_type).to(device=device, dtype=dtype), requires_grad=False)
+
+    def make_linear(raw: torch.Tensor, ggml_type: int, out_features: int, in_features: int) -> nn.Module:
+        with meta_device():
+            linear = nn.Linear(in_features, out_features, bias=False)
+        linear.weight = param(raw, ggml_type)
+        return linear
+
+    def make_experts(gate_raw, up_raw, down_raw, ggml_types, num_experts: int, hidden: int, intermediate: int):
+        with meta_device():
+            experts = Experts(num_experts, hidden, intermediate)
+        raws = (gate_raw, up_raw, down_raw)
+        for name, raw, ggml_type in zip(("gate_proj", "up_proj", "down_proj"), raws, ggml_types, strict=True):
+            shape = getattr(experts, name).shape
+            stacked = torch.empty(shape, dtype=dtype, device=device)
+            for e in range(num_experts):  # one expert's float32 copy at a time on the host
+                stacked[e] = dequantize_rows(raw[e], ggml_type)
+            experts._parameters[name] = nn.Parameter(stacked, requires_grad=False)
+        return experts
+
+    def make_embedding(raw: torch.Tensor, ggml_type: int, num_embeddings: int, dim: int, dtype: torch.dtype):
+        with meta_device():
+            embedding = nn.Embedding(num_embeddings, dim)
+        embedding.weight = param(raw, ggml_type)
+        return embedding
+
+    return make_linear, make_experts, make_embedding
+
+
 def _unpermute_rows(raw: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation: per head, GGUF row 2j+s holds HF row s*hd/2+j (s = which half)."""
     head_dim = raw.shape[0] // n_heads
@@ -216,21 +254,29 @@ def build_model(
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
     experts_in_file: bool = False,
+    dense: bool | None = None,
 ) -> nn.Module:
     """The model the GGUF describes, projections on the file's quantized bytes, the rest as `dtype` parameters.
     `experts_in_file`: the quantized experts are neither repacked nor read (their pages stay untouched), for an
-    offload runtime (`marco_local.offload.install`) that reads them from the file on demand."""
+    offload runtime (`marco_local.offload.install`) that reads them from the file on demand. `dense` (the default off
+    the CPU): every weight dequantized into plain modules (`_dense_modules`)."""
     cfg = model_config(g)
     if f"blk.0.{_LAYER_NAMES['self_attn.q_proj']}.bias" in g:
         raise MarcoError(f"{g.path}: attention biases are not supported for {g.architecture}")
     device = torch.device(device)
-    if device.type != "cpu":  # qlinear's kernels are CPU kernels (its int4 packing is the CPU kernel's)
-        raise MarcoError(f"GGUF models run on the CPU for now, not on {device}", hint="use --device cpu")
+    dense = device.type != "cpu" if dense is None else dense
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MarcoError("a GGUF model was asked for on CUDA, but no CUDA device is available", hint="use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise MarcoError(f"GGUF models run on the CPU or on CUDA, not on {device}", hint="use --device cpu")
+    if dense and experts_in_file:
+        raise MarcoError("a GGUF's experts can stay in the file only on the CPU", hint="use --device cpu")
     with meta_device():
         model = MODEL_CLASSES[cfg.model_type](cfg)
-    make_linear, make_experts, make_embedding = _kernels()
+    make_linear, make_experts, make_embedding = _dense_modules(dtype, device) if dense else _kernels()
     unpermute = cfg.model_type == "llama"
-    _use_native_moe_blocks(model, cfg)
+    if not dense:
+        _use_native_moe_blocks(model, cfg)
 
     jobs: list[Callable[[], None]] = []
     for name, module in model.named_modules():
@@ -248,6 +294,8 @@ def build_model(
 
             jobs.append(job)
         elif isinstance(module, nn.Linear) and not name.endswith("mlp.gate"):
+            if name == "lm_head" and cfg.tie_word_embeddings and dense:
+                continue  # tied to the embedding below
             if name == "lm_head" and cfg.tie_word_embeddings:
                 info = g.info("token_embd.weight")
             else:
@@ -292,10 +340,13 @@ def build_model(
         job()
         if progress:
             progress(i + 1, len(jobs))
+    if dense and cfg.tie_word_embeddings:  # one matrix, not two dense copies of token_embd
+        model.lm_head.weight = model.model.embed_tokens.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a bug, not a user error: every meta tensor must have been replaced above
         raise RuntimeError(f"GGUF loader left meta tensors: {left[:5]}")
-    _attach_native_decoder(model)
+    if not dense:
+        _attach_native_decoder(model)
     return model.eval()
 
 
@@ -316,7 +367,8 @@ def load_gguf(
     progress: ProgressFn | None = None,
     experts_in_file: bool = False,
 ) -> tuple[nn.Module, Tokenizer]:
-    """Model and tokenizer from nothing but a .gguf file (`experts_in_file`: see `build_model`)."""
+    """Model and tokenizer from nothing but a .gguf file (`experts_in_file`, and dense modules off the CPU: see
+    `build_model`)."""
     g = GGUFFile(path)
     model_config(g)  # architecture errors before the tokenizer's
     tokenizer = load_tokenizer(g)

@@ -369,6 +369,11 @@ def _lookup(codec: Codec, raw: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return codec._dequantize_blocks(rows.reshape(-1, codec.type_size)).reshape(rows.shape[0], -1)
 
 
+def dequantize_rows(raw: torch.Tensor, ggml_type: GT | int | str) -> torch.Tensor:
+    """Every row of `raw` [rows, row_bytes] dequantized exactly to float32 [rows, row length]."""
+    return _lookup(codec_for(_as_type(ggml_type)), raw, torch.arange(raw.shape[0]))
+
+
 class QLinear(nn.Module):
     """`x @ W.T` with W kept quantized (int4 kernel) or as a zero-copy float view of the file (F32/F16/BF16)."""
 

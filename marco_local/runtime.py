@@ -99,11 +99,18 @@ def load(
 
         if device == "auto":
             dev = torch.device("cpu")  # the GGUF kernels are CPU kernels (marco_local/qlinear.py)
+        if offload and dev.type != "cpu":
+            raise MarcoError(
+                "offloading a GGUF's experts works on the CPU only (on CUDA the file is dequantized whole)",
+                hint="use --device cpu, or on CUDA a checkpoint folder (bf16 or `marco quantize --to nf4`)",
+            )
         model, tokenizer = load_gguf(
             source.path, dtype=pick_dtype(dtype), device=dev, progress=progress, experts_in_file=offload
         )
         if offload:
             install(model, placement, files=[source.path])
+        if dev.type == "cuda":
+            enable_cuda_graphs(model)
         return LoadedModel(source, model, tokenizer, dev, {})
     if is_bnb_folder(source.path):  # quantization_config.quant_method == "bitsandbytes" in config.json
         model = load_bnb_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)

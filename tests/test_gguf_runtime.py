@@ -308,6 +308,23 @@ def test_smollm2_continuation_is_sensible(smollm2):
     assert "Paris" in text
 
 
+@torch.no_grad()
+def test_smollm2_dense_as_on_cuda(smollm2):
+    """The llama path of the dense build (what CUDA runs): Q/K rows unpermuted, the output tied to the embedding;
+    logits equal the float32 exact path of the quantized runtime (1e-4), and it still knows Paris."""
+    from marco_local.gguf_loader import build_model
+
+    _, tok = smollm2
+    g = GGUFFile(smollm2_path())
+    dense = build_model(g, dtype=torch.float32, dense=True)
+    exact, _ = load_gguf(smollm2_path(), dtype=torch.float32)
+    assert dense.lm_head.weight is dense.model.embed_tokens.weight
+    ids = torch.tensor([tok.encode(PROMPT)])
+    got, want = dense(ids, dense.make_cache(32)), exact(ids, exact.make_cache(32))
+    assert rel_err(got, want) < F32_REL_TOL
+    assert "Paris" in greedy(dense, tok, tok.encode("The capital of France is"), 8)
+
+
 def test_smollm2_chat_answers(smollm2):
     model, tok = smollm2
     # A 135M model answers the bare "What is the capital of France?" with "L'Étoile, la Cité, ..." (llama.cpp too);
@@ -473,12 +490,25 @@ def test_cli_one_line_error(tmp_path):
     assert lines[0].startswith("Error:") and "truncated" in lines[0] and len(lines) <= 2
 
 
-def test_gguf_on_a_gpu_is_refused_with_a_hint():
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gguf_on_cuda_without_a_gpu_is_refused_with_a_hint():
     from marco_local.gguf_loader import build_model
 
-    with pytest.raises(MarcoError, match="CPU") as e:
+    with pytest.raises(MarcoError, match="no CUDA device") as e:
         build_model(GGUFFile(smollm2_path()), device="cuda")
     assert "--device cpu" in e.value.hint
+
+
+def test_gguf_offloading_off_the_cpu_is_refused(moe_f32):
+    from marco_local.gguf_loader import build_model
+    from marco_local.offload import Placement
+    from marco_local.runtime import load
+
+    with pytest.raises(MarcoError, match="stay in the file only on the CPU"):
+        build_model(GGUFFile(moe_f32[2]), dense=True, experts_in_file=True)
+    if torch.cuda.is_available():
+        with pytest.raises(MarcoError, match="CPU only"):
+            load(str(moe_f32[2]), device="cuda", placement=Placement(experts_resident="2"))
 
 
 def test_inconsistent_or_unknown_tokenizer_metadata():

@@ -16,7 +16,8 @@ import torch
 from gguf_fixtures import dequantized_state_dict, ids_batch, kl, rel_err, requantize, write_moe_f32
 
 from marco_local.gguf_file import GGUFFile
-from marco_local.gguf_loader import load_gguf
+from marco_local.gguf_loader import build_model, load_gguf
+from marco_local.models.qwen3_moe import Experts
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -88,8 +89,12 @@ def test_moe_type_against_dequantized_reference_and_kl(ggml_type, moe_f32, moe_t
         got = model(ids, model.make_cache(32, batch_size=2))
         model16, _ = load_gguf(path, dtype=torch.bfloat16)
         got16 = model16(ids, model16.make_cache(32, batch_size=2)).float()
+        dense = build_model(g, dtype=torch.float32, dense=True)  # what CUDA runs: dequantized once into plain modules
+        got_dense = dense(ids, dense.make_cache(32, batch_size=2))
     assert isinstance(reference, Qwen3MoeForCausalLM)
     assert rel_err(got, expected) < F32_REL_TOL
+    assert rel_err(got_dense, expected) < F32_REL_TOL
+    assert type(dense.model.layers[0].mlp.experts) is Experts and type(dense.lm_head) is torch.nn.Linear
     per_position = (got16 - expected).abs().amax(-1) / expected.abs().amax()
     assert per_position.median() < BF16_MEDIAN_TOL and kl(expected, got16) < BF16_KL_TOL
     divergence = kl(exact, got)
@@ -99,6 +104,34 @@ def test_moe_type_against_dequantized_reference_and_kl(ggml_type, moe_f32, moe_t
         f"KL-f32 {divergence:.3e} KL-bf16 {kl(exact, got16):.3e}"
     )
     assert divergence < KL_BOUND[ggml_type], f"{ggml_type}: KL {divergence:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K", "Q8_0"])
+@torch.no_grad()
+def test_gguf_on_cuda(ggml_type, moe_f32, moe_typed):
+    """A GGUF on CUDA: dequantized once into plain modules, decoded from CUDA graphs; the dense CPU model's logits
+    (float32, on the GPU's kernels: 1e-4) and its greedy tokens."""
+    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.runtime import load
+
+    path = moe_typed(ggml_type)
+    cpu = build_model(GGUFFile(path), dtype=torch.float32, dense=True)
+    loaded = load(str(path), dtype="f32", device="cuda")
+    assert isinstance(loaded.model.decode_step, GraphedDecoder)
+    ids = ids_batch(cpu.config.vocab_size, shape=(1, 12))
+    want = cpu(ids, cpu.make_cache(32))
+    got = loaded.model(ids.cuda(), loaded.model.make_cache(32)).cpu()
+    assert rel_err(got, want) < 1e-4
+    tokens = []
+    for model, device in ((cpu, "cpu"), (loaded.model, "cuda")):
+        cache, out, x = model.make_cache(40), [], ids.to(device)
+        for _ in range(16):
+            x = model(x, cache)[:, -1:].argmax(-1)
+            out.append(int(x))
+        tokens.append(out)
+    assert tokens[0] == tokens[1]
 
 
 def test_llama_quantize_q4_k_m_mix(moe_f32, tmp_path):
