@@ -89,8 +89,9 @@ def use_trace_slots(model, layers: int, tokens: int, seed: int = 0) -> None:
     for ev in trace.events:
         rows.setdefault(ev.layer, []).append(ev.experts[0])
     for x in model.offload.layers:
-        step, place = iter(rows[x.layer]), x.slots_for_token
+        step, place, split = iter(rows[x.layer]), x.slots_for_token, x.split_for_token
         x.slots_for_token = lambda row, h, step=step, place=place: place(next(step), h)
+        x.split_for_token = lambda row, h, step=step, split=split: split(next(step), h)
 
 
 def copy_bandwidth(nbytes: int = 2 * GIB) -> tuple[float, float]:
@@ -263,6 +264,9 @@ def main() -> None:
     budgets = [b for b in args.budgets.split(",") if b] if cuda else ["50%", "25%"]
     key = "gpu_mem" if cuda else "experts_resident"
     placements = [(b, Placement(**{key: b}, ctx=ctx)) for b in budgets]
+    # the middle budget with misses computed on the CPU from pinned RAM instead of copied (--expert-misses cpu)
+    middle = budgets[len(budgets) // 2]
+    placements.append((f"{middle} cpu misses", Placement(**{key: middle}, misses="cpu", ctx=ctx)))
     if args.extra:
         placements.append(("50% resident", Placement(experts_resident="50%", ctx=ctx)))
         placements.append(("prefetch", Placement(experts_resident="25%", prefetch=True, ctx=ctx)))
@@ -302,6 +306,9 @@ def main() -> None:
                     "mib_per_token": st["expert_bytes_moved"] / args.tokens / 2**20,
                     "stall_ms_per_token": 1e3 * st["expert_stall_s"] / args.tokens,
                     "prefetch_precision": st["prefetch_precision"],
+                    "cpu_experts_per_token": st["expert_cpu_computed"] / args.tokens,
+                    "miss_copy_us": st["miss_copy_us"],
+                    "miss_cpu_us": st["miss_cpu_us"],
                     "prefetch_recall": st["prefetch_recall"],
                     "fast_bytes": st["offload_fast_bytes"],
                     "peak_vram": torch.cuda.max_memory_allocated() if cuda else 0,

@@ -14,7 +14,9 @@ Offloaded experts (`--gpu-mem`, `--experts-resident`) are chosen on the host (th
 at each offloaded MoE layer: a segment runs up to that layer's router and leaves the expert ids in a buffer; the host
 reads them, makes the experts resident (`OffloadedExperts.slots_for_token`: the copies, stats and prefetch of its
 forward) and writes their slot ids to a buffer; the next segment computes the experts from their slots and runs on
-to the next router. A resident model is one segment.
+to the next router. A resident model is one segment. Where missing experts are computed on the CPU
+(`OffloadedExperts.misses_on_cpu`), the cut's resident experts get a graph of their own, replayed before the CPU
+computes the missing ones, so both run at once; the next segment adds the CPU's sum.
 
 A window's first step runs eagerly on a side stream (the warm-up capture needs), then its segments are captured;
 the step after replays them. On the CPU the segments always run eagerly (what the tests check against `forward`).
@@ -67,14 +69,24 @@ class GraphedDecoder:
         self.idx = torch.zeros(n, 1, A, dtype=torch.long, device=dev)
         self.w = torch.zeros(n, 1, A, dtype=dtype, device=dev)
         self.slot_ids = torch.zeros(n, 1, A, dtype=torch.long, device=dev)
-        self.host_slots = torch.zeros(n, 1, A, dtype=torch.long, pin_memory=dev.type == "cuda")
+        pin = dev.type == "cuda"
+        self.host_slots = torch.zeros(n, 1, A, dtype=torch.long, pin_memory=pin)
+        # cuts whose misses are computed on the CPU: a hits graph of their own (`y`, masked routing weights), the
+        # CPU's sum of the missing experts in `cpu`, added by the next segment
+        self.split = [ex.misses_on_cpu for ex in self.cut_experts]
+        self.mask = torch.ones(n, 1, A, dtype=dtype, device=dev)
+        self.host_mask = torch.ones(n, 1, A, dtype=dtype, pin_memory=pin)
+        self.y = torch.zeros(n, 1, D, dtype=dtype, device=dev)
+        self.cpu = torch.zeros(n, 1, D, dtype=dtype, device=dev)
+        self.host_cpu = torch.zeros(n, 1, D, dtype=dtype, pin_memory=pin)
         self.logits = torch.zeros(1, 1, cfg.vocab_size, dtype=dtype, device=dev)
         self.cos_row = torch.zeros(1, cfg.head_dim, dtype=dtype, device=dev)
         self.sin_row = torch.zeros(1, cfg.head_dim, dtype=dtype, device=dev)
         self.masks: dict[int, torch.Tensor] = {}
         self.cos = self.sin = torch.empty(0)
         self.pool = None  # the first graph's memory pool, shared by the later ones (they never run concurrently)
-        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # window -> one graph per segment
+        # window -> (one graph per segment, {cut: its hits graph} for split cuts)
+        self.graphs: dict[int, tuple[list[torch.cuda.CUDAGraph], dict[int, torch.cuda.CUDAGraph]]] = {}
         self.cache_key: tuple | None = None
         self.failed = False
         self.captures = 0
@@ -90,7 +102,8 @@ class GraphedDecoder:
         plain = (nn.Linear, nn.Embedding, nn.ModuleList)
         for m in model.modules():
             if isinstance(m, OffloadedExperts):
-                if not m.gather_decode or m.table.num_slots < model.config.num_experts_per_tok:
+                fits = m.table.num_slots >= model.config.num_experts_per_tok or m.misses_on_cpu
+                if not m.gather_decode or not fits:
                     return False
             elif (
                 type(m) not in plain
@@ -128,9 +141,13 @@ class GraphedDecoder:
             mask.copy_((torch.arange(window, device=self.device) <= self.pos).view(1, 1, 1, window))
             first = 0
         else:
-            y = self.cut_experts[k - 1].inner.forward_gathered(self.m[k - 1], self.slot_ids[k - 1], self.w[k - 1])
-            x = self.h[k - 1] + y.view(self.h[k - 1].shape)
-            first = self.cuts[k - 1] + 1
+            j = k - 1
+            if self.split[j]:  # the resident experts' sum came from the hits graph, the missing ones' from the CPU
+                x = self.h[j] + (self.y[j] + self.cpu[j]).view(self.h[j].shape)
+            else:
+                y = self.cut_experts[j].inner.forward_gathered(self.m[j], self.slot_ids[j], self.w[j])
+                x = self.h[j] + y.view(self.h[j].shape)
+            first = self.cuts[j] + 1
         cos, sin = self.cos_row, self.sin_row
         for i in range(first, len(layers)):
             layer = layers[i]
@@ -146,21 +163,45 @@ class GraphedDecoder:
             x = layer.forward_at(x, cos, sin, cache, self.pos, mask)
         self.logits.copy_(model.lm_head(model.model.norm(x)))
 
-    def _place(self, k: int) -> None:
-        """The host's part at cut k: read the token's expert ids, make those experts resident, hand their slots on."""
-        row = self.idx[k, 0].tolist()  # waits for the segment that routed
-        slots = self.cut_experts[k].slots_for_token(row, self.m[k])
-        self.host_slots[k, 0] = torch.tensor(slots)
-        self.slot_ids[k].copy_(self.host_slots[k], non_blocking=True)
+    def _hits(self, k: int) -> None:
+        """A split cut's resident experts from their slots (the missing ones weigh 0 here)."""
+        inner = self.cut_experts[k].inner
+        self.y[k].copy_(inner.forward_gathered(self.m[k], self.slot_ids[k], self.w[k] * self.mask[k]))
 
-    def _step(self, cache: KVCache, window: int, graphs: list[torch.cuda.CUDAGraph] | None) -> None:
+    def _place(self, k: int, hits: torch.cuda.CUDAGraph | None) -> None:
+        """The host's part at cut k: read the token's expert ids, make those experts resident, hand their slots on.
+        At a split cut: the resident experts are queued on the device (`hits`, or eagerly), then the missing ones
+        are computed on the CPU meanwhile and handed on too."""
+        row = self.idx[k, 0].tolist()  # waits for the segment that routed
+        experts = self.cut_experts[k]
+        if not self.split[k]:
+            self.host_slots[k, 0] = torch.tensor(experts.slots_for_token(row, self.m[k]))
+            self.slot_ids[k].copy_(self.host_slots[k], non_blocking=True)
+            return
+        slots, resident, missing = experts.split_for_token(row, self.m[k])
+        if missing:  # read before the hits are queued behind them
+            m_host, w_host = self.m[k].to("cpu"), self.w[k, 0].tolist()
+        self.host_slots[k, 0] = torch.tensor(slots)
+        self.host_mask[k, 0] = torch.tensor(resident)
+        self.slot_ids[k].copy_(self.host_slots[k], non_blocking=True)
+        self.mask[k].copy_(self.host_mask[k], non_blocking=True)
+        if hits is None:
+            self._hits(k)
+        else:
+            hits.replay()
+        part = experts.cpu_part(missing, row, w_host, m_host) if missing else torch.zeros(1, self.cpu.shape[-1])
+        self.host_cpu[k].copy_(part)
+        self.cpu[k].copy_(self.host_cpu[k], non_blocking=True)
+
+    def _step(self, cache: KVCache, window: int, graphs: tuple | None) -> None:
+        segments, hits = graphs if graphs is not None else (None, {})
         for k in range(len(self.cuts) + 1):
             if k:
-                self._place(k - 1)
-            if graphs is None:
+                self._place(k - 1, hits.get(k - 1))
+            if segments is None:
                 self._segment(k, cache, window)
             else:
-                graphs[k].replay()
+                segments[k].replay()
 
     def _warm_up_and_capture(self, cache: KVCache, window: int) -> None:
         """This step, eagerly on a side stream (the warm-up capture needs), then its segments captured."""
@@ -169,19 +210,22 @@ class GraphedDecoder:
         with torch.cuda.stream(side):
             self._step(cache, window, None)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graphs = []
+
+        def capture(fn) -> torch.cuda.CUDAGraph:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                fn()
+            if self.pool is None:
+                self.pool = graph.pool()
+            return graph
+
         try:
-            for k in range(len(self.cuts) + 1):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self._segment(k, cache, window)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                graphs.append(graph)
+            segments = [capture(lambda k=k: self._segment(k, cache, window)) for k in range(len(self.cuts) + 1)]
+            hits = {k: capture(lambda k=k: self._hits(k)) for k, split in enumerate(self.split) if split}
         except RuntimeError:  # this step's result is the eager one; the next steps run eagerly
             self.failed = True
             return
-        self.graphs[window] = graphs
+        self.graphs[window] = (segments, hits)
         self.captures += 1
 
     @torch.no_grad()

@@ -166,6 +166,59 @@ def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
         _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + per_slot - 1)), cuda, fixed)
 
 
+def decode_logits(model, tokens=(9, 100, 3, 77, 250, 1, 42, 8)) -> list[torch.Tensor]:
+    """Logits of single-token steps after the prompt (fixed tokens: the comparison needs no sampling)."""
+    cache = model.make_cache(len(PROMPT) + len(tokens))
+    model(torch.tensor([PROMPT]), cache)
+    return [model(torch.tensor([[t]]), cache) for t in tokens]
+
+
+@pytest.mark.parametrize("slots", ["1", "3"])
+@torch.no_grad()
+def test_misses_computed_on_the_cpu_where_they_lie(ref, slots):
+    """`--expert-misses cpu`: a decode token's resident experts from their slots, the missing ones computed from the
+    store (on the CPU here, where both tiers are RAM; on CUDA while the GPU computes the resident ones), nothing
+    copied: the same logits as the resident model (float32, another summation order), and the decoder's segments
+    (what CUDA graphs replay, split at each cut) agree with that forward."""
+    from marco_local.cuda_graphs import GraphedDecoder
+
+    folder, _, tokens, _ = ref
+    want = decode_logits(load_model(folder, dtype=torch.float32))
+    model = load_model(folder, dtype=torch.float32)
+    install(model, Placement(experts_resident=slots, misses="cpu"))
+    assert all(x.misses_on_cpu for x in model.offload.layers)
+    model.offload.reset_stats()
+    for got, ref_logits in zip(decode_logits(model), want, strict=True):
+        torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
+    stats = model.offload.stats()
+    assert stats["expert_cpu_computed"] > 0 and stats["expert_misses_on_cpu"]
+    assert greedy(model) == tokens
+    decoder = GraphedDecoder(model, min_window=8)
+    assert all(decoder.split)
+    eager, static = model.make_cache(32), model.make_cache(32)
+    static.keys.zero_(), static.values.zero_()
+    model(torch.tensor([PROMPT]), eager)
+    model(torch.tensor([PROMPT]), static)
+    for t in (9, 100, 3, 77, 250):
+        step = torch.tensor([[t]])
+        torch.testing.assert_close(decoder(step, static), model(step, eager), rtol=1e-5, atol=1e-5)
+
+
+def test_miss_handling_choices(ref):
+    folder, _, _, _ = ref
+    model = load_model(folder, dtype=torch.float32)
+    install(model, Placement(experts_resident="2"))  # auto on the CPU: copies (the cost model runs on CUDA)
+    assert not any(x.misses_on_cpu for x in model.offload.layers) and model.offload.miss_costs is None
+    from marco_local.offload.install import _miss_costs
+
+    copy_s, cpu_s = _miss_costs(model.offload.layers[0], model.config.hidden_size, torch.float32)
+    assert copy_s > 0 and cpu_s > 0
+    with pytest.raises(MarcoError, match="expert-misses cpu needs"):  # experts left in the file: nothing in RAM
+        offloaded(folder, experts_resident="2", misses="cpu")
+    with pytest.raises(MarcoError, match="unknown --expert-misses"):
+        install(load_model(folder, dtype=torch.float32), Placement(experts_resident="2", misses="sometimes"))
+
+
 def test_size_and_resident_parsing():
     assert parse_size("4GiB") == 4 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1.5GB") == 1_500_000_000
     assert parse_size("123") == 123

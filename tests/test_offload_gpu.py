@@ -76,3 +76,31 @@ def test_cuda_install_on_a_loaded_model(ref):
     install(model, Placement(experts_resident="2", prefetch=True))
     assert greedy(model) == tokens
     torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_misses_computed_on_the_cpu(ref, graphs):
+    """`--expert-misses cpu` on CUDA: resident experts on the GPU, the missing ones on the CPU from pinned RAM
+    meanwhile; same tokens as the resident model, eager and from CUDA graphs (split at each MoE layer)."""
+    from marco_local.cuda_graphs import GraphedDecoder
+
+    folder, tokens, _ = ref
+    model = load_offloaded(folder, Placement(experts_resident="1", misses="cpu"), torch.float32, "cuda")
+    assert all(x.misses_on_cpu for x in model.offload.layers)
+    if graphs:
+        assert GraphedDecoder.supports(model)
+        model.decode_step = GraphedDecoder(model, min_window=16)
+    assert greedy(model) == tokens
+    assert offload_stats(model)["expert_cpu_computed"] > 0
+    if graphs:
+        assert model.decode_step.captures >= 1 and not model.decode_step.failed
+    model.offload.close()
+
+
+def test_cuda_miss_cost_model_measures(ref):
+    folder, _, _ = ref
+    model = load_offloaded(folder, Placement(experts_resident="2"), torch.float32, "cuda")
+    copy_us, cpu_us = offload_stats(model)["miss_copy_us"], offload_stats(model)["miss_cpu_us"]
+    assert copy_us > 0 and cpu_us > 0
+    assert all(x.misses_on_cpu == (cpu_us < 0.8 * copy_us) for x in model.offload.layers)
+    model.offload.close()

@@ -461,7 +461,7 @@ def test_stacked_4bit_experts_dequantize_as_bitsandbytes_does(written, preset):
 def test_cuda_preparation_keeps_the_numbers(written, preset):
     """What load_bnb_model does on CUDA (4-bit experts stacked, 4-bit attention dequantized into nn.Linear), run on
     the CPU: same logits as the loaded model; the decoder's fixed-shape segments (what CUDA graphs replay) agree with
-    the forward, resident and offloaded. int8 layers are left alone."""
+    the forward, resident and offloaded (misses copied, or computed from the store). int8 layers are left alone."""
     from marco_local.bnb_loader import StackedExperts4bit, prepare_for_cuda_graphs
     from marco_local.cuda_graphs import GraphedDecoder
     from marco_local.offload import Placement, install
@@ -478,7 +478,7 @@ def test_cuda_preparation_keeps_the_numbers(written, preset):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     if not four_bit:
         return
-    for placement in (None, Placement(experts_resident="2")):
+    for placement in (None, Placement(experts_resident="2"), Placement(experts_resident="2", misses="cpu")):
         model = load_bnb_model(folder, dtype=torch.float32)
         prepare_for_cuda_graphs(model)
         if placement:

@@ -11,7 +11,18 @@ from rich.table import Table
 
 from ..errors import MarcoError
 from . import ui
-from .options import Device, Dtype, ExpertPolicy, ExpertProfile, ExpertsResident, GpuMem, ModelArg, Prefetch, RamMem
+from .options import (
+    Device,
+    Dtype,
+    ExpertMisses,
+    ExpertPolicy,
+    ExpertProfile,
+    ExpertsResident,
+    GpuMem,
+    ModelArg,
+    Prefetch,
+    RamMem,
+)
 
 EPILOG = (
     "Measures a 512-token prompt processed in one batch and 128 greedily decoded tokens (random token ids), "
@@ -36,6 +47,7 @@ def bench(
     profile: ExpertProfile = None,
     expert_policy: ExpertPolicy = "lru",
     prefetch: Prefetch = False,
+    expert_misses: ExpertMisses = "auto",
 ) -> None:
     """Measure prompt processing and decode speed (tokens/s) and peak memory."""
     import torch
@@ -50,7 +62,7 @@ def bench(
     if threads:
         torch.set_num_threads(threads)
     ctx = max(prompt_tokens, decode_tokens + 1)  # what run_benchmark's cache holds: the budget counts it
-    placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx)
+    placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
     with ui.progress("loading") as cb:
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
     with ui.progress("benchmarking") as cb:

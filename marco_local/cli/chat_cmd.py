@@ -18,6 +18,7 @@ from .options import (
     Ctx,
     Device,
     Dtype,
+    ExpertMisses,
     ExpertPolicy,
     ExpertProfile,
     ExpertsResident,
@@ -68,6 +69,7 @@ def chat(
     profile: ExpertProfile = None,
     expert_policy: ExpertPolicy = "lru",
     prefetch: Prefetch = False,
+    expert_misses: ExpertMisses = "auto",
 ) -> None:
     """Chat with a model in the terminal. Without a terminal on stdin: answer the piped message and exit."""
     from ..chat import ChatSession, ChatSettings
@@ -79,7 +81,7 @@ def chat(
     text = "" if interactive else read_stdin_prompt()
     if not interactive and not text.strip():
         raise MarcoError("no input on stdin", hint="run marco chat in a terminal, or pipe a message into it")
-    placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx)
+    placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
     with ui.progress("loading") as cb:
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
     chosen = lm.sampling(

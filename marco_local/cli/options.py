@@ -40,6 +40,14 @@ ExpertProfile = Annotated[
     typer.Option("--profile", help="Expert profile (marco profile): warms the cache; the static policy's hot set."),
 ]
 ExpertPolicy = Annotated[str, typer.Option("--expert-policy", help="Expert cache eviction: lru, lfu or static.")]
+ExpertMisses = Annotated[
+    str,
+    typer.Option(
+        "--expert-misses",
+        help="A missing expert: copy it into fast memory, compute it on the cpu where it lies (CUDA: while the GPU "
+        "computes the resident ones), or auto (measured at load).",
+    ),
+]
 Prefetch = Annotated[
     bool,
     typer.Option(

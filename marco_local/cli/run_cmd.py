@@ -13,6 +13,7 @@ from .options import (
     Ctx,
     Device,
     Dtype,
+    ExpertMisses,
     ExpertPolicy,
     ExpertProfile,
     ExpertsResident,
@@ -68,6 +69,7 @@ def run(
     profile: ExpertProfile = None,
     expert_policy: ExpertPolicy = "lru",
     prefetch: Prefetch = False,
+    expert_misses: ExpertMisses = "auto",
     trace: Annotated[str | None, typer.Option(help="Write the expert routing trace (JSON lines) to this file.")] = None,
 ) -> None:
     """Answer one prompt and exit. Only the answer goes to stdout."""
@@ -80,7 +82,7 @@ def run(
     if not text.strip():
         raise MarcoError("empty prompt", hint="pass a prompt argument or pipe text into marco run")
     with ui.progress("loading") as cb:
-        placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx)
+        placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
     if raw:
         prompt_text = text

@@ -86,6 +86,7 @@ class Placement:
     policy: str = "lru"
     prefetch: bool = False
     ctx: int = 4096  # tokens the KV cache is sized for (counted in the budget)
+    misses: str = "auto"  # a missing expert: "copy" into a slot, compute on the "cpu" where it lies, or "auto"
 
     @property
     def active(self) -> bool:

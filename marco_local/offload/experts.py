@@ -6,8 +6,13 @@ an expert that sits in that slot. `forward` keeps `Experts.forward`'s routing lo
 id, ascending), so the output is bit-identical to the non-offloaded module for every number of slots; when one call
 needs more experts than slots (a prefill chunk), it streams the layer double-buffered: groups of S // 2 experts, the
 next group loading (CPU loader thread, or CUDA copy stream) while the current one computes. A single token
-through an inner module with its own `forward` (a quantized decode kernel that walks idx in routing order) goes to
-that forward with slot ids instead.
+through an inner module with its own `forward` (a quantized decode kernel that walks idx in routing order), or
+through stacked experts on CUDA (gathered by slot id), goes to that forward with slot ids instead.
+
+Misses computed where they lie (`misses_on_cpu`, chosen by install's cost model or `--expert-misses cpu`): a single
+token's resident experts run from their slots (queued on the device), its missing ones on the CPU from the store's
+rows through `twin()` (the inner module bound to the store, no copy) meanwhile; nothing is copied and the cache does
+not change. Needs a store in host RAM (`MemoryStore`: CUDA's pinned tier).
 
 Invariants: owns the fast-tier slots and never allocates them again (decode allocates no slot memory); never evicts
 an expert the current group needs; a speculative prefetch for this layer finishes (CPU thread) or is ordered before
@@ -18,6 +23,7 @@ waiting for experts (on CUDA the waits are device-side, so it stays near zero th
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future
@@ -29,7 +35,7 @@ from torch import nn
 from ..models.qwen3_moe import Experts
 from .policy import Policy
 from .slots import SlotTable
-from .store import ExpertLayout, ExpertStore
+from .store import ExpertLayout, ExpertStore, MemoryStore
 
 
 class OffloadedExperts(nn.Module):
@@ -60,6 +66,10 @@ class OffloadedExperts(nn.Module):
         # after the routing has been read)
         self.gather_decode = self.device.type == "cuda" and getattr(inner, "gathers", False)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # miss handling (install's cost model): False copies a missing expert into a slot; True computes it on the
+        # CPU from the store while the device computes the resident ones (`cpu_twin`: the inner module on the store)
+        self.misses_on_cpu = False
+        self.cpu_twin: nn.Module | None = None
         # speculation: the next layer's router and cache, set by `link`
         self.next: OffloadedExperts | None = None
         self.next_gate: nn.Module | None = None
@@ -72,6 +82,7 @@ class OffloadedExperts(nn.Module):
     def reset_stats(self) -> None:
         self.bytes_moved = self.prefetch_bytes = 0
         self.stall_s = 0.0
+        self.cpu_experts, self.cpu_s = 0, 0.0
         self.pred_total = self.pred_hit = self.actual_total = 0
         self.table.hits = self.table.misses = self.table.calls = 0
 
@@ -172,6 +183,8 @@ class OffloadedExperts(nn.Module):
         experts, counts = experts_t.tolist(), counts_t.tolist()
         self._settle(experts)
         self._speculate(x)
+        if self.misses_on_cpu and x.shape[0] == 1 and getattr(self.inner, "gathers", False):
+            return self._decode_split(x, idx, weights, experts)
         if (self.own_forward or self.gather_decode) and x.shape[0] == 1 and len(experts) <= self.table.num_slots:
             # a quantized module's batched decode kernel, or the gathered CUDA decode: they walk idx in routing
             # order, so slot ids change nothing
@@ -204,6 +217,63 @@ class OffloadedExperts(nn.Module):
             elif nxt is not None:  # a single slot: nothing to overlap, the next group replaces this one
                 self._fetch(self.table.assign(*nxt))
         return out
+
+    # -- misses computed where they lie ------------------------------------------------------------------------------
+    def can_compute_on_cpu(self) -> bool:
+        """The store holds every expert in host RAM, as plain registered tensors of the inner module."""
+        kinds = {f.kind for f in self.layout.fields}
+        return isinstance(self.store, MemoryStore) and kinds <= {"param", "buffer"} and hasattr(self.inner, "gathers")
+
+    def twin(self) -> nn.Module:
+        """The inner module's twin on the CPU, its experts views of the store's rows (built once, no copy)."""
+        if self.cpu_twin is None:
+            twin = copy.copy(self.inner)
+            twin._parameters, twin._buffers = dict(self.inner._parameters), dict(self.inner._buffers)
+            self.layout.bind(twin, self.store.rows)
+            for name, t in twin._buffers.items():  # what every expert shares (StackedExperts4bit's code table)
+                if t is not None and t.device.type != "cpu":
+                    twin._buffers[name] = t.cpu()
+            self.cpu_twin = twin
+        return self.cpu_twin
+
+    def cpu_part(self, missing: list[int], row: list[int], weights: list[float], x: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the `missing` experts of one token (`row`: its experts in routing order, `weights`
+        theirs) for the MoE input `x` (on the host), computed on the CPU from the store: [1, D] float32."""
+        t0 = time.perf_counter()
+        twin, x = self.twin(), x.reshape(1, -1)
+        out = torch.zeros(1, x.shape[1])
+        for e in missing:
+            w = sum(wt for ex, wt in zip(row, weights, strict=True) if ex == e)
+            out += w * twin.expert_forward(e, x).float()
+        self.cpu_experts += len(missing)
+        self.cpu_s += time.perf_counter() - t0
+        return out
+
+    def split_for_token(self, row: list[int], x: torch.Tensor) -> tuple[list[int], list[float], list[int]]:
+        """One token, misses computed on the CPU: (slot per expert in routing order, 1/0 whether it is resident, the
+        missing experts). What `forward` does first (prefetch scoring and speculation, the access count); nothing is
+        copied. A missing expert gets slot 0 with weight 0."""
+        experts = sorted(set(row))
+        self._settle(experts)
+        self._speculate(x)
+        missing = self.table.account(experts)
+        slot_of = self.table.slot_of
+        return [max(slot_of[e], 0) for e in row], [float(slot_of[e] >= 0) for e in row], missing
+
+    def _decode_split(
+        self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: list[int]
+    ) -> torch.Tensor:
+        """One token: the resident experts from their slots (queued on the device), the missing ones on the CPU from
+        the store meanwhile; the sum of both."""
+        missing = self.table.account(experts)
+        row, slot_of = idx[0].tolist(), self.table.slot_of
+        x_host, w_host = x.to("cpu"), weights[0].tolist()  # read before the device work is queued
+        slots = torch.tensor([[max(slot_of[e], 0) for e in row]], device=idx.device)
+        mask = torch.tensor([[float(slot_of[e] >= 0) for e in row]], dtype=weights.dtype, device=weights.device)
+        y = self.inner.forward_gathered(x, slots, weights * mask)
+        if missing:
+            y = y + self.cpu_part(missing, row, w_host, x_host).to(device=y.device, dtype=y.dtype)
+        return y
 
     def slots_for_token(self, row: list[int], x: torch.Tensor) -> list[int]:
         """One token's experts `row` (routing order) made resident, for a caller that computes them itself from the
@@ -240,6 +310,8 @@ class OffloadedExperts(nn.Module):
             "bytes_moved": self.bytes_moved,
             "prefetch_bytes": self.prefetch_bytes,
             "stall_s": self.stall_s,
+            "cpu_experts": self.cpu_experts,
+            "cpu_s": self.cpu_s,
             "prefetch_precision": self.pred_hit / self.pred_total if self.pred_total else None,
             "prefetch_recall": self.pred_hit / self.actual_total if self.actual_total else None,
         }

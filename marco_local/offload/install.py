@@ -14,6 +14,7 @@ Invariant: the plan is computed and checked against the budget before any expert
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,6 +61,7 @@ class OffloadRuntime:
 
     def __init__(self, layers: list[OffloadedExperts], plan: Plan, executor: ThreadPoolExecutor | None) -> None:
         self.layers, self.plan, self.executor = layers, plan, executor
+        self.miss_costs: tuple[float, float] | None = None  # (copy, CPU compute) seconds per expert, when measured
 
     @property
     def fast_bytes(self) -> int:
@@ -89,6 +91,11 @@ class OffloadRuntime:
             "expert_stall_s": sum(s["stall_s"] for s in per_layer),
             "prefetch_precision": pred_hit / pred if pred else None,
             "prefetch_recall": pred_hit / actual if actual else None,
+            "expert_misses_on_cpu": any(x.misses_on_cpu for x in self.layers),
+            "expert_cpu_computed": sum(s["cpu_experts"] for s in per_layer),
+            "expert_cpu_s": sum(s["cpu_s"] for s in per_layer),
+            "miss_copy_us": None if self.miss_costs is None else 1e6 * self.miss_costs[0],
+            "miss_cpu_us": None if self.miss_costs is None else 1e6 * self.miss_costs[1],
             "offload_budget_bytes": self.plan.budget,
             "offload_fixed_bytes": self.plan.fixed_bytes,
             "offload_fast_bytes": self.fast_bytes,
@@ -245,8 +252,57 @@ def _wrap(
         for x in layers:
             x.reset_stats()
     rt = OffloadRuntime(layers, plan, executor)
+    _choose_miss_handling(rt, placement, cfg, model.model.norm.weight.dtype)
     model.offload = rt
     return rt
+
+
+MISS_HANDLING = ("auto", "copy", "cpu")
+CPU_MISS_MARGIN = 0.8  # auto computes misses on the CPU only when that is clearly cheaper than a copy
+
+
+def _miss_costs(x: OffloadedExperts, hidden: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Seconds (medians of 5) to copy one expert into a slot, and to compute one expert for one token on the CPU."""
+    cuda = x.device.type == "cuda"
+
+    def median_time(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(5):
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[2]
+
+    twin, token, row = x.twin(), torch.randn(1, hidden).to(dtype), torch.empty_like(x.slots[0])
+    copy_s = median_time(lambda: x.store.read_into(0, row))  # into a row of its own: the slots keep their experts
+    cpu_s = median_time(lambda: twin.expert_forward(0, token))
+    return copy_s, cpu_s
+
+
+def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: torch.dtype) -> None:
+    """Copy a missing expert into a slot, or compute it on the CPU where it lies (pinned host RAM) while the GPU
+    computes the resident ones: `auto` measures both on this machine (CUDA) and takes the CPU when it is clearly
+    cheaper (on an H200: copy 42 us, CPU 100-120 us per bf16 Nano expert, so copies)."""
+    if placement.misses not in MISS_HANDLING:
+        raise MarcoError(f"unknown --expert-misses {placement.misses!r}", hint="use auto, copy or cpu")
+    able = all(x.can_compute_on_cpu() for x in rt.layers)
+    on_cpu = False
+    if placement.misses == "cpu":
+        if not able:
+            raise MarcoError(
+                "--expert-misses cpu needs the experts in host RAM as plain tensors (a checkpoint folder on CUDA)",
+                hint="use --expert-misses copy",
+            )
+        on_cpu = True
+    elif placement.misses == "auto" and able and rt.layers[0].device.type == "cuda":
+        rt.miss_costs = _miss_costs(rt.layers[0], cfg.hidden_size, dtype)
+        on_cpu = rt.miss_costs[1] < CPU_MISS_MARGIN * rt.miss_costs[0]
+    for x in rt.layers:
+        x.misses_on_cpu = on_cpu
 
 
 def _fmt_gib(n: int) -> str:

@@ -69,6 +69,16 @@ class SlotTable:
         self.policy.access(experts)
         return loads
 
+    def account(self, experts: Sequence[int]) -> list[int]:
+        """Count one access of `experts` without placing those that are missing (they are computed where they lie,
+        not copied); return the missing ones. The resident ones count as used for the eviction policy."""
+        missing = [e for e in experts if self.slot_of[e] < 0]
+        self.hits += len(experts) - len(missing)
+        self.misses += len(missing)
+        self.calls += 1
+        self.policy.access([e for e in experts if self.slot_of[e] >= 0])
+        return missing
+
     def preload(self, experts: Sequence[int]) -> list[tuple[int, int]]:
         """Bring in speculated or profile-hot experts (not counted as accesses); at most num_slots of them."""
         experts = list(experts)[: self.num_slots]
