@@ -6,7 +6,7 @@
 #   ls .gpu/site/bitsandbytes/lib*.so | grep -v -e _cpu -e cuda130 | xargs rm   # the image's torch is cu130
 # Logs and JSON go to $OUT (default ./gpu-out).
 # STAGES picks the stages (default "tests speed cli"; the suite needs a call of its own: ~4 minutes there):
-#   tests  the GPU tests (offloading and CUDA graphs on CUDA, bitsandbytes' CUDA kernels against the CPU path)
+#   tests  the GPU tests (offloading, CUDA graphs, bitsandbytes and GGUF on CUDA against the CPU paths)
 #   speed  bench/cuda_speed.py (Nano-shaped bf16 decode/prefill, resident and offloaded under VRAM budgets); SPEED_ARGS
 #   nf4    the same with bitsandbytes nf4 linears (the q4 model of the 8/4/2 GiB budgets)
 #   cli    `marco run` and `marco bench` on the demo model (device "auto" = CUDA there)
@@ -26,8 +26,9 @@ torch.version.cuda, transformers.__version__, bitsandbytes.__version__, typer.__
 } 2>&1 | tee "$OUT/env.log"
 if [[ " $STAGES " == *" tests "* ]]; then
   echo "== gpu tests"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
-    tests/test_quantize_bnb.py tests/test_cuda_graphs.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
+    tests/test_quantize_bnb.py tests/test_cuda_graphs.py tests/test_gguf_types.py tests/test_gguf_runtime.py 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [[ " $STAGES " == *" speed "* ]]; then
   echo "== cuda_speed"
