@@ -456,6 +456,35 @@ def test_stacked_4bit_experts_dequantize_as_bitsandbytes_does(written, preset):
     torch.testing.assert_close(stacked.forward_gathered(x, idx, weights), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@torch.no_grad()
+def test_stacked_4bit_from_any_bitsandbytes_state(quant_type, nested, blocksize):
+    """States bitsandbytes itself makes (as transformers writes them: double quantization on or off, other block
+    sizes): the stacked dequantization equals bitsandbytes' for every expert. (Rows a whole number of blocks long, as
+    in the Marco models: where a block spans rows, bitsandbytes 0.50's CPU kernel disagrees with its own reference
+    implementation and round-trips 3x worse; ours equals the reference there.)"""
+    from marco_local.bnb_loader import Linear4bit, StackedExperts4bit
+
+    g = torch.Generator().manual_seed(blocksize + nested)
+
+    def linear(out_features: int, in_features: int) -> Linear4bit:
+        w = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
+        packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+        return Linear4bit(packed, state, None)
+
+    gate, up, down = ([linear(*shape) for _ in range(3)] for shape in ((64, 256), (64, 256), (256, 128)))
+    assert StackedExperts4bit.convertible(gate, up, down)
+    stacked = StackedExperts4bit(gate, up, down)
+    for name, linears in zip(StackedExperts4bit.PROJECTIONS, (gate, up, down), strict=True):
+        for e, lin in enumerate(linears):
+            assert torch.equal(stacked._dense(name, e, torch.float32), lin.dequantize().float()), (name, e)
+    odd = linear(64, 256)
+    odd.quant_state.blocksize *= 2  # one expert of another block size: not stackable
+    assert not StackedExperts4bit.convertible([*gate[:2], odd], up, down)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 @torch.no_grad()
 def test_cuda_preparation_keeps_the_numbers(written, preset):
