@@ -179,8 +179,7 @@ class GraphedDecoder:
             self.slot_ids[k].copy_(self.host_slots[k], non_blocking=True)
             return
         slots, resident, missing = experts.split_for_token(row, self.m[k])
-        if missing:  # read before the hits are queued behind them
-            m_host, w_host = self.m[k].to("cpu"), self.w[k, 0].tolist()
+        m_host, w_host = (self.m[k].to("cpu"), self.w[k, 0].tolist()) if missing else (None, None)  # before the hits
         self.host_slots[k, 0] = torch.tensor(slots)
         self.host_mask[k, 0] = torch.tensor(resident)
         self.slot_ids[k].copy_(self.host_slots[k], non_blocking=True)
