@@ -220,9 +220,11 @@ class OffloadedExperts(nn.Module):
 
     # -- misses computed where they lie ------------------------------------------------------------------------------
     def can_compute_on_cpu(self) -> bool:
-        """The store holds every expert in host RAM, as plain registered tensors of the inner module."""
+        """The store holds every expert in host RAM, as plain registered tensors of an inner module that computes
+        experts gathered by slot id (the resident part of a split token)."""
         kinds = {f.kind for f in self.layout.fields}
-        return isinstance(self.store, MemoryStore) and kinds <= {"param", "buffer"} and hasattr(self.inner, "gathers")
+        gathers = getattr(self.inner, "gathers", False)
+        return isinstance(self.store, MemoryStore) and kinds <= {"param", "buffer"} and gathers
 
     def twin(self) -> nn.Module:
         """The inner module's twin on the CPU, its experts views of the store's rows (built once, no copy)."""
