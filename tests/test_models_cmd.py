@@ -143,6 +143,18 @@ def test_info_on_a_nano_shaped_checkpoint_reads_headers_only(tmp_path):
     assert budget.fast_bytes <= 4 << 30 and budget.ram_bytes == (232 - slots) * mi.one_expert_bytes * 28
 
 
+def test_info_on_a_gguf_counts_what_cuda_would_hold():
+    """A GGUF on CUDA is dequantized whole (bf16) and offloads only on the CPU: no GPU-budget row."""
+    from gguf_fixtures import smollm2_path
+
+    path = smollm2_path()
+    mi = model_info(str(path), ctx=1024)
+    assert [pl.name for pl in mi.placements] == ["all on GPU", "CPU only"]
+    gpu_all, cpu = mi.placements
+    assert gpu_all.fast_bytes == mi.params.total * 2 + mi.kv_bytes + (256 << 20) and "dequantized" in gpu_all.note
+    assert cpu.ram_bytes == mi.weight_bytes + mi.kv_bytes + (256 << 20) < gpu_all.fast_bytes
+
+
 def test_info_cli_table_and_json(tmp_path):
     folder = header_only_checkpoint(tmp_path / "nano", NANO)
     code, out, err = cli("info", str(folder), "--gpu-mem", "4GiB")
