@@ -227,7 +227,7 @@ class GraphedDecoder:
         self.graphs[window] = (segments, hits)
         self.captures += 1
 
-    @torch.no_grad()
+    @torch.inference_mode()  # always: its buffers may be first made under either mode (generate uses inference mode)
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if cache.offset + 1 > cache.max_len:
             raise MarcoError(

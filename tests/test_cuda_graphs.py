@@ -89,6 +89,23 @@ def test_offloaded_step_matches_forward(make_checkpoint, shape, slots):
     model.offload.close()
 
 
+def test_a_decoder_used_in_and_out_of_inference_mode(checkpoint):
+    """generate() decodes under torch.inference_mode, a caller may not: buffers made in one (a window's mask) are
+    written in the other, which torch forbids for inference tensors unless the step itself runs in inference mode."""
+    folder, _ = checkpoint
+    model = load_model(folder, dtype=torch.float32)
+    decoder = GraphedDecoder(model, min_window=8)
+    cache = model.make_cache(16)
+    cache.keys.zero_(), cache.values.zero_()
+    with torch.no_grad():
+        model(torch.tensor([PROMPT[:3]]), cache)
+    with torch.inference_mode():
+        first = decoder(torch.tensor([[5]]), cache)
+    with torch.no_grad():
+        second = decoder(torch.tensor([[6]]), cache)  # the same window (8): its mask is rewritten
+    assert torch.isfinite(first).all() and torch.isfinite(second).all() and cache.offset == 5
+
+
 @torch.no_grad()
 def test_a_chat_that_trims_and_refills_the_cache(checkpoint):
     """A chat reuses one cache: decode, drop the last tokens (a regenerated reply), prefill a new turn, decode on.
