@@ -282,26 +282,31 @@ class StackedExperts4bit(Experts):
 
 
 def prepare_for_cuda_graphs(model: Qwen3MoeForCausalLM) -> None:
-    """Make a bnb model's one-token step graph-capturable on CUDA: 4-bit experts stacked (`StackedExperts4bit`), 4-bit
-    attention linears dequantized into bf16/fp16 `nn.Linear`s (bitsandbytes' matmul is not known to be capturable;
-    attention is ~7% of Marco-Nano's weights: +264 MB in bf16). LLM.int8 layers stay as they are (not capturable:
-    the model then decodes eagerly)."""
+    """Make a bnb model's one-token step graph-capturable on CUDA: 4-bit experts stacked (`StackedExperts4bit`), every
+    other 4-bit linear (attention, a dense FFN) dequantized into a bf16/fp16 `nn.Linear` (bitsandbytes' matmul is not
+    known to be capturable; attention is ~7% of Marco-Nano's weights: +264 MB in bf16). LLM.int8 layers stay as they
+    are (not capturable: the model then decodes eagerly)."""
     dtype = model.model.norm.weight.dtype
     for layer in model.model.layers:
-        attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(attn, name)
-            if isinstance(lin, Linear4bit):
-                dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
-                dense.weight = nn.Parameter(lin.dequantize().to(dtype), requires_grad=False)
-                if lin.bias is not None:
-                    dense.bias = nn.Parameter(lin.bias.to(dtype), requires_grad=False)
-                setattr(attn, name, dense)
         experts = getattr(layer.mlp, "experts", None)
         if isinstance(experts, QuantizedExperts):
             lists = (list(experts.gate_proj), list(experts.up_proj), list(experts.down_proj))
             if StackedExperts4bit.convertible(*lists):
                 layer.mlp.experts = StackedExperts4bit(*lists)
+        for parent in layer.modules():
+            if isinstance(parent, QuantizedExperts):
+                continue  # not stackable: left to bitsandbytes (eager decode)
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, Linear4bit):
+                    setattr(parent, name, _dense_linear(lin, dtype))
+
+
+def _dense_linear(lin: Linear4bit, dtype: torch.dtype) -> nn.Linear:
+    dense = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+    dense.weight = nn.Parameter(lin.dequantize().to(dtype), requires_grad=False)
+    if lin.bias is not None:
+        dense.bias = nn.Parameter(lin.bias.to(dtype), requires_grad=False)
+    return dense
 
 
 class _Store:

@@ -95,15 +95,18 @@ class GraphedDecoder:
     def supports(model: nn.Module) -> bool:
         if os.environ.get("MARCO_CUDA_GRAPHS", "1") == "0" or not isinstance(model, Qwen3MoeForCausalLM):
             return False
-        if model.model.norm.weight.device.type != "cuda":
-            return False
-        # the model file's own modules, plain torch layers and modules that declare `graph_safe` (bnb_loader's
-        # StackedExperts4bit) only: other replacements (bitsandbytes linears, QExperts, ...) have host-side paths
+        return model.model.norm.weight.device.type == "cuda" and GraphedDecoder.capturable(model)
+
+    @staticmethod
+    def capturable(model: Qwen3MoeForCausalLM) -> bool:
+        """Whether the step holds no host-side path, whatever the device: the model file's own modules, plain torch
+        layers and modules that declare `graph_safe` (bnb_loader's StackedExperts4bit) only (bitsandbytes linears,
+        QExperts, ... read back to the host); offloaded experts stacked, with a slot for each of a token's experts."""
         plain = (nn.Linear, nn.Embedding, nn.ModuleList)
         for m in model.modules():
             if isinstance(m, OffloadedExperts):
                 fits = m.table.num_slots >= model.config.num_experts_per_tok or m.misses_on_cpu
-                if not m.gather_decode or not fits:
+                if not getattr(m.inner, "gathers", False) or not fits:  # on CUDA: `gather_decode`
                     return False
             elif (
                 type(m) not in plain

@@ -503,6 +503,8 @@ def test_cuda_preparation_keeps_the_numbers(written, preset):
     four_bit = preset != "int8"
     assert isinstance(model.model.layers[0].mlp.experts, StackedExperts4bit) == four_bit
     assert (type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear) == four_bit
+    assert (type(model.model.layers[1].mlp.gate_proj) is torch.nn.Linear) == four_bit  # the dense FFN layer
+    assert GraphedDecoder.capturable(model) == four_bit  # what supports() asks on CUDA
     for got, ref in zip(steps(model, ids), want, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     if not four_bit:
@@ -512,6 +514,7 @@ def test_cuda_preparation_keeps_the_numbers(written, preset):
         prepare_for_cuda_graphs(model)
         if placement:
             install(model, placement)
+        assert GraphedDecoder.capturable(model)
         decoder = GraphedDecoder(model, min_window=8)  # on the CPU its segments run eagerly
         eager, static = model.make_cache(24), model.make_cache(24)
         static.keys.zero_(), static.values.zero_()
