@@ -147,9 +147,10 @@ def test_each_budget_flag_belongs_to_its_device():
 
 
 def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
-    """On CUDA a decode token's experts are gathered out of the slots and cuBLAS allocates its workspace from the
-    same pool: the plan counts both before sizing the slots (an H200 run overshot the budget without them)."""
-    from marco_local.offload.budget import CUDA_LIBRARY_RESERVE
+    """On CUDA a decode token's experts are gathered out of the slots (twice: in the graphs' pool and in an eager
+    step), and cuBLAS's workspaces and the graphs' pool come from the same allocator: the plan counts them before
+    sizing the slots (H200 runs overshot the budget without them)."""
+    from marco_local.offload.budget import CUDA_GRAPH_POOL_RESERVE, CUDA_LIBRARY_RESERVE
     from marco_local.offload.install import _make_plan, _moe_blocks
     from marco_local.offload.store import ExpertLayout
 
@@ -158,7 +159,8 @@ def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
     layout = ExpertLayout(blocks[0][1].experts, cfg.num_experts)
     per_slot = layout.expert_bytes * len(blocks)
     dense = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # float32 temporaries of a gathered expert
-    scratch = cfg.num_experts_per_tok * max(layout.expert_bytes, dense) + CUDA_LIBRARY_RESERVE
+    gathered = cfg.num_experts_per_tok * max(layout.expert_bytes, dense)
+    scratch = 2 * gathered + CUDA_LIBRARY_RESERVE + CUDA_GRAPH_POOL_RESERVE
     fixed, cuda = 1 << 20, torch.device("cuda")
     plan = _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + 3 * per_slot)), cuda, fixed)
     assert plan.scratch_bytes == scratch and plan.slots == 3

@@ -34,18 +34,24 @@ AUTO_GPU_MARGIN = 512 << 20  # `--gpu-mem auto` leaves this much VRAM free for t
 # Working memory counted with the fixed part: activations of a prefill chunk, the allocator's slack, per-shape kernel
 # buffers. Measured at ~8 MiB on a 256-wide test model (tests/test_offload_disk.py); doubled for wider models.
 WORKING_RESERVE = 16 << 20
-# On CUDA the budget also holds a decode token's experts gathered out of their slots (transient) and cuBLAS's
-# workspace, which comes from the same allocator (32 MiB per stream on Hopper). With WORKING_RESERVE alone, the
-# Nano-shaped bench (bench/cuda_speed.py, H200) peaked 68 MB above the weights and KV cache, so 50-86 MB over its
-# 8, 4 and 2 GiB budgets.
+# On CUDA the budget also holds what the allocator hands to libraries and to CUDA graphs:
+# - cuBLAS's workspaces, one per stream it runs on (32 MiB each on Hopper): the compute stream and the graphs' side
+#   stream (cuda_graphs.side_stream);
+# - the captured decode step's memory pool (its intermediates other than the gathered experts).
+# History: with 16 MiB of working reserve alone the Nano-shaped bench (bench/cuda_speed.py, H200) peaked 50-86 MB over
+# its 8, 4 and 2 GiB budgets (eager decode). With 64 MiB here and one gathered token counted, decoding from CUDA
+# graphs peaked 80-187 MB over; that process had made a new side stream (and workspace) for each capture, which the
+# side stream fixed, and the graphs' pool and the eager warm-up each hold a token's gathered experts.
 CUDA_LIBRARY_RESERVE = 64 << 20
+CUDA_GRAPH_POOL_RESERVE = 32 << 20
 
 
 def cuda_scratch_bytes(top_k: int, expert_bytes: int, hidden: int, intermediate: int) -> int:
     """VRAM an offloaded CUDA model needs beyond weights, slots, KV cache and WORKING_RESERVE: a token's experts
-    gathered (as stored, or dequantized with float32 temporaries: 4-bit experts) and the library workspace."""
-    dense = 3 * hidden * intermediate * 4
-    return top_k * max(expert_bytes, dense) + CUDA_LIBRARY_RESERVE
+    gathered (as stored, or dequantized with float32 temporaries: 4-bit experts) twice (the graphs' pool keeps one,
+    an eager step or the warm-up makes another), the library workspaces and the rest of the graphs' pool."""
+    gathered = top_k * max(expert_bytes, 3 * hidden * intermediate * 4)
+    return 2 * gathered + CUDA_LIBRARY_RESERVE + CUDA_GRAPH_POOL_RESERVE
 
 
 def parse_size(text: str) -> int:
