@@ -96,11 +96,32 @@ def _vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def write_f16_gguf(path: Path, seed: int = 0) -> None:
+# llama.cpp's Q4_K_M recipe as llama-quantize applied it to this model (read back from its file): Q4_K by default,
+# token_embd Q6_K, and in every other layer from the first three on attn_v Q6_K and ffn_down_exps Q8_0 (Q6_K has no
+# 384-wide rows: its fallback), else attn_v Q4_K and ffn_down_exps Q5_0.
+Q4_K_M_BOOSTED = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26, 27}
+
+
+def _q4_k_m_type(name: str, layer: int | None) -> str:
+    if name == "token_embd":
+        return "Q6_K"
+    if name == "attn_v":
+        return "Q6_K" if layer in Q4_K_M_BOOSTED else "Q4_K"
+    if name == "ffn_down_exps":
+        return "Q8_0" if layer in Q4_K_M_BOOSTED else "Q5_0"
+    return "Q4_K"
+
+
+def write_nano_gguf(path: Path, mix: str = "f16", seed: int = 0, layers: int | None = None) -> None:
+    """A Marco-Nano-shaped GGUF with random weights. `mix` "f16": every matrix F16 (llama-quantize's input).
+    "q4_k_m": encoded by our own codecs (quant/ggml_codecs.py) with llama.cpp's Q4_K_M type per tensor, for machines
+    without llama.cpp (the CUDA bench); each distinct array is encoded once."""
     import gguf
     import torch
 
-    c = NANO
+    from quant.ggml_codecs import codec_for
+
+    c = dict(NANO, layers=layers or NANO["layers"])
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, std: float = 0.02) -> np.ndarray:
@@ -124,7 +145,8 @@ def write_f16_gguf(path: Path, seed: int = 0) -> None:
     w.add_key_length(c["head_dim"])
     w.add_value_length(c["head_dim"])
     w.add_expert_feed_forward_length(c["expert_ff"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    ftype = gguf.LlamaFileType.MOSTLY_F16 if mix == "f16" else gguf.LlamaFileType.MOSTLY_Q4_K_M
+    w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges = _vocab(c["vocab"])
     w.add_tokenizer_model("gpt2")
@@ -138,8 +160,24 @@ def write_f16_gguf(path: Path, seed: int = 0) -> None:
     w.add_pad_token_id(eos)
     w.add_add_bos_token(False)
 
+    encoded: dict[tuple[int, str], np.ndarray] = {}
+
+    def add(name: str, arr: np.ndarray, layer: int | None = None) -> None:
+        """F16/F32 as they are; under "q4_k_m" every matrix encoded (once per array and type) to its type's bytes."""
+        short = name.split(".")[-2] if layer is not None else name.split(".")[0]
+        if mix == "f16" or arr.ndim == 1 or short == "ffn_gate_inp":
+            w.add_tensor(name, arr)
+            return
+        ggml_type = _q4_k_m_type(short, layer)
+        key = (id(arr), ggml_type)
+        if key not in encoded:
+            rows = torch.from_numpy(arr).float().reshape(-1, arr.shape[-1])
+            raw = codec_for(ggml_type).quantize(rows).numpy()
+            encoded[key] = raw.reshape(*arr.shape[:-1], raw.shape[-1])
+        w.add_tensor(name, encoded[key], raw_dtype=gguf.GGMLQuantizationType[ggml_type])
+
     D, E, I, H, KV, hd = c["hidden"], c["experts"], c["expert_ff"], c["heads"], c["kv_heads"], c["head_dim"]
-    layer = {  # one random layer, written 28 times (the arrays are shared, not copied)
+    layer = {  # one random layer, written `layers` times (the arrays are shared, not copied)
         "attn_norm": norm(D),
         "attn_q": rand(H * hd, D),
         "attn_k": rand(KV * hd, D),
@@ -153,11 +191,11 @@ def write_f16_gguf(path: Path, seed: int = 0) -> None:
         "ffn_up_exps": rand(E, I, D),
         "ffn_down_exps": rand(E, D, I),
     }
-    w.add_tensor("token_embd.weight", rand(c["vocab"], D))
+    add("token_embd.weight", rand(c["vocab"], D))
     for i in range(c["layers"]):
         for name, arr in layer.items():
-            w.add_tensor(f"blk.{i}.{name}.weight", arr)
-    w.add_tensor("output_norm.weight", norm(D))
+            add(f"blk.{i}.{name}.weight", arr, layer=i)
+    add("output_norm.weight", norm(D))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -183,7 +221,7 @@ def build(args: argparse.Namespace) -> None:
     paths = model_paths()
     if not (paths["nano-q4_k_m"].exists() and paths["nano-q8_0"].exists()) and not f16.exists():
         t = time.perf_counter()
-        write_f16_gguf(f16.with_suffix(".tmp"))
+        write_nano_gguf(f16.with_suffix(".tmp"))
         f16.with_suffix(".tmp").rename(f16)
         print(f"wrote {f16} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     for name, ftype in (("nano-q4_k_m", "q4_k_m"), ("nano-q8_0", "q8_0")):

@@ -48,6 +48,7 @@ from quantize_nano import NANO  # noqa: E402
 from marco_local.config import ModelConfig  # noqa: E402
 from marco_local.cuda_graphs import GraphedDecoder  # noqa: E402
 from marco_local.generate import prefill  # noqa: E402
+from marco_local.gguf_loader import load_gguf  # noqa: E402
 from marco_local.meta import meta_device  # noqa: E402
 from marco_local.models import qwen3_moe  # noqa: E402
 from marco_local.offload import Placement, install, offload_stats, synthetic_trace  # noqa: E402
@@ -141,6 +142,29 @@ def to_nf4(model: qwen3_moe.Qwen3MoeForCausalLM) -> qwen3_moe.Qwen3MoeForCausalL
     return model
 
 
+def gguf_file(path: Path, layers: int) -> None:
+    """The Marco-Nano-shaped Q4_K_M GGUF (bench_vs_llamacpp.py's random model, encoded by our codecs), written once."""
+    if path.exists():
+        return
+    from bench_vs_llamacpp import write_nano_gguf
+
+    t = time.perf_counter()
+    tmp = path.with_suffix(".tmp")
+    write_nano_gguf(tmp, mix="q4_k_m", layers=layers)
+    tmp.rename(path)
+    print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def release() -> None:
+    """Free what the last model left: its tensors, the allocator's cache and cuBLAS's per-stream workspaces (kept
+    for the life of a process otherwise), so each row's peak VRAM is that of a fresh process."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
+        torch.cuda.empty_cache()
+
+
 def decode_bytes(model, position: int) -> int:
     """Bytes one decode step must read: every non-expert tensor once (tied embeddings counted once, as lm_head),
     top-k experts per layer (however they are stored), the KV cache up to `position`."""
@@ -197,10 +221,15 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--budgets", default="8GiB,4GiB,2GiB", help="'' for none")
-    ap.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True, help="50%% resident, prefetch")
+    ap.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True, help="a 50%% resident row")
+    ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True, help="a 25%% + prefetch row")
+    ap.add_argument("--cpu-misses", action=argparse.BooleanOptionalAction, default=True, help="--expert-misses cpu")
+    ap.add_argument("--routings", default="real,synthetic", help="the offloaded rows' routings")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
-    ap.add_argument("--format", choices=("bf16", "nf4"), default="bf16", help="nf4: bitsandbytes 4-bit linears")
+    ap.add_argument("--format", choices=("bf16", "nf4", "gguf"), default="bf16", help="nf4: bitsandbytes 4-bit linears")
+    ap.add_argument("--gguf", type=Path, default=Path("/tmp/marco-nano-q4_k_m-ours.gguf"), help="--format gguf's file")
+    ap.add_argument("--modes", default="graphs,eager", help="the offloaded rows' decode steps")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -217,7 +246,13 @@ def main() -> None:
     prompt = torch.randint(3, 150000, (args.prompt,), generator=g).tolist()
     stream = torch.randint(3, 150000, (args.tokens,), generator=g).tolist()
 
+    if args.format == "gguf":
+        gguf_file(args.gguf, args.layers)
+        out["gguf_bytes"] = args.gguf.stat().st_size
+
     def make() -> qwen3_moe.Qwen3MoeForCausalLM:
+        if args.format == "gguf":  # what `marco run FILE.gguf --device cuda` builds: every tensor dequantized to bf16
+            return load_gguf(args.gguf, dtype=torch.bfloat16, device=torch.device(args.device))[0]
         model = build(args.layers, args.device)
         return to_nf4(model) if args.format == "nf4" else model
 
@@ -247,6 +282,7 @@ def main() -> None:
     except Exception as e:  # an error in the graphed step must not cost the other measurements
         print(f"CUDA graphs failed: {type(e).__name__}: {e}", flush=True)
     model.decode_step = None
+    del decoder  # it holds the model: the offloaded rows' VRAM must not count this one
     resident_tps = d_tps
     out.update(decode_bytes=need, bandwidth_bound_tps=bound, resident_decode_tps=d_tps, resident_prefill_tps=p_tps)
     print(json.dumps(rows), flush=True)
@@ -256,28 +292,31 @@ def main() -> None:
         flush=True,
     )
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    release()
 
     ctx = args.prompt + args.tokens
     # on the CPU (a dry run) an in-RAM model takes no --ram-mem: percentages stand in for the budgets
     budgets = [b for b in args.budgets.split(",") if b] if cuda else ["50%", "25%"]
+    if args.format == "gguf":  # a GGUF's experts offload on the CPU only
+        budgets, args.extra, args.prefetch = [], False, False
     key = "gpu_mem" if cuda else "experts_resident"
     placements = [(b, Placement(**{key: b}, ctx=ctx)) for b in budgets]
     # the middle budget with misses computed on the CPU from pinned RAM instead of copied (--expert-misses cpu)
-    middle = budgets[len(budgets) // 2]
-    placements.append((f"{middle} cpu misses", Placement(**{key: middle}, misses="cpu", ctx=ctx)))
+    if budgets and args.cpu_misses:
+        middle = budgets[len(budgets) // 2]
+        placements.append((f"{middle} cpu misses", Placement(**{key: middle}, misses="cpu", ctx=ctx)))
     if args.extra:
         placements.append(("50% resident", Placement(experts_resident="50%", ctx=ctx)))
+    if args.prefetch:
         placements.append(("prefetch", Placement(experts_resident="25%", prefetch=True, ctx=ctx)))
     for label, placement in placements:
-        for routing in ("real", "synthetic"):
+        for routing in args.routings.split(","):
             model = make()
             install(model, placement)
             gc.collect()
             torch.cuda.empty_cache()
             # the decode step `marco run` takes (CUDA graphs, cut at each MoE layer), then the eager one
-            for mode in ("graphs", "eager"):  # on the CPU (a dry run) the decoder's segments run eagerly
+            for mode in args.modes.split(","):  # on the CPU (a dry run) the decoder's segments run eagerly
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated() if cuda else 0
@@ -314,24 +353,26 @@ def main() -> None:
                     "peak_vram": torch.cuda.max_memory_allocated() if cuda else 0,
                     "allocated_after_install": base,
                     "budget": plan.budget,
+                    "over_budget": torch.cuda.max_memory_allocated() - plan.budget if cuda and plan.budget else None,
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             model.offload.close()
             del model
-            gc.collect()
-            torch.cuda.empty_cache()
+            release()
     out["cpu_expert_s"] = {n: cpu_expert_seconds(cfg, n) for n in (1, 4, 16)}
     out["rows"] = rows
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
-    head = ["prefill", "decode", "x res", "res%", "hit", "MiB/t", "VRAM GiB"]
-    print(f"\n{'config':32} " + " ".join(f"{h:>{w}}" for h, w in zip(head, (9, 8, 6, 5, 5, 6, 9), strict=True)))
+    head = ["prefill", "decode", "x res", "res%", "hit", "MiB/t", "VRAM GiB", "over MB"]
+    widths = (9, 8, 6, 5, 5, 6, 9, 8)
+    print(f"\n{'config':32} " + " ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
     for r in rows:
         print(
             f"{r['config']:32} {r['prefill_tps']:9.0f} {r['decode_tps']:8.1f} {r.get('vs_resident', 1.0):6.2f} "
             f"{r.get('resident_pct', 100.0):5.0f} {r.get('hit_rate', 1.0):5.2f} {r.get('mib_per_token', 0.0):6.1f} "
-            f"{r.get('peak_vram', 0) / GIB:9.2f}"
+            f"{r.get('peak_vram', 0) / GIB:9.2f} "
+            + (f"{r['over_budget'] / 1e6:8.0f}" if r.get("over_budget") is not None else f"{'':8}")
         )
     print(f"bandwidth bound {bound:.0f} tok/s; resident decode / bound = {resident_tps / bound:.3f}")
     print("one expert, one token on the CPU (bf16):", {k: f"{v * 1e6:.0f} us" for k, v in out["cpu_expert_s"].items()})

@@ -5,16 +5,20 @@
 #   for p in bitsandbytes gguf prompt_toolkit wcwidth; do cp -r $SP/$p $SP/$p-*.dist-info .gpu/site/; done
 #   ls .gpu/site/bitsandbytes/lib*.so | grep -v -e _cpu -e cuda130 | xargs rm   # the image's torch is cu130
 # Logs and JSON go to $OUT (default ./gpu-out).
-# STAGES picks the stages (default "tests speed cli"; the suite needs a call of its own: ~4 minutes there):
+# STAGES picks the stages, run in this order (default "tests speed gguf nf4 cli"; the suite needs a call of its own:
+# ~4 minutes there). Each prints its wall time.
 #   tests  the GPU tests (offloading, CUDA graphs, bitsandbytes and GGUF on CUDA against the CPU paths)
 #   speed  bench/cuda_speed.py (Nano-shaped bf16 decode/prefill, resident and offloaded under VRAM budgets); SPEED_ARGS
-#   nf4    the same with bitsandbytes nf4 linears (the q4 model of the 8/4/2 GiB budgets)
+#          (default: offloaded rows from CUDA graphs only; eager offloaded decode was measured before)
+#   gguf   a Nano-shaped Q4_K_M GGUF written by our codecs, dequantized onto the GPU: cuda_speed.py --format gguf and
+#          `marco bench FILE --device cuda`
+#   nf4    cuda_speed.py with bitsandbytes nf4 linears (the q4 model of the 8/4/2 GiB budgets); NF4_ARGS
 #   cli    `marco run` and `marco bench` on the demo model (device "auto" = CUDA there)
 #   suite  the whole test suite with a CUDA device visible; SUITE_TIMEOUT (seconds, default 420)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-STAGES=${STAGES:-tests speed cli}
+STAGES=${STAGES:-tests speed gguf nf4 cli}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/.gpu/site" PYTHONUNBUFFERED=1
 {
@@ -24,30 +28,40 @@ torch.version.cuda, transformers.__version__, bitsandbytes.__version__, typer.__
   nproc
   command -v cc gcc
 } 2>&1 | tee "$OUT/env.log"
+stage() { echo "== $1 (at ${SECONDS}s)"; }
 if [[ " $STAGES " == *" tests "* ]]; then
-  echo "== gpu tests"
+  stage "gpu tests"
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
     tests/test_quantize_bnb.py tests/test_cuda_graphs.py tests/test_gguf_types.py tests/test_gguf_runtime.py 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [[ " $STAGES " == *" speed "* ]]; then
-  echo "== cuda_speed"
-  timeout 280 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" ${SPEED_ARGS:---no-extra} 2>&1 \
+  stage "cuda_speed"
+  timeout 240 python3 bench/cuda_speed.py --json "$OUT/cuda_speed.json" ${SPEED_ARGS:---modes graphs} 2>&1 \
     | tee "$OUT/cuda_speed.log" | tail -25
 fi
+if [[ " $STAGES " == *" gguf "* ]]; then
+  stage "cuda_speed --format gguf"
+  timeout 150 python3 bench/cuda_speed.py --format gguf --gguf /tmp/nano-q4_k_m.gguf --json "$OUT/cuda_speed_gguf.json" \
+    2>&1 | tee "$OUT/cuda_speed_gguf.log" | tail -8
+  stage "marco bench GGUF --device cuda"
+  timeout 90 python3 -m marco_local bench /tmp/nano-q4_k_m.gguf --device cuda --json 2>&1 | tee -a "$OUT/cuda_speed_gguf.log" \
+    | tail -3
+fi
 if [[ " $STAGES " == *" nf4 "* ]]; then
-  echo "== cuda_speed --format nf4"
-  timeout 280 python3 bench/cuda_speed.py --format nf4 --no-extra --json "$OUT/cuda_speed_nf4.json" 2>&1 \
-    | tee "$OUT/cuda_speed_nf4.log" | tail -25
+  stage "cuda_speed --format nf4"
+  timeout 240 python3 bench/cuda_speed.py --format nf4 --json "$OUT/cuda_speed_nf4.json" ${NF4_ARGS:---modes graphs} \
+    2>&1 | tee "$OUT/cuda_speed_nf4.log" | tail -25
 fi
 if [[ " $STAGES " == *" cli "* ]]; then
-  echo "== marco run / marco bench on CUDA (the demo model)"
+  stage "marco run / marco bench on CUDA (the demo model)"
   echo "Hello, how are you?" | timeout 90 python3 -m marco_local run demo -n 24 --temperature 0 --verbose 2>&1 \
     | tee "$OUT/cli.log" | tail -8
   timeout 90 python3 -m marco_local bench demo --json 2>&1 | tee -a "$OUT/cli.log" | tail -3
 fi
 if [[ " $STAGES " == *" suite "* ]]; then
-  echo "== full suite"
+  stage "full suite"
   timeout "${SUITE_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider --tb=short --maxfail=30 -rf \
     -m "not slow and not gpu" 2>&1 | tee "$OUT/suite.log" | tail -40
 fi
+stage "done"
