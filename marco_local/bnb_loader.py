@@ -293,9 +293,11 @@ def prepare_for_cuda_graphs(model: Qwen3MoeForCausalLM) -> None:
             lists = (list(experts.gate_proj), list(experts.up_proj), list(experts.down_proj))
             if StackedExperts4bit.convertible(*lists):
                 layer.mlp.experts = StackedExperts4bit(*lists)
-        for parent in layer.modules():
-            if isinstance(parent, QuantizedExperts):
-                continue  # not stackable: left to bitsandbytes (eager decode)
+        # experts that could not be stacked stay with bitsandbytes (eager decode), every linear inside them included
+        unstacked = {id(m) for e in layer.modules() if isinstance(e, QuantizedExperts) for m in e.modules()}
+        for parent in list(layer.modules()):
+            if id(parent) in unstacked:
+                continue
             for name, lin in list(parent.named_children()):
                 if isinstance(lin, Linear4bit):
                     setattr(parent, name, _dense_linear(lin, dtype))

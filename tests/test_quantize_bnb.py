@@ -525,6 +525,23 @@ def test_cuda_preparation_keeps_the_numbers(written, preset):
             torch.testing.assert_close(decoder(t, static), model(t, eager), rtol=1e-5, atol=1e-5)
 
 
+def test_experts_that_cannot_be_stacked_stay_quantized(written):
+    """A layer whose 4-bit experts cannot be stacked keeps them as bitsandbytes linears (dequantizing them all would
+    cost the dense size); the rest of the model is still prepared, and the model is then not graph-capturable."""
+    from marco_local.bnb_loader import QuantizedExperts, StackedExperts4bit, prepare_for_cuda_graphs
+    from marco_local.cuda_graphs import GraphedDecoder
+
+    model = load_bnb_model(written["nf4"][0], dtype=torch.float32)
+    odd = model.model.layers[0].mlp.experts
+    odd.gate_proj[1].quant_state.blocksize *= 2  # one expert of another block size
+    prepare_for_cuda_graphs(model)
+    assert model.model.layers[0].mlp.experts is odd and isinstance(odd, QuantizedExperts)
+    assert all(isinstance(lin, Linear4bit) for lin in [*odd.gate_proj, *odd.up_proj, *odd.down_proj])
+    assert isinstance(model.model.layers[2].mlp.experts, StackedExperts4bit)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert not GraphedDecoder.capturable(model)
+
+
 def test_a_bnb_folder_runs_offloaded_through_the_runtime(written):
     from marco_local.offload import Placement
     from marco_local.runtime import load
