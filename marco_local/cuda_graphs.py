@@ -14,9 +14,10 @@ Offloaded experts (`--gpu-mem`, `--experts-resident`) are chosen on the host (th
 at each offloaded MoE layer: a segment runs up to that layer's router and leaves the expert ids in a buffer; the host
 reads them, makes the experts resident (`OffloadedExperts.slots_for_token`: the copies, stats and prefetch of its
 forward) and writes their slot ids to a buffer; the next segment computes the experts from their slots and runs on
-to the next router. A resident model is one segment. Where missing experts are computed on the CPU
-(`OffloadedExperts.misses_on_cpu`), the cut's resident experts get a graph of their own, replayed before the CPU
-computes the missing ones, so both run at once; the next segment adds the CPU's sum.
+to the next router. A layer whose slots hold every expert (`OffloadedExperts.load_all`: the budget fits them all)
+maps ids to slots on the device and is not cut. A resident model is one segment. Where missing experts are computed
+on the CPU (`OffloadedExperts.misses_on_cpu`), the cut's resident experts get a graph of their own, replayed before
+the CPU computes the missing ones, so both run at once; the next segment adds the CPU's sum.
 
 A window's first step runs eagerly on a side stream (the warm-up capture needs), then its segments are captured;
 the step after replays them. On the CPU the segments always run eagerly (what the tests check against `forward`).
@@ -66,10 +67,14 @@ class GraphedDecoder:
         cfg, p = model.config, model.model.norm.weight
         self.device, dtype = p.device, p.dtype
         layers = model.model.layers
-        offloaded = [isinstance(getattr(layer.mlp, "experts", None), OffloadedExperts) for layer in layers]
-        self.cuts = [i for i, is_offloaded in enumerate(offloaded) if is_offloaded]
+        offloaded = [getattr(layer.mlp, "experts", None) for layer in layers]
+        offloaded = [ex if isinstance(ex, OffloadedExperts) else None for ex in offloaded]
+        # a layer whose slots hold every expert (`load_all`) maps ids to slots on the device: no cut
+        self.cuts = [i for i, ex in enumerate(offloaded) if ex is not None and ex.slot_map is None]
+        self.full = [ex for ex in offloaded if ex is not None and ex.slot_map is not None]
         self.cut_experts: list[OffloadedExperts] = [layers[i].mlp.experts for i in self.cuts]
         n, D, A, dev = len(self.cuts), cfg.hidden_size, cfg.num_experts_per_tok, self.device
+        self.top_k = A
         # static buffers: what crosses a segment boundary, per cut
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -213,6 +218,9 @@ class GraphedDecoder:
                 self._segment(k, cache, window)
             else:
                 segments[k].replay()
+        if segments is not None:  # replayed: the full layers' forward (which counts the token) did not run
+            for experts in self.full:
+                experts.count_resident_token(self.top_k)
 
     def _warm_up_and_capture(self, cache: KVCache, window: int) -> None:
         """This step, eagerly on a side stream (the warm-up capture needs), then its segments captured."""

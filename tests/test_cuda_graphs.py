@@ -89,6 +89,34 @@ def test_offloaded_step_matches_forward(make_checkpoint, shape, slots):
     model.offload.close()
 
 
+@pytest.mark.parametrize("full", ["all", "first"])
+@torch.no_grad()
+def test_layers_holding_every_expert_are_not_cut(checkpoint, full):
+    """A layer whose slots hold every expert (`load_all`, what install does on CUDA when the budget fits them all)
+    maps ids to slots on the device: no cut there, and the step still matches the forward; its token counts as hits."""
+    folder, _ = checkpoint
+    model = load_offloaded(folder, Placement(experts_resident="100%"), torch.float32, "cpu")
+    layers = model.offload.layers
+    for x in layers if full == "all" else layers[:1]:
+        x.load_all()
+    decoder = GraphedDecoder(model, min_window=8)
+    moe_layers = [x.layer for x in layers]
+    assert decoder.cuts == ([] if full == "all" else moe_layers[1:])
+    assert decoder.full == (layers if full == "all" else layers[:1])
+    assert GraphedDecoder.capturable(model)
+    lockstep(model, decoder, STREAM)
+    model.offload.reset_stats()
+    cache = model.make_cache(8)
+    cache.keys.zero_(), cache.values.zero_()
+    for token in (5, 9, 13):
+        decoder(torch.tensor([[token]]), cache)
+    A = model.config.num_experts_per_tok
+    for x in layers:  # every layer counts each token's experts once, the full ones as hits
+        st = x.stats()
+        assert st["hits"] + st["misses"] == 3 * A and (st["misses"] == 0 or x not in decoder.full)
+    model.offload.close()
+
+
 def test_a_decoder_used_in_and_out_of_inference_mode(checkpoint):
     """generate() decodes under torch.inference_mode, a caller may not: buffers made in one (a window's mask) are
     written in the other, which torch forbids for inference tensors unless the step itself runs in inference mode."""
@@ -165,7 +193,7 @@ def test_graphed_decode_matches_eager_on_cuda(checkpoint):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("slots", ["2", "5"])
+@pytest.mark.parametrize("slots", ["2", "5", "8"])
 @torch.no_grad()
 def test_graphed_offloaded_decode_matches_eager_on_cuda(checkpoint, slots):
     folder, _ = checkpoint
@@ -175,9 +203,10 @@ def test_graphed_offloaded_decode_matches_eager_on_cuda(checkpoint, slots):
     decoder = GraphedDecoder(model, min_window=16)
     model.decode_step = decoder
     assert greedy(model, 40) == want
-    assert decoder.captures >= 3 and not decoder.failed and len(decoder.cuts) == 3
+    full = slots == "8"  # every expert fits: loaded at install, no cut (and no miss after it)
+    assert decoder.captures >= 3 and not decoder.failed and len(decoder.cuts) == (0 if full else 3)
     lockstep(model, decoder, STREAM, tol=1e-4)
-    assert model.offload.stats()["expert_misses"] > 0
+    assert (model.offload.stats()["expert_misses"] == 0) == full
     model.offload.close()
     fewer = load_offloaded(folder, Placement(experts_resident="1"), torch.float32, "cuda")
     assert not GraphedDecoder.supports(fewer)  # a token's experts do not fit its slots: the eager streaming path

@@ -175,6 +175,28 @@ def decode_logits(model, tokens=(9, 100, 3, 77, 250, 1, 42, 8)) -> list[torch.Te
     return [model(torch.tensor([[t]]), cache) for t in tokens]
 
 
+@torch.no_grad()
+def test_load_all_when_the_slots_hold_every_expert(ref):
+    """A budget that fits every expert: `load_all` (install does it on CUDA) loads them at once and decode maps ids to
+    slots on the device, with no host step; the logits are the resident model's, and nothing misses. With fewer
+    slots it does nothing."""
+    want = decode_logits(load_model(ref[0], dtype=torch.float32))
+    model = load_offloaded(ref[0], Placement(experts_resident="100%"), torch.float32, "cpu")
+    for x in model.offload.layers:
+        x.load_all()
+        assert x.slot_map is not None and x.table.resident == x.num_experts and x.stats()["hits"] == 0
+    for got, ref_logits in zip(decode_logits(model), want, strict=True):
+        torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
+    stats = model.offload.stats()
+    assert stats["expert_misses"] == 0 and stats["expert_hit_rate"] == 1.0
+    model.offload.close()
+    fewer = load_offloaded(ref[0], Placement(experts_resident="3"), torch.float32, "cpu")
+    for x in fewer.offload.layers:
+        x.load_all()
+        assert x.slot_map is None and x.table.resident == 0
+    fewer.offload.close()
+
+
 @pytest.mark.parametrize("slots", ["1", "3"])
 @torch.no_grad()
 def test_misses_computed_on_the_cpu_where_they_lie(ref, slots):

@@ -70,6 +70,8 @@ class OffloadedExperts(nn.Module):
         # CPU from the store while the device computes the resident ones (`cpu_twin`: the inner module on the store)
         self.misses_on_cpu = False
         self.cpu_twin: nn.Module | None = None
+        # expert id -> slot on the device, once `load_all` has made every expert resident for good
+        self.slot_map: torch.Tensor | None = None
         # speculation: the next layer's router and cache, set by `link`
         self.next: OffloadedExperts | None = None
         self.next_gate: nn.Module | None = None
@@ -146,6 +148,17 @@ class OffloadedExperts(nn.Module):
         self.bytes_moved += n
         self.prefetch_bytes += n
 
+    def load_all(self) -> None:
+        """When the slots hold every expert (the budget fits them all), load them all now. Nothing is evicted after
+        that, so a decode token's experts map to their slots on the device (`slot_map`) with no host step: the CUDA
+        graphs need no cut at this layer. Statistics start afresh."""
+        if self.table.num_slots < self.num_experts:
+            return
+        self.preload(range(self.num_experts))
+        self._load_wait(None)
+        self.slot_map = torch.tensor(self.table.slot_of, device=self.device)
+        self.reset_stats()
+
     def _settle(self, experts: list[int]) -> None:
         """Wait for this layer's prefetch and score the speculation against what the router chose."""
         if self.pending is not None:
@@ -164,7 +177,7 @@ class OffloadedExperts(nn.Module):
     def _speculate(self, x: torch.Tensor) -> None:
         """Apply the next layer's router to this layer's input and start loading its likely experts."""
         nxt = self.next
-        if nxt is None or x.shape[0] != 1:  # decode only: a prefill chunk streams layers anyway
+        if nxt is None or nxt.slot_map is not None or x.shape[0] != 1:  # decode only; a full layer needs none
             return
         w = self.next_gate.weight
         guess = torch.topk(F.linear(x.to(w.dtype), w), self.next_top_k, dim=-1).indices.reshape(-1).tolist()
@@ -176,6 +189,9 @@ class OffloadedExperts(nn.Module):
 
     # -- the routing loop ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.slot_map is not None and x.shape[0] == 1 and getattr(self.inner, "gathers", False):
+            self.count_resident_token(idx.numel())  # every expert resident: ids map to slots on the device
+            return self.inner.forward_gathered(x, self.slot_map[idx], weights)
         A = idx.shape[1]  # x [T, D], idx/weights [T, A]; same loop as Experts.forward, experts -> slots
         flat = idx.reshape(-1)  # [T*A]
         order = torch.argsort(flat, stable=True)
@@ -298,6 +314,11 @@ class OffloadedExperts(nn.Module):
             slots = torch.tensor([[self.table.slot_of[e] for e in group]])
             self.inner.decode_into(x, slots, weights[:, at], acc)
         return acc.view(1, -1).to(x.dtype)
+
+    def count_resident_token(self, experts: int) -> None:
+        """Statistics of a token whose `experts` (distinct: top-k) were all resident, without reading which."""
+        self.table.hits += experts
+        self.table.calls += 1
 
     def stats(self) -> dict:
         t = self.table

@@ -253,6 +253,9 @@ def _wrap(
             x.reset_stats()
     rt = OffloadRuntime(layers, plan, executor)
     _choose_miss_handling(rt, placement, cfg, model.model.norm.weight.dtype)
+    if device.type == "cuda":  # a budget that holds every expert: load them now, decode then needs no host step
+        for x in layers:
+            x.load_all()
     model.offload = rt
     return rt
 
