@@ -91,7 +91,7 @@ def use_trace_slots(model, layers: int, tokens: int, seed: int = 0) -> None:
         rows.setdefault(ev.layer, []).append(ev.experts[0])
     for x in model.offload.layers:
         step, place, split = iter(rows[x.layer]), x.slots_for_token, x.split_for_token
-        x.slots_for_token = lambda row, h, step=step, place=place: place(next(step), h)
+        x.slots_for_token = lambda row, h, guess=None, step=step, place=place: place(next(step), h, guess)
         x.split_for_token = lambda row, h, step=step, split=split: split(next(step), h)
 
 

@@ -80,11 +80,20 @@ class GraphedDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.h = torch.zeros(n, 1, 1, D, dtype=dtype, device=dev)  # the residual after the cut layer's attention
         self.m = torch.zeros(n, 1, D, dtype=dtype, device=dev)  # the cut layer's MoE input
-        self.idx = torch.zeros(n, 1, A, dtype=torch.long, device=dev)
         self.w = torch.zeros(n, 1, A, dtype=dtype, device=dev)
         self.slot_ids = torch.zeros(n, 1, A, dtype=torch.long, device=dev)
+        # Host-side buffers (pinned on CUDA), written and read through numpy views: a segment ends by copying its
+        # routing (and, with prefetch, the next layer's guessed experts) into them, and the next segment starts by
+        # copying the slot ids the host wrote, both copies inside the graphs. At a cut the host waits once, then
+        # makes no call into CUDA besides the expert copies.
         pin = dev.type == "cuda"
+        self.host_idx = torch.zeros(n, 1, A, dtype=torch.long, pin_memory=pin)
         self.host_slots = torch.zeros(n, 1, A, dtype=torch.long, pin_memory=pin)
+        self.speculates = [ex.speculates for ex in self.cut_experts]
+        guessed = max([ex.next_top_k for ex in self.cut_experts if ex.speculates], default=1)
+        self.host_guess = torch.zeros(n, 1, guessed, dtype=torch.long, pin_memory=pin)
+        self.idx_np, self.slots_np = self.host_idx.numpy(), self.host_slots.numpy()
+        self.guess_np = self.host_guess.numpy()
         # cuts whose misses are computed on the CPU: a hits graph of their own (`y`, masked routing weights), the
         # CPU's sum of the missing experts in `cpu`, added by the next segment
         self.split = [ex.misses_on_cpu for ex in self.cut_experts]
@@ -162,6 +171,7 @@ class GraphedDecoder:
             if self.split[j]:  # the resident experts' sum came from the hits graph, the missing ones' from the CPU
                 x = self.h[j] + (self.y[j] + self.cpu[j]).view(self.h[j].shape)
             else:
+                self.slot_ids[j].copy_(self.host_slots[j], non_blocking=True)
                 y = self.cut_experts[j].inner.forward_gathered(self.m[j], self.slot_ids[j], self.w[j])
                 x = self.h[j] + y.view(self.h[j].shape)
             first = self.cuts[j] + 1
@@ -174,8 +184,10 @@ class GraphedDecoder:
                 idx, w = layer.mlp.route(m)
                 self.h[k].copy_(h)
                 self.m[k].copy_(m)
-                self.idx[k].copy_(idx)
                 self.w[k].copy_(w)
+                self.host_idx[k].copy_(idx, non_blocking=True)
+                if self.speculates[k]:
+                    self.host_guess[k].copy_(self.cut_experts[k].guess_next(m), non_blocking=True)
                 return
             x = layer.forward_at(x, cos, sin, cache, self.pos, mask)
         self.logits.copy_(model.lm_head(model.model.norm(x)))
@@ -189,11 +201,13 @@ class GraphedDecoder:
         """The host's part at cut k: read the token's expert ids, make those experts resident, hand their slots on.
         At a split cut: the resident experts are queued on the device (`hits`, or eagerly), then the missing ones
         are computed on the CPU meanwhile and handed on too."""
-        row = self.idx[k, 0].tolist()  # waits for the segment that routed
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the segment that routed, its copies included
+        row = self.idx_np[k, 0].tolist()
         experts = self.cut_experts[k]
         if not self.split[k]:
-            self.host_slots[k, 0] = torch.tensor(experts.slots_for_token(row, self.m[k]))
-            self.slot_ids[k].copy_(self.host_slots[k], non_blocking=True)
+            guess = self.guess_np[k, 0].tolist() if self.speculates[k] else None
+            self.slots_np[k, 0] = experts.slots_for_token(row, self.m[k], guess)
             return
         slots, resident, missing = experts.split_for_token(row, self.m[k])
         m_host, w_host = (self.m[k].to("cpu"), self.w[k, 0].tolist()) if missing else (None, None)  # before the hits

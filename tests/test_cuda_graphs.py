@@ -77,9 +77,9 @@ def test_offloaded_step_matches_forward(make_checkpoint, shape, slots):
     placed = {x.layer: 0 for x in model.offload.layers}
     for x in model.offload.layers:
 
-        def counted(row, h, x=x, inner=x.slots_for_token):
+        def counted(row, h, guess=None, x=x, inner=x.slots_for_token):
             placed[x.layer] += 1
-            return inner(row, h)
+            return inner(row, h, guess)
 
         x.slots_for_token = counted
     lockstep(model, decoder, STREAM)
@@ -87,6 +87,29 @@ def test_offloaded_step_matches_forward(make_checkpoint, shape, slots):
     stats = model.offload.stats()
     assert stats["expert_misses"] > 0 and stats["prefetch_precision"] is not None
     model.offload.close()
+
+
+@torch.no_grad()
+def test_the_decoder_prefetches_from_guesses_made_in_its_segments(checkpoint):
+    """With prefetch, a segment also leaves the next layer's guessed experts for the host (read with the routing in
+    one wait). The decoder then caches, prefetches and scores exactly as the forward does on the same tokens."""
+    folder, _ = checkpoint
+    stats = []
+    for use_decoder in (False, True):
+        model = load_offloaded(folder, Placement(experts_resident="2", prefetch=True), torch.float32, "cpu")
+        decoder = GraphedDecoder(model, min_window=8)
+        assert all(decoder.speculates[:-1]) and not decoder.speculates[-1]  # the last MoE layer has no next
+        cache = model.make_cache(len(PROMPT) + len(STREAM))
+        cache.keys.zero_(), cache.values.zero_()
+        model(torch.tensor([PROMPT]), cache)
+        model.offload.reset_stats()
+        for token in STREAM:
+            t = torch.tensor([[token]])
+            decoder(t, cache) if use_decoder else model(t, cache)
+        st = model.offload.stats()
+        stats.append({k: st[k] for k in ("expert_hits", "expert_misses", "prefetch_precision", "prefetch_recall")})
+        model.offload.close()
+    assert stats[0] == stats[1] and stats[0]["prefetch_precision"] is not None
 
 
 @pytest.mark.parametrize("full", ["all", "first"])

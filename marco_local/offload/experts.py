@@ -174,13 +174,24 @@ class OffloadedExperts(nn.Module):
             self.actual_total += len(experts)
             self.predicted = None
 
+    @property
+    def speculates(self) -> bool:
+        """Prefetch is on and the next layer can miss (a full layer, `load_all`, never does)."""
+        return self.next is not None and self.next.slot_map is None
+
+    def guess_next(self, x: torch.Tensor) -> torch.Tensor:
+        """The next layer's likely experts for the MoE input `x` [1, D]: its router applied here, top-k ids [1, k] on
+        the device (no host read: cuda_graphs.py captures this and reads it with the routing)."""
+        w = self.next_gate.weight
+        return torch.topk(F.linear(x.to(w.dtype), w), self.next_top_k, dim=-1).indices
+
     def _speculate(self, x: torch.Tensor) -> None:
         """Apply the next layer's router to this layer's input and start loading its likely experts."""
+        if self.speculates and x.shape[0] == 1:  # decode only: a prefill chunk streams layers anyway
+            self._prefetch_next(self.guess_next(x).reshape(-1).tolist())
+
+    def _prefetch_next(self, guess: list[int]) -> None:
         nxt = self.next
-        if nxt is None or nxt.slot_map is not None or x.shape[0] != 1:  # decode only; a full layer needs none
-            return
-        w = self.next_gate.weight
-        guess = torch.topk(F.linear(x.to(w.dtype), w), self.next_top_k, dim=-1).indices.reshape(-1).tolist()
         nxt.predicted = set(guess)
         if nxt.executor is not None:
             nxt.pending = nxt.executor.submit(nxt.preload, guess)
@@ -293,14 +304,18 @@ class OffloadedExperts(nn.Module):
             y = y + self.cpu_part(missing, row, w_host, x_host).to(device=y.device, dtype=y.dtype)
         return y
 
-    def slots_for_token(self, row: list[int], x: torch.Tensor) -> list[int]:
+    def slots_for_token(self, row: list[int], x: torch.Tensor, guess: list[int] | None = None) -> list[int]:
         """One token's experts `row` (routing order) made resident, for a caller that computes them itself from the
-        slots (cuda_graphs.py): what `forward` does before its gathered single-token path (prefetch scoring and
-        speculation from the MoE input `x` [1, D], copies, stats); their slot ids in routing order."""
+        slots (cuda_graphs.py): what `forward` does before its gathered single-token path (prefetch scoring, copies,
+        stats, and speculation from the MoE input `x` [1, D], or from the next layer's `guess` when the caller has
+        it: `guess_next`); their slot ids in routing order. The token's own copies are queued before the guesses'."""
         experts = sorted(set(row))
         self._settle(experts)
-        self._speculate(x)
         self._fetch(self.table.assign(experts))
+        if guess is not None:
+            self._prefetch_next(guess)
+        else:
+            self._speculate(x)
         return [self.table.slot_of[e] for e in row]
 
     def _decode_in_groups(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
