@@ -24,8 +24,14 @@ With `--format nf4` the attention and expert linears are bitsandbytes nf4 (quant
 --to nf4` would write them, then prepared as load_bnb_model does on CUDA: experts stacked, attention dequantized),
 the q4 model of the issue's 8/4/2 GiB budgets.
 
-Usage: python bench/cuda_speed.py [--layers 28] [--tokens 64] [--budgets 8GiB,4GiB,2GiB] [--format bf16|nf4]
-       [--json FILE]
+With `--format gguf` the model is a Nano-shaped Q4_K_M GGUF (written once by our codecs: bench_vs_llamacpp.py's
+write_nano_gguf) loaded as `marco run FILE --device cuda` loads it, every tensor dequantized to bf16; resident rows only
+(a GGUF offloads on the CPU only).
+
+Usage: python bench/cuda_speed.py [--layers 28] [--tokens 64] [--budgets 8GiB,4GiB,2GiB] [--format bf16|nf4|gguf]
+       [--modes graphs,eager] [--routings real,synthetic] [--no-extra] [--no-prefetch] [--no-cpu-misses] [--json FILE]
+Each offloaded row reports its peak VRAM minus its budget ("over MB"): a fresh process's, as cuBLAS's workspaces are
+cleared between rows.
 """
 
 from __future__ import annotations
