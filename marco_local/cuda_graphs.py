@@ -187,7 +187,8 @@ class GraphedDecoder:
                 self.w[k].copy_(w)
                 self.host_idx[k].copy_(idx, non_blocking=True)
                 if self.speculates[k]:
-                    self.host_guess[k].copy_(self.cut_experts[k].guess_next(m), non_blocking=True)
+                    guess = self.cut_experts[k].guess_next(m)
+                    self.host_guess[k, :, : guess.shape[-1]].copy_(guess, non_blocking=True)
                 return
             x = layer.forward_at(x, cos, sin, cache, self.pos, mask)
         self.logits.copy_(model.lm_head(model.model.norm(x)))
@@ -206,7 +207,7 @@ class GraphedDecoder:
         row = self.idx_np[k, 0].tolist()
         experts = self.cut_experts[k]
         if not self.split[k]:
-            guess = self.guess_np[k, 0].tolist() if self.speculates[k] else None
+            guess = self.guess_np[k, 0, : experts.next_top_k].tolist() if self.speculates[k] else None
             self.slots_np[k, 0] = experts.slots_for_token(row, self.m[k], guess)
             return
         slots, resident, missing = experts.split_for_token(row, self.m[k])
