@@ -26,7 +26,8 @@ export PYTHONPATH="$PWD:$PWD/.gpu/site" PYTHONUNBUFFERED=1
   python3 -c "import sys, torch, transformers, bitsandbytes, gguf, typer; print(sys.version.split()[0], torch.__version__, \
 torch.version.cuda, transformers.__version__, bitsandbytes.__version__, typer.__version__)"
   nproc
-  command -v cc gcc
+  command -v cc gcc nvcc || true
+  ls -d /usr/local/cuda*/bin/nvcc 2>/dev/null || echo "no CUDA toolkit (nvcc) under /usr/local"
 } 2>&1 | tee "$OUT/env.log"
 stage() { echo "== $1 (at ${SECONDS}s)"; }
 if [[ " $STAGES " == *" tests "* ]]; then
