@@ -67,6 +67,8 @@ class GraphedDecoder:
         cfg, p = model.config, model.model.norm.weight
         self.device, dtype = p.device, p.dtype
         layers = model.model.layers
+        for layer in layers:  # one projection for q, k and v where they are plain linears: fewer kernels per step
+            layer.self_attn.fuse_qkv()
         offloaded = [getattr(layer.mlp, "experts", None) for layer in layers]
         offloaded = [ex if isinstance(ex, OffloadedExperts) else None for ex in offloaded]
         # a layer whose slots hold every expert (`load_all`) maps ids to slots on the device: no cut
@@ -153,7 +155,8 @@ class GraphedDecoder:
         self.graphs.clear()
         self.pool = None  # a pool whose graphs are all gone cannot take new captures
         self.cache_key = key
-        self.cos, self.sin = self.model.rotary(0, cache.max_len, self.cos_row.dtype, self.device)
+        self.cos, sin = self.model.rotary(0, cache.max_len, self.cos_row.dtype, self.device)
+        self.sin = qwen3_moe.signed_sin(sin)  # forward_at's RoPE takes rotate_half's sign in the table
 
     def _segment(self, k: int, cache: KVCache, window: int) -> None:
         """Segment k of a step. k = 0 starts from the token; k > 0 finishes cut k-1's experts from their slots. Then
@@ -164,7 +167,8 @@ class GraphedDecoder:
             x = model.model.embed_tokens(self.token)
             self.cos_row.copy_(self.cos.index_select(0, self.pos))
             self.sin_row.copy_(self.sin.index_select(0, self.pos))
-            mask.copy_((torch.arange(window, device=self.device) <= self.pos).view(1, 1, 1, window))
+            visible = torch.arange(window, device=self.device) <= self.pos
+            mask.copy_(torch.where(visible, 0.0, float("-inf")).view(1, 1, 1, window))
             first = 0
         else:
             j = k - 1
@@ -274,7 +278,7 @@ class GraphedDecoder:
         self.pos.fill_(cache.offset)
         window = window_for(cache.offset, cache.max_len, self.min_window)
         if window not in self.masks:
-            self.masks[window] = torch.zeros(1, 1, 1, window, dtype=torch.bool, device=self.device)
+            self.masks[window] = torch.zeros(1, 1, 1, window, dtype=self.logits.dtype, device=self.device)
         graphs = self.graphs.get(window)
         if graphs is not None:
             self._step(cache, window, graphs)

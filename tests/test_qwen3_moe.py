@@ -118,3 +118,42 @@ def test_a_skewed_routing_takes_the_grouped_loop(monkeypatch):
     calls = []
     monkeypatch.setattr(Experts, "forward_grouped", lambda self, *a: calls.append(1) or want)
     assert experts.forward_padded(x, idx, weights) is want and calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sign_folded_rope_is_rotate_half_bit_for_bit(dtype):
+    """The decode step's RoPE (a roll and the sign in the table) against rotate-half RoPE: the same products, the sum
+    rounded once or twice (addcmul may fuse it), so within one unit in the last place of the dtype."""
+    from marco_local.models.qwen3_moe import RotaryEmbedding, rope_signed, rotate_half, signed_sin
+
+    cos, sin = RotaryEmbedding(16, 10000.0, None)(5, 3, dtype, torch.device("cpu"))
+    x = torch.randn(1, 4, 3, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = x * cos + rotate_half(x) * sin
+    ulp = torch.finfo(dtype).eps * want.abs().max().item()
+    torch.testing.assert_close(rope_signed(x, cos, signed_sin(sin)), want, rtol=0, atol=ulp)
+
+
+@torch.no_grad()
+def test_fused_qkv_projection_keeps_the_numbers_and_the_bytes(checkpoint):
+    """fuse_qkv: one projection whose rows the q/k/v parameters view (no second copy), same logits."""
+    folder, _ = checkpoint
+    model = load_model(folder, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
+    want = model(ids, model.make_cache(8))
+    numel = sum(p.numel() for p in model.parameters())
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        assert attn.fuse_qkv() and attn.fuse_qkv()  # idempotent
+        assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+        assert attn.v_proj.weight.data_ptr() + attn.v_proj.weight.nbytes == attn.qkv_weight[-1:].data_ptr() + (
+            attn.qkv_weight[-1:].nbytes
+        )
+    assert sum(p.numel() for p in model.parameters()) == numel
+    torch.testing.assert_close(model(ids, model.make_cache(8)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_only_plain_linears_of_one_dtype_fuse(checkpoint):
+    folder, _ = checkpoint
+    attn = load_model(folder, dtype=torch.float32).model.layers[0].self_attn
+    attn.k_proj.half()
+    assert not attn.fuse_qkv() and attn.qkv_weight is None

@@ -35,6 +35,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.weight.dtype == x.dtype:  # one fused kernel there, not eight (the decode step counts
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # kernels); rounds once, not twice
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -67,6 +69,19 @@ class RotaryEmbedding(nn.Module):
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The sin table with its first half negated: rotate_half's negation folded in, for `rope_signed`."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin in three kernels instead of five (rotate_half is a roll by half a head and a
+    negation, the negation being in the table): the decode step is bound by its kernel count. The same products; the
+    sum may round once instead of twice (addcmul can fuse the multiply-add)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -110,13 +125,48 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        # set by fuse_qkv: plain tensors, not parameters (q/k/v_proj's parameters are views of them: counted once)
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse_qkv(self) -> bool:
+        """One projection for q, k and v (the decode step is bound by its kernel count): q/k/v_proj's weights become
+        views of one tensor that holds the three (no extra memory once the old ones are freed). Only plain dense
+        linears of one dtype and device fuse; True when fused."""
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv_weight is not None:
+            return True
+        if any(type(m) is not nn.Linear for m in linears):
+            return False
+        if len({(m.weight.dtype, m.weight.device) for m in linears}) > 1:
+            return False
+        self.qkv_weight = torch.cat([m.weight.detach() for m in linears])
+        if self.q_proj.bias is not None:
+            self.qkv_bias = torch.cat([m.bias.detach() for m in linears])
+        start = 0
+        for m in linears:
+            rows = slice(start, start + m.out_features)
+            m.weight = nn.Parameter(self.qkv_weight[rows], requires_grad=False)
+            if self.qkv_bias is not None:
+                m.bias = nn.Parameter(self.qkv_bias[rows], requires_grad=False)
+            start += m.out_features
+        return True
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, T, D] -> q [B, H, T, hd], k and v [B, H_kv, T, hd]; q and k normed, not yet rotated."""
+        B, T, _ = x.shape  # B batch, T new tokens
+        if self.qkv_weight is not None:
+            sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        return q, k, v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B, T, D] -> q [B, H, T, hd], k and v [B, H_kv, T, hd]; q and k normed and rotated."""
-        B, T, _ = x.shape  # B batch, T new tokens
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -131,23 +181,28 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        sin_signed: torch.Tensor,
         cache: KVCache,
         pos: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """One token at the position held in the device tensor `pos` [1]: its key and value are written there, and
-        it attends over the first W cache positions under `mask` [1, 1, 1, W] (positions <= pos). Shapes are fixed by
-        W and nothing is read back to the host: the form a CUDA graph captures (marco_local/cuda_graphs.py).
-        Same numbers as `forward` up to kernel rounding; `cache.offset` is the caller's to advance."""
+        """One token (x [1, 1, D]) at the position held in the device tensor `pos` [1]: its key and value are
+        written there, and it attends over the first W cache positions under the additive `mask` [1, 1, 1, W] (0 at
+        positions <= pos, -inf beyond). Shapes are fixed by W and nothing is read back to the host: the form a CUDA
+        graph captures (marco_local/cuda_graphs.py). RoPE takes the sign-folded sin table (`rope_signed`). The
+        G = H / H_kv query heads of a key head are attention's G queries over that head's keys, so the step is one
+        plain attention call (no GQA expansion, which would copy the window). Same numbers as `forward` up to kernel
+        rounding; `cache.offset` is the caller's to advance."""
         B, T, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project_qkv(x)
+        q, k = rope_signed(q, cos, sin_signed), rope_signed(k, cos, sin_signed)
         keys, values = cache.keys[self.layer], cache.values[self.layer]  # [B, H_kv, max_len, hd]
         keys.index_copy_(2, pos, k)
         values.index_copy_(2, pos, v)
         W = mask.shape[-1]
-        out = F.scaled_dot_product_attention(q, keys[:, :, :W], values[:, :, :W], attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        q = q.reshape(B, self.n_kv, self.n_heads // self.n_kv * T, self.head_dim)  # T = 1: heads as queries
+        out = F.scaled_dot_product_attention(q, keys[:, :, :W], values[:, :, :W], attn_mask=mask)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -231,6 +286,11 @@ class Experts(nn.Module):
         T, A = idx.shape
         flat = idx.reshape(-1)  # [T*A]
         gate_w, up_w, down_w = self.gathered_weights(flat, x.dtype)
+        if T == 1:  # decode: fewest kernels (the step is bound by their count), no copy of x per expert
+            gate = torch.matmul(gate_w, x.view(-1, 1))  # [A, I, 1]: one matrix-vector product over A*I rows
+            h = F.silu(gate) * torch.matmul(up_w, x.view(-1, 1))
+            y = torch.bmm(down_w, h).view(A, -1)  # [A, D]
+            return torch.mm(weights.to(y.dtype), y).to(x.dtype)  # the routing-weighted sum [1, D]
         xs = x.unsqueeze(1).expand(T, A, x.shape[1]).reshape(T * A, -1, 1)  # [T*A, D, 1]
         gate = torch.bmm(gate_w, xs)  # [T*A, I, 1]
         up = torch.bmm(up_w, xs)
@@ -274,10 +334,11 @@ class SparseMoeBlock(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (expert ids [T, A], weights [T, A] in x's dtype)."""
         gate = self.gate.weight  # may be float32 in a bf16 model (a GGUF's router): computed in its dtype
-        probs = F.softmax(F.linear(x.to(gate.dtype), gate), dim=-1, dtype=torch.float)  # [T, E]
-        weights, idx = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = F.linear(x.to(gate.dtype), gate)  # [T, E]
+        if self.norm_topk_prob:  # softmax, top-k, renormalise = top-k of the logits, softmax over those k
+            top, idx = torch.topk(logits, self.top_k, dim=-1)  # [T, A] (three kernels fewer per decode step)
+            return idx, F.softmax(top, dim=-1, dtype=torch.float).to(x.dtype)
+        weights, idx = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
         return idx, weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,13 +364,13 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        sin_signed: torch.Tensor,
         cache: KVCache,
         pos: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """One token at a device-side position (Attention.forward_at), then the layer's FFN."""
-        x = x + self.self_attn.forward_at(self.input_layernorm(x), cos, sin, cache, pos, mask)
+        x = x + self.self_attn.forward_at(self.input_layernorm(x), cos, sin_signed, cache, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
