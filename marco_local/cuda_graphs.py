@@ -1,8 +1,9 @@
 """One new token on CUDA, replayed from captured CUDA graphs: the CUDA decode fast path.
 
-Why: eager decode on CUDA is bound by the host, not the GPU. A Marco-Nano-shaped step is ~2,200 small kernels, each
-costing ~12 us of Python and dispatch; on an H200 that gave 46 tok/s, 1.4% of the memory-bandwidth bound, and 162
-tok/s replayed from a graph (bench/cuda_speed.py).
+Why: eager decode on CUDA is bound by the host, not the GPU: each kernel costs ~12 us of Python and dispatch. Replayed
+from a graph, a kernel node still costs a few microseconds however small, so the step is written for few kernels
+(~30 per layer: fused RMSNorm, one q/k/v projection, sign-folded RoPE, one attention call; `bench/decode_ops.py`
+counts them). On an H200, a Marco-Nano-shaped bf16 step: 53 tok/s eager, 258 tok/s replayed (bench/cuda_speed.py).
 
 A graph fixes shapes and addresses, so the captured step is built from the layers' `forward_at`, which differs from
 `forward` in three ways: the position is a device tensor (rotary rows and the cache write are indexed by it), the
