@@ -17,8 +17,9 @@ not change. Needs a store in host RAM (`MemoryStore`: CUDA's pinned tier).
 Invariants: owns the fast-tier slots and never allocates them again (decode allocates no slot memory); never evicts
 an expert the current group needs; a speculative prefetch for this layer finishes (CPU thread) or is ordered before
 use (CUDA copy stream) before the slots are read. On CUDA, copies run on a side stream from pinned host memory, and a
-copy into a slot is ordered after the compute-stream work that may still read it. `stall_s` is host time spent
-waiting for experts (on CUDA the waits are device-side, so it stays near zero there).
+copy into a slot is ordered after the compute-stream work that may still read it; at a cut of the CUDA graphs, where
+the host has synchronized the device, a token's own copies go on the compute stream instead (no events to record).
+`stall_s` is host time spent waiting for experts (on CUDA the waits are device-side, so it stays near zero there).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class OffloadedExperts(nn.Module):
         # faults on a fresh slot (Nano GGUF, 50% resident, synthetic trace: 15.5 -> 21.0 tok/s); the budget counts
         # these bytes anyway
         self.slots = torch.zeros(num_slots, self.layout.expert_bytes, dtype=torch.uint8, device=self.device)
+        self.slot_rows = list(self.slots)  # one view per slot, made once: a copy into a slot indexes nothing
         self.layout.bind(inner, self.slots)
         # an inner `forward` of its own (QExperts' decode kernel) is used for single tokens; the base routing loop,
         # replayed here in expert-id order, keeps everything else bit-identical to the unwrapped module
@@ -66,6 +68,7 @@ class OffloadedExperts(nn.Module):
         # after the routing has been read)
         self.gather_decode = self.device.type == "cuda" and getattr(inner, "gathers", False)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.copies_in_flight = False  # copies queued on copy_stream that the compute stream has not waited for
         # miss handling (install's cost model): False copies a missing expert into a slot; True computes it on the
         # CPU from the store while the device computes the resident ones (`cpu_twin`: the inner module on the store)
         self.misses_on_cpu = False
@@ -100,21 +103,35 @@ class OffloadedExperts(nn.Module):
     def _copy(self, loads: Sequence[tuple[int, int]]) -> None:
         if self.copy_stream is None:
             for e, s in loads:
-                self.store.read_into(e, self.slots[s])
+                self.store.read_into(e, self.slot_rows[s])
             return
         # the slot may still be read by kernels queued on the compute stream: the copy waits for them first
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             for e, s in loads:
-                self.store.read_into(e, self.slots[s])
+                self.store.read_into(e, self.slot_rows[s])
+        self.copies_in_flight = True
 
-    def _fetch(self, loads: Sequence[tuple[int, int]]) -> None:
+    def _wait_copies(self) -> None:
+        """Order the compute stream after this layer's queued copies (CUDA; nothing to do when none are pending)."""
+        if self.copies_in_flight:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            self.copies_in_flight = False
+
+    def _fetch(self, loads: Sequence[tuple[int, int]], device_idle: bool = False) -> None:
+        """Copy `loads` into their slots before the next compute. `device_idle`: the caller has synchronized the
+        compute stream (a cut of the CUDA graphs), so the copies go on that stream itself: ordered before the next
+        segment and after nothing, with no cross-stream events (each costs host time while the GPU waits)."""
         if not loads:
             return
         t0 = time.perf_counter()
-        self._copy(loads)
-        if self.copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        if device_idle:
+            for e, s in loads:
+                self.store.read_into(e, self.slot_rows[s])
+        else:
+            self._copy(loads)
+            if self.copy_stream is not None:
+                self._wait_copies()
         self.stall_s += time.perf_counter() - t0
         self.bytes_moved += len(loads) * self.layout.expert_bytes
 
@@ -137,7 +154,7 @@ class OffloadedExperts(nn.Module):
         if pending is not None:
             pending.result()
         if self.copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            self._wait_copies()
         self.stall_s += time.perf_counter() - t0
 
     def preload(self, experts: Sequence[int]) -> None:
@@ -166,8 +183,8 @@ class OffloadedExperts(nn.Module):
             self.pending.result()
             self.stall_s += time.perf_counter() - t0
             self.pending = None
-        if self.copy_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        if self.copy_stream is not None:  # a prefetch's copies (or none: then there is nothing to wait for)
+            self._wait_copies()
         if self.predicted is not None:
             self.pred_total += len(self.predicted)
             self.pred_hit += len(self.predicted.intersection(experts))
@@ -308,10 +325,12 @@ class OffloadedExperts(nn.Module):
         """One token's experts `row` (routing order) made resident, for a caller that computes them itself from the
         slots (cuda_graphs.py): what `forward` does before its gathered single-token path (prefetch scoring, copies,
         stats, and speculation from the MoE input `x` [1, D], or from the next layer's `guess` when the caller has
-        it: `guess_next`); their slot ids in routing order. The token's own copies are queued before the guesses'."""
+        it: `guess_next`); their slot ids in routing order. The token's own copies are queued before the guesses'.
+        The caller has synchronized the device (the segment that routed): the token's copies go on the compute stream
+        (`_fetch(device_idle=True)`), after any prefetch into this layer's slots (`_settle` orders that first)."""
         experts = sorted(set(row))
         self._settle(experts)
-        self._fetch(self.table.assign(experts))
+        self._fetch(self.table.assign(experts), device_idle=True)
         if guess is not None:
             self._prefetch_next(guess)
         else:
