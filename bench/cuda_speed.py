@@ -25,11 +25,13 @@ With `--format nf4` the attention and expert linears are bitsandbytes nf4 (quant
 the q4 model of the issue's 8/4/2 GiB budgets.
 
 With `--format gguf` the model is a Nano-shaped Q4_K_M GGUF (written once by our codecs: bench_vs_llamacpp.py's
-write_nano_gguf) loaded as `marco run FILE --device cuda` loads it, every tensor dequantized to bf16; resident rows only
-(a GGUF offloads on the CPU only).
+write_nano_gguf) loaded as `marco run FILE --device cuda` loads it: every tensor dequantized to bf16 (`--gguf-experts
+dense`, resident rows only), or the experts kept as the file's blocks (`quantized`, gguf_experts.py: resident and
+offloaded rows, the experts' blocks in pinned host RAM).
 
 Usage: python bench/cuda_speed.py [--layers 28] [--tokens 64] [--budgets 8GiB,4GiB,2GiB] [--format bf16|nf4|gguf]
-       [--modes graphs,eager] [--routings real,synthetic] [--no-extra] [--no-prefetch] [--no-cpu-misses] [--json FILE]
+       [--gguf-experts dense|quantized] [--modes graphs,eager] [--routings real,synthetic] [--no-extra]
+       [--no-prefetch] [--no-cpu-misses] [--json FILE]
 Each offloaded row reports its peak VRAM minus its budget ("over MB"): a fresh process's, as cuBLAS's workspaces are
 cleared between rows.
 """
@@ -236,6 +238,12 @@ def main() -> None:
     ap.add_argument("--format", choices=("bf16", "nf4", "gguf"), default="bf16", help="nf4: bitsandbytes 4-bit linears")
     ap.add_argument("--gguf", type=Path, default=Path("/tmp/marco-nano-q4_k_m-ours.gguf"), help="--format gguf's file")
     ap.add_argument("--modes", default="graphs,eager", help="the offloaded rows' decode steps")
+    ap.add_argument(
+        "--gguf-experts",
+        choices=("dense", "quantized"),
+        default="dense",
+        help="--format gguf: experts dequantized, or kept as the file's blocks (then offloaded rows too)",
+    )
     args = ap.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -256,9 +264,10 @@ def main() -> None:
         gguf_file(args.gguf, args.layers)
         out["gguf_bytes"] = args.gguf.stat().st_size
 
-    def make() -> qwen3_moe.Qwen3MoeForCausalLM:
-        if args.format == "gguf":  # what `marco run FILE.gguf --device cuda` builds: every tensor dequantized to bf16
-            return load_gguf(args.gguf, dtype=torch.bfloat16, device=torch.device(args.device))[0]
+    def make(offloaded: bool = False) -> qwen3_moe.Qwen3MoeForCausalLM:
+        if args.format == "gguf":  # what `marco run FILE.gguf --device cuda` builds (gguf_loader.load_gguf)
+            kept = "host" if offloaded else args.gguf_experts
+            return load_gguf(args.gguf, dtype=torch.bfloat16, device=torch.device(args.device), cuda_experts=kept)[0]
         model = build(args.layers, args.device)
         return to_nf4(model) if args.format == "nf4" else model
 
@@ -303,7 +312,7 @@ def main() -> None:
     ctx = args.prompt + args.tokens
     # on the CPU (a dry run) an in-RAM model takes no --ram-mem: percentages stand in for the budgets
     budgets = [b for b in args.budgets.split(",") if b] if cuda else ["50%", "25%"]
-    if args.format == "gguf":  # a GGUF's experts offload on the CPU only
+    if args.format == "gguf" and (args.gguf_experts == "dense" or not cuda):  # offloaded: quantized experts only
         budgets, args.extra, args.prefetch = [], False, False
     key = "gpu_mem" if cuda else "experts_resident"
     placements = [(b, Placement(**{key: b}, ctx=ctx)) for b in budgets]
@@ -317,7 +326,7 @@ def main() -> None:
         placements.append(("prefetch", Placement(experts_resident="25%", prefetch=True, ctx=ctx)))
     for label, placement in placements:
         for routing in args.routings.split(","):
-            model = make()
+            model = make(offloaded=True)
             install(model, placement)
             gc.collect()
             torch.cuda.empty_cache()

@@ -12,7 +12,10 @@
 #          (default: offloaded rows from CUDA graphs only; eager offloaded decode was measured before)
 #   gguf   a Nano-shaped Q4_K_M GGUF written by our codecs, dequantized onto the GPU: cuda_speed.py --format gguf and
 #          `marco bench FILE --device cuda`
-#   gguf-bench  `marco bench` on that GGUF only (written in the background from the start)
+#   gguf-q the same GGUF with its experts kept quantized (gguf_experts.py): resident and under the budgets; GGUFQ_ARGS
+#   gguf-bench  `marco bench` on that GGUF: resident, and with 50% of the experts resident (llama.cpp's numbers for
+#          that file come from bench/llamacpp_cuda.sh). gguf-q and gguf-bench write the file in the background
+#          from the start (~70 s of one core)
 #   nf4    cuda_speed.py with bitsandbytes nf4 linears (the q4 model of the 8/4/2 GiB budgets); NF4_ARGS
 #   cli    `marco run` and `marco bench` on the demo model (device "auto" = CUDA there)
 #   suite  the whole test suite with a CUDA device visible; SUITE_TIMEOUT (seconds, default 420)
@@ -32,11 +35,12 @@ torch.version.cuda, transformers.__version__, bitsandbytes.__version__, typer.__
 } 2>&1 | tee "$OUT/env.log"
 stage() { echo "== $1 (at ${SECONDS}s)"; }
 GGUF=/tmp/nano-q4_k_m.gguf
-if [[ " $STAGES " == *" gguf-bench "* && ! -f $GGUF ]]; then  # written meanwhile (~70 s of one core)
+if [[ ( " $STAGES " == *" gguf-bench "* || " $STAGES " == *" gguf-q "* ) && ! -f $GGUF ]]; then  # ~70 s, one core
   python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
 from bench_vs_llamacpp import write_nano_gguf; write_nano_gguf(Path('$GGUF'), mix='q4_k_m')" > "$OUT/gguf_write.log" 2>&1 &
   writer=$!
 fi
+wait_gguf() { [[ -n ${writer:-} ]] && { wait "$writer"; echo "writer rc $?"; writer=; }; }
 if [[ " $STAGES " == *" tests "* ]]; then
   stage "gpu tests"
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
@@ -50,16 +54,27 @@ if [[ " $STAGES " == *" speed "* ]]; then
 fi
 if [[ " $STAGES " == *" gguf "* ]]; then
   stage "cuda_speed --format gguf"
+  wait_gguf
   timeout 150 python3 bench/cuda_speed.py --format gguf --gguf $GGUF --json "$OUT/cuda_speed_gguf.json" \
     2>&1 | tee "$OUT/cuda_speed_gguf.log" | tail -8
   stage "marco bench GGUF --device cuda"
   timeout 90 python3 -m marco_local bench $GGUF --device cuda --json 2>&1 | tee -a "$OUT/cuda_speed_gguf.log" \
     | tail -3
 fi
+if [[ " $STAGES " == *" gguf-q "* ]]; then
+  stage "cuda_speed --format gguf --gguf-experts quantized (resident, then offloaded); GGUFQ_ARGS"
+  wait_gguf
+  timeout 300 python3 bench/cuda_speed.py --format gguf --gguf $GGUF --gguf-experts quantized \
+    --json "$OUT/cuda_speed_gguf_q.json" ${GGUFQ_ARGS:---modes graphs --no-cpu-misses --no-prefetch} 2>&1 \
+    | tee "$OUT/cuda_speed_gguf_q.log" | tail -16
+fi
 if [[ " $STAGES " == *" gguf-bench "* ]]; then
   stage "marco bench GGUF --device cuda (the file bench/llamacpp_cuda.sh measures llama.cpp on)"
-  [[ -n ${writer:-} ]] && { wait "$writer"; echo "writer rc $?"; }
+  wait_gguf
   timeout 90 python3 -m marco_local bench $GGUF --device cuda -r 3 --json 2>&1 | tee "$OUT/marco_gguf.log" | tail -3
+  stage "marco bench GGUF --device cuda --experts-resident 50% (against llama.cpp's --n-cpu-moe 14)"
+  timeout 120 python3 -m marco_local bench $GGUF --device cuda -r 3 --experts-resident 50% --json 2>&1 \
+    | tee -a "$OUT/marco_gguf.log" | tail -3
 fi
 if [[ " $STAGES " == *" nf4 "* ]]; then
   stage "cuda_speed --format nf4"

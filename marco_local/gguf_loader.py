@@ -23,6 +23,7 @@ for every block format because GGML quantizes each row on its own. qwen3/qwen3mo
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,11 +147,12 @@ def _kernels() -> tuple[Callable[..., nn.Module], Callable[..., nn.Module], Call
 
 
 def _dense_modules(
-    dtype: torch.dtype, device: torch.device
+    dtype: torch.dtype, device: torch.device, quantized_experts: torch.device | None = None
 ) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module], Callable[..., nn.Module]]:
     """make_linear, make_experts and make_embedding that dequantize once, exactly, into plain modules on `device` in
     `dtype`: a GGUF on CUDA, where the GGUF kernels (CPU kernels) do not run. Costs the dense size in memory (a 4-bit
-    file takes 4x its size in bf16); in return the model is the plain one, so CUDA graphs apply."""
+    file takes 4x its size in bf16); in return the model is the plain one, so CUDA graphs apply. With
+    `quantized_experts`, experts stay the file's blocks on that device instead (`gguf_experts.StackedGGUFExperts`)."""
     from .qlinear import dequantize_rows
 
     def param(raw: torch.Tensor, ggml_type: int) -> nn.Parameter:
@@ -163,6 +165,11 @@ def _dense_modules(
         return linear
 
     def make_experts(gate_raw, up_raw, down_raw, ggml_types, num_experts: int, hidden: int, intermediate: int):
+        if quantized_experts is not None:
+            from .gguf_experts import StackedGGUFExperts
+
+            raws = (gate_raw, up_raw, down_raw)
+            return StackedGGUFExperts(raws, ggml_types, hidden, intermediate, dtype, quantized_experts)
         with meta_device():
             experts = Experts(num_experts, hidden, intermediate)
         raws = (gate_raw, up_raw, down_raw)
@@ -255,11 +262,13 @@ def build_model(
     progress: ProgressFn | None = None,
     experts_in_file: bool = False,
     dense: bool | None = None,
+    quantized_experts: torch.device | None = None,
 ) -> nn.Module:
     """The model the GGUF describes, projections on the file's quantized bytes, the rest as `dtype` parameters.
     `experts_in_file`: the quantized experts are neither repacked nor read (their pages stay untouched), for an
     offload runtime (`marco_local.offload.install`) that reads them from the file on demand. `dense` (the default off
-    the CPU): every weight dequantized into plain modules (`_dense_modules`)."""
+    the CPU): every weight dequantized into plain modules (`_dense_modules`); `quantized_experts` (dense models): the
+    experts kept as the file's blocks on that device (`gguf_experts.StackedGGUFExperts`)."""
     cfg = model_config(g)
     if f"blk.0.{_LAYER_NAMES['self_attn.q_proj']}.bias" in g:
         raise MarcoError(f"{g.path}: attention biases are not supported for {g.architecture}")
@@ -273,7 +282,10 @@ def build_model(
         raise MarcoError("a GGUF's experts can stay in the file only on the CPU", hint="use --device cpu")
     with meta_device():
         model = MODEL_CLASSES[cfg.model_type](cfg)
-    make_linear, make_experts, make_embedding = _dense_modules(dtype, device) if dense else _kernels()
+    if quantized_experts is not None and not dense:
+        raise ValueError("quantized_experts applies to dense models (the CPU kernels keep every weight quantized)")
+    makers = _dense_modules(dtype, device, quantized_experts) if dense else _kernels()
+    make_linear, make_experts, make_embedding = makers
     unpermute = cfg.model_type == "llama"
     if not dense:
         _use_native_moe_blocks(model, cfg)
@@ -360,19 +372,36 @@ def _attach_native_decoder(model: nn.Module) -> None:
         model.decode_step = NativeDecoder(model)
 
 
+CUDA_EXPERTS = ("auto", "dense", "quantized", "host")
+
+
 def load_gguf(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
     experts_in_file: bool = False,
+    cuda_experts: str = "auto",
 ) -> tuple[nn.Module, Tokenizer]:
     """Model and tokenizer from nothing but a .gguf file (`experts_in_file`, and dense modules off the CPU: see
-    `build_model`)."""
+    `build_model`). `cuda_experts`, off the CPU: "dense" dequantizes the experts too (the fastest decode, 4x the
+    file's bytes in bf16), "quantized" keeps them as the file's blocks on the device, "host" keeps those blocks on the
+    CPU for an offload runtime to pack into pinned RAM (`offload.install`), "auto" is dense when the dense model fits
+    in free VRAM, else quantized."""
+    if cuda_experts not in CUDA_EXPERTS:
+        raise ValueError(f"cuda_experts must be one of {CUDA_EXPERTS}, got {cuda_experts!r}")
+    device = torch.device(device)
     g = GGUFFile(path)
     model_config(g)  # architecture errors before the tokenizer's
     tokenizer = load_tokenizer(g)
-    model = build_model(g, dtype=dtype, device=device, progress=progress, experts_in_file=experts_in_file)
+    quantized = None
+    if device.type != "cpu":
+        if cuda_experts == "auto":
+            cuda_experts = "dense" if _dense_fits(g, dtype, device) else "quantized"
+        quantized = {"dense": None, "quantized": device, "host": torch.device("cpu")}[cuda_experts]
+    model = build_model(
+        g, dtype=dtype, device=device, progress=progress, experts_in_file=experts_in_file, quantized_experts=quantized
+    )
     # The tokenizer's build made ~300k Python strings and ~20 MB of temporaries; hand the freed memory back before the
     # prompt's activations and the KV cache arrive (2 MiB less peak RSS on Nano).
     del g
@@ -381,3 +410,13 @@ def load_gguf(
 
     trim_heap()
     return model, tokenizer
+
+
+def _dense_fits(g: GGUFFile, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether every weight of `g` dequantized to `dtype` fits in the device's free memory, leaving the margin
+    `--gpu-mem auto` leaves (the KV cache and activations come on top: a tight fit takes the quantized experts)."""
+    from .offload.budget import AUTO_GPU_MARGIN
+
+    need = sum(math.prod(info.shape) for info in g.tensors.values()) * torch.finfo(dtype).bits // 8
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    return need + 2 * AUTO_GPU_MARGIN <= free

@@ -395,10 +395,14 @@ def model_info(spec: str, ctx: int = 4096, gpu_mem: int | None = None) -> ModelI
         Placement("all on GPU", None, weight_bytes + kv + RUNTIME_MARGIN, 0),
     ]
     n_experts = params.moe_layers * cfg.num_experts
-    if source.format == "gguf":  # on CUDA a GGUF is dequantized whole (gguf_loader), and offloads on the CPU only
+    if source.format == "gguf":  # on CUDA: all but the experts dequantized to bf16 (gguf_loader); experts either way
         dense = params.total * 2 + kv + RUNTIME_MARGIN
         placements = [Placement("all on GPU", None, dense, 0, "dequantized to bf16: GGUF kernels run on the CPU")]
-    elif n_experts:
+        fixed = (params.total - params.experts) * 2 + kv + RUNTIME_MARGIN
+        if n_experts:
+            note = "experts kept as the file's blocks, dequantized per token"
+            placements.append(Placement("all on GPU, experts quantized", None, fixed + expert_bytes, 0, note))
+    if n_experts:
         one = expert_bytes // n_experts
         if gpu_mem is None:  # show a budget that holds half of each layer's experts
             half = fixed + math.ceil(cfg.num_experts / 2) * one * params.moe_layers

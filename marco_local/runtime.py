@@ -99,16 +99,19 @@ def load(
 
         if device == "auto":
             dev = torch.device("cpu")  # the GGUF kernels are CPU kernels (marco_local/qlinear.py)
-        if offload and dev.type != "cpu":
-            raise MarcoError(
-                "offloading a GGUF's experts works on the CPU only (on CUDA the file is dequantized whole)",
-                hint="use --device cpu, or on CUDA a checkpoint folder (bf16 or `marco quantize --to nf4`)",
-            )
+        on_cpu = dev.type == "cpu"
+        # CUDA: experts dense when they fit, else kept quantized; offloaded, their blocks go to pinned host RAM
+        cuda_experts = "host" if offload else "auto"
         model, tokenizer = load_gguf(
-            source.path, dtype=pick_dtype(dtype), device=dev, progress=progress, experts_in_file=offload
+            source.path,
+            dtype=pick_dtype(dtype),
+            device=dev,
+            progress=progress,
+            experts_in_file=offload and on_cpu,
+            cuda_experts=cuda_experts,
         )
         if offload:
-            install(model, placement, files=[source.path])
+            install(model, placement, files=[source.path] if on_cpu else [])
         if dev.type == "cuda":
             enable_cuda_graphs(model)
         return LoadedModel(source, model, tokenizer, dev, {})

@@ -15,6 +15,7 @@ Invariants:
   importance matrix) operation for operation, sums included in the C loops' order, so the bytes are the ones llama.cpp
   writes (checked against llama-cpp-python 0.3.36: tests/test_ggml_codecs.py, bench/codec_rmse.py).
 - Every dequantize is bit-exact with gguf-py's (`gguf.quants.dequantize`), hence with ggml's `dequantize_row_*`.
+  The block functions (`_dequantize_blocks`) run on the input's device (CUDA: GGUF experts dequantized per token).
 - Work is vectorised over blocks and done in bounded chunks (`CHUNK_ELEMS` weights at a time) on
   `torch.get_num_threads()` worker threads, so quantizing a large tensor needs about the output plus a few chunk-sized
   temporaries per worker. A contiguous input is never copied whole. Results do not depend on chunking or threads.
@@ -298,7 +299,7 @@ class Q5_1(Codec):
 
 def _unpack5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     """qh [B, 4] + qs [B, 16] -> the 32 unsigned 5-bit values as float32 [B, 32]."""
-    shifts = torch.arange(8, dtype=torch.uint8).view(1, 1, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device).view(1, 1, 8)
     high = ((qh.unsqueeze(-1) >> shifts) & 1).reshape(-1, 32)
     return (torch.cat([qs & 0x0F, qs >> 4], dim=-1) | (high << 4)).float()
 
@@ -507,7 +508,7 @@ class Q5_K(Codec):
 
     def _dequantize_blocks(self, raw: torch.Tensor) -> torch.Tensor:
         sc, mn = _unpack_scales_mins(raw[:, 4:16])
-        shifts = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+        shifts = torch.arange(8, dtype=torch.uint8, device=raw.device).view(1, 8, 1)
         high = (raw[:, 16:48].unsqueeze(1) >> shifts) & 1
         qs = raw[:, 48:].reshape(-1, 4, 1, 32)
         low = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
@@ -549,7 +550,7 @@ class Q6_K(Codec):
         ql = raw[:, :128].reshape(-1, 2, 1, 64)
         low = torch.cat([ql & 0x0F, ql >> 4], dim=2).view(-1, 2, 4, 32)
         qh = raw[:, 128:192].reshape(-1, 2, 1, 32)
-        high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
+        high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=raw.device).view(1, 1, 4, 1)) & 3
         q = ((low | (high << 4)).float() - 32).view(-1, 16, 16)
         sc = raw[:, 192:208].contiguous().view(torch.int8).float().unsqueeze(-1)
         return ((_fp16_from(raw, 208).unsqueeze(-1) * sc) * q).view(-1, QK_K)

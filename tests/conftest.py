@@ -15,6 +15,8 @@ import torch
 
 os.environ.setdefault("MARCO_HOME", str(Path(__file__).parent / ".cache-marco"))
 
+from offload_gguf_fixtures import q4_path  # noqa: E402, F401 (a tiny q4_k_m MoE GGUF, for any test module)
+
 from marco_local.demo import build_tokenizer, write_tokenizer_files  # noqa: E402
 
 BASE_CONFIG = dict(

@@ -134,6 +134,47 @@ def test_gguf_on_cuda(ggml_type, moe_f32, moe_typed):
     assert tokens[0] == tokens[1]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("experts", ["quantized", "offloaded"])
+@torch.no_grad()
+def test_gguf_experts_kept_quantized_on_cuda(ggml_type, experts, moe_f32, moe_typed):
+    """A GGUF on CUDA with its experts as the file's blocks (gguf_experts.py): on the GPU, or offloaded (blocks in
+    pinned host RAM, 2 slots per layer). Decoded from CUDA graphs; the dense CPU model's logits (float32, 1e-4) and
+    greedy tokens."""
+    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.gguf_experts import StackedGGUFExperts
+    from marco_local.offload import Placement, install
+
+    path = moe_typed(ggml_type)
+    cpu = build_model(GGUFFile(path), dtype=torch.float32, dense=True)
+    kept = "quantized" if experts == "quantized" else "host"
+    model, _ = load_gguf(path, dtype=torch.float32, device=torch.device("cuda"), cuda_experts=kept)
+    inner = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    assert all(isinstance(e, StackedGGUFExperts) for e in inner)
+    if experts == "offloaded":
+        install(model, Placement(experts_resident="2"))
+        assert model.offload.layers[0].store.rows.is_pinned()
+    else:
+        assert inner[0].gate_proj_raw.is_cuda
+    assert GraphedDecoder.supports(model)
+    model.decode_step = GraphedDecoder(model, min_window=16)
+    ids = ids_batch(cpu.config.vocab_size, shape=(1, 12))
+    want = cpu(ids, cpu.make_cache(32))
+    got = model(ids.cuda(), model.make_cache(32)).cpu()
+    assert rel_err(got, want) < 1e-4
+    tokens = []
+    for m, device in ((cpu, "cpu"), (model, "cuda")):
+        cache, out, x = m.make_cache(40), [], ids.to(device)
+        for _ in range(16):
+            x = m(x, cache)[:, -1:].argmax(-1)
+            out.append(int(x))
+        tokens.append(out)
+    assert tokens[0] == tokens[1]
+    assert not model.decode_step.failed
+
+
 def test_llama_quantize_q4_k_m_mix(moe_f32, tmp_path):
     """A llama-quantize Q4_K_M file: per-tensor type mix (experts of one layer in different types) runs exactly."""
     llama_cpp = pytest.importorskip("llama_cpp")

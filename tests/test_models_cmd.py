@@ -144,7 +144,7 @@ def test_info_on_a_nano_shaped_checkpoint_reads_headers_only(tmp_path):
 
 
 def test_info_on_a_gguf_counts_what_cuda_would_hold():
-    """A GGUF on CUDA is dequantized whole (bf16) and offloads only on the CPU: no GPU-budget row."""
+    """A dense GGUF on CUDA is dequantized whole (bf16): no row with quantized experts, no GPU-budget row."""
     from gguf_fixtures import smollm2_path
 
     path = smollm2_path()
@@ -153,6 +153,19 @@ def test_info_on_a_gguf_counts_what_cuda_would_hold():
     gpu_all, cpu = mi.placements
     assert gpu_all.fast_bytes == mi.params.total * 2 + mi.kv_bytes + (256 << 20) and "dequantized" in gpu_all.note
     assert cpu.ram_bytes == mi.weight_bytes + mi.kv_bytes + (256 << 20) < gpu_all.fast_bytes
+
+
+def test_info_on_a_moe_gguf_offers_quantized_experts_and_a_budget(q4_path):
+    """A MoE GGUF on CUDA: dense (bf16), experts kept as the file's blocks, or those blocks offloaded under a budget
+    (non-expert weights in bf16, slots of quantized experts)."""
+    probe = model_info(str(q4_path), ctx=256)
+    rest = (probe.params.total - probe.params.experts) * 2 + probe.kv_bytes + (256 << 20)
+    mi = model_info(str(q4_path), ctx=256, gpu_mem=rest + probe.expert_bytes // 2)  # about half of the experts
+    names = [pl.name for pl in mi.placements]
+    assert names == ["all on GPU", "all on GPU, experts quantized", "GPU budget", "CPU only"]
+    dense, quant, budget, _ = mi.placements
+    assert quant.fast_bytes == rest + mi.expert_bytes < dense.fast_bytes
+    assert rest < budget.fast_bytes < quant.fast_bytes and "experts per layer resident" in budget.note
 
 
 def test_info_cli_table_and_json(tmp_path):

@@ -1,0 +1,71 @@
+"""A GGUF's experts on CUDA kept as the file's quantized blocks, dequantized for the experts a token uses.
+
+Why: the GGUF kernels (marco_local/native, qlinear.py) are CPU kernels, so on CUDA a GGUF was dequantized whole, and a
+4-bit Marco-Nano file (5 GB) took 16 GB of VRAM. Experts are ~93% of its weights but a token uses 8 of 232 per layer:
+kept quantized, the model fits a consumer card, and its experts can be offloaded with 3.5x more of them per byte of
+VRAM budget than in bf16. Attention, embeddings and norms stay dense (they run on every token).
+
+`StackedGGUFExperts` holds each projection's raw blocks stacked per expert ([E, bytes per expert], the file's layout)
+and dequantizes the gathered experts with the codecs' block functions (quant/ggml_codecs.py), which are plain torch
+ops on any device: a decode step has no host sync and CUDA graphs can hold it (cuda_graphs.py), and offloading packs
+each expert's rows like any stacked experts (offload/store.py). Numbers: the weights equal the dense path's
+(`gguf_loader._dense_modules`: the same float32 dequantization, then the same cast), so the logits match a dense load
+up to the order of floating-point sums. Prefill takes the grouped loop (one expert dequantized at a time).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.ggml_codecs import Codec, codec_for
+
+from .models.qwen3_moe import Experts
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class StackedGGUFExperts(Experts):
+    graph_safe = True  # cuda_graphs.GraphedDecoder.capturable: no host-side path
+
+    def __init__(
+        self,
+        raws: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        ggml_types: tuple[int, int, int],
+        hidden: int,
+        intermediate: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """`raws`: gate, up, down as uint8 [E, rows, row bytes] (views of the file); copied to `device` (on the CPU
+        they stay views: an offload runtime packs them into its store)."""
+        nn.Module.__init__(self)  # not Experts.__init__: it would allocate the float [E, out, in] stacks
+        self.num_experts, self.dtype = raws[0].shape[0], dtype
+        self.shapes = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden)}
+        self.shapes["down_proj"] = (hidden, intermediate)
+        self.codecs: dict[str, Codec] = {}
+        for name, raw, ggml_type in zip(PROJECTIONS, raws, ggml_types, strict=True):
+            self.codecs[name] = codec_for(ggml_type)
+            self.register_buffer(f"{name}_raw", raw.reshape(raw.shape[0], -1).to(device))
+
+    @property
+    def gathers(self) -> bool:
+        return True
+
+    def _dense(self, name: str, ids: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
+        """Experts `ids` (a tensor [N], or one id) of projection `name` as `dtype` [N, out, in] (or [out, in])."""
+        raw, codec = getattr(self, f"{name}_raw")[ids], self.codecs[name]
+        w = codec._dequantize_blocks(raw.reshape(-1, codec.type_size)).to(self.dtype).to(dtype)
+        return w.view(*raw.shape[:-1], *self.shapes[name])
+
+    def gathered_weights(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return tuple(self._dense(name, ids, dtype) for name in PROJECTIONS)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (self._dense(name, e, x.dtype) for name in PROJECTIONS)
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+    def extra_repr(self) -> str:
+        types = "/".join(self.codecs[name].name for name in PROJECTIONS)
+        return f"experts={self.num_experts}, {types}, on {self.gate_proj_raw.device}"
