@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ENV = {**os.environ, "NO_COLOR": "1"}
@@ -123,3 +124,19 @@ def test_usage_error_exit_code_2():
 def test_debug_shows_traceback():
     r = marco("run", "no-such-model", "hi", env={**ENV, "MARCO_DEBUG": "1"})
     assert r.returncode != 0 and b"Traceback" in r.stderr
+
+
+def test_cuda_out_of_memory_is_a_clear_error_not_a_bug(monkeypatch, capsys):
+    """A model that does not fit the GPU: one line saying so, and how to fit it (not "unexpected ... report it")."""
+    from marco_local.cli import main as cli_main
+
+    def oom(**_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.5 GiB free.")
+
+    monkeypatch.setattr(cli_main, "app", oom)
+    monkeypatch.delenv("MARCO_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli_main.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("Error: out of GPU memory (CUDA out of memory)")
+    assert "--gpu-mem auto" in err and "report it" not in err and "Traceback" not in err
