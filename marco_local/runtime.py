@@ -6,9 +6,10 @@ folder today; GGUF and quantized folders plug in here) and the device and dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     device: torch.device
     generation_defaults: dict[str, Any]
+    notes: list[str] = field(default_factory=list)  # what the loader decided on its own, for the CLI to say
 
     @property
     def context_length(self) -> int:
@@ -90,9 +92,14 @@ def load(
     progress: Callable[[int, int], None] | None = None,
     placement: Placement | None = None,
 ) -> LoadedModel:
-    """`placement` (when active) keeps only some experts in fast memory: see marco_local/offload."""
+    """`placement` (when active) keeps only some experts in fast memory: see marco_local/offload. On CUDA with no
+    memory option, a MoE model too big for the free VRAM gets `--gpu-mem auto` (`fit_to_free_vram`)."""
     source = resolve(spec)
     dev = pick_device(device)
+    notes = []
+    if dev.type == "cuda" and placement is not None and not placement.active:
+        placement, note = fit_to_free_vram(spec, placement, dev)
+        notes += [note] if note else []
     offload = placement is not None and placement.active
     if source.format == "gguf":
         from .gguf_loader import load_gguf  # imported here: only GGUF runs need the block codecs
@@ -114,7 +121,7 @@ def load(
             install(model, placement, files=[source.path] if on_cpu else [])
         if dev.type == "cuda":
             enable_cuda_graphs(model)
-        return LoadedModel(source, model, tokenizer, dev, {})
+        return LoadedModel(source, model, tokenizer, dev, {}, notes)
     if is_bnb_folder(source.path):  # quantization_config.quant_method == "bitsandbytes" in config.json
         model = load_bnb_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
         if offload:
@@ -126,4 +133,30 @@ def load(
     if dev.type == "cuda":
         enable_cuda_graphs(model)  # one-token steps replayed from CUDA graphs, where the model qualifies
     tokenizer = Tokenizer.from_folder(source.path, config_eos=model.config.eos_token_ids)
-    return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path))
+    return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path), notes)
+
+
+def fit_to_free_vram(spec: str, placement: Placement, device: torch.device) -> tuple[Placement, str | None]:
+    """What Ollama does when a model is bigger than the card, for MoE models: keep only the hot experts on the GPU.
+    The need is the smallest all-on-GPU placement `marco info` computes (weights as they load, KV cache, margin)."""
+    from .inventory import model_info
+
+    info = model_info(spec, ctx=placement.ctx)
+    if not info.params.moe_layers:
+        return placement, None
+    need = min(p.fast_bytes for p in info.placements if p.budget_bytes is None and p.fast_bytes and not p.ram_bytes)
+    return fit_placement(placement, need, torch.cuda.mem_get_info(device)[0])
+
+
+def fit_placement(placement: Placement, need_bytes: int, free_bytes: int) -> tuple[Placement, str | None]:
+    """`placement` unchanged when the model fits in `free_bytes` of VRAM (less `--gpu-mem auto`'s margin); else the
+    same with `gpu_mem="auto"`, and a note saying why."""
+    from .offload.budget import AUTO_GPU_MARGIN
+
+    if placement.active or need_bytes + AUTO_GPU_MARGIN <= free_bytes:
+        return placement, None
+    note = (
+        f"the model needs {need_bytes / 2**30:.1f} GiB of VRAM and {free_bytes / 2**30:.1f} GiB is free: "
+        "only the hot experts stay on the GPU (--gpu-mem auto)"
+    )
+    return dataclasses.replace(placement, gpu_mem="auto"), note

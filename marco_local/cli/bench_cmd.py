@@ -65,6 +65,8 @@ def bench(
     placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
     with ui.progress("loading") as cb:
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
+    for note in lm.notes:  # what the loader decided on its own (a model too big for the GPU)
+        ui.info(note)
     with ui.progress("benchmarking") as cb:
         result = run_benchmark(
             lm.model,

@@ -84,6 +84,8 @@ def run(
     with ui.progress("loading") as cb:
         placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
+    for note in lm.notes:  # what the loader decided on its own (a model too big for the GPU)
+        ui.info(note)
     if raw:
         prompt_text = text
     else:
