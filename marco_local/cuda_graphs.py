@@ -2,8 +2,9 @@
 
 Why: eager decode on CUDA is bound by the host, not the GPU: each kernel costs ~12 us of Python and dispatch. Replayed
 from a graph, a kernel node still costs a few microseconds however small, so the step is written for few kernels
-(~30 per layer: fused RMSNorm, one q/k/v projection, sign-folded RoPE, one attention call; `bench/decode_ops.py`
-counts them). On an H200, a Marco-Nano-shaped bf16 step: 53 tok/s eager, 258 tok/s replayed (bench/cuda_speed.py).
+(~25 per layer: fused RMSNorm, one q/k/v projection whose q and k heads are normed and rotated together with a
+sign-folded RoPE, one attention call, one gate/up stack; `bench/decode_ops.py` counts them). On an H200, a
+Marco-Nano-shaped bf16 step at ~30 kernels per layer: 53 tok/s eager, 258 tok/s replayed (bench/cuda_speed.py).
 
 A graph fixes shapes and addresses, so the captured step is built from the layers' `forward_at`, which differs from
 `forward` in three ways: the position is a device tensor (rotary rows and the cache write are indexed by it), the
@@ -68,8 +69,10 @@ class GraphedDecoder:
         cfg, p = model.config, model.model.norm.weight
         self.device, dtype = p.device, p.dtype
         layers = model.model.layers
-        for layer in layers:  # one projection for q, k and v where they are plain linears: fewer kernels per step
+        for layer in layers:  # fewer kernels per step: one projection for q, k and v, one stack for gate and up
             layer.self_attn.fuse_qkv()
+            if type(getattr(layer.mlp, "experts", None)) is qwen3_moe.Experts:
+                layer.mlp.experts.fuse_gate_up()
         offloaded = [getattr(layer.mlp, "experts", None) for layer in layers]
         offloaded = [ex if isinstance(ex, OffloadedExperts) else None for ex in offloaded]
         # a layer whose slots hold every expert (`load_all`) maps ids to slots on the device: no cut

@@ -157,3 +157,37 @@ def test_only_plain_linears_of_one_dtype_fuse(checkpoint):
     attn = load_model(folder, dtype=torch.float32).model.layers[0].self_attn
     attn.k_proj.half()
     assert not attn.fuse_qkv() and attn.qkv_weight is None
+
+
+@torch.no_grad()
+def test_fused_gate_up_keeps_the_numbers_and_the_bytes():
+    """fuse_gate_up: gate and up become views of one [E, 2I, D] stack; the single-token gathered path (one gather,
+    one product for both) and every other path give the unfused results (float64)."""
+    from marco_local.models.qwen3_moe import Experts
+
+    g = torch.Generator().manual_seed(3)
+    experts = Experts(num_experts=6, hidden=16, intermediate=8).double()
+    for p in experts.parameters():
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x1, x3 = torch.randn(1, 16, generator=g, dtype=torch.float64), torch.randn(3, 16, generator=g, dtype=torch.float64)
+    idx1, idx3 = torch.tensor([[4, 0, 2]]), torch.tensor([[1, 5, 3], [0, 1, 2], [5, 4, 3]])
+    w1, w3 = torch.rand(1, 3, generator=g, dtype=torch.float64), torch.rand(3, 3, generator=g, dtype=torch.float64)
+    want = [experts.forward_gathered(x1, idx1, w1), experts.forward_grouped(x3, idx3, w3)]
+    numel = sum(p.numel() for p in experts.parameters())
+    assert experts.fuse_gate_up() and experts.fuse_gate_up()
+    assert experts.gate_proj.data_ptr() == experts.gate_up.data_ptr()
+    assert sum(p.numel() for p in experts.parameters()) == numel
+    got = [experts.forward_gathered(x1, idx1, w1), experts.forward_grouped(x3, idx3, w3)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(experts.forward_padded(x3, idx3, w3), want[1], rtol=1e-12, atol=1e-12)
+
+
+def test_only_plain_experts_fuse_gate_up(q4_path):
+    from marco_local.gguf_experts import StackedGGUFExperts
+    from marco_local.gguf_file import GGUFFile
+    from marco_local.gguf_loader import build_model
+
+    model = build_model(GGUFFile(q4_path), dense=True, quantized_experts=torch.device("cpu"))
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, StackedGGUFExperts) and not experts.fuse_gate_up() and experts.gate_up is None

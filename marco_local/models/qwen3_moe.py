@@ -128,6 +128,7 @@ class Attention(nn.Module):
         # set by fuse_qkv: plain tensors, not parameters (q/k/v_proj's parameters are views of them: counted once)
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
+        self.qk_norm_weight: torch.Tensor | None = None  # [H + H_kv, hd]: q_norm's weight per q head, then k_norm's
 
     def fuse_qkv(self) -> bool:
         """One projection for q, k and v (the decode step is bound by its kernel count): q/k/v_proj's weights become
@@ -141,6 +142,8 @@ class Attention(nn.Module):
         if len({(m.weight.dtype, m.weight.device) for m in linears}) > 1:
             return False
         self.qkv_weight = torch.cat([m.weight.detach() for m in linears])
+        norms = (self.q_norm.weight.detach(), self.k_norm.weight.detach())
+        self.qk_norm_weight = torch.cat([norms[0].expand(self.n_heads, -1), norms[1].expand(self.n_kv, -1)])
         if self.q_proj.bias is not None:
             self.qkv_bias = torch.cat([m.bias.detach() for m in linears])
         start = 0
@@ -194,8 +197,18 @@ class Attention(nn.Module):
         plain attention call (no GQA expansion, which would copy the window). Same numbers as `forward` up to kernel
         rounding; `cache.offset` is the caller's to advance."""
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q, k = rope_signed(q, cos, sin_signed), rope_signed(k, cos, sin_signed)
+        H, H_kv = self.n_heads, self.n_kv
+        if self.qkv_weight is not None and self.q_norm.eps == self.k_norm.eps:
+            # fused (fuse_qkv): q and k heads are adjacent, so they are normed and rotated together (the per-head
+            # norm weights applied after the norm, as RMSNorm does on the CPU): 5 kernels instead of 8
+            heads = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, H + 2 * H_kv, self.head_dim)
+            qk = F.rms_norm(heads[:, :, : H + H_kv], (self.head_dim,), eps=self.q_norm.eps) * self.qk_norm_weight
+            qk = rope_signed(qk, cos, sin_signed)  # T = 1: cos/sin [1, hd] broadcast over the heads
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+            v = heads[:, :, H + H_kv :].transpose(1, 2)
+        else:
+            q, k, v = self.project_qkv(x)
+            q, k = rope_signed(q, cos, sin_signed), rope_signed(k, cos, sin_signed)
         keys, values = cache.keys[self.layer], cache.values[self.layer]  # [B, H_kv, max_len, hd]
         keys.index_copy_(2, pos, k)
         values.index_copy_(2, pos, v)
@@ -229,12 +242,28 @@ class Experts(nn.Module):
     and keep the routing. # T tokens, E experts, A active per token, D hidden, I expert width
     """
 
+    gate_up: torch.Tensor | None = None  # set by fuse_gate_up: [E, 2I, D], gate_proj and up_proj its views
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def fuse_gate_up(self) -> bool:
+        """One stack for gate and up (the decode step is bound by its kernel count: one gather and one product for
+        both): gate_proj and up_proj become views of it, so no memory is added once the old stacks are freed. Plain
+        resident experts only (not subclasses, not offloaded slots); True when fused."""
+        if self.gate_up is not None:
+            return True
+        if type(self) is not Experts:
+            return False
+        I = self.gate_proj.shape[1]
+        self.gate_up = torch.cat([self.gate_proj.detach(), self.up_proj.detach()], dim=1)
+        self.gate_proj = nn.Parameter(self.gate_up[:, :I], requires_grad=False)
+        self.up_proj = nn.Parameter(self.gate_up[:, I:], requires_grad=False)
+        return True
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, D] -> [n, D] through expert e."""
@@ -285,12 +314,19 @@ class Experts(nn.Module):
         prefill."""
         T, A = idx.shape
         flat = idx.reshape(-1)  # [T*A]
-        gate_w, up_w, down_w = self.gathered_weights(flat, x.dtype)
         if T == 1:  # decode: fewest kernels (the step is bound by their count), no copy of x per expert
-            gate = torch.matmul(gate_w, x.view(-1, 1))  # [A, I, 1]: one matrix-vector product over A*I rows
-            h = F.silu(gate) * torch.matmul(up_w, x.view(-1, 1))
+            if self.gate_up is not None:  # fused: one gather and one product for gate and up
+                I = self.gate_proj.shape[1]
+                gate_up = torch.matmul(self.gate_up[flat].to(x.dtype), x.view(-1, 1))  # [A, 2I, 1]
+                h = F.silu(gate_up[:, :I]) * gate_up[:, I:]
+                down_w = self.down_proj[flat].to(x.dtype)
+            else:
+                gate_w, up_w, down_w = self.gathered_weights(flat, x.dtype)
+                gate = torch.matmul(gate_w, x.view(-1, 1))  # [A, I, 1]: one matrix-vector product over A*I rows
+                h = F.silu(gate) * torch.matmul(up_w, x.view(-1, 1))
             y = torch.bmm(down_w, h).view(A, -1)  # [A, D]
             return torch.mm(weights.to(y.dtype), y).to(x.dtype)  # the routing-weighted sum [1, D]
+        gate_w, up_w, down_w = self.gathered_weights(flat, x.dtype)
         xs = x.unsqueeze(1).expand(T, A, x.shape[1]).reshape(T * A, -1, 1)  # [T*A, D, 1]
         gate = torch.bmm(gate_w, xs)  # [T*A, I, 1]
         up = torch.bmm(up_w, xs)
