@@ -106,6 +106,15 @@ def test_moe_type_against_dequantized_reference_and_kl(ggml_type, moe_f32, moe_t
     assert divergence < KL_BOUND[ggml_type], f"{ggml_type}: KL {divergence:.3g}"
 
 
+def greedy_tokens(model, ids: torch.Tensor, steps: int = 16) -> list[int]:
+    """Greedy continuation of `ids` (on the model's device), one token per step."""
+    cache, out, x = model.make_cache(ids.shape[1] + steps + 12), [], ids
+    for _ in range(steps):
+        x = model(x, cache)[:, -1:].argmax(-1)
+        out.append(int(x))
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K", "Q8_0"])
@@ -124,14 +133,7 @@ def test_gguf_on_cuda(ggml_type, moe_f32, moe_typed):
     want = cpu(ids, cpu.make_cache(32))
     got = loaded.model(ids.cuda(), loaded.model.make_cache(32)).cpu()
     assert rel_err(got, want) < 1e-4
-    tokens = []
-    for model, device in ((cpu, "cpu"), (loaded.model, "cuda")):
-        cache, out, x = model.make_cache(40), [], ids.to(device)
-        for _ in range(16):
-            x = model(x, cache)[:, -1:].argmax(-1)
-            out.append(int(x))
-        tokens.append(out)
-    assert tokens[0] == tokens[1]
+    assert greedy_tokens(cpu, ids) == greedy_tokens(loaded.model, ids.cuda())
 
 
 @pytest.mark.gpu
@@ -164,14 +166,7 @@ def test_gguf_experts_kept_quantized_on_cuda(ggml_type, experts, moe_f32, moe_ty
     want = cpu(ids, cpu.make_cache(32))
     got = model(ids.cuda(), model.make_cache(32)).cpu()
     assert rel_err(got, want) < 1e-4
-    tokens = []
-    for m, device in ((cpu, "cpu"), (model, "cuda")):
-        cache, out, x = m.make_cache(40), [], ids.to(device)
-        for _ in range(16):
-            x = m(x, cache)[:, -1:].argmax(-1)
-            out.append(int(x))
-        tokens.append(out)
-    assert tokens[0] == tokens[1]
+    assert greedy_tokens(cpu, ids) == greedy_tokens(model, ids.cuda())
     assert not model.decode_step.failed
 
 
