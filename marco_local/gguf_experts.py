@@ -10,7 +10,8 @@ and dequantizes the gathered experts with the codecs' block functions (quant/ggm
 ops on any device: a decode step has no host sync and CUDA graphs can hold it (cuda_graphs.py), and offloading packs
 each expert's rows like any stacked experts (offload/store.py). Numbers: the weights equal the dense path's
 (`gguf_loader._dense_modules`: the same float32 dequantization, then the same cast), so the logits match a dense load
-up to the order of floating-point sums. Prefill takes the grouped loop (one expert dequantized at a time).
+up to the order of floating-point sums. A prompt on CUDA takes the padded batch with the experts dequantized a group
+at a time (`Experts.forward_padded_gathered`).
 """
 
 from __future__ import annotations

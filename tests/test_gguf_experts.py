@@ -64,6 +64,24 @@ def test_gathered_and_grouped_paths_agree(q4_path):
     torch.testing.assert_close(experts.forward_gathered(x, idx, w), experts.forward_grouped(x, idx, w))
 
 
+@pytest.mark.parametrize("monkey_group", [16, 3])
+@torch.no_grad()
+def test_a_prompt_through_quantized_experts_in_padded_groups(q4_path, monkeypatch, monkey_group):
+    """Several tokens on CUDA: the padded batch, the experts dequantized a group at a time (3: groups that do not
+    divide the experts), against the grouped loop."""
+    from marco_local.models import qwen3_moe
+
+    monkeypatch.setattr(qwen3_moe, "PADDED_GROUP", monkey_group)
+    quant = build_model(GGUFFile(q4_path), dtype=torch.float32, dense=True, quantized_experts=CPU)
+    experts = experts_of(quant)[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, experts.shapes["gate_proj"][1], generator=g)
+    idx = torch.stack([torch.randperm(experts.num_experts, generator=g)[:2] for _ in range(20)])
+    w = torch.rand(20, 2, generator=g)
+    want = experts.forward_grouped(x, idx, w)
+    torch.testing.assert_close(experts.forward_padded_gathered(x, idx, w), want, rtol=1e-5, atol=1e-5)
+
+
 @torch.no_grad()
 def test_a_model_with_quantized_experts_matches_the_dense_model(q4_path):
     g = GGUFFile(q4_path)

@@ -435,7 +435,7 @@ def test_offloaded_experts_compute_what_resident_ones_do(written, preset):
 @torch.no_grad()
 def test_stacked_4bit_experts_dequantize_as_bitsandbytes_does(written, preset):
     """StackedExperts4bit (CUDA's graph-capturable experts) dequantizes in plain torch: bit-equal to bitsandbytes'
-    own dequantization of each expert linear; its gathered and grouped paths agree (float32)."""
+    own dequantization of each expert linear; its gathered, padded and grouped paths agree (float32)."""
     from marco_local.bnb_loader import QuantizedExperts, StackedExperts4bit
 
     model = load_bnb_model(written[preset][0], dtype=torch.float32)
@@ -454,6 +454,7 @@ def test_stacked_4bit_experts_dequantize_as_bitsandbytes_does(written, preset):
     want = experts(x, idx, weights)
     torch.testing.assert_close(stacked.forward_grouped(x, idx, weights), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(stacked.forward_gathered(x, idx, weights), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked.forward_padded_gathered(x, idx, weights), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -97,6 +97,7 @@ def test_gathered_and_padded_experts_match_the_grouped_loop(tokens):
     want = experts(x, idx, weights)  # CPU: the grouped loop
     torch.testing.assert_close(experts.forward_gathered(x, idx, weights), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(experts.forward_padded(x, idx, weights), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(experts.forward_padded_gathered(x, idx, weights), want, rtol=1e-12, atol=1e-12)
     assert experts.stacked
     skewed = torch.tensor([[0, 1, 2, 3]] * tokens)  # every token to the same experts: padding 10/4 x (40 tokens)
     torch.testing.assert_close(

@@ -232,6 +232,7 @@ class MLP(nn.Module):
 
 
 PADDED_LIMIT = 4  # Experts.forward_padded: at most this many padded rows per real (token, expert) pair
+PADDED_GROUP = 16  # forward_padded_gathered: experts dequantized at once (Nano: ~75 MB of float32 temporaries)
 
 
 class Experts(nn.Module):
@@ -275,6 +276,8 @@ class Experts(nn.Module):
                 return self.forward_gathered(x, idx, weights)
             if x.shape[0] > 1 and self.stacked:
                 return self.forward_padded(x, idx, weights)
+            if x.shape[0] > 1 and self.gathers:
+                return self.forward_padded_gathered(x, idx, weights)
         return self.forward_grouped(x, idx, weights)
 
     def forward_grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -339,6 +342,35 @@ class Experts(nn.Module):
         One host read per layer (C) where the grouped loop launches ~10 kernels per used expert; every expert's
         weights are read once, as a prefill chunk uses nearly all of them anyway. A routing so skewed that the
         batch would exceed PADDED_LIMIT times the real (token, expert) pairs takes the grouped loop instead."""
+
+        def experts(batch: torch.Tensor) -> torch.Tensor:  # [E, C, D] -> [E, C, D]
+            h = F.silu(torch.bmm(batch, self.gate_proj.transpose(1, 2))) * torch.bmm(
+                batch, self.up_proj.transpose(1, 2)
+            )
+            return torch.bmm(h, self.down_proj.transpose(1, 2))
+
+        return self._padded(x, idx, weights, experts)
+
+    def forward_padded_gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`forward_padded` for experts that are gathered, not stacked (quantized ones: a gather dequantizes): the
+        batch's rows go through PADDED_GROUP experts at a time, each group's weights gathered once. Bounded
+        temporaries (the dequantized group), a few dozen kernels per group where the grouped loop takes ~50 per
+        expert."""
+
+        def experts(batch: torch.Tensor) -> torch.Tensor:  # [E, C, D] -> [E, C, D]
+            y = torch.empty_like(batch)
+            for start in range(0, self.num_experts, PADDED_GROUP):
+                ids = torch.arange(start, min(start + PADDED_GROUP, self.num_experts), device=batch.device)
+                gate_w, up_w, down_w = self.gathered_weights(ids, batch.dtype)
+                rows = batch[start : start + PADDED_GROUP]
+                h = F.silu(torch.bmm(rows, gate_w.transpose(1, 2))) * torch.bmm(rows, up_w.transpose(1, 2))
+                y[start : start + PADDED_GROUP] = torch.bmm(h, down_w.transpose(1, 2))
+            return y
+
+        return self._padded(x, idx, weights, experts)
+
+    def _padded(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts) -> torch.Tensor:
+        """The padded batch of the routed (token, expert) pairs, `experts` applied to it, results added per token."""
         T, A = idx.shape
         E, D = self.num_experts, x.shape[1]
         flat = idx.reshape(-1)  # [T*A]
@@ -352,8 +384,7 @@ class Experts(nn.Module):
         tokens = order // A
         batch = x.new_zeros(E, C, D)
         batch[expert_of, rank] = x[tokens]
-        h = F.silu(torch.bmm(batch, self.gate_proj.transpose(1, 2))) * torch.bmm(batch, self.up_proj.transpose(1, 2))
-        y = torch.bmm(h, self.down_proj.transpose(1, 2))[expert_of, rank]  # [T*A, D], pairs in `order`
+        y = experts(batch)[expert_of, rank]  # [T*A, D], pairs in `order`
         out = torch.zeros_like(x)
         out.index_add_(0, tokens, (y * weights.reshape(-1, 1)[order]).to(out.dtype))
         return out
