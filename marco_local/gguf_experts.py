@@ -54,6 +54,15 @@ class StackedGGUFExperts(Experts):
     def gathers(self) -> bool:
         return True
 
+    def release_file_pages(self) -> None:
+        """Once an offload store holds a copy of the experts (`offload.install`), hand the file pages they were read
+        from back to the kernel: touched pages of a memory-mapped file count as resident, so RAM would otherwise hold
+        the experts twice (Nano Q4_K_M: 4.8 GB) until the file is unmapped."""
+        from .qlinear import release_pages
+
+        for name in PROJECTIONS:
+            release_pages(getattr(self, f"{name}_raw"))
+
     def _dense(self, name: str, ids: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
         """Experts `ids` (a tensor [N], or one id) of projection `name` as `dtype` [N, out, in] (or [out, in])."""
         raw, codec = getattr(self, f"{name}_raw")[ids], self.codecs[name]

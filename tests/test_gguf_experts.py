@@ -46,6 +46,8 @@ def test_quantized_experts_hold_the_file_bytes_and_dequantize_like_the_dense_loa
         pairs = zip(q.gathered_weights(ids, torch.bfloat16), d.gathered_weights(ids, torch.bfloat16), strict=True)
         assert all(torch.equal(got, want) for got, want in pairs)
         assert torch.equal(q._dense("down_proj", 2, torch.bfloat16), d.down_proj[2])
+        q.release_file_pages()  # a hint to the kernel: the file's pages are read back in when touched again
+        assert torch.equal(q._dense("down_proj", 2, torch.bfloat16), d.down_proj[2])
     dense_bytes = sum(t.nbytes for e in experts_of(dense) for t in e.parameters())
     quant_bytes = sum(t.nbytes for e in experts_of(quant) for t in e.buffers())
     assert quant_bytes * 3 < dense_bytes  # q4_k_m: ~4.5 bits a weight against 16
@@ -107,7 +109,11 @@ def test_host_experts_offload_to_the_resident_models_tokens(q4_path, slots):
     resident = build_model(g, dtype=torch.float32, dense=True, quantized_experts=CPU)
     want, logits = greedy(resident), prefill_logits(resident)
     model = build_model(g, dtype=torch.float32, dense=True, quantized_experts=CPU)
+    released = []
+    for block in experts_of(model):  # the file pages go back once a layer is copied into the store
+        block.release_file_pages = lambda block=block: released.append(block)
     install(model, Placement(experts_resident=slots))
+    assert len(released) == len(experts_of(resident))
     assert offload_stats(model)["expert_slots_per_layer"] == int(slots)
     layer = model.offload.layers[0]
     assert layer.layout.expert_bytes < 3 * 4 * layer.inner.shapes["gate_proj"][0] * layer.inner.shapes["gate_proj"][1]

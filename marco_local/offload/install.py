@@ -354,7 +354,11 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
     def make_store(i: int, layout: ExpertLayout) -> ExpertStore:
         if i in stores:
             return stores[i]
-        return MemoryStore.from_module(blocks[i].experts, layout, pin=device.type == "cuda")
+        store = MemoryStore.from_module(blocks[i].experts, layout, pin=device.type == "cuda")
+        release = getattr(blocks[i].experts, "release_file_pages", None)  # copied from a mapped file (a GGUF)
+        if release is not None:
+            release()
+        return store
 
     dtype = model.model.norm.weight.dtype  # the activation dtype: the KV cache is allocated in it
     fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype, device)
