@@ -286,3 +286,35 @@ def test_cli_run_and_profile(ref, tmp_path):
     assert "expert hits" in r.output and trace.read_text().startswith('{"format": "marco-expert-trace"')
     r = runner.invoke(app, [*args, "--ram-mem", "1KiB"])
     assert isinstance(r.exception, MarcoError) and "too small" in r.exception.message
+
+
+def test_tensor_bytes_counts_each_byte_once():
+    """The budget's byte count: overlapping views once (a fused q/k/v weight and its slices; gate and up as strided
+    halves of one stack), a slice of a big buffer as its own bytes, a lone strided view as its elements."""
+    from torch import nn
+
+    from marco_local.models.qwen3_moe import Experts
+    from marco_local.offload.store import tensor_bytes
+
+    experts = Experts(4, 8, 6)
+    before = tensor_bytes(experts)
+    assert before == 3 * 4 * 8 * 6 * 4 and experts.fuse_gate_up() and tensor_bytes(experts) == before
+    big = torch.zeros(100)
+    overlapping, lone = nn.Module(), nn.Module()
+    overlapping.a, overlapping.b = big[:10], big[5:20]
+    lone.t = big.view(10, 10)[:, :3]
+    assert tensor_bytes(overlapping) == 20 * 4 and tensor_bytes(lone) == 30 * 4
+
+
+@torch.no_grad()
+def test_fusing_for_cuda_graphs_adds_only_the_norm_tables(checkpoint):
+    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.offload.store import tensor_bytes
+
+    model = load_model(checkpoint[0], dtype=torch.float32)
+    before = tensor_bytes(model)
+    GraphedDecoder(model)  # fuses q/k/v and gate/up
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv_weight is not None and layer.mlp.experts.gate_up is not None
+    tables = sum(layer.self_attn.qk_norm_weight.nbytes for layer in model.model.layers)  # [H + H_kv, hd] each
+    assert tensor_bytes(model) == before + tables

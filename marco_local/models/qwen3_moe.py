@@ -132,8 +132,8 @@ class Attention(nn.Module):
 
     def fuse_qkv(self) -> bool:
         """One projection for q, k and v (the decode step is bound by its kernel count): q/k/v_proj's weights become
-        views of one tensor that holds the three (no extra memory once the old ones are freed). Only plain dense
-        linears of one dtype and device fuse; True when fused."""
+        views of one tensor that holds the three (no extra memory once the old ones are freed, but for the per-head
+        norm table `qk_norm_weight`). Only plain dense linears of one dtype and device fuse; True when fused."""
         linears = (self.q_proj, self.k_proj, self.v_proj)
         if self.qkv_weight is not None:
             return True

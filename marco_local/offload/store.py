@@ -143,21 +143,26 @@ def _discover(obj, num_experts: int, path: tuple, out: list, seen: set[int], dep
 
 def tensor_bytes(obj, skip: set[int] = frozenset()) -> int:
     """Bytes of all distinct tensors reachable from `obj` (parameters, buffers, plain attributes, lists, helper
-    objects), not descending into objects whose id is in `skip`. Views of one buffer count once."""
+    objects), not descending into objects whose id is in `skip`. Bytes are counted once however many views cover
+    them: contiguous tensors by the union of their address ranges (a fused q/k/v weight and its q, k and v rows), a
+    strided view not at all when a contiguous tensor spans it (gate and up as halves of one stack), else once."""
     seen: set[int] = set()
-    keys: set = set()
-    total = 0
+    dense: dict[torch.device, list[tuple[int, int]]] = {}
+    strided: dict[tuple, torch.Tensor] = {}
+    meta = 0
 
     def walk(o, depth: int) -> None:
-        nonlocal total
+        nonlocal meta
         if id(o) in seen or id(o) in skip or depth > 6:
             return
         seen.add(id(o))
         if isinstance(o, torch.Tensor):
-            key = id(o) if o.device.type == "meta" else (o.data_ptr(), o.nbytes)
-            if key not in keys:
-                keys.add(key)
-                total += o.nbytes
+            if o.device.type == "meta":
+                meta += o.nbytes
+            elif o.is_contiguous():
+                dense.setdefault(o.device, []).append((o.data_ptr(), o.data_ptr() + o.nbytes))
+            else:
+                strided.setdefault((o.device, o.data_ptr(), o.shape, o.stride(), o.dtype), o)
             return
         if isinstance(o, nn.Module):
             children = [*o._parameters.values(), *o._buffers.values(), *o._modules.values()]
@@ -175,6 +180,20 @@ def tensor_bytes(obj, skip: set[int] = frozenset()) -> int:
                 walk(c, depth + 1)
 
     walk(obj, 0)
+    total, merged = meta, {}
+    for device, spans in dense.items():
+        runs: list[list[int]] = []
+        for start, stop in sorted(spans):
+            if runs and start <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], stop)
+            else:
+                runs.append([start, stop])
+        merged[device] = runs
+        total += sum(stop - start for start, stop in runs)
+    for (device, ptr, *_), t in strided.items():
+        reach = ptr + (sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
+        if not any(start <= ptr and reach <= stop for start, stop in merged.get(device, [])):
+            total += t.nbytes
     return total
 
 
