@@ -1,4 +1,7 @@
-"""Rebuild a `tokenizers.Tokenizer` (and our `Tokenizer`) from a GGUF's `tokenizer.ggml.*` metadata.
+"""Rebuild the tokenizer (our `Tokenizer`) from a GGUF's `tokenizer.ggml.*` metadata.
+
+The vocabulary and merges go into native tables (native_bpe.py, a third of the memory) where the native library is
+available, else into a `tokenizers.Tokenizer`; both split and merge the same way (tests compare them).
 
 Only gpt2-style byte-level BPE (`tokenizer.ggml.model = gpt2`) is supported; that is what Qwen, SmolLM2 and Llama 3
 GGUFs carry. The tokens are already in byte-level form (`Ġ` for a space), the merges are "left right" strings, and
@@ -22,6 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import MarcoError
 from .gguf_file import GGUFFile
+from .native_bpe import NativeBPE
 from .tokenizer import Tokenizer
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -77,8 +81,8 @@ def _list(g: GGUFFile, key: str, required: bool = True) -> list:
     return value
 
 
-def build_backend(g: GGUFFile) -> HFTokenizer:
-    """The `tokenizers.Tokenizer` that the GGUF's tokenizer metadata describes."""
+def _vocabulary(g: GGUFFile) -> tuple[list[str], list[int], list[str], str]:
+    """The GGUF's tokens, token types, merges and pre-tokenizer name, checked."""
     kind = g.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise MarcoError(
@@ -96,6 +100,12 @@ def build_backend(g: GGUFFile) -> HFTokenizer:
     merges = _list(g, "tokenizer.ggml.merges")
     if len(types) != len(tokens):
         raise MarcoError(f"{g.path}: {len(tokens)} tokens but {len(types)} token types", hint="the GGUF is corrupt")
+    return tokens, types, merges, pre
+
+
+def build_backend(g: GGUFFile) -> HFTokenizer:
+    """The `tokenizers.Tokenizer` that the GGUF's tokenizer metadata describes."""
+    tokens, types, merges, pre = _vocabulary(g)
     pairs = []
     for m in merges:
         left, sep, right = m.partition(" ")  # byte-level tokens never contain a real space (it is `Ġ`)
@@ -119,9 +129,19 @@ def build_backend(g: GGUFFile) -> HFTokenizer:
     return tok
 
 
+def build_native_backend(g: GGUFFile) -> NativeBPE | None:
+    """The same tokenizer as `build_backend`'s in a third of the memory (native_bpe.py), or None where the native
+    library is unavailable or cannot hold this vocabulary."""
+    tokens, types, merges, pre = _vocabulary(g)
+    factory, ignore_merges = PRE_TOKENIZERS[pre]
+    control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL]
+    user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED]
+    return NativeBPE.build(tokens, merges, factory(), ignore_merges, special=control, user_defined=user)
+
+
 def load_tokenizer(g: GGUFFile) -> Tokenizer:
     """Our Tokenizer for a GGUF: the rebuilt backend, `tokenizer.chat_template`, eos/bos from metadata."""
-    backend = build_backend(g)
+    backend = build_native_backend(g) or build_backend(g)
     tokens = g.get("tokenizer.ggml.tokens")
 
     def text(key: str) -> str | None:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import MarcoError
+
+if TYPE_CHECKING:
+    from .native_bpe import NativeBPE
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -56,7 +59,7 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 class Tokenizer:
     def __init__(
         self,
-        backend: HFTokenizer,
+        backend: HFTokenizer | NativeBPE,
         chat_template: str | None = None,
         eos_token_ids: list[int] | None = None,
         bos_token: str | None = None,

@@ -8,7 +8,7 @@ directly, so GGUF weights stay zero-copy views of the memory-mapped file.
 Files: ggml_dot.h (block and activation layouts), act_quant.c, dot_ref.c (plain-C reference dots), dot_legacy.c and
 dot_kquants.c (vectorised dots), matmul.c (products, one token through a layer's experts), route.c (MoE routing),
 attention.c (one query over a bf16 KV cache), decode.c (the other pieces of a decode step, for native_decode.py),
-dequant.c (rows dequantized to float32, for embedding lookups).
+dequant.c (rows dequantized to float32, for embedding lookups), bpe.c (the byte-level BPE tokenizer of bpe.py).
 
 The C sources next to this file are compiled on first use with the system C compiler (`cc`, or $CC) for this CPU
 (-march=native), into the cache (`~/.cache/marco-local/native/<hash>/`), keyed by the sources, flags, compiler and
@@ -110,6 +110,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.marco_attend_bf16.argtypes = [p, p, p, i64, i, i, i, i, f, p, i]
     lib.marco_attend_bf16.restype = i
     lib.marco_dequant_rows.argtypes, lib.marco_dequant_rows.restype = [i, p, i64, i64, p, i, i, p], i
+    lib.marco_bpe_new.argtypes, lib.marco_bpe_new.restype = [p, i64, i, p, i64, i, p, p], p
+    lib.marco_bpe_free.argtypes, lib.marco_bpe_free.restype = [p], None
+    lib.marco_bpe_set_special.argtypes, lib.marco_bpe_set_special.restype = [p, i], None
+    lib.marco_bpe_lookup.argtypes, lib.marco_bpe_lookup.restype = [p, p, i64], i
+    lib.marco_bpe_encode.argtypes, lib.marco_bpe_encode.restype = [p, p, p, i64, i, p], i64
+    lib.marco_bpe_decode.argtypes, lib.marco_bpe_decode.restype = [p, p, i64, i, p, i64], i64
     return lib
 
 
