@@ -62,6 +62,7 @@ class NativeDecoder:
                     "o": att.o_proj,
                     "mlp": layer.mlp,
                     "dense": self._dense_mlp(layer.mlp),
+                    "moe": self._fused_moe(layer.mlp),
                 }
             )
         self.final_norm = model.model.norm.weight.data_ptr()
@@ -73,6 +74,11 @@ class NativeDecoder:
         self.att = torch.zeros(self.H * self.hd)
         self.tmp = torch.zeros(self.D)
         self.one = torch.ones(1)  # the routing weight of a dense FFN
+        # a MoE block's input and output rounded through bf16 (the block's dtype), its routing
+        self.h_bf16, self.h_rounded = torch.zeros(self.D, dtype=torch.bfloat16), torch.zeros(self.D)
+        self.y, self.y_bf16 = torch.zeros(self.D), torch.zeros(self.D, dtype=torch.bfloat16)
+        top_k = max((L["moe"][1].top_k for L in self.layers if L["moe"]), default=1)
+        self.ids, self.weights = torch.zeros(top_k, dtype=torch.int32), torch.zeros(top_k)
 
     @staticmethod
     def _dense_mlp(mlp: nn.Module) -> tuple | None:
@@ -84,6 +90,41 @@ class NativeDecoder:
         g, u, d = parts
         ptrs = tuple((ctypes.c_int64 * 1)(m.raw.data_ptr()) for m in parts)
         return (*ptrs, int(g.ggml_type), int(u.ggml_type), int(d.ggml_type), g.out_features)
+
+    @staticmethod
+    def _fused_moe(mlp: nn.Module) -> tuple | None:
+        """A MoE block whose token path is one `marco_moe_routed` call (`NativeMoeBlock.forward`'s fused case): its
+        experts module, then the call's arguments from the router to the types, called here directly (the module
+        call, its checks and five small tensors cost ~40 us a layer). None otherwise."""
+        from .qlinear import NativeMoeBlock, QExperts
+
+        if not isinstance(mlp, NativeMoeBlock):
+            return None
+        ex, w = mlp.experts, mlp.gate.weight
+        if not (isinstance(ex, QExperts) and ex.native and ex.raws is not None and not ex.in_file):
+            return None
+        if w.dtype not in (torch.bfloat16, torch.float32):
+            return None
+        g, u, d = ex.raws
+        args = (
+            w.data_ptr(), int(w.dtype == torch.float32), w.shape[0], mlp.top_k, int(mlp.norm_topk_prob),
+            g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), d.data_ptr(), d.stride(0), *map(int, ex.types),
+        )  # fmt: skip
+        return ex, mlp, args, ex.intermediate
+
+    def _moe(self, fused: tuple, nt: int) -> None:
+        """`NativeMoeBlock.forward` on the normed residual `self.h`, its output added onto the residual `self.x`;
+        the same roundings (input and output through bf16), so the same numbers."""
+        _, _, args, inter = fused
+        self.h_bf16.copy_(self.h)
+        self.h_rounded.copy_(self.h_bf16)
+        code = self.lib.marco_moe_routed(
+            self.h_rounded.data_ptr(), *args, self.D, inter, self.y.data_ptr(), self.ids.data_ptr(),
+            self.weights.data_ptr(), nt,
+        )  # fmt: skip
+        native._check(code)
+        self.y_bf16.copy_(self.y)
+        self.x.add_(self.y_bf16)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -105,6 +146,11 @@ class NativeDecoder:
         )  # fmt: skip
         native._check(code)
 
+    @staticmethod
+    def _observed(experts: nn.Module) -> bool:
+        """A hook on the experts (a trace recorder) must see every call: the module path then."""
+        return bool(experts._forward_hooks or experts._forward_pre_hooks)
+
     def accepts(self, cache: KVCache) -> bool:
         return cache.native_decode
 
@@ -119,12 +165,16 @@ class NativeDecoder:
         x.copy_(self.model.model.embed_tokens(tokens).view(D))
         cos, sin = self.model.rotary(pos, 1, torch.float32, x.device)
         head_stride = cache.keys.stride(2)
+        # layer i's keys/values ([1, Hkv, T, hd] at [i, 0]) by address, not by indexing a view per layer
+        keys, values = cache.keys.data_ptr(), cache.values.data_ptr()
+        key_bytes = cache.keys.stride(0) * cache.keys.element_size()
+        value_bytes = cache.values.stride(0) * cache.values.element_size()
         for i, L in enumerate(self.layers):
             lib.marco_rms_norm(x.data_ptr(), L["ln1"], D, eps, h.data_ptr())
             native._check(lib.marco_matmul_multi(3, *L["qkv"], D, h.data_ptr(), qkv.data_ptr(), nt))
             code = lib.marco_attn_decode(
                 qkv.data_ptr(), self.H, self.Hkv, self.hd, L["q_norm"], L["k_norm"], eps, cos.data_ptr(),
-                sin.data_ptr(), cache.keys[i, 0].data_ptr(), cache.values[i, 0].data_ptr(), head_stride, pos,
+                sin.data_ptr(), keys + i * key_bytes, values + i * value_bytes, head_stride, pos,
                 att.data_ptr(), nt,
             )  # fmt: skip
             native._check(code)
@@ -138,6 +188,8 @@ class NativeDecoder:
                 )
                 native._check(code)
                 x.add_(tmp)
+            elif (fused := L["moe"]) and fused[1].experts is fused[0] and not self._observed(fused[0]):
+                self._moe(fused, nt)
             else:
                 x.add_(L["mlp"](h.to(dtype).view(1, 1, D)).view(D))
         cache.advance(1)

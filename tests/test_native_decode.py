@@ -73,6 +73,30 @@ def test_dense_architectures(arch, checkpoint, tmp_path):
     _check(path, f"{arch} Q8_0")
 
 
+def test_direct_moe_call_equals_the_module_call(q4_path):
+    """The decoder calls a fused MoE block's kernel itself; the logits are bit-identical to calling the block, and a
+    hook on the experts (a trace recorder) still sees every token."""
+    model, _ = load_gguf(q4_path, dtype=torch.bfloat16)
+    decoder = model.decode_step
+    assert all(L["moe"] is not None for L in decoder.layers)
+    direct = _steps(model, use_native=True)
+    fused = [L["moe"] for L in decoder.layers]
+    for L in decoder.layers:
+        L["moe"] = None
+    try:
+        assert torch.equal(_steps(model, use_native=True), direct)
+    finally:
+        for L, f in zip(decoder.layers, fused, strict=True):
+            L["moe"] = f
+    seen = []
+    handle = model.model.layers[1].mlp.experts.register_forward_pre_hook(lambda m, args: seen.append(1))
+    try:
+        assert torch.equal(_steps(model, use_native=True), direct)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 + len(FEED)  # the prompt, then each step
+
+
 def test_native_steps_leave_a_cache_the_torch_path_continues(q4_path):
     """Keys/values written by native steps are read by a later multi-token chunk (the torch path)."""
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16)
