@@ -16,7 +16,8 @@ Measures, in one process:
   offloaded  the same model under --gpu-mem budgets (8, 4, 2 GiB by default) and --experts-resident 50%: the slow
              tier is pinned host RAM, misses copied on a side stream; decode replayed from CUDA graphs cut at each
              MoE layer (what `marco run` does) and eager; decode tok/s against the graphed resident model, hit
-             rate, MiB copied per token, peak VRAM (torch.cuda.max_memory_allocated) against the budget
+             rate, MiB copied per token, peak VRAM (torch.cuda.max_memory_allocated) against the budget;
+             "direct" rows read missing experts in place from pinned RAM (--expert-misses direct, no cut)
   cpu expert one expert's SwiGLU on the CPU for one token (what computing a miss where it lies would cost)
 Prints a table; `--json FILE` writes every figure.
 
@@ -31,7 +32,7 @@ offloaded rows, the experts' blocks in pinned host RAM).
 
 Usage: python bench/cuda_speed.py [--layers 28] [--tokens 64] [--budgets 8GiB,4GiB,2GiB] [--format bf16|nf4|gguf]
        [--gguf-experts dense|quantized] [--modes graphs,eager] [--routings real,synthetic] [--no-extra]
-       [--no-prefetch] [--no-cpu-misses] [--json FILE]
+       [--no-prefetch] [--no-cpu-misses] [--no-direct] [--json FILE]
 Each offloaded row reports its peak VRAM minus its budget ("over MB"): a fresh process's, as cuBLAS's workspaces are
 cleared between rows.
 """
@@ -232,6 +233,13 @@ def main() -> None:
     ap.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True, help="a 50%% resident row")
     ap.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True, help="a 25%% + prefetch row")
     ap.add_argument("--cpu-misses", action=argparse.BooleanOptionalAction, default=True, help="--expert-misses cpu")
+    ap.add_argument(
+        "--direct",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--expert-misses direct rows (50%% resident, and the middle budget; real routing only)",
+    )
+    ap.add_argument("--direct-every", default="16,1", help="the 50%% direct rows' tokens between hot-set moves")
     ap.add_argument("--routings", default="real,synthetic", help="the offloaded rows' routings")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
@@ -322,12 +330,24 @@ def main() -> None:
         placements.append((f"{middle} cpu misses", Placement(**{key: middle}, misses="cpu", ctx=ctx)))
     if args.extra:
         placements.append(("50% resident", Placement(experts_resident="50%", ctx=ctx)))
+    if args.direct and cuda:  # the GPU reads missing experts from pinned RAM in place: no cut (offload/direct.py)
+        for every in args.direct_every.split(","):
+            label = f"50% resident direct/{every}"
+            placements.append((label, Placement(experts_resident="50%", misses="direct", ctx=ctx)))
+        if budgets:
+            middle = budgets[len(budgets) // 2]
+            placements.append((f"{middle} direct", Placement(**{key: middle}, misses="direct", ctx=ctx)))
     if args.prefetch:
         placements.append(("prefetch", Placement(experts_resident="25%", prefetch=True, ctx=ctx)))
     for label, placement in placements:
         for routing in args.routings.split(","):
+            if placement.misses == "direct" and routing != "real":  # a synthetic trace replaces a cut's routing
+                continue
             model = make(offloaded=True)
             install(model, placement)
+            if "direct/" in label:
+                for x in model.offload.layers:
+                    x.rebalance_every = int(label.rsplit("/", 1)[1])
             gc.collect()
             torch.cuda.empty_cache()
             # the decode step `marco run` takes (CUDA graphs, cut at each MoE layer), then the eager one
@@ -358,6 +378,7 @@ def main() -> None:
                     "resident_pct": 100.0 * plan.slots / cfg.num_experts,
                     "hit_rate": st["expert_hit_rate"],
                     "mib_per_token": st["expert_bytes_moved"] / args.tokens / 2**20,
+                    "mib_read_in_place_per_token": st["expert_bytes_read_in_place"] / args.tokens / 2**20,
                     "stall_ms_per_token": 1e3 * st["expert_stall_s"] / args.tokens,
                     "prefetch_precision": st["prefetch_precision"],
                     "cpu_experts_per_token": st["expert_cpu_computed"] / args.tokens,

@@ -13,7 +13,8 @@
 #   gguf   a Nano-shaped Q4_K_M GGUF written by our codecs, dequantized onto the GPU: cuda_speed.py --format gguf and
 #          `marco bench FILE --device cuda`
 #   gguf-q the same GGUF with its experts kept quantized (gguf_experts.py): resident and under the budgets; GGUFQ_ARGS
-#   gguf-bench  `marco bench` on that GGUF: resident, and with 50% of the experts resident (llama.cpp's numbers for
+#   gguf-bench  `marco bench` on that GGUF: resident, and with 50% of the experts resident, misses copied and read in
+#          place (`--expert-misses direct`) (llama.cpp's numbers for
 #          that file come from bench/llamacpp_cuda.sh). gguf-q and gguf-bench write the file in the background
 #          from the start (~70 s of one core)
 #   nf4    cuda_speed.py with bitsandbytes nf4 linears (the q4 model of the 8/4/2 GiB budgets); NF4_ARGS
@@ -75,6 +76,9 @@ if [[ " $STAGES " == *" gguf-bench "* ]]; then
   stage "marco bench GGUF --device cuda --experts-resident 50% (against llama.cpp's --n-cpu-moe 14)"
   timeout 120 python3 -m marco_local bench $GGUF --device cuda -r 3 --experts-resident 50% --json 2>&1 \
     | tee -a "$OUT/marco_gguf.log" | tail -3
+  stage "marco bench GGUF --device cuda --experts-resident 50% --expert-misses direct"
+  timeout 120 python3 -m marco_local bench $GGUF --device cuda -r 3 --experts-resident 50% --expert-misses direct \
+    --json 2>&1 | tee -a "$OUT/marco_gguf.log" | tail -3
 fi
 if [[ " $STAGES " == *" nf4 "* ]]; then
   stage "cuda_speed --format nf4"

@@ -8,8 +8,10 @@ Traces (decode events only, one token per layer call):
   uniform    the same shape with no locality (every expert drawn afresh; Zipf skew 0)
   FILE       any trace recorded with `marco run --trace FILE` / `marco profile --trace FILE` (--trace, repeatable)
 Policies: lru and lfu start cold on the second half of the trace; static is given a profile (per-layer expert counts)
-of the first half, which also warms its cache. Replays use the live cache's own `SlotTable`, so these are the hit
-rates `marco run` would count (tests/test_offload.py checks the equality).
+of the first half, which also warms its cache; direct is `--expert-misses direct` (misses read in place, the slots
+take the most used experts every 16 tokens; cold start, `simulate_direct`). Replays use the live cache's own
+`SlotTable`, so these are the hit rates `marco run` would count (tests/test_offload.py checks the equality; direct's
+live runs differ at the start: their first move uses the prompt's counts).
 
 Usage: python bench/offload_hit_rates.py [--tokens 512] [--trace FILE ...]
 """
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from marco_local.offload import Trace, locality, record_trace, simulate, synthetic_trace  # noqa: E402
 from marco_local.offload.profile import counts_from_trace  # noqa: E402
+from marco_local.offload.trace import simulate_direct  # noqa: E402
 
 SIZES = (0.05, 0.10, 0.25, 0.50, 0.75)
 TEXT = (
@@ -76,11 +79,14 @@ def main() -> None:
         at_next, within8 = locality(trace)
         first, second = split(trace)
         profile = {k: [float(c) for c in v] for k, v in counts_from_trace(first).items()}
-        for policy in ("lru", "lfu", "static"):
+        for policy in ("lru", "lfu", "static", "direct"):
             cells = []
             for frac in SIZES:
                 slots = max(1, round(frac * trace.num_experts))
-                sim = simulate(second, policy, slots, profile=profile if policy == "static" else None)
+                if policy == "direct":  # misses read in place, hot set moved every 16 tokens (cold start)
+                    sim = simulate_direct(second, slots)
+                else:
+                    sim = simulate(second, policy, slots, profile=profile if policy == "static" else None)
                 cells.append(f"{sim.hit_rate:.0%}")
             loc = f"{at_next:.0%} / {within8:.0%}"
             print(f"| {name} | {loc} | {policy} | " + " | ".join(cells) + " |")

@@ -139,12 +139,12 @@ def test_gguf_on_cuda(ggml_type, moe_f32, moe_typed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K"])
-@pytest.mark.parametrize("experts", ["quantized", "offloaded"])
+@pytest.mark.parametrize("experts", ["quantized", "offloaded", "direct"])
 @torch.no_grad()
 def test_gguf_experts_kept_quantized_on_cuda(ggml_type, experts, moe_f32, moe_typed):
     """A GGUF on CUDA with its experts as the file's blocks (gguf_experts.py): on the GPU, or offloaded (blocks in
-    pinned host RAM, 2 slots per layer). Decoded from CUDA graphs; the dense CPU model's logits (float32, 1e-4) and
-    greedy tokens."""
+    pinned host RAM, 2 slots per layer; "direct": misses read in place, no cut). Decoded from CUDA graphs; the dense
+    CPU model's logits (float32, 1e-4) and greedy tokens."""
     from marco_local.cuda_graphs import GraphedDecoder
     from marco_local.gguf_experts import StackedGGUFExperts
     from marco_local.offload import Placement, install
@@ -155,9 +155,10 @@ def test_gguf_experts_kept_quantized_on_cuda(ggml_type, experts, moe_f32, moe_ty
     model, _ = load_gguf(path, dtype=torch.float32, device=torch.device("cuda"), cuda_experts=kept)
     inner = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
     assert all(isinstance(e, StackedGGUFExperts) for e in inner)
-    if experts == "offloaded":
-        install(model, Placement(experts_resident="2"))
+    if experts in ("offloaded", "direct"):
+        install(model, Placement(experts_resident="2", misses="direct" if experts == "direct" else "auto"))
         assert model.offload.layers[0].store.rows.is_pinned()
+        assert model.offload.layers[0].direct == (experts == "direct")
     else:
         assert inner[0].gate_proj_raw.is_cuda
     assert GraphedDecoder.supports(model)
@@ -168,6 +169,8 @@ def test_gguf_experts_kept_quantized_on_cuda(ggml_type, experts, moe_f32, moe_ty
     assert rel_err(got, want) < 1e-4
     assert greedy_tokens(cpu, ids) == greedy_tokens(model, ids.cuda())
     assert not model.decode_step.failed
+    if experts == "direct":
+        assert model.decode_step.cuts == [] and model.offload.stats()["expert_misses"] > 0
 
 
 def test_llama_quantize_q4_k_m_mix(moe_f32, tmp_path):

@@ -55,16 +55,17 @@ def test_cuda_offload_same_tokens(ref, slots, prefetch):
     model.offload.close()
 
 
-def test_cuda_gpu_mem_budget_holds(ref):
+@pytest.mark.parametrize("misses", ["auto", "direct"])
+def test_cuda_gpu_mem_budget_holds(ref, misses):
     folder, tokens, _ = ref
-    probe = load_offloaded(folder, Placement(experts_resident="8"), torch.float32, "cuda")
+    probe = load_offloaded(folder, Placement(experts_resident="8", misses=misses), torch.float32, "cuda")
     plan = probe.offload.plan
     budget = plan.fixed_bytes + plan.scratch_bytes + 4 * plan.expert_bytes * plan.moe_layers
     del probe
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
-    model = load_offloaded(folder, Placement(gpu_mem=str(budget)), torch.float32, "cuda")
+    model = load_offloaded(folder, Placement(gpu_mem=str(budget), misses=misses), torch.float32, "cuda")
     assert model.offload.plan.slots == 4
     assert greedy(model) == tokens
     assert torch.cuda.max_memory_allocated() - start <= budget
@@ -96,6 +97,35 @@ def test_cuda_misses_computed_on_the_cpu(ref, graphs):
     assert offload_stats(model)["expert_cpu_computed"] > 0
     if graphs:
         assert model.decode_step.captures >= 1 and not model.decode_step.failed
+    model.offload.close()
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("slots", [1, 3])
+def test_cuda_direct_reads(ref, slots, graphs):
+    """`--expert-misses direct`: a token's missing experts gathered by the GPU from pinned host RAM (offload/direct.py),
+    the hot set moved between tokens; the graphed step has no cut. Same tokens and logits as the resident model."""
+    from marco_local.cuda_graphs import GraphedDecoder
+
+    folder, tokens, want = ref
+    model = load_offloaded(folder, Placement(experts_resident=str(slots), misses="direct"), torch.float32, "cuda")
+    assert all(x.direct for x in model.offload.layers)
+    for x in model.offload.layers:
+        x.rebalance_every = 4  # several moves of the hot set within the run
+    if graphs:
+        assert GraphedDecoder.supports(model)
+        model.decode_step = GraphedDecoder(model, min_window=16)
+        assert model.decode_step.cuts == []
+    assert greedy(model) == tokens
+    torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
+    st = offload_stats(model)
+    assert st["expert_misses"] > 0 and st["expert_hits"] > 0
+    if graphs:
+        assert model.decode_step.captures >= 1 and not model.decode_step.failed
+    for x in model.offload.layers:  # the slots hold the experts the map says
+        for e, s in enumerate(x.table.slot_of):
+            if s >= 0:
+                assert torch.equal(x.slots[s].cpu(), x.store.rows[e])
     model.offload.close()
 
 

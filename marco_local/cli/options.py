@@ -45,7 +45,8 @@ ExpertMisses = Annotated[
     typer.Option(
         "--expert-misses",
         help="A missing expert: copy it into fast memory, compute it on the cpu where it lies (CUDA: while the GPU "
-        "computes the resident ones), or auto (measured at load).",
+        "computes the resident ones), direct (CUDA: the GPU reads it from host RAM where it lies; no host step per "
+        "layer), or auto (measured at load).",
     ),
 ]
 Prefetch = Annotated[

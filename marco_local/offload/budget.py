@@ -92,7 +92,8 @@ class Placement:
     policy: str = "lru"
     prefetch: bool = False
     ctx: int = 4096  # tokens the KV cache is sized for (counted in the budget)
-    misses: str = "auto"  # a missing expert: "copy" into a slot, compute on the "cpu" where it lies, or "auto"
+    misses: str = "auto"  # a missing expert: "copy" into a slot, compute on the "cpu" where it lies, read it
+    # "direct" from host RAM on the GPU (offload/direct.py), or "auto" (copy or cpu, measured)
 
     @property
     def active(self) -> bool:

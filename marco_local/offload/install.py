@@ -37,6 +37,7 @@ from .budget import (
     parse_size,
     plan_slots,
 )
+from .direct import unavailable_reason as direct_unavailable
 from .experts import OffloadedExperts
 from .policy import make_policy_factory
 from .store import (
@@ -92,6 +93,8 @@ class OffloadRuntime:
             "prefetch_precision": pred_hit / pred if pred else None,
             "prefetch_recall": pred_hit / actual if actual else None,
             "expert_misses_on_cpu": any(x.misses_on_cpu for x in self.layers),
+            "expert_misses_direct": any(x.direct for x in self.layers),
+            "expert_bytes_read_in_place": sum(s["bytes_read_in_place"] for s in per_layer),
             "expert_cpu_computed": sum(s["cpu_experts"] for s in per_layer),
             "expert_cpu_s": sum(s["cpu_s"] for s in per_layer),
             "miss_copy_us": None if self.miss_costs is None else 1e6 * self.miss_costs[0],
@@ -205,6 +208,8 @@ def _make_plan(
         scratch = cuda_scratch_bytes(
             cfg.num_experts_per_tok, layout.expert_bytes, cfg.hidden_size, cfg.moe_intermediate_size
         )
+    if placement.misses == "direct":  # the buffer a token's experts are gathered into (direct.py)
+        scratch += cfg.num_experts_per_tok * layout.expert_bytes
     return plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, scratch, what)
 
 
@@ -260,7 +265,7 @@ def _wrap(
     return rt
 
 
-MISS_HANDLING = ("auto", "copy", "cpu")
+MISS_HANDLING = ("auto", "copy", "cpu", "direct")
 CPU_MISS_MARGIN = 0.8  # auto computes misses on the CPU only when that is clearly cheaper than a copy
 
 
@@ -291,7 +296,16 @@ def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: 
     computes the resident ones: `auto` measures both on this machine (CUDA) and takes the CPU when it is clearly
     cheaper (on an H200: copy 42 us, CPU 100-120 us per bf16 Nano expert, so copies)."""
     if placement.misses not in MISS_HANDLING:
-        raise MarcoError(f"unknown --expert-misses {placement.misses!r}", hint="use auto, copy or cpu")
+        raise MarcoError(f"unknown --expert-misses {placement.misses!r}", hint="use auto, copy, cpu or direct")
+    if placement.misses == "direct":
+        reason = direct_unavailable(rt.layers[0].device)
+        gathers = all(isinstance(x.store, MemoryStore) and getattr(x.inner, "gathers", False) for x in rt.layers)
+        if reason is None and not gathers:
+            reason = "reading missing experts in place needs stacked experts in host RAM"
+        if reason:
+            raise MarcoError(reason, hint="use --expert-misses copy")
+        enable_direct(rt, cfg.num_experts_per_tok)
+        return
     able = all(x.can_compute_on_cpu() for x in rt.layers)
     on_cpu = False
     if placement.misses == "cpu":
@@ -306,6 +320,16 @@ def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: 
         on_cpu = rt.miss_costs[1] < CPU_MISS_MARGIN * rt.miss_costs[0]
     for x in rt.layers:
         x.misses_on_cpu = on_cpu
+
+
+def enable_direct(rt: OffloadRuntime, top_k: int) -> None:
+    """Every layer reads its missing experts where they lie (offload/direct.py), through one gather buffer on the
+    device that the layers share (they run one after another on one stream)."""
+    first = rt.layers[0]
+    width = max(x.layout.expert_bytes for x in rt.layers)
+    scratch = torch.zeros(top_k, width, dtype=torch.uint8, device=first.device)
+    for x in rt.layers:
+        x.enable_direct(top_k, scratch)
 
 
 def _fmt_gib(n: int) -> str:

@@ -84,3 +84,16 @@ class SlotTable:
         experts = list(experts)[: self.num_slots]
         protected = set(experts)
         return [(e, self._place(e, protected)) for e in experts if self.slot_of[e] < 0]
+
+    def swap(self, leaving: int, entering: int) -> int:
+        """Hand the slot of the resident expert `leaving` to the expert `entering` (not resident); return the slot.
+        Not an access: the direct-read mode moves its hot set between tokens this way (offload/direct.py)."""
+        slot = self.slot_of[leaving]
+        if slot < 0 or self.slot_of[entering] >= 0:
+            raise ValueError(f"cannot swap expert {leaving} (slot {slot}) for {entering}")
+        self.slot_of[leaving] = -1
+        self.policy.remove(leaving)
+        self.slot_of[entering] = slot
+        self.expert_in[slot] = entering
+        self.policy.insert(entering)
+        return slot

@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import MarcoError
+from .direct import hot_set_moves
 from .policy import PolicyFactory, make_policy_factory
 from .slots import SlotTable
 
@@ -140,6 +141,42 @@ def simulate(
                 table.preload(sorted(range(len(freq)), key=lambda e: -freq[e])[:slots])
         for group, protected in table.schedule(ev.unique()):
             table.assign(group, protected)
+    per_layer = {layer: (t.hits, t.misses) for layer, t in sorted(tables.items())}
+    return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
+
+
+def simulate_direct(trace: Trace, slots: int = 8, every: int = 16, decay: float = 0.9) -> SimResult:
+    """Replay `trace` as the direct-read mode serves it (offload/direct.py): a token's experts hit when resident and
+    are otherwise read in place (misses that move nothing); after the first token and every `every` tokens the slots
+    take the experts with the highest access counts, decayed by `decay` per move (`hot_set_moves`, as live)."""
+    tables: dict[int, SlotTable] = {}
+    scores: dict[int, list[float]] = {}
+    counts: dict[int, list[int]] = {}
+    tokens: dict[int, int] = {}
+    for ev in trace.events:
+        if ev.layer not in tables:
+            tables[ev.layer] = SlotTable(trace.num_experts, slots, make_policy_factory("lru")(ev.layer, 0))
+            scores[ev.layer] = [0.0] * trace.num_experts
+            counts[ev.layer] = [0] * trace.num_experts
+            tokens[ev.layer] = 0
+        table, score, count = tables[ev.layer], scores[ev.layer], counts[ev.layer]
+        for row in ev.experts:  # one token's experts
+            for e in row:
+                if table.slot_of[e] >= 0:
+                    table.hits += 1
+                else:
+                    table.misses += 1
+                count[e] += 1
+            tokens[ev.layer] += 1
+            if tokens[ev.layer] == 1 or tokens[ev.layer] % every == 0:
+                for e in range(trace.num_experts):
+                    score[e] = score[e] * decay + count[e]
+                    count[e] = 0
+                fills, swaps = hot_set_moves(table.slot_of, len(table.free), score, limit=8)
+                for e in fills:
+                    table._place(e, set())
+                for cold, hot in swaps:
+                    table.swap(cold, hot)
     per_layer = {layer: (t.hits, t.misses) for layer, t in sorted(tables.items())}
     return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
 

@@ -1,0 +1,137 @@
+"""Direct reads (`--expert-misses direct`, marco_local/offload/direct.py), on the CPU.
+
+The device-side gather runs here as torch ops over the store's rows (the CUDA kernel is checked by the GPU tests in
+test_offload_gpu.py). Checked: the same logits as the resident model (float32, 1e-5) for every number of slots, eager
+and through the graphed decoder (which then has no cut); the hot set the host moves between tokens is the experts
+with the highest decayed counts, the slots hold their bytes and the device's slot map matches the table; hits and
+misses count every expert of every token; the CLI refuses the mode without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from marco_local.cuda_graphs import GraphedDecoder
+from marco_local.errors import MarcoError
+from marco_local.loader import load_model
+from marco_local.offload import Placement, install
+from marco_local.offload.direct import gather_rows
+from marco_local.offload.install import enable_direct
+
+PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19]
+STREAM = [9, 100, 3, 77, 250, 1, 42, 8, 19, 64, 5, 200, 31, 6, 90, 11, 2, 150, 7, 33, 18, 4, 60, 23, 99]
+
+
+def direct_model(folder, slots: str, rebalance_every: int = 4):
+    model = load_model(folder, dtype=torch.float32)
+    install(model, Placement(experts_resident=slots))
+    enable_direct(model.offload, model.config.num_experts_per_tok)
+    for x in model.offload.layers:
+        x.rebalance_every = rebalance_every
+    return model
+
+
+@torch.no_grad()
+def teacher_forced(model, decode=None) -> torch.Tensor:
+    cache = model.make_cache(len(PROMPT) + len(STREAM))
+    cache.keys.zero_(), cache.values.zero_()
+    model(torch.tensor([PROMPT]), cache)
+    step = decode or model
+    return torch.stack([step(torch.tensor([[t]]), cache)[0, -1] for t in STREAM])
+
+
+def test_gather_takes_each_row_from_its_slot_or_from_host_rows():
+    host = torch.randint(0, 256, (6, 128), dtype=torch.uint8)
+    slots = torch.randint(0, 256, (2, 128), dtype=torch.uint8)
+    out = torch.empty(4, 128, dtype=torch.uint8)
+    gather_rows(out, slots, host, torch.tensor([1, -1, 0, -1]), torch.tensor([3, 5, 0, 2]))
+    for got, want in zip(out, [slots[1], host[5], slots[0], host[2]], strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("slots", ["1", "3", "6"])
+def test_direct_decode_matches_the_resident_model(checkpoint, slots):
+    folder, _ = checkpoint
+    want = teacher_forced(load_model(folder, dtype=torch.float32))
+    model = direct_model(folder, slots)
+    assert all(x.direct for x in model.offload.layers)
+    torch.testing.assert_close(teacher_forced(model), want, rtol=1e-5, atol=1e-5)
+    st = model.offload.stats()
+    A, layers = model.config.num_experts_per_tok, len(model.offload.layers)
+    decode_hits_misses = sum(x.direct_tokens for x in model.offload.layers) * A
+    assert decode_hits_misses == len(STREAM) * A * layers  # every expert of every decode token counted once
+    assert st["expert_misses"] > 0 and st["expert_hits"] > 0
+    model.offload.close()
+
+
+def test_graphed_decoder_has_no_cut_and_matches_forward(checkpoint):
+    folder, _ = checkpoint
+    model = direct_model(folder, "2")
+    want = teacher_forced(model)
+    decoder = GraphedDecoder(model, min_window=8)
+    assert decoder.cuts == [] and decoder.direct == model.offload.layers
+    assert GraphedDecoder.capturable(model)
+    for x in model.offload.layers:
+        x.reset_stats()
+    torch.testing.assert_close(teacher_forced(model, decoder), want, rtol=1e-5, atol=1e-5)
+    assert all(x.direct_tokens == len(STREAM) for x in model.offload.layers)  # the decoder ran the host part
+    model.offload.close()
+
+
+def test_rebalance_keeps_the_hottest_experts_in_the_slots(checkpoint):
+    folder, _ = checkpoint
+    model = direct_model(folder, "3", rebalance_every=len(STREAM))  # one rebalance, after the last token
+    teacher_forced(model)
+    for x in model.offload.layers:
+        table = x.table
+        resident = {e for e in range(x.num_experts) if table.slot_of[e] >= 0}
+        assert len(resident) == 3 and not x.map_stale
+        coldest_resident = min(x.score[e] for e in resident)
+        assert all(x.score[e] <= coldest_resident for e in range(x.num_experts) if e not in resident)
+        assert x.device_map.tolist() == table.slot_of
+        for e in resident:  # the slot holds that expert's bytes
+            assert torch.equal(x.slots[table.slot_of[e]], x.store.rows[e])
+    model.offload.close()
+
+
+def test_a_prompt_marks_the_map_stale_and_the_next_token_restores_it(checkpoint):
+    folder, _ = checkpoint
+    model = direct_model(folder, "2")
+    cache = model.make_cache(len(PROMPT) + 2)
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]), cache)
+        assert all(x.map_stale for x in model.offload.layers)  # the prompt streamed through the slots
+        model(torch.tensor([[7]]), cache)
+    for x in model.offload.layers:
+        assert not x.map_stale and x.device_map.tolist() == x.table.slot_of
+    model.offload.close()
+
+
+def test_direct_reads_need_cuda_from_the_cli(checkpoint):
+    folder, _ = checkpoint
+    model = load_model(folder, dtype=torch.float32)
+    with pytest.raises(MarcoError, match="needs a CUDA device"):
+        install(model, Placement(experts_resident="2", misses="direct"))
+
+
+def test_a_static_profile_pins_the_hot_set(checkpoint, tmp_path):
+    """With --expert-policy static the profile's most frequent experts fill the slots and stay, whatever is used."""
+    import json
+
+    folder, _ = checkpoint
+    model = load_model(folder, dtype=torch.float32)
+    E = model.config.num_experts
+    layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    freq = {str(i): [float((e * 5 + i) % E) for e in range(E)] for i in layers}  # a made-up ranking per layer
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"format": "marco-expert-profile", "num_experts": E, "layers": freq}))
+    install(model, Placement(experts_resident="3", profile=str(path), policy="static"))
+    enable_direct(model.offload, model.config.num_experts_per_tok)
+    for x in model.offload.layers:
+        x.rebalance_every = 2
+    teacher_forced(model)
+    for x in model.offload.layers:
+        ranked = sorted(range(E), key=lambda e: -freq[str(x.layer)][e])
+        assert {e for e in range(E) if x.table.slot_of[e] >= 0} == set(ranked[:3])
+    model.offload.close()
