@@ -42,17 +42,21 @@ class SlotTable:
         return [(g, set(g) | (set(groups[k - 1]) if k and s >= 2 else set())) for k, g in enumerate(groups)]
 
     def _place(self, e: int, protected: set[int]) -> int:
-        if self.free:
-            slot = self.free.pop()
-        else:
-            old = self.policy.victim(protected)
-            slot = self.slot_of[old]
-            self.slot_of[old] = -1
-            self.policy.remove(old)
+        slot = self.free.pop() if self.free else self._evict(self.policy.victim(protected))
+        self._occupy(e, slot)
+        return slot
+
+    def _evict(self, e: int) -> int:
+        """Take resident expert `e` out; return the slot it leaves."""
+        slot = self.slot_of[e]
+        self.slot_of[e] = -1
+        self.policy.remove(e)
+        return slot
+
+    def _occupy(self, e: int, slot: int) -> None:
         self.slot_of[e] = slot
         self.expert_in[slot] = e
         self.policy.insert(e)
-        return slot
 
     def assign(self, experts: Sequence[int], protected: set[int] | None = None) -> list[tuple[int, int]]:
         """Make `experts` (distinct, fitting with `protected`) resident, never evicting a protected expert (default:
@@ -88,12 +92,8 @@ class SlotTable:
     def swap(self, leaving: int, entering: int) -> int:
         """Hand the slot of the resident expert `leaving` to the expert `entering` (not resident); return the slot.
         Not an access: the direct-read mode moves its hot set between tokens this way (offload/direct.py)."""
-        slot = self.slot_of[leaving]
-        if slot < 0 or self.slot_of[entering] >= 0:
-            raise ValueError(f"cannot swap expert {leaving} (slot {slot}) for {entering}")
-        self.slot_of[leaving] = -1
-        self.policy.remove(leaving)
-        self.slot_of[entering] = slot
-        self.expert_in[slot] = entering
-        self.policy.insert(entering)
+        if self.slot_of[leaving] < 0 or self.slot_of[entering] >= 0:
+            raise ValueError(f"cannot swap expert {leaving} (slot {self.slot_of[leaving]}) for {entering}")
+        slot = self._evict(leaving)
+        self._occupy(entering, slot)
         return slot
