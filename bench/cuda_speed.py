@@ -239,7 +239,7 @@ def main() -> None:
         default=True,
         help="--expert-misses direct rows (50%% resident, and the middle budget; real routing only)",
     )
-    ap.add_argument("--direct-every", default="16,1", help="the 50%% direct rows' tokens between hot-set moves")
+    ap.add_argument("--direct-every", default="16,4", help="the 50%% direct rows' tokens between hot-set moves")
     ap.add_argument("--routings", default="real,synthetic", help="the offloaded rows' routings")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
@@ -346,8 +346,7 @@ def main() -> None:
             model = make(offloaded=True)
             install(model, placement)
             if "direct/" in label:
-                for x in model.offload.layers:
-                    x.rebalance_every = int(label.rsplit("/", 1)[1])
+                model.offload.hot_sets.every = int(label.rsplit("/", 1)[1])
             gc.collect()
             torch.cuda.empty_cache()
             # the decode step `marco run` takes (CUDA graphs, cut at each MoE layer), then the eager one

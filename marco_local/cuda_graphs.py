@@ -84,6 +84,7 @@ class GraphedDecoder:
         self.direct = [ex for ex in offloaded if ex is not None and ex.slot_map is None and ex.direct]
         for ex in self.direct:
             ex.driven = True  # its host work happens around the whole step (`__call__`), never inside a capture
+        self.hot_sets = self.direct[0].hot_sets if self.direct else None
         self.cut_experts: list[OffloadedExperts] = [layers[i].mlp.experts for i in self.cuts]
         n, D, A, dev = len(self.cuts), cfg.hidden_size, cfg.num_experts_per_tok, self.device
         self.top_k = A
@@ -290,16 +291,16 @@ class GraphedDecoder:
         if window not in self.masks:
             self.masks[window] = torch.zeros(1, 1, 1, window, dtype=self.logits.dtype, device=self.device)
         graphs = self.graphs.get(window)
-        for experts in self.direct:
-            experts.before_token()
+        if self.hot_sets is not None:
+            self.hot_sets.before_token()
         if graphs is not None:
             self._step(cache, window, graphs)
         elif self.device.type == "cuda":
             self._warm_up_and_capture(cache, window)
         else:
             self._step(cache, window, None)
-        for experts in self.direct:
-            experts.after_token()
+        if self.hot_sets is not None:
+            self.hot_sets.after_token()
         cache.advance(1)
         return self.logits.clone()  # the static buffer is overwritten by the next step
 

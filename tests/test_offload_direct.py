@@ -23,12 +23,10 @@ PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19]
 STREAM = [9, 100, 3, 77, 250, 1, 42, 8, 19, 64, 5, 200, 31, 6, 90, 11, 2, 150, 7, 33, 18, 4, 60, 23, 99]
 
 
-def direct_model(folder, slots: str, rebalance_every: int = 4):
+def direct_model(folder, slots: str, every: int = 4):
     model = load_model(folder, dtype=torch.float32)
     install(model, Placement(experts_resident=slots))
-    enable_direct(model.offload, model.config.num_experts_per_tok)
-    for x in model.offload.layers:
-        x.rebalance_every = rebalance_every
+    enable_direct(model.offload, model.config.num_experts_per_tok, every=every)
     return model
 
 
@@ -81,14 +79,17 @@ def test_graphed_decoder_has_no_cut_and_matches_forward(checkpoint):
 
 def test_rebalance_keeps_the_hottest_experts_in_the_slots(checkpoint):
     folder, _ = checkpoint
-    model = direct_model(folder, "3", rebalance_every=len(STREAM))  # one rebalance, after the last token
+    model = direct_model(folder, "3", every=len(STREAM))  # one move, after the last token, with no limit
+    hot = model.offload.hot_sets
+    hot.limit = None
     teacher_forced(model)
+    assert not hot.stale.any()
     for x in model.offload.layers:
-        table = x.table
+        table, score = x.table, hot.score[x.hot_row]
         resident = {e for e in range(x.num_experts) if table.slot_of[e] >= 0}
-        assert len(resident) == 3 and not x.map_stale
-        coldest_resident = min(x.score[e] for e in resident)
-        assert all(x.score[e] <= coldest_resident for e in range(x.num_experts) if e not in resident)
+        assert len(resident) == 3
+        coldest_resident = min(score[e] for e in resident)
+        assert all(score[e] <= coldest_resident for e in range(x.num_experts) if e not in resident)
         assert x.device_map.tolist() == table.slot_of
         for e in resident:  # the slot holds that expert's bytes
             assert torch.equal(x.slots[table.slot_of[e]], x.store.rows[e])
@@ -101,10 +102,11 @@ def test_a_prompt_marks_the_map_stale_and_the_next_token_restores_it(checkpoint)
     cache = model.make_cache(len(PROMPT) + 2)
     with torch.no_grad():
         model(torch.tensor([PROMPT]), cache)
-        assert all(x.map_stale for x in model.offload.layers)  # the prompt streamed through the slots
+        assert model.offload.hot_sets.stale.all()  # the prompt streamed through every layer's slots
         model(torch.tensor([[7]]), cache)
+    assert not model.offload.hot_sets.stale.any()
     for x in model.offload.layers:
-        assert not x.map_stale and x.device_map.tolist() == x.table.slot_of
+        assert x.device_map.tolist() == x.table.slot_of
     model.offload.close()
 
 
@@ -127,9 +129,7 @@ def test_a_static_profile_pins_the_hot_set(checkpoint, tmp_path):
     path = tmp_path / "profile.json"
     path.write_text(json.dumps({"format": "marco-expert-profile", "num_experts": E, "layers": freq}))
     install(model, Placement(experts_resident="3", profile=str(path), policy="static"))
-    enable_direct(model.offload, model.config.num_experts_per_tok)
-    for x in model.offload.layers:
-        x.rebalance_every = 2
+    enable_direct(model.offload, model.config.num_experts_per_tok, every=2)
     teacher_forced(model)
     for x in model.offload.layers:
         ranked = sorted(range(E), key=lambda e: -freq[str(x.layer)][e])

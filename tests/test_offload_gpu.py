@@ -110,8 +110,7 @@ def test_cuda_direct_reads(ref, slots, graphs):
     folder, tokens, want = ref
     model = load_offloaded(folder, Placement(experts_resident=str(slots), misses="direct"), torch.float32, "cuda")
     assert all(x.direct for x in model.offload.layers)
-    for x in model.offload.layers:
-        x.rebalance_every = 4  # several moves of the hot set within the run
+    model.offload.hot_sets.every = 4  # several moves of the hot set within the run
     if graphs:
         assert GraphedDecoder.supports(model)
         model.decode_step = GraphedDecoder(model, min_window=16)

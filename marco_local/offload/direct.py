@@ -6,7 +6,7 @@ an H200, ~2.2 ms per Nano token: more than the copies themselves). Here one kern
 experts into a small buffer, each row from its fast slot when the expert is resident, else straight from the pinned
 host rows over the bus (CUDA maps pinned memory into the device's address space), choosing per row on the device.
 Nothing waits on the host, so the whole decode step is one graph whatever the budget. The fast slots hold a hot set
-that the host refreshes between tokens from access counts the step keeps on the device (`OffloadedExperts.rebalance`).
+that the host moves between tokens from access counts the step keeps on the device (`HotSets`).
 
 On the CPU (tests) the same gather runs as torch ops over the store's rows.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 _KERNEL = None
@@ -25,18 +26,93 @@ def hot_set_moves(
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """How the slots move toward the `score`-hottest experts: missing experts for the `free` empty slots (hottest
     first), then (leaving, entering) pairs, the coldest resident expert for the hottest missing one, while that
-    raises the score, at most `limit` pairs (None: no limit). Pure bookkeeping, shared by the live cache
-    (`OffloadedExperts.rebalance`) and the trace simulator (`trace.simulate_direct`)."""
-    experts = range(len(slot_of))
-    resident = sorted((e for e in experts if slot_of[e] >= 0), key=lambda e: score[e])
-    missing = sorted((e for e in experts if slot_of[e] < 0), key=lambda e: -score[e])
+    raises the score, at most `limit` pairs (None: no limit); ties go to the lower expert id. Pure bookkeeping,
+    shared by the live cache (`HotSets`) and the trace simulator (`trace.simulate_direct`)."""
+    where = np.asarray(slot_of)
+    score = np.asarray(score, dtype=np.float64)
+    resident, missing = np.flatnonzero(where >= 0), np.flatnonzero(where < 0)
+    resident = resident[np.argsort(score[resident], kind="stable")]  # coldest first
+    missing = missing[np.argsort(-score[missing], kind="stable")]  # hottest first
     fills, missing = missing[:free], missing[free:]
-    swaps = []
-    for cold, hot in zip(resident, missing, strict=False):
-        if score[hot] <= score[cold] or (limit is not None and len(swaps) >= limit):
-            break
-        swaps.append((cold, hot))
-    return fills, swaps
+    n = min(len(resident), len(missing), len(resident) if limit is None else limit)
+    better = score[missing[:n]] > score[resident[:n]]
+    n = int(np.argmin(better)) if not better.all() else n  # stop at the first pair that does not raise the score
+    return fills.tolist(), list(zip(resident[:n].tolist(), missing[:n].tolist(), strict=True))
+
+
+class HotSets:
+    """The direct-read layers of one model and their hot sets, moved together between tokens.
+
+    The step keeps per-layer access counts and hits on the device ([L, E] and [L]); between tokens the host reads
+    all the counts at once, decays them into scores, and only for the layers where a missing expert now outscores a
+    resident one computes the moves (`hot_set_moves`) and copies the entering experts into the leaving ones' slots,
+    on the compute stream. One copy of the [L, E] slot map then updates the device's. A prompt streams through the
+    slots (the layers' grouped path), so the layers it touched are restored before the next token."""
+
+    def __init__(self, layers: list, top_k: int, every: int = 16, decay: float = 0.9, limit: int = 8) -> None:
+        self.layers, self.every, self.decay, self.limit = layers, every, decay, limit
+        L, E = len(layers), layers[0].num_experts
+        device = layers[0].device
+        self.access = torch.zeros(L, E, dtype=torch.float32, device=device)  # counts exact below 2**24
+        self.hits = torch.zeros(L, dtype=torch.long, device=device)
+        self.host_map = torch.tensor([x.table.slot_of for x in layers], dtype=torch.long)
+        if device.type == "cuda":
+            self.host_map = self.host_map.pin_memory()
+        self.device_map = self.host_map.clone().to(device)  # its own tensor on the CPU too (as on CUDA)
+        self.score = np.zeros((L, E))
+        # a static profile ranks the experts for good: those rows' scores never change
+        self.pinned = np.array([x.static_ranking() is not None for x in layers])
+        for i, x in enumerate(layers):
+            if self.pinned[i]:
+                self.score[i] = x.static_ranking()
+        self.stale = np.zeros(L, dtype=bool)
+        self.tokens = 0
+        width = max(x.layout.expert_bytes for x in layers)
+        scratch = torch.zeros(top_k * width, dtype=torch.uint8, device=device)  # the layers run one after another
+        for i, x in enumerate(layers):
+            x.attach_hot_sets(self, i, scratch, top_k)
+
+    def prompt_counts(self, row: int, experts: list[int], counts: list[int]) -> None:
+        """A prompt went through layer `row` (streamed through its slots): count its experts, restore it later."""
+        if not self.pinned[row]:
+            self.score[row, experts] += counts
+        self.stale[row] = True
+
+    def before_token(self) -> None:
+        if self.stale.any():
+            self.rebalance(limit=None)
+
+    def after_token(self) -> None:
+        self.tokens += 1
+        for x in self.layers:
+            x.direct_tokens += 1
+        if self.tokens % self.every == 0:
+            self.rebalance(self.limit)
+
+    def rebalance(self, limit: int | None) -> None:
+        counts = self.access.to("cpu", torch.float64).numpy()  # waits for the steps that counted
+        self.access.zero_()
+        live = ~self.pinned
+        self.score[live] = self.score[live] * self.decay + counts[live]
+        host_map = self.host_map.numpy()
+        for i in np.flatnonzero(self.stale):  # the prompt moved experts: the table knows where
+            host_map[i] = self.layers[i].table.slot_of
+        resident = host_map >= 0
+        coldest = np.where(resident, self.score, np.inf).min(axis=1)
+        hottest = np.where(resident, -np.inf, self.score).max(axis=1)
+        free = np.array([len(x.table.free) > 0 for x in self.layers])
+        moved = False
+        for i in np.flatnonzero((hottest > coldest) | free | self.stale):
+            x = self.layers[i]
+            fills, swaps = hot_set_moves(
+                host_map[i], len(x.table.free), self.score[i], None if self.stale[i] else limit
+            )
+            x.move_in(fills, swaps)
+            host_map[i] = x.table.slot_of
+            moved = True
+        if moved or self.stale.any():
+            self.device_map.copy_(self.host_map, non_blocking=True)
+        self.stale[:] = False
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -16,7 +16,7 @@ not change. Needs a store in host RAM (`MemoryStore`: CUDA's pinned tier).
 
 Misses read in place (`direct`, `--expert-misses direct`, CUDA; offload/direct.py): a single token's experts are
 gathered on the device into a small buffer, each from its slot or from the pinned store, and computed from there; the
-host only moves the hot set between tokens (`rebalance`, from access counts kept on the device).
+host only moves the hot set between tokens (`direct.HotSets`, from access counts kept on the device).
 
 Invariants: owns the fast-tier slots and never allocates them again (decode allocates no slot memory); never evicts
 an expert the current group needs; a speculative prefetch for this layer finishes (CPU thread) or is ordered before
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.qwen3_moe import Experts
-from .direct import gather_rows, hot_set_moves
+from .direct import HotSets, gather_rows
 from .policy import Policy, StaticHotSet
 from .slots import SlotTable
 from .store import ExpertLayout, ExpertStore, MemoryStore
@@ -80,9 +80,9 @@ class OffloadedExperts(nn.Module):
         self.cpu_twin: nn.Module | None = None
         # expert id -> slot on the device, once `load_all` has made every expert resident for good
         self.slot_map: torch.Tensor | None = None
-        # direct reads (`enable_direct`): a token's missing experts are read from host RAM by the device, the slots
-        # hold a hot set moved between tokens; `driven`: a caller (cuda_graphs.py) calls before/after_token itself
-        self.direct = False
+        # direct reads (`attach_hot_sets`): a token's missing experts are read from host RAM by the device, the slots
+        # hold a hot set moved between tokens; `driven`: a caller (cuda_graphs.py) runs the host part itself
+        self.hot_sets: HotSets | None = None
         self.driven = False
         # speculation: the next layer's router and cache, set by `link`
         self.next: OffloadedExperts | None = None
@@ -232,12 +232,13 @@ class OffloadedExperts(nn.Module):
         if self.slot_map is not None and x.shape[0] == 1 and getattr(self.inner, "gathers", False):
             self.count_resident_token(idx.numel())  # every expert resident: ids map to slots on the device
             return self.inner.forward_gathered(x, self.slot_map[idx], weights)
-        if self.direct and x.shape[0] == 1:
-            if not self.driven:
-                self.before_token()
+        if self.hot_sets is not None and x.shape[0] == 1:
+            hot, last = self.hot_sets, self.hot_row == len(self.hot_sets.layers) - 1
+            if not self.driven and self.hot_row == 0:  # eager decode: the host part once per token
+                hot.before_token()
             y = self.forward_direct(x, idx, weights)
-            if not self.driven:
-                self.after_token()
+            if not self.driven and last:
+                hot.after_token()
             return y
         A = idx.shape[1]  # x [T, D], idx/weights [T, A]; same loop as Experts.forward, experts -> slots
         flat = idx.reshape(-1)  # [T*A]
@@ -257,9 +258,8 @@ class OffloadedExperts(nn.Module):
             return self.inner(x, slots, weights)
         if x.shape[0] == 1 and getattr(self.inner, "native", False) and x.dtype != torch.float32:
             return self._decode_in_groups(x, idx, weights)
-        if self.direct:  # a prompt streams through the slots: the hot set comes back before the next token
-            self.map_stale = True
-            self.score[experts] += torch.tensor(counts, dtype=self.score.dtype)
+        if self.hot_sets is not None:  # a prompt streams through the slots: the hot set comes back before decode
+            self.hot_sets.prompt_counts(self.hot_row, experts, counts)
         flat_weights = weights.reshape(-1, 1)
         out = torch.zeros_like(x)
         start = i = 0
@@ -285,29 +285,30 @@ class OffloadedExperts(nn.Module):
         return out
 
     # -- direct reads: missing experts read by the device from host RAM (offload/direct.py) -----------------------
-    def enable_direct(self, top_k: int, scratch: torch.Tensor, rebalance_every: int = 16, decay: float = 0.9) -> None:
-        """Read a token's missing experts from the store where they lie instead of copying them into slots. `scratch`:
-        a device buffer of at least [top_k, expert_bytes] uint8, shared by the layers (they run one after another).
-        Every `rebalance_every` tokens the slots take the experts with the highest access counts, decayed by `decay`
-        per rebalance (a static profile's set stays put). Needs the store in host RAM (pinned on CUDA)."""
+    @property
+    def direct(self) -> bool:
+        return self.hot_sets is not None
+
+    def attach_hot_sets(self, hot_sets: HotSets, row: int, scratch: torch.Tensor, top_k: int) -> None:
+        """Read a token's missing experts from the store where they lie instead of copying them into slots; the
+        slots hold a hot set that `hot_sets` moves between tokens (row `row` of its tables). `scratch`: a device
+        buffer of at least top_k * expert_bytes bytes, shared by the layers (they run one after another). Needs
+        stacked experts and the store in host RAM (pinned on CUDA)."""
         if not isinstance(self.store, MemoryStore) or not getattr(self.inner, "gathers", False):
             raise ValueError("direct reads need stacked experts and a store in host RAM")
-        self.direct, self.top_k = True, top_k
-        self.rebalance_every, self.decay = rebalance_every, decay
-        self.gathered = scratch.view(-1)[: top_k * self.layout.expert_bytes].view(top_k, -1)  # contiguous rows
+        self.hot_sets, self.hot_row, self.top_k = hot_sets, row, top_k
+        self.gathered = scratch[: top_k * self.layout.expert_bytes].view(top_k, -1)
         self.scratch_inner = self._bound_copy(self.gathered)
         self.gathered_ids = torch.arange(top_k, device=self.device).view(1, top_k)
-        self.device_map = torch.tensor(self.table.slot_of, dtype=torch.long, device=self.device)
-        self.host_map = torch.tensor(self.table.slot_of, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self.access = torch.zeros(self.num_experts, dtype=torch.float32, device=self.device)  # exact below 2**24
         self.ones = torch.ones(top_k, dtype=torch.float32, device=self.device)
-        self.direct_hits = torch.zeros((), dtype=torch.long, device=self.device)
-        self.score = torch.zeros(self.num_experts, dtype=torch.float64)
-        policy = self.table.policy  # a static profile ranks the experts for good, the counts do not
-        static = isinstance(policy, StaticHotSet)
-        self.pinned_score = torch.tensor(policy.freq, dtype=torch.float64) if static else None
+        self.device_map, self.access = hot_sets.device_map[row], hot_sets.access[row]
+        self.direct_hits = hot_sets.hits[row]
         self.direct_tokens = 0
-        self.map_stale = False
+
+    def static_ranking(self) -> list[float] | None:
+        """The profile's expert frequencies when the policy is a static hot set (direct reads then keep it)."""
+        policy = self.table.policy
+        return policy.freq if isinstance(policy, StaticHotSet) else None
 
     def _bound_copy(self, rows: torch.Tensor) -> nn.Module:
         """A shallow copy of the inner module whose per-expert tensors are views of `rows` (no copy of weights)."""
@@ -318,7 +319,7 @@ class OffloadedExperts(nn.Module):
 
     def forward_direct(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token, nothing decided on the host: its experts gathered from their slots or from host RAM, counted
-        for the next rebalance, then computed as a resident layer computes them."""
+        for the hot sets, then computed as a resident layer computes them."""
         ids = idx.reshape(-1)
         slots = self.device_map[ids]
         gather_rows(self.gathered, self.slots, self.store.rows, slots, ids)
@@ -326,35 +327,14 @@ class OffloadedExperts(nn.Module):
         self.direct_hits += (slots >= 0).sum()
         return self.scratch_inner.forward_gathered(x, self.gathered_ids, weights)
 
-    def before_token(self) -> None:
-        """Host work before a direct decode step: after a prompt streamed through the slots, the hot set returns."""
-        if self.map_stale:
-            self.rebalance(limit=None)
-
-    def after_token(self) -> None:
-        """Host work after a direct decode step: count it, and every `rebalance_every` tokens move the hot set."""
-        self.direct_tokens += 1
-        if self.direct_tokens % self.rebalance_every == 0:
-            self.rebalance()
-
-    def rebalance(self, limit: int | None = 8) -> None:
-        """Fold the device's access counts into the scores, then give the slots of the coldest resident experts to
-        the hottest missing ones (at most `limit` swaps; None: all that improve), copied on the compute stream
-        between two steps. The device's slot map follows."""
-        counts = self.access.to("cpu", torch.float64)  # waits for the steps that counted
-        self.access.zero_()
-        self.score.mul_(self.decay).add_(counts)
-        score = self.pinned_score if self.pinned_score is not None else self.score
-        table = self.table
-        fills, swaps = hot_set_moves(table.slot_of, len(table.free), score.tolist(), limit)
-        for e in fills:  # empty slots (a cold start)
-            self.store.read_into(e, self.slot_rows[table._place(e, set())])
-        for cold, hot in swaps:
-            self.store.read_into(hot, self.slot_rows[table.swap(cold, hot)])
+    def move_in(self, fills: list[int], swaps: list[tuple[int, int]]) -> None:
+        """Apply a hot-set move: `fills` into empty slots, each (leaving, entering) pair through the leaving one's
+        slot; copied on the current stream, between two steps."""
+        for e in fills:
+            self.store.read_into(e, self.slot_rows[self.table._place(e, set())])
+        for leaving, entering in swaps:
+            self.store.read_into(entering, self.slot_rows[self.table.swap(leaving, entering)])
         self.bytes_moved += (len(fills) + len(swaps)) * self.layout.expert_bytes
-        self.host_map.copy_(torch.tensor(table.slot_of))
-        self.device_map.copy_(self.host_map, non_blocking=True)
-        self.map_stale = False
 
     # -- misses computed where they lie ------------------------------------------------------------------------------
     def can_compute_on_cpu(self) -> bool:

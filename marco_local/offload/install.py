@@ -37,6 +37,7 @@ from .budget import (
     parse_size,
     plan_slots,
 )
+from .direct import HotSets
 from .direct import unavailable_reason as direct_unavailable
 from .experts import OffloadedExperts
 from .policy import make_policy_factory
@@ -63,6 +64,7 @@ class OffloadRuntime:
     def __init__(self, layers: list[OffloadedExperts], plan: Plan, executor: ThreadPoolExecutor | None) -> None:
         self.layers, self.plan, self.executor = layers, plan, executor
         self.miss_costs: tuple[float, float] | None = None  # (copy, CPU compute) seconds per expert, when measured
+        self.hot_sets: HotSets | None = None  # --expert-misses direct
 
     @property
     def fast_bytes(self) -> int:
@@ -322,14 +324,11 @@ def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: 
         x.misses_on_cpu = on_cpu
 
 
-def enable_direct(rt: OffloadRuntime, top_k: int) -> None:
-    """Every layer reads its missing experts where they lie (offload/direct.py), through one gather buffer on the
-    device that the layers share (they run one after another on one stream)."""
-    first = rt.layers[0]
-    width = max(x.layout.expert_bytes for x in rt.layers)
-    scratch = torch.zeros(top_k, width, dtype=torch.uint8, device=first.device)
-    for x in rt.layers:
-        x.enable_direct(top_k, scratch)
+def enable_direct(rt: OffloadRuntime, top_k: int, every: int = 16) -> HotSets:
+    """Every layer reads its missing experts where they lie (offload/direct.py); their hot sets move together every
+    `every` tokens."""
+    rt.hot_sets = HotSets(rt.layers, top_k, every=every)
+    return rt.hot_sets
 
 
 def _fmt_gib(n: int) -> str:
