@@ -84,7 +84,13 @@ def bench(
     data = result.to_json()
     stats = offload_stats(lm.model)
     if stats:
-        keys = ("experts_resident_fraction", "expert_hit_rate", "expert_bytes_moved", "expert_stall_s")
+        keys = (
+            "experts_resident_fraction",
+            "expert_hit_rate",
+            "expert_bytes_moved",
+            "expert_bytes_read_in_place",
+            "expert_stall_s",
+        )
         data["offload"] = {k: stats[k] for k in keys} | {"expert_slots_per_layer": stats["expert_slots_per_layer"]}
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
@@ -101,9 +107,10 @@ def bench(
         mem += f" · peak VRAM {ui.human_bytes(data['peak_vram_bytes'])}"
     ui.info(mem)
     if stats:
-        hit = stats["expert_hit_rate"]
+        hit, in_place = stats["expert_hit_rate"], stats["expert_bytes_read_in_place"]
         ui.info(
             f"experts: {stats['experts_resident_fraction']:.0%} resident"
             + (f" · hit rate {hit:.0%}" if hit is not None else "")
             + f" · {ui.human_bytes(stats['expert_bytes_moved'])} read · stalled {stats['expert_stall_s']:.2f} s"
+            + (f" · {ui.human_bytes(in_place)} read in place" if in_place else "")
         )
