@@ -38,13 +38,13 @@ class NativeBPE:
         n_tokens: int,
         pre_tokenizer: pre_tokenizers.PreTokenizer,
         ignore_merges: bool,
-        added: dict[str, int],
+        added: list[str],
     ) -> None:
+        """`added`: the texts matched whole before the rest is split (control and user-defined tokens)."""
         self._lib, self._handle, self._n = lib, handle, n_tokens
         self._pre, self._ignore_merges = pre_tokenizer, int(ignore_merges)
-        self._added = added
         # longest first, so that the leftmost match is also the longest one
-        alternatives = sorted((t for t in added if t), key=len, reverse=True)
+        alternatives = sorted({t for t in added if t}, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
 
     @classmethod
@@ -83,7 +83,7 @@ class NativeBPE:
             return None
         for i in special:
             lib.marco_bpe_set_special(handle, i)
-        added = {tokens[i]: i for i in [*special, *user_defined]}
+        added = [tokens[i] for i in [*special, *user_defined]]
         return cls(lib, handle, len(tokens), pre_tokenizer, ignore_merges, added)
 
     def __del__(self) -> None:

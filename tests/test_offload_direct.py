@@ -135,3 +135,15 @@ def test_a_static_profile_pins_the_hot_set(checkpoint, tmp_path):
         ranked = sorted(range(E), key=lambda e: -freq[str(x.layer)][e])
         assert {e for e in range(E) if x.table.slot_of[e] >= 0} == set(ranked[:3])
     model.offload.close()
+
+
+def test_simulated_direct_mode_learns_a_fixed_hot_set():
+    """A trace whose tokens always use the same 4 of 16 experts: after the first token's move they all hit."""
+    from marco_local.offload import Event, Trace
+    from marco_local.offload.trace import simulate_direct
+
+    trace = Trace(1, 16, 4, [Event(0, t, [[3, 7, 11, 15]]) for t in range(40)])
+    sim = simulate_direct(trace, slots=4, every=16)
+    assert (sim.hits, sim.misses) == (39 * 4, 4)
+    uniform = Trace(1, 16, 4, [Event(0, t, [[(t * 5 + j * 3) % 16 for j in range(4)]]) for t in range(64)])
+    assert sim.hits > simulate_direct(uniform, slots=4, every=16).hits
