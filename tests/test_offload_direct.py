@@ -147,3 +147,31 @@ def test_simulated_direct_mode_learns_a_fixed_hot_set():
     assert (sim.hits, sim.misses) == (39 * 4, 4)
     uniform = Trace(1, 16, 4, [Event(0, t, [[(t * 5 + j * 3) % 16 for j in range(4)]]) for t in range(64)])
     assert sim.hits > simulate_direct(uniform, slots=4, every=16).hits
+
+
+def test_hits_counted_on_the_host_are_exact(checkpoint):
+    """Residency changes only at a move, so the hits derived from the device's access counts equal a per-token count
+    of the routed experts that were resident when the token ran."""
+    folder, _ = checkpoint
+    model = direct_model(folder, "3", every=3)
+    want = {x.layer: 0 for x in model.offload.layers}
+
+    def count(module, args):
+        x, idx = args[0], args[1]
+        if x.shape[0] == 1:  # decode tokens (the prompt's hits are the slot table's own)
+            want[module.layer] += sum(module.table.slot_of[e] >= 0 for e in idx.reshape(-1).tolist())
+
+    cache = model.make_cache(len(PROMPT) + len(STREAM) + 1)
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]), cache)
+        model(torch.tensor([[1]]), cache)  # the hot set returns after the prompt (inside layer 0's call)
+        for x in model.offload.layers:
+            x.reset_stats()
+        handles = [x.register_forward_pre_hook(count) for x in model.offload.layers]
+        for t in STREAM:
+            model(torch.tensor([[t]]), cache)
+    for h in handles:
+        h.remove()
+    got = {x.layer: x.stats()["hits"] for x in model.offload.layers}
+    assert got == want and sum(want.values()) > 0
+    model.offload.close()

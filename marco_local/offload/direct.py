@@ -43,18 +43,20 @@ def hot_set_moves(
 class HotSets:
     """The direct-read layers of one model and their hot sets, moved together between tokens.
 
-    The step keeps per-layer access counts and hits on the device ([L, E] and [L]); between tokens the host reads
-    all the counts at once, decays them into scores, and only for the layers where a missing expert now outscores a
-    resident one computes the moves (`hot_set_moves`) and copies the entering experts into the leaving ones' slots,
-    on the compute stream. One copy of the [L, E] slot map then updates the device's. A prompt streams through the
-    slots (the layers' grouped path), so the layers it touched are restored before the next token."""
+    The step keeps per-layer access counts on the device ([L, E]); between tokens the host reads all of them at
+    once, decays them into scores, and only for the layers where a missing expert now outscores a resident one
+    computes the moves (`hot_set_moves`) and copies the entering experts into the leaving ones' slots, on the compute
+    stream. One copy of the [L, E] slot map then updates the device's. Hits are counted on the host: residency only
+    changes at a move. A prompt streams through the slots (the layers' grouped path), so the layers it touched are
+    restored before the next token."""
 
     def __init__(self, layers: list, top_k: int, every: int = 16, decay: float = 0.9, limit: int = 8) -> None:
         self.layers, self.every, self.decay, self.limit = layers, every, decay, limit
         L, E = len(layers), layers[0].num_experts
         device = layers[0].device
         self.access = torch.zeros(L, E, dtype=torch.float32, device=device)  # counts exact below 2**24
-        self.hits = torch.zeros(L, dtype=torch.long, device=device)
+        self.window = np.zeros((L, E))  # counts read back since the last move
+        self.hits = np.zeros(L, dtype=np.int64)  # residency only changes at a move, so hits = counts of residents
         self.host_map = torch.tensor([x.table.slot_of for x in layers], dtype=torch.long)
         if device.type == "cuda":
             self.host_map = self.host_map.pin_memory()
@@ -89,11 +91,19 @@ class HotSets:
         if self.tokens % self.every == 0:
             self.rebalance(self.limit)
 
-    def rebalance(self, limit: int | None) -> None:
-        counts = self.access.to("cpu", torch.float64).numpy()  # waits for the steps that counted
+    def read_counts(self) -> None:
+        """Move the device's access counts to the host (waiting for the steps that counted), and count the hits
+        among them: the experts resident now were resident since the last move."""
+        counts = self.access.to("cpu", torch.float64).numpy()
         self.access.zero_()
+        self.window += counts
+        self.hits += (counts * (self.host_map.numpy() >= 0)).sum(axis=1).astype(np.int64)
+
+    def rebalance(self, limit: int | None) -> None:
+        self.read_counts()
         live = ~self.pinned
-        self.score[live] = self.score[live] * self.decay + counts[live]
+        self.score[live] = self.score[live] * self.decay + self.window[live]
+        self.window[:] = 0
         host_map = self.host_map.numpy()
         for i in np.flatnonzero(self.stale):  # the prompt moved experts: the table knows where
             host_map[i] = self.layers[i].table.slot_of

@@ -100,7 +100,8 @@ class OffloadedExperts(nn.Module):
         self.pred_total = self.pred_hit = self.actual_total = 0
         self.table.hits = self.table.misses = self.table.calls = 0
         if self.direct:
-            self.direct_hits.zero_()
+            self.hot_sets.read_counts()  # what was counted so far belongs to the old figures
+            self.hot_sets.hits[self.hot_row] = 0
             self.direct_tokens = 0
 
     @property
@@ -302,7 +303,6 @@ class OffloadedExperts(nn.Module):
         self.gathered_ids = torch.arange(top_k, device=self.device).view(1, top_k)
         self.ones = torch.ones(top_k, dtype=torch.float32, device=self.device)
         self.device_map, self.access = hot_sets.device_map[row], hot_sets.access[row]
-        self.direct_hits = hot_sets.hits[row]
         self.direct_tokens = 0
 
     def static_ranking(self) -> list[float] | None:
@@ -324,7 +324,6 @@ class OffloadedExperts(nn.Module):
         slots = self.device_map[ids]
         gather_rows(self.gathered, self.slots, self.store.rows, slots, ids)
         self.access.index_add_(0, ids, self.ones)
-        self.direct_hits += (slots >= 0).sum()
         return self.scratch_inner.forward_gathered(x, self.gathered_ids, weights)
 
     def move_in(self, fills: list[int], swaps: list[tuple[int, int]]) -> None:
@@ -430,7 +429,8 @@ class OffloadedExperts(nn.Module):
         t = self.table
         hits, misses, read_in_place = t.hits, t.misses, 0
         if self.direct:  # the device counted the direct steps' hits; each miss read an expert across the bus
-            direct_hits = int(self.direct_hits)
+            self.hot_sets.read_counts()
+            direct_hits = int(self.hot_sets.hits[self.hot_row])
             direct_misses = self.direct_tokens * self.top_k - direct_hits
             hits, misses = hits + direct_hits, misses + direct_misses
             read_in_place = direct_misses * self.layout.expert_bytes
