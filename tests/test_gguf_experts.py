@@ -66,6 +66,14 @@ def test_gathered_and_grouped_paths_agree(q4_path):
     torch.testing.assert_close(experts.forward_gathered(x, idx, w), experts.forward_grouped(x, idx, w))
 
 
+def test_quantized_experts_read_in_place(q4_path):
+    """`--expert-misses direct` on GGUF blocks (what CUDA runs): the gather buffer's rows computed without a gather."""
+    from test_offload_direct import check_direct_layer
+
+    quant = build_model(GGUFFile(q4_path), dtype=torch.float32, dense=True, quantized_experts=CPU)
+    check_direct_layer(experts_of(quant)[0], quant.config.num_experts_per_tok)
+
+
 @pytest.mark.parametrize("monkey_group", [16, 3])
 @torch.no_grad()
 def test_a_prompt_through_quantized_experts_in_padded_groups(q4_path, monkeypatch, monkey_group):

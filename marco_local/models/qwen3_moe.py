@@ -318,23 +318,33 @@ class Experts(nn.Module):
         T, A = idx.shape
         flat = idx.reshape(-1)  # [T*A]
         if T == 1:  # decode: fewest kernels (the step is bound by their count), no copy of x per expert
-            if self.gate_up is not None:  # fused: one gather and one product for gate and up
-                I = self.gate_proj.shape[1]
-                gate_up = torch.matmul(self.gate_up[flat].to(x.dtype), x.view(-1, 1))  # [A, 2I, 1]
-                h = F.silu(gate_up[:, :I]) * gate_up[:, I:]
-                down_w = self.down_proj[flat].to(x.dtype)
-            else:
-                gate_w, up_w, down_w = self.gathered_weights(flat, x.dtype)
-                gate = torch.matmul(gate_w, x.view(-1, 1))  # [A, I, 1]: one matrix-vector product over A*I rows
-                h = F.silu(gate) * torch.matmul(up_w, x.view(-1, 1))
-            y = torch.bmm(down_w, h).view(A, -1)  # [A, D]
-            return torch.mm(weights.to(y.dtype), y).to(x.dtype)  # the routing-weighted sum [1, D]
+            return self._one_token(x, flat, weights)
         gate_w, up_w, down_w = self.gathered_weights(flat, x.dtype)
         xs = x.unsqueeze(1).expand(T, A, x.shape[1]).reshape(T * A, -1, 1)  # [T*A, D, 1]
         gate = torch.bmm(gate_w, xs)  # [T*A, I, 1]
         up = torch.bmm(up_w, xs)
         y = torch.bmm(down_w, F.silu(gate) * up).view(T, A, -1)  # [T, A, D]
         return (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1).to(x.dtype)
+
+    def forward_all(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token through every expert of this module in order, weighted by `weights` [1, N]: for a module whose
+        stacks hold exactly a token's experts (offload/direct.py's gather buffer), with no gather to copy them again."""
+        return self._one_token(x, slice(None), weights)
+
+    def _one_token(self, x: torch.Tensor, ids: torch.Tensor | slice, weights: torch.Tensor) -> torch.Tensor:
+        """x [1, D] through the experts `ids` (a tensor [A], or a slice: views, no copy), weighted [1, A]."""
+        A = weights.shape[-1]
+        if self.gate_up is not None:  # fused: one gather and one product for gate and up
+            I = self.gate_proj.shape[1]
+            gate_up = torch.matmul(self.gate_up[ids].to(x.dtype), x.view(-1, 1))  # [A, 2I, 1]
+            h = F.silu(gate_up[:, :I]) * gate_up[:, I:]
+            down_w = self.down_proj[ids].to(x.dtype)
+        else:
+            gate_w, up_w, down_w = self.gathered_weights(ids, x.dtype)
+            gate = torch.matmul(gate_w, x.view(-1, 1))  # [A, I, 1]: one matrix-vector product over A*I rows
+            h = F.silu(gate) * torch.matmul(up_w, x.view(-1, 1))
+        y = torch.bmm(down_w, h).view(A, -1)  # [A, D]
+        return torch.mm(weights.to(y.dtype), y).to(x.dtype)  # the routing-weighted sum [1, D]
 
     def forward_padded(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Several tokens: each expert's tokens gathered into a row of an [E, C, D] batch (C = the most tokens any

@@ -300,7 +300,6 @@ class OffloadedExperts(nn.Module):
         self.hot_sets, self.hot_row, self.top_k = hot_sets, row, top_k
         self.gathered = scratch[: top_k * self.layout.expert_bytes].view(top_k, -1)
         self.scratch_inner = self._bound_copy(self.gathered)
-        self.gathered_ids = torch.arange(top_k, device=self.device).view(1, top_k)
         self.ones = torch.ones(top_k, dtype=torch.float32, device=self.device)
         self.device_map, self.access = hot_sets.device_map[row], hot_sets.access[row]
         self.direct_tokens = 0
@@ -324,7 +323,7 @@ class OffloadedExperts(nn.Module):
         slots = self.device_map[ids]
         gather_rows(self.gathered, self.slots, self.store.rows, slots, ids)
         self.access.index_add_(0, ids, self.ones)
-        return self.scratch_inner.forward_gathered(x, self.gathered_ids, weights)
+        return self.scratch_inner.forward_all(x, weights)
 
     def move_in(self, fills: list[int], swaps: list[tuple[int, int]]) -> None:
         """Apply a hot-set move: `fills` into empty slots, each (leaving, entering) pair through the leaving one's
