@@ -13,6 +13,7 @@ On the CPU (tests) the same gather runs as torch ops over the store's rows.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,10 +58,17 @@ class HotSets:
         self.access = torch.zeros(L, E, dtype=torch.float32, device=device)  # counts exact below 2**24
         self.window = np.zeros((L, E))  # counts read back since the last move
         self.hits = np.zeros(L, dtype=np.int64)  # residency only changes at a move, so hits = counts of residents
+        # the slot map the device reads (an expert on its way in is not in it yet) and the host's plan (the tables)
         self.host_map = torch.tensor([x.table.slot_of for x in layers], dtype=torch.long)
         if device.type == "cuda":
             self.host_map = self.host_map.pin_memory()
         self.device_map = self.host_map.clone().to(device)  # its own tensor on the CPU too (as on CUDA)
+        self.plan = self.host_map.numpy().copy()
+        # CUDA: the entering experts are copied on a side stream while decode goes on, and shown to the device at
+        # the next move (`arriving`: the layers concerned; `copied`: the event that ends their copies)
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.arriving: list[int] = []
+        self.copied: torch.cuda.Event | None = None
         self.score = np.zeros((L, E))
         # a static profile ranks the experts for good: those rows' scores never change
         self.pinned = np.array([x.static_ranking() is not None for x in layers])
@@ -75,7 +83,11 @@ class HotSets:
             x.attach_hot_sets(self, i, scratch, top_k)
 
     def prompt_counts(self, row: int, experts: list[int], counts: list[int]) -> None:
-        """A prompt went through layer `row` (streamed through its slots): count its experts, restore it later."""
+        """A prompt is about to go through layer `row`, streamed through its slots by the slot table: count its
+        experts, restore the layer before the next token. The table counts experts still being copied in as
+        resident, so the prompt's work waits for those copies (on the device)."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.copy_stream.device).wait_event(self.copied)
         if not self.pinned[row]:
             self.score[row, experts] += counts
         self.stale[row] = True
@@ -100,27 +112,50 @@ class HotSets:
         self.hits += (counts * (self.host_map.numpy() >= 0)).sum(axis=1).astype(np.int64)
 
     def rebalance(self, limit: int | None) -> None:
-        self.read_counts()
+        """Move the hot sets. After a prompt (stale layers) the moves are copied on the compute stream and shown at
+        once: the next token needs them. Otherwise, on CUDA, a move first hides the leaving experts from the device
+        (read in place from the next token on), copies the entering ones into their slots on a side stream behind
+        the steps already queued, and shows them at the next move; decode never waits for these copies."""
+        self.read_counts()  # waits for the steps queued so far
         live = ~self.pinned
         self.score[live] = self.score[live] * self.decay + self.window[live]
         self.window[:] = 0
         host_map = self.host_map.numpy()
+        if self.copied is not None:  # the last move's copies: long done, normally
+            self.copied.synchronize()
+            self.copied = None
+        for i in self.arriving:
+            host_map[i] = self.plan[i]
+        changed = bool(self.arriving)
+        self.arriving = []
         for i in np.flatnonzero(self.stale):  # the prompt moved experts: the table knows where
-            host_map[i] = self.layers[i].table.slot_of
-        resident = host_map >= 0
+            self.plan[i] = host_map[i] = self.layers[i].table.slot_of
+        resident = self.plan >= 0
         coldest = np.where(resident, self.score, np.inf).min(axis=1)
         hottest = np.where(resident, -np.inf, self.score).max(axis=1)
         free = np.array([len(x.table.free) > 0 for x in self.layers])
-        moved = False
+        side = self.copy_stream is not None
+        if side:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.copy_stream.device))
         for i in np.flatnonzero((hottest > coldest) | free | self.stale):
-            x = self.layers[i]
+            x, deferred = self.layers[i], side and not self.stale[i]
             fills, swaps = hot_set_moves(
-                host_map[i], len(x.table.free), self.score[i], None if self.stale[i] else limit
+                self.plan[i], len(x.table.free), self.score[i], None if self.stale[i] else limit
             )
-            x.move_in(fills, swaps)
-            host_map[i] = x.table.slot_of
-            moved = True
-        if moved or self.stale.any():
+            entering = fills + [e for _, e in swaps]
+            if not entering:
+                continue
+            with torch.cuda.stream(self.copy_stream) if deferred else contextlib.nullcontext():
+                x.move_in(fills, swaps)
+            self.plan[i] = host_map[i] = x.table.slot_of
+            if deferred:
+                host_map[i, entering] = -1
+                self.arriving.append(int(i))
+            changed = True
+        if self.arriving:
+            self.copied = torch.cuda.Event()
+            self.copied.record(self.copy_stream)
+        if changed or self.stale.any():
             self.device_map.copy_(self.host_map, non_blocking=True)
         self.stale[:] = False
 
