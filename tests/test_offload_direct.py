@@ -204,3 +204,31 @@ def test_direct_reads_of_stacked_float_experts(checkpoint):
     folder, _ = checkpoint
     model = load_model(folder, dtype=torch.float32)
     check_direct_layer(model.model.layers[0].mlp.experts, model.config.num_experts_per_tok)
+
+
+def test_deferred_moves_show_entering_experts_at_the_next_move(checkpoint):
+    """CUDA's deferred moves, with synchronous copies: an entering expert is in the table at once but hidden from the
+    device's map (read in place, a miss) until the next move shows it; the logits never change."""
+    folder, _ = checkpoint
+    want = teacher_forced(load_model(folder, dtype=torch.float32))
+    model = direct_model(folder, "2", every=3)
+    hot = model.offload.hot_sets
+    hot.defer = True
+    hidden_before: dict[int, set[int]] = {}
+    deferred = []
+    rebalance = hot.rebalance
+
+    def checked(limit):
+        rebalance(limit)
+        for x in model.offload.layers:
+            visible, planned = x.device_map.tolist(), x.table.slot_of
+            assert all(visible[e] in (-1, planned[e]) for e in range(x.num_experts))
+            for e in hidden_before.get(x.layer, ()):  # hidden at the last move: shown now, unless moved out since
+                assert planned[e] < 0 or visible[e] == planned[e]
+            hidden_before[x.layer] = {e for e in range(x.num_experts) if planned[e] >= 0 and visible[e] < 0}
+            deferred.append(len(hidden_before[x.layer]))
+
+    hot.rebalance = checked
+    torch.testing.assert_close(teacher_forced(model), want, rtol=1e-5, atol=1e-5)
+    assert max(deferred) > 0  # some moves were deferred
+    model.offload.close()

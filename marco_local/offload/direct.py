@@ -67,6 +67,7 @@ class HotSets:
         # CUDA: the entering experts are copied on a side stream while decode goes on, and shown to the device at
         # the next move (`arriving`: the layers concerned; `copied`: the event that ends their copies)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.defer = self.copy_stream is not None  # tests turn it on for the CPU (copies then synchronous)
         self.arriving: list[int] = []
         self.copied: torch.cuda.Event | None = None
         self.score = np.zeros((L, E))
@@ -138,21 +139,21 @@ class HotSets:
         if side:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.copy_stream.device))
         for i in np.flatnonzero((hottest > coldest) | free | self.stale):
-            x, deferred = self.layers[i], side and not self.stale[i]
+            x, deferred = self.layers[i], self.defer and not self.stale[i]
             fills, swaps = hot_set_moves(
                 self.plan[i], len(x.table.free), self.score[i], None if self.stale[i] else limit
             )
             entering = fills + [e for _, e in swaps]
             if not entering:
                 continue
-            with torch.cuda.stream(self.copy_stream) if deferred else contextlib.nullcontext():
+            with torch.cuda.stream(self.copy_stream) if deferred and side else contextlib.nullcontext():
                 x.move_in(fills, swaps)
             self.plan[i] = host_map[i] = x.table.slot_of
             if deferred:
                 host_map[i, entering] = -1
                 self.arriving.append(int(i))
             changed = True
-        if self.arriving:
+        if self.arriving and side:
             self.copied = torch.cuda.Event()
             self.copied.record(self.copy_stream)
         if changed or self.stale.any():
