@@ -143,8 +143,11 @@ def test_simulated_direct_mode_learns_a_fixed_hot_set():
     from marco_local.offload.trace import simulate_direct
 
     trace = Trace(1, 16, 4, [Event(0, t, [[3, 7, 11, 15]]) for t in range(40)])
-    sim = simulate_direct(trace, slots=4, every=16)
+    sim = simulate_direct(trace, slots=4, every=16, deferred=False)
     assert (sim.hits, sim.misses) == (39 * 4, 4)
+    shifting = Trace(1, 16, 4, [Event(0, t, [[0 if t < 20 else 1, 4, 5, 6]]) for t in range(100)])  # 1 takes over
+    at_once, deferred = simulate_direct(shifting, 4, 16, deferred=False), simulate_direct(shifting, 4, 16)
+    assert deferred.misses == at_once.misses + 16  # (CUDA) expert 1 is copied in for the 16 tokens after its move
     uniform = Trace(1, 16, 4, [Event(0, t, [[(t * 5 + j * 3) % 16 for j in range(4)]]) for t in range(64)])
     assert sim.hits > simulate_direct(uniform, slots=4, every=16).hits
 

@@ -145,24 +145,30 @@ def simulate(
     return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
 
 
-def simulate_direct(trace: Trace, slots: int = 8, every: int = 16, decay: float = 0.9) -> SimResult:
+def simulate_direct(
+    trace: Trace, slots: int = 8, every: int = 16, decay: float = 0.9, deferred: bool = True
+) -> SimResult:
     """Replay `trace` as the direct-read mode serves it (offload/direct.py): a token's experts hit when resident and
     are otherwise read in place (misses that move nothing); after the first token and every `every` tokens the slots
-    take the experts with the highest access counts, decayed by `decay` per move (`hot_set_moves`, as live)."""
+    take the experts with the highest access counts, decayed by `decay` per move (`hot_set_moves`, as live). With
+    `deferred` (CUDA), a move's entering experts only hit from the next move on, as their copies run meanwhile (not
+    the first move's: live, that is the restore after a prompt, made at once)."""
     tables: dict[int, SlotTable] = {}
     scores: dict[int, list[float]] = {}
     counts: dict[int, list[int]] = {}
+    arriving: dict[int, set[int]] = {}
     tokens: dict[int, int] = {}
     for ev in trace.events:
         if ev.layer not in tables:
             tables[ev.layer] = SlotTable(trace.num_experts, slots, make_policy_factory("lru")(ev.layer, 0))
             scores[ev.layer] = [0.0] * trace.num_experts
             counts[ev.layer] = [0] * trace.num_experts
+            arriving[ev.layer] = set()
             tokens[ev.layer] = 0
         table, score, count = tables[ev.layer], scores[ev.layer], counts[ev.layer]
         for row in ev.experts:  # one token's experts
             for e in row:
-                if table.slot_of[e] >= 0:
+                if table.slot_of[e] >= 0 and e not in arriving[ev.layer]:
                     table.hits += 1
                 else:
                     table.misses += 1
@@ -177,6 +183,9 @@ def simulate_direct(trace: Trace, slots: int = 8, every: int = 16, decay: float 
                     table._place(e, set())
                 for cold, hot in swaps:
                     table.swap(cold, hot)
+                # the first move stands for the restore after a prompt, which live runs make at once
+                late = deferred and tokens[ev.layer] > 1
+                arriving[ev.layer] = {*fills, *(hot for _, hot in swaps)} if late else set()
     per_layer = {layer: (t.hits, t.misses) for layer, t in sorted(tables.items())}
     return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
 
