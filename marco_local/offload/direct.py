@@ -162,13 +162,25 @@ class HotSets:
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why the direct reads cannot run on `device`, or None when they can."""
+    """Why the direct reads cannot run on `device`, or None when they can: on CUDA, one small gather from pinned
+    memory is run and checked (a driver or triton that cannot map host memory fails here, not mid-generation)."""
     if device.type != "cuda":
         return "reading missing experts in place needs a CUDA device (on the CPU the file already is read in place)"
     try:
         import triton  # noqa: F401
     except ImportError:
         return "reading missing experts in place needs triton (installed with torch's CUDA builds)"
+    try:
+        host = torch.arange(128, dtype=torch.uint8).view(2, 64).pin_memory()
+        slots = torch.full((1, 64), 7, dtype=torch.uint8, device=device)
+        out = torch.empty(2, 64, dtype=torch.uint8, device=device)
+        ids = torch.tensor([1, 0], device=device)
+        gather_rows(out, slots, host, torch.tensor([-1, 0], device=device), ids)
+        if not (torch.equal(out[0].cpu(), host[1]) and torch.equal(out[1].cpu(), slots[0].cpu())):
+            return "reading missing experts in place gave wrong bytes on this GPU"
+    except Exception as e:  # triton or the driver refusing host memory: the reason, in one line
+        first = (str(e).splitlines() or [""])[0]
+        return f"reading missing experts in place failed on this GPU: {type(e).__name__}: {first}"
     return None
 
 
