@@ -235,3 +235,34 @@ def test_deferred_moves_show_entering_experts_at_the_next_move(checkpoint):
     torch.testing.assert_close(teacher_forced(model), want, rtol=1e-5, atol=1e-5)
     assert max(deferred) > 0  # some moves were deferred
     model.offload.close()
+
+
+KERNEL_CHECK = """
+import torch
+from marco_local.offload import direct
+
+torch.manual_seed(0)
+B = 4096 + 64 * 3  # not a whole number of the kernel's blocks: the mask matters
+host = torch.randint(0, 256, (10, B), dtype=torch.uint8)
+slots = torch.randint(0, 256, (4, B), dtype=torch.uint8)
+slot_ids, expert_ids = torch.tensor([2, -1, 0, -1, 3, -1]), torch.tensor([5, 9, 1, 0, 7, 4])
+got = torch.zeros(6, B, dtype=torch.uint8)
+direct._launch(got.view(torch.int32), slots.view(torch.int32), host.view(torch.int32), slot_ids, expert_ids, B // 4)
+for k in range(6):
+    want = slots[slot_ids[k]] if slot_ids[k] >= 0 else host[expert_ids[k]]
+    assert torch.equal(got[k], want), k
+print("ok")
+"""
+
+
+def test_the_triton_kernel_under_triton_s_interpreter():
+    """The CUDA gather kernel itself, run by triton's CPU interpreter (where triton is installed; its own process,
+    as the interpreter is chosen when the kernel is built)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
