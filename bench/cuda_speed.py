@@ -239,7 +239,6 @@ def main() -> None:
         default=True,
         help="--expert-misses direct rows (50%% resident, and the middle budget; real routing only)",
     )
-    ap.add_argument("--direct-every", default="16,4", help="the 50%% direct rows' tokens between hot-set moves")
     ap.add_argument("--routings", default="real,synthetic", help="the offloaded rows' routings")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
@@ -331,9 +330,7 @@ def main() -> None:
     if args.extra:
         placements.append(("50% resident", Placement(experts_resident="50%", ctx=ctx)))
     if args.direct and cuda:  # the GPU reads missing experts from pinned RAM in place: no cut (offload/direct.py)
-        for every in args.direct_every.split(","):
-            label = f"50% resident direct/{every}"
-            placements.append((label, Placement(experts_resident="50%", misses="direct", ctx=ctx)))
+        placements.append(("50% resident direct", Placement(experts_resident="50%", misses="direct", ctx=ctx)))
         if budgets:
             middle = budgets[len(budgets) // 2]
             placements.append((f"{middle} direct", Placement(**{key: middle}, misses="direct", ctx=ctx)))
@@ -345,8 +342,6 @@ def main() -> None:
                 continue
             model = make(offloaded=True)
             install(model, placement)
-            if "direct/" in label:
-                model.offload.hot_sets.every = int(label.rsplit("/", 1)[1])
             gc.collect()
             torch.cuda.empty_cache()
             # the decode step `marco run` takes (CUDA graphs, cut at each MoE layer), then the eager one

@@ -8,10 +8,9 @@ Traces (decode events only, one token per layer call):
   uniform    the same shape with no locality (every expert drawn afresh; Zipf skew 0)
   FILE       any trace recorded with `marco run --trace FILE` / `marco profile --trace FILE` (--trace, repeatable)
 Policies: lru and lfu start cold on the second half of the trace; static is given a profile (per-layer expert counts)
-of the first half, which also warms its cache; direct is `--expert-misses direct` (misses read in place, the slots
-take the most used experts every 16 tokens; cold start, `simulate_direct`). Replays use the live cache's own
-`SlotTable`, so these are the hit rates `marco run` would count (tests/test_offload.py checks the equality; direct's
-live runs differ at the start: their first move uses the prompt's counts).
+of the first half, which also warms its cache; direct is `--expert-misses direct`'s on-device LRU (cold start,
+`simulate_direct`). Replays use the live cache's own `SlotTable` (direct: its own route step), so these are the hit
+rates `marco run` would count (tests/test_offload.py checks the equality).
 
 Usage: python bench/offload_hit_rates.py [--tokens 512] [--trace FILE ...]
 """
@@ -83,7 +82,7 @@ def main() -> None:
             cells = []
             for frac in SIZES:
                 slots = max(1, round(frac * trace.num_experts))
-                if policy == "direct":  # misses read in place, hot set moved every 16 tokens (cold start)
+                if policy == "direct":  # the on-device LRU of --expert-misses direct
                     sim = simulate_direct(second, slots)
                 else:
                     sim = simulate(second, policy, slots, profile=profile if policy == "static" else None)

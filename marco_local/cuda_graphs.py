@@ -18,10 +18,10 @@ reads them, makes the experts resident (`OffloadedExperts.slots_for_token`: the 
 forward) and writes their slot ids to a buffer; the next segment computes the experts from their slots and runs on
 to the next router. A layer whose slots hold every expert (`OffloadedExperts.load_all`: the budget fits them all)
 maps ids to slots on the device and is not cut, nor is one that reads its missing experts in place from host RAM
-(`--expert-misses direct`, offload/direct.py): its host work (moving the hot set) runs between steps. A resident
-model is one segment. Where missing experts are computed on the CPU (`OffloadedExperts.misses_on_cpu`), the cut's
-resident experts get a graph of their own, replayed before the CPU computes the missing ones, so both run at once;
-the next segment adds the CPU's sum.
+(`--expert-misses direct`, offload/direct.py): its cache lives on the device. A resident model is one segment.
+Where missing experts are computed on the CPU (`OffloadedExperts.misses_on_cpu`), the cut's resident experts get a
+graph of their own, replayed before the CPU computes the missing ones, so both run at once; the next segment adds
+the CPU's sum.
 
 A window's first step runs eagerly on a side stream (the warm-up capture needs), then its segments are captured;
 the step after replays them. On the CPU the segments always run eagerly (what the tests check against `forward`).
@@ -82,9 +82,6 @@ class GraphedDecoder:
         self.cuts = [i for i, ex in enumerate(offloaded) if ex is not None and ex.slot_map is None and not ex.direct]
         self.full = [ex for ex in offloaded if ex is not None and ex.slot_map is not None]
         self.direct = [ex for ex in offloaded if ex is not None and ex.slot_map is None and ex.direct]
-        for ex in self.direct:
-            ex.driven = True  # its host work happens around the whole step (`__call__`), never inside a capture
-        self.hot_sets = self.direct[0].hot_sets if self.direct else None
         self.cut_experts: list[OffloadedExperts] = [layers[i].mlp.experts for i in self.cuts]
         n, D, A, dev = len(self.cuts), cfg.hidden_size, cfg.num_experts_per_tok, self.device
         self.top_k = A
@@ -291,16 +288,12 @@ class GraphedDecoder:
         if window not in self.masks:
             self.masks[window] = torch.zeros(1, 1, 1, window, dtype=self.logits.dtype, device=self.device)
         graphs = self.graphs.get(window)
-        if self.hot_sets is not None:
-            self.hot_sets.before_token()
         if graphs is not None:
             self._step(cache, window, graphs)
         elif self.device.type == "cuda":
             self._warm_up_and_capture(cache, window)
         else:
             self._step(cache, window, None)
-        if self.hot_sets is not None:
-            self.hot_sets.after_token()
         cache.advance(1)
         return self.logits.clone()  # the static buffer is overwritten by the next step
 

@@ -15,8 +15,9 @@ rows through `twin()` (the inner module bound to the store, no copy) meanwhile; 
 not change. Needs a store in host RAM (`MemoryStore`: CUDA's pinned tier).
 
 Misses read in place (`direct`, `--expert-misses direct`, CUDA; offload/direct.py): a single token's experts are
-gathered on the device into a small buffer, each from its slot or from the pinned store, and computed from there; the
-host only moves the hot set between tokens (`direct.HotSets`, from access counts kept on the device).
+gathered on the device into a small buffer, each from its slot or from the pinned store (a missing one also lands in
+the least recently used slot), and computed from there; the slot map and LRU stamps live on the device
+(`direct.DeviceLRU`), so the host takes no part in a decode step. A prompt synchronizes the host's table with them.
 
 Invariants: owns the fast-tier slots and never allocates them again (decode allocates no slot memory); never evicts
 an expert the current group needs; a speculative prefetch for this layer finishes (CPU thread) or is ordered before
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.qwen3_moe import Experts
-from .direct import HotSets, gather_rows
-from .policy import Policy, StaticHotSet
+from .direct import DeviceLRU, gather_rows
+from .policy import Policy
 from .slots import SlotTable
 from .store import ExpertLayout, ExpertStore, MemoryStore
 
@@ -80,10 +81,9 @@ class OffloadedExperts(nn.Module):
         self.cpu_twin: nn.Module | None = None
         # expert id -> slot on the device, once `load_all` has made every expert resident for good
         self.slot_map: torch.Tensor | None = None
-        # direct reads (`attach_hot_sets`): a token's missing experts are read from host RAM by the device, the slots
-        # hold a hot set moved between tokens; `driven`: a caller (cuda_graphs.py) runs the host part itself
-        self.hot_sets: HotSets | None = None
-        self.driven = False
+        # direct reads (`enable_direct`): a token's missing experts are read from host RAM by the device, which
+        # keeps the slot map itself
+        self.lru: DeviceLRU | None = None
         # speculation: the next layer's router and cache, set by `link`
         self.next: OffloadedExperts | None = None
         self.next_gate: nn.Module | None = None
@@ -99,10 +99,8 @@ class OffloadedExperts(nn.Module):
         self.cpu_experts, self.cpu_s = 0, 0.0
         self.pred_total = self.pred_hit = self.actual_total = 0
         self.table.hits = self.table.misses = self.table.calls = 0
-        if self.direct:
-            self.hot_sets.read_counts()  # what was counted so far belongs to the old figures
-            self.hot_sets.hits[self.hot_row] = 0
-            self.direct_tokens = 0
+        if self.lru is not None:
+            self.direct_base = self.lru.counts()  # (tokens, hits) so far: the statistics count from here
 
     @property
     def slot_bytes(self) -> int:
@@ -233,14 +231,19 @@ class OffloadedExperts(nn.Module):
         if self.slot_map is not None and x.shape[0] == 1 and getattr(self.inner, "gathers", False):
             self.count_resident_token(idx.numel())  # every expert resident: ids map to slots on the device
             return self.inner.forward_gathered(x, self.slot_map[idx], weights)
-        if self.hot_sets is not None and x.shape[0] == 1:
-            hot, last = self.hot_sets, self.hot_row == len(self.hot_sets.layers) - 1
-            if not self.driven and self.hot_row == 0:  # eager decode: the host part once per token
-                hot.before_token()
-            y = self.forward_direct(x, idx, weights)
-            if not self.driven and last:
-                hot.after_token()
-            return y
+        if self.lru is not None:
+            if x.shape[0] == 1:
+                return self.forward_direct(x, idx, weights)
+            self.lru.to_table(self.table)  # a prompt streams through the host's table: give it the device's state
+            try:
+                return self._forward_on_host(x, idx, weights)
+            finally:  # a static profile's hot set comes back (the stream may have passed over it), then the device
+                self._fetch(self.table.preload(self.pinned_experts))
+                self.lru.from_table(self.table, self.pinned_experts)
+        return self._forward_on_host(x, idx, weights)
+
+    def _forward_on_host(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The host decides what is resident (the slot table), copies, then computes."""
         A = idx.shape[1]  # x [T, D], idx/weights [T, A]; same loop as Experts.forward, experts -> slots
         flat = idx.reshape(-1)  # [T*A]
         order = torch.argsort(flat, stable=True)
@@ -259,8 +262,6 @@ class OffloadedExperts(nn.Module):
             return self.inner(x, slots, weights)
         if x.shape[0] == 1 and getattr(self.inner, "native", False) and x.dtype != torch.float32:
             return self._decode_in_groups(x, idx, weights)
-        if self.hot_sets is not None:  # a prompt streams through the slots: the hot set comes back before decode
-            self.hot_sets.prompt_counts(self.hot_row, experts, counts)
         flat_weights = weights.reshape(-1, 1)
         out = torch.zeros_like(x)
         start = i = 0
@@ -288,26 +289,21 @@ class OffloadedExperts(nn.Module):
     # -- direct reads: missing experts read by the device from host RAM (offload/direct.py) -----------------------
     @property
     def direct(self) -> bool:
-        return self.hot_sets is not None
+        return self.lru is not None
 
-    def attach_hot_sets(self, hot_sets: HotSets, row: int, scratch: torch.Tensor, top_k: int) -> None:
-        """Read a token's missing experts from the store where they lie instead of copying them into slots; the
-        slots hold a hot set that `hot_sets` moves between tokens (row `row` of its tables). `scratch`: a device
-        buffer of at least top_k * expert_bytes bytes, shared by the layers (they run one after another). Needs
-        stacked experts and the store in host RAM (pinned on CUDA)."""
+    def enable_direct(self, scratch: torch.Tensor, top_k: int, pinned_experts: list[int] = ()) -> None:
+        """Read a token's missing experts from the store where they lie, the device keeping its own slot map
+        (`DeviceLRU`). `scratch`: a device buffer of at least top_k * expert_bytes bytes, shared by the layers (they
+        run one after another); `pinned_experts` (a static profile's hot set) are never evicted. Needs stacked
+        experts and the store in host RAM (pinned on CUDA)."""
         if not isinstance(self.store, MemoryStore) or not getattr(self.inner, "gathers", False):
             raise ValueError("direct reads need stacked experts and a store in host RAM")
-        self.hot_sets, self.hot_row, self.top_k = hot_sets, row, top_k
+        self.top_k, self.pinned_experts = top_k, list(pinned_experts)
         self.gathered = scratch[: top_k * self.layout.expert_bytes].view(top_k, -1)
         self.scratch_inner = self._bound_copy(self.gathered)
-        self.ones = torch.ones(top_k, dtype=torch.float32, device=self.device)
-        self.device_map, self.access = hot_sets.device_map[row], hot_sets.access[row]
-        self.direct_tokens = 0
-
-    def static_ranking(self) -> list[float] | None:
-        """The profile's expert frequencies when the policy is a static hot set (direct reads then keep it)."""
-        policy = self.table.policy
-        return policy.freq if isinstance(policy, StaticHotSet) else None
+        self.lru = DeviceLRU(self.num_experts, self.table.num_slots, top_k, self.device)
+        self.lru.from_table(self.table, self.pinned_experts)
+        self.direct_base = self.lru.counts()
 
     def _bound_copy(self, rows: torch.Tensor) -> nn.Module:
         """A shallow copy of the inner module whose per-expert tensors are views of `rows` (no copy of weights)."""
@@ -317,22 +313,12 @@ class OffloadedExperts(nn.Module):
         return twin
 
     def forward_direct(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One token, nothing decided on the host: its experts gathered from their slots or from host RAM, counted
-        for the hot sets, then computed as a resident layer computes them."""
+        """One token, nothing decided on the host: its experts routed through the device's cache, gathered from
+        their slots or from host RAM, then computed as a resident layer computes them."""
         ids = idx.reshape(-1)
-        slots = self.device_map[ids]
-        gather_rows(self.gathered, self.slots, self.store.rows, slots, ids)
-        self.access.index_add_(0, ids, self.ones)
+        src, dst = self.lru.route(ids)
+        gather_rows(self.gathered, self.slots, self.store.rows, src, ids, dst)
         return self.scratch_inner.forward_all(x, weights)
-
-    def move_in(self, fills: list[int], swaps: list[tuple[int, int]]) -> None:
-        """Apply a hot-set move: `fills` into empty slots, each (leaving, entering) pair through the leaving one's
-        slot; copied on the current stream, between two steps."""
-        for e in fills:
-            self.store.read_into(e, self.slot_rows[self.table._place(e, set())])
-        for leaving, entering in swaps:
-            self.store.read_into(entering, self.slot_rows[self.table.swap(leaving, entering)])
-        self.bytes_moved += (len(fills) + len(swaps)) * self.layout.expert_bytes
 
     # -- misses computed where they lie ------------------------------------------------------------------------------
     def can_compute_on_cpu(self) -> bool:
@@ -427,10 +413,10 @@ class OffloadedExperts(nn.Module):
     def stats(self) -> dict:
         t = self.table
         hits, misses, read_in_place = t.hits, t.misses, 0
-        if self.direct:  # the device counted the direct steps' hits; each miss read an expert across the bus
-            self.hot_sets.read_counts()
-            direct_hits = int(self.hot_sets.hits[self.hot_row])
-            direct_misses = self.direct_tokens * self.top_k - direct_hits
+        if self.lru is not None:  # the device counted its tokens and hits; each miss read an expert across the bus
+            (tokens, direct_hits), (tokens0, hits0) = self.lru.counts(), self.direct_base
+            direct_hits -= hits0
+            direct_misses = (tokens - tokens0) * self.top_k - direct_hits
             hits, misses = hits + direct_hits, misses + direct_misses
             read_in_place = direct_misses * self.layout.expert_bytes
         return {

@@ -37,10 +37,9 @@ from .budget import (
     parse_size,
     plan_slots,
 )
-from .direct import HotSets
 from .direct import unavailable_reason as direct_unavailable
 from .experts import OffloadedExperts
-from .policy import make_policy_factory
+from .policy import LFU, StaticHotSet, make_policy_factory
 from .store import (
     ExpertLayout,
     ExpertStore,
@@ -64,7 +63,6 @@ class OffloadRuntime:
     def __init__(self, layers: list[OffloadedExperts], plan: Plan, executor: ThreadPoolExecutor | None) -> None:
         self.layers, self.plan, self.executor = layers, plan, executor
         self.miss_costs: tuple[float, float] | None = None  # (copy, CPU compute) seconds per expert, when measured
-        self.hot_sets: HotSets | None = None  # --expert-misses direct
 
     @property
     def fast_bytes(self) -> int:
@@ -324,11 +322,23 @@ def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: 
         x.misses_on_cpu = on_cpu
 
 
-def enable_direct(rt: OffloadRuntime, top_k: int, every: int = 16) -> HotSets:
-    """Every layer reads its missing experts where they lie (offload/direct.py); their hot sets move together every
-    `every` tokens."""
-    rt.hot_sets = HotSets(rt.layers, top_k, every=every)
-    return rt.hot_sets
+def enable_direct(rt: OffloadRuntime, top_k: int) -> None:
+    """Every layer reads its missing experts where they lie and keeps its slot map on the device
+    (offload/direct.py), through one gather buffer the layers share (they run one after another on one stream).
+    LRU eviction; a static profile's top experts (all but top_k of the slots) are pinned."""
+    first = rt.layers[0]
+    if isinstance(first.table.policy, LFU):
+        raise MarcoError(
+            "--expert-misses direct evicts the least recently used expert",
+            hint="use --expert-policy lru or static with it",
+        )
+    width = max(x.layout.expert_bytes for x in rt.layers)
+    scratch = torch.zeros(top_k * width, dtype=torch.uint8, device=first.device)
+    for x in rt.layers:
+        policy, keep = x.table.policy, max(0, x.table.num_slots - top_k)
+        static = isinstance(policy, StaticHotSet) and keep
+        pinned = sorted(range(x.num_experts), key=lambda e: -policy.freq[e])[:keep] if static else []
+        x.enable_direct(scratch, top_k, pinned)
 
 
 def _fmt_gib(n: int) -> str:

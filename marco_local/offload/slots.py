@@ -88,12 +88,3 @@ class SlotTable:
         experts = list(experts)[: self.num_slots]
         protected = set(experts)
         return [(e, self._place(e, protected)) for e in experts if self.slot_of[e] < 0]
-
-    def swap(self, leaving: int, entering: int) -> int:
-        """Hand the slot of the resident expert `leaving` to the expert `entering` (not resident); return the slot.
-        Not an access: the direct-read mode moves its hot set between tokens this way (offload/direct.py)."""
-        if self.slot_of[leaving] < 0 or self.slot_of[entering] >= 0:
-            raise ValueError(f"cannot swap expert {leaving} (slot {self.slot_of[leaving]}) for {entering}")
-        slot = self._evict(leaving)
-        self._occupy(entering, slot)
-        return slot

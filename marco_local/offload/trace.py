@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import MarcoError
-from .direct import hot_set_moves
+from .direct import EMPTY, route_reference
 from .policy import PolicyFactory, make_policy_factory
 from .slots import SlotTable
 
@@ -145,48 +145,19 @@ def simulate(
     return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
 
 
-def simulate_direct(
-    trace: Trace, slots: int = 8, every: int = 16, decay: float = 0.9, deferred: bool = True
-) -> SimResult:
-    """Replay `trace` as the direct-read mode serves it (offload/direct.py): a token's experts hit when resident and
-    are otherwise read in place (misses that move nothing); after the first token and every `every` tokens the slots
-    take the experts with the highest access counts, decayed by `decay` per move (`hot_set_moves`, as live). With
-    `deferred` (CUDA), a move's entering experts only hit from the next move on, as their copies run meanwhile (not
-    the first move's: live, that is the restore after a prompt, made at once)."""
-    tables: dict[int, SlotTable] = {}
-    scores: dict[int, list[float]] = {}
-    counts: dict[int, list[int]] = {}
-    arriving: dict[int, set[int]] = {}
-    tokens: dict[int, int] = {}
+def simulate_direct(trace: Trace, slots: int = 8) -> SimResult:
+    """Replay `trace` through the direct-read mode's on-device cache (offload/direct.py), cold: its own route step
+    (`route_reference`, what the CUDA kernel is tested against), so these are the hit rates the device counts."""
+    caches: dict[int, tuple] = {}
     for ev in trace.events:
-        if ev.layer not in tables:
-            tables[ev.layer] = SlotTable(trace.num_experts, slots, make_policy_factory("lru")(ev.layer, 0))
-            scores[ev.layer] = [0.0] * trace.num_experts
-            counts[ev.layer] = [0] * trace.num_experts
-            arriving[ev.layer] = set()
-            tokens[ev.layer] = 0
-        table, score, count = tables[ev.layer], scores[ev.layer], counts[ev.layer]
+        if ev.layer not in caches:
+            E = trace.num_experts
+            caches[ev.layer] = ([-1] * E, [-1] * slots, [EMPTY] * slots, [False] * slots, [0, 0])
         for row in ev.experts:  # one token's experts
-            for e in row:
-                if table.slot_of[e] >= 0 and e not in arriving[ev.layer]:
-                    table.hits += 1
-                else:
-                    table.misses += 1
-                count[e] += 1
-            tokens[ev.layer] += 1
-            if tokens[ev.layer] == 1 or tokens[ev.layer] % every == 0:
-                for e in range(trace.num_experts):
-                    score[e] = score[e] * decay + count[e]
-                    count[e] = 0
-                fills, swaps = hot_set_moves(table.slot_of, len(table.free), score, limit=8)
-                for e in fills:
-                    table._place(e, set())
-                for cold, hot in swaps:
-                    table.swap(cold, hot)
-                # the first move stands for the restore after a prompt, which live runs make at once
-                late = deferred and tokens[ev.layer] > 1
-                arriving[ev.layer] = {*fills, *(hot for _, hot in swaps)} if late else set()
-    per_layer = {layer: (t.hits, t.misses) for layer, t in sorted(tables.items())}
+            route_reference(*caches[ev.layer], row)
+    per_layer = {}
+    for layer, (*_, (tokens, hits)) in sorted(caches.items()):
+        per_layer[layer] = (hits, tokens * trace.top_k - hits)
     return SimResult(sum(h for h, _ in per_layer.values()), sum(m for _, m in per_layer.values()), per_layer)
 
 
