@@ -1,8 +1,9 @@
 """Direct reads (`--expert-misses direct`, marco_local/offload/direct.py), on the CPU.
 
 The route and gather steps run here in Python and torch ops (`route_reference`, the torch branch of `gather_rows`);
-where triton is installed, its interpreter runs the CUDA kernels against them (the GPU tests in test_offload_gpu.py
-run them for real). Checked: the same logits as the resident model (float32, 1e-5) for every number of slots, eager
+where triton is installed, its interpreter runs the CUDA kernels against them (the last test), and with
+TRITON_INTERPRET=1 set the whole file runs through the kernels on the CPU (the GPU tests in test_offload_gpu.py run
+them for real). Checked: the same logits as the resident model (float32, 1e-5) for every number of slots, eager
 and through the graphed decoder (which then has no cut); the device's cache stays consistent (map, owners, the
 slots' bytes), evicts the least recently used slot, keeps a static profile's hot set, and hands its state to the
 host's table around a prompt; hits counted on the device are exact; the CLI refuses the mode without CUDA.

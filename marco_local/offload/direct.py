@@ -22,6 +22,7 @@ which define what the kernels must do; tests run the kernels against them under 
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -116,7 +117,7 @@ class DeviceLRU:
 
     def route(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token's expert ids [K] -> (src, dst) [K] on the device (see the module docstring)."""
-        if self.device.type == "cuda":
+        if _kernels(self.device):
             _route_kernel()[(1,)](
                 ids, self.dmap, self.owner, self.stamp, self.pinned, self.state, self.src, self.dst,
                 ids.numel(), self.owner.numel(),
@@ -143,7 +144,7 @@ def gather_rows(
     """out[r] = slots[src[r]] where src[r] >= 0, else host_rows[expert_ids[r]], which also goes to slots[dst[r]]
     when dst[r] >= 0: uint8 rows of one size; `out` and `slots` on the device, `host_rows` pinned host memory (or
     the CPU for tests), ids int64 [K]."""
-    if out.device.type != "cuda":
+    if not _kernels(out.device):
         for r, (s, e, d) in enumerate(zip(src.tolist(), expert_ids.tolist(), dst.tolist(), strict=True)):
             out[r].copy_(slots[s] if s >= 0 else host_rows[e])
             if s < 0 and d >= 0:
@@ -191,6 +192,11 @@ def _lru_order(policy) -> OrderedDict | None:
     """The recency order (oldest first) of an LRU policy, or of a static policy's LRU part; None for others."""
     lru = policy if hasattr(policy, "order") else getattr(policy, "lru", None)
     return getattr(lru, "order", None)
+
+
+def _kernels(device: torch.device) -> bool:
+    """Whether the triton kernels run: on CUDA, and under triton's CPU interpreter (TRITON_INTERPRET=1, tests)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pow2(n: int) -> int:
