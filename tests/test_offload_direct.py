@@ -278,3 +278,16 @@ def test_the_triton_kernels_under_triton_s_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_a_layer_holding_every_expert_leaves_direct_reads(checkpoint):
+    """What install does on CUDA when the budget fits every expert (`load_all`): the layer maps ids to slots for
+    good, so a prompt must not hand the host's table a direct-read state."""
+    folder, _ = checkpoint
+    want = teacher_forced(load_model(folder, dtype=torch.float32))
+    model = direct_model(folder, "100%")
+    for x in model.offload.layers:
+        x.load_all()
+        assert not x.direct and x.slot_map is not None
+    torch.testing.assert_close(teacher_forced(model), want, rtol=1e-5, atol=1e-5)
+    model.offload.close()

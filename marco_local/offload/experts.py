@@ -185,6 +185,7 @@ class OffloadedExperts(nn.Module):
         self.preload(range(self.num_experts))
         self._load_wait(None)
         self.slot_map = torch.tensor(self.table.slot_of, device=self.device)
+        self.lru = None  # nothing can miss: direct reads have nothing to do, and the host's table stays the truth
         self.reset_stats()
 
     def _settle(self, experts: list[int]) -> None:
