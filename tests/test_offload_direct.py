@@ -1,12 +1,13 @@
 """Direct reads (`--expert-misses direct`, marco_local/offload/direct.py), on the CPU.
 
 The route and gather steps run here in Python and torch ops (`route_reference`, the torch branch of `gather_rows`);
-where triton is installed, its interpreter runs the CUDA kernels against them (the last test), and with
-TRITON_INTERPRET=1 set the whole file runs through the kernels on the CPU (the GPU tests in test_offload_gpu.py run
-them for real). Checked: the same logits as the resident model (float32, 1e-5) for every number of slots, eager
-and through the graphed decoder (which then has no cut); the device's cache stays consistent (map, owners, the
-slots' bytes), evicts the least recently used slot, keeps a static profile's hot set, and hands its state to the
-host's table around a prompt; hits counted on the device are exact; the CLI refuses the mode without CUDA.
+where triton is installed, its interpreter runs the CUDA kernels against them and its compiler builds them for an H100
+(the two tests named after triton), and with TRITON_INTERPRET=1 set the whole file runs through the kernels on the CPU
+(the GPU tests in test_offload_gpu.py run them for real). Checked: the same logits as the resident model (float32, 1e-5)
+for every number of slots, eager and through the graphed decoder (which then has no cut); the device's cache stays
+consistent (map, owners, the slots' bytes), evicts the least recently used slot, keeps a static profile's hot set, and
+hands its state to the host's table around a prompt; hits counted on the device are exact; the CLI refuses the mode
+without CUDA.
 """
 
 from __future__ import annotations
@@ -278,6 +279,33 @@ def test_the_triton_kernels_under_triton_s_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_the_triton_kernels_compile_for_an_h100():
+    """The interpreter accepts code the compiler may not: both kernels are compiled here for sm_90 (no GPU needed)
+    at Marco's shapes (8 experts per token, 256 slots at most), and the gather's loads from aligned rows, which is
+    what triton's launcher sees for 64-byte rows, are 16-byte vector loads, as a bus read wants."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from marco_local.offload.direct import _gather_kernel, _route_kernel
+
+    target = GPUTarget("cuda", 90, 32)
+    route = _route_kernel()
+    types = ["*i64"] * 4 + ["*i32"] + ["*i64"] * 3 + ["i32", "i32", "constexpr", "constexpr"]
+    for bk, bs in [(8, 256), (8, 8), (2, 1)]:
+        source = ASTSource(route, dict(zip(route.arg_names, types, strict=True)), constexprs={"BK": bk, "BS": bs})
+        assert triton.compile(source, target=target).asm["cubin"]
+    gather = _gather_kernel()
+    types = ["*i32"] * 3 + ["*i64"] * 3 + ["i32", "constexpr"]
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 6)}
+    signature = dict(zip(gather.arg_names, types, strict=True))
+    source = ASTSource(gather, signature, constexprs={"BLOCK": 1024}, attrs=aligned)
+    ptx = triton.compile(source, target=target).asm["ptx"]
+    loads = [line for line in ptx.splitlines() if "ld.global" in line and ".b32" in line]
+    assert loads and all(".v4.b32" in line for line in loads), loads
 
 
 def test_a_layer_holding_every_expert_leaves_direct_reads(checkpoint):
