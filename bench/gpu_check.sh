@@ -30,6 +30,7 @@ export PYTHONPATH="$PWD:$PWD/.gpu/site" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
   python3 -c "import sys, torch, transformers, bitsandbytes, gguf, typer; print(sys.version.split()[0], torch.__version__, \
 torch.version.cuda, transformers.__version__, bitsandbytes.__version__, typer.__version__)"
+  python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1  # the direct reads' kernels
   nproc
   command -v cc gcc nvcc || true
   ls -d /usr/local/cuda*/bin/nvcc 2>/dev/null || echo "no CUDA toolkit (nvcc) under /usr/local"

@@ -281,31 +281,41 @@ def test_the_triton_kernels_under_triton_s_interpreter():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+COMPILE_CHECK = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from marco_local.offload.direct import _gather_kernel, _route_kernel
+
+target = GPUTarget("cuda", 90, 32)
+route = _route_kernel()
+types = ["*i64"] * 4 + ["*i32"] + ["*i64"] * 3 + ["i32", "i32", "constexpr", "constexpr"]
+for bk, bs in [(8, 256), (8, 8), (2, 1)]:
+    source = ASTSource(route, dict(zip(route.arg_names, types, strict=True)), constexprs={"BK": bk, "BS": bs})
+    assert triton.compile(source, target=target, options={"num_warps": 1}).asm["cubin"]
+gather = _gather_kernel()
+types = ["*i32"] * 3 + ["*i64"] * 3 + ["i32", "constexpr"]
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 6)}
+signature = dict(zip(gather.arg_names, types, strict=True))
+source = ASTSource(gather, signature, constexprs={"BLOCK": 1024}, attrs=aligned)
+ptx = triton.compile(source, target=target).asm["ptx"]
+loads = [line for line in ptx.splitlines() if "ld.global" in line and ".b32" in line]
+assert loads and all(".v4.b32" in line for line in loads), loads
+print("ok")
+"""
+
+
 def test_the_triton_kernels_compile_for_an_h100():
-    """The interpreter accepts code the compiler may not: both kernels are compiled here for sm_90 (no GPU needed)
-    at Marco's shapes (8 experts per token, 256 slots at most), and the gather's loads from aligned rows, which is
-    what triton's launcher sees for 64-byte rows, are 16-byte vector loads, as a bus read wants."""
-    triton = pytest.importorskip("triton")
+    """The interpreter accepts code the compiler may not: both kernels are compiled here for sm_90 (no GPU needed;
+    a process of its own, without the interpreter) at Marco's shapes (8 experts per token, 256 slots at most), and
+    the gather's loads from aligned rows, which is what triton's launcher sees for 64-byte rows, are 16-byte vector
+    loads, as a bus read wants."""
+    pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from marco_local.offload.direct import _gather_kernel, _route_kernel
-
-    target = GPUTarget("cuda", 90, 32)
-    route = _route_kernel()
-    types = ["*i64"] * 4 + ["*i32"] + ["*i64"] * 3 + ["i32", "i32", "constexpr", "constexpr"]
-    for bk, bs in [(8, 256), (8, 8), (2, 1)]:
-        source = ASTSource(route, dict(zip(route.arg_names, types, strict=True)), constexprs={"BK": bk, "BS": bs})
-        assert triton.compile(source, target=target).asm["cubin"]
-    gather = _gather_kernel()
-    types = ["*i32"] * 3 + ["*i64"] * 3 + ["i32", "constexpr"]
-    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 6)}
-    signature = dict(zip(gather.arg_names, types, strict=True))
-    source = ASTSource(gather, signature, constexprs={"BLOCK": 1024}, attrs=aligned)
-    ptx = triton.compile(source, target=target).asm["ptx"]
-    loads = [line for line in ptx.splitlines() if "ld.global" in line and ".b32" in line]
-    assert loads and all(".v4.b32" in line for line in loads), loads
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_a_layer_holding_every_expert_leaves_direct_reads(checkpoint):

@@ -118,10 +118,11 @@ class DeviceLRU:
     def route(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token's expert ids [K] -> (src, dst) [K] on the device (see the module docstring)."""
         if _kernels(self.device):
+            # one warp: the kernel's ~30 reductions over the slots are then warp shuffles, with no shared memory
             _route_kernel()[(1,)](
                 ids, self.dmap, self.owner, self.stamp, self.pinned, self.state, self.src, self.dst,
                 ids.numel(), self.owner.numel(),
-                BK=_pow2(ids.numel()), BS=_pow2(self.owner.numel()),
+                BK=_pow2(ids.numel()), BS=_pow2(self.owner.numel()), num_warps=1,
             )  # fmt: skip
             return self.src, self.dst
         dmap, owner, stamp, state = self.dmap.tolist(), self.owner.tolist(), self.stamp.tolist(), self.state.tolist()
