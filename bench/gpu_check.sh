@@ -5,9 +5,11 @@
 #   for p in bitsandbytes gguf prompt_toolkit wcwidth; do cp -r $SP/$p $SP/$p-*.dist-info .gpu/site/; done
 #   ls .gpu/site/bitsandbytes/lib*.so | grep -v -e _cpu -e cuda130 | xargs rm   # the image's torch is cu130
 # Logs and JSON go to $OUT (default ./gpu-out).
-# STAGES picks the stages, run in this order (default "tests speed gguf nf4 cli"; the suite needs a call of its own:
+# STAGES picks the stages, run in this order (default "tests nf4 speed gguf cli"; the suite needs a call of its own:
 # ~4 minutes there). Each prints its wall time.
 #   tests  the GPU tests (offloading, CUDA graphs, bitsandbytes and GGUF on CUDA against the CPU paths)
+#   nf4    cuda_speed.py with bitsandbytes nf4 linears: the q4 model of the 8/4/2 GiB budgets and of the 50% target,
+#          so it runs right after the tests; NF4_ARGS
 #   speed  bench/cuda_speed.py (Nano-shaped bf16 decode/prefill, resident and offloaded under VRAM budgets); SPEED_ARGS
 #          (default: offloaded rows from CUDA graphs only; eager offloaded decode was measured before)
 #   gguf   a Nano-shaped Q4_K_M GGUF written by our codecs, dequantized onto the GPU: cuda_speed.py --format gguf and
@@ -17,13 +19,12 @@
 #          place (`--expert-misses direct`) (llama.cpp's numbers for
 #          that file come from bench/llamacpp_cuda.sh). gguf-q and gguf-bench write the file in the background
 #          from the start (~70 s of one core)
-#   nf4    cuda_speed.py with bitsandbytes nf4 linears (the q4 model of the 8/4/2 GiB budgets); NF4_ARGS
 #   cli    `marco run` and `marco bench` on the demo model (device "auto" = CUDA there)
 #   suite  the whole test suite with a CUDA device visible; SUITE_TIMEOUT (seconds, default 420)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-STAGES=${STAGES:-tests speed gguf nf4 cli}
+STAGES=${STAGES:-tests nf4 speed gguf cli}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/.gpu/site" PYTHONUNBUFFERED=1
 {
@@ -48,6 +49,11 @@ if [[ " $STAGES " == *" tests "* ]]; then
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
     tests/test_quantize_bnb.py tests/test_cuda_graphs.py tests/test_gguf_types.py tests/test_gguf_runtime.py 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [[ " $STAGES " == *" nf4 "* ]]; then
+  stage "cuda_speed --format nf4"
+  timeout 240 python3 bench/cuda_speed.py --format nf4 --json "$OUT/cuda_speed_nf4.json" ${NF4_ARGS:---modes graphs} \
+    2>&1 | tee "$OUT/cuda_speed_nf4.log" | tail -25
 fi
 if [[ " $STAGES " == *" speed "* ]]; then
   stage "cuda_speed"
@@ -80,11 +86,6 @@ if [[ " $STAGES " == *" gguf-bench "* ]]; then
   stage "marco bench GGUF --device cuda --experts-resident 50% --expert-misses direct"
   timeout 120 python3 -m marco_local bench $GGUF --device cuda -r 3 --experts-resident 50% --expert-misses direct \
     --json 2>&1 | tee -a "$OUT/marco_gguf.log" | tail -3
-fi
-if [[ " $STAGES " == *" nf4 "* ]]; then
-  stage "cuda_speed --format nf4"
-  timeout 240 python3 bench/cuda_speed.py --format nf4 --json "$OUT/cuda_speed_nf4.json" ${NF4_ARGS:---modes graphs} \
-    2>&1 | tee "$OUT/cuda_speed_nf4.log" | tail -25
 fi
 if [[ " $STAGES " == *" cli "* ]]; then
   stage "marco run / marco bench on CUDA (the demo model)"
