@@ -336,60 +336,71 @@ def main() -> None:
             placements.append((f"{middle} direct", Placement(**{key: middle}, misses="direct", ctx=ctx)))
     if args.prefetch:
         placements.append(("prefetch", Placement(experts_resident="25%", prefetch=True, ctx=ctx)))
+
+    def offloaded_rows(label: str, placement: Placement, routing: str) -> list[dict]:
+        """The rows of one offloaded configuration, one per decode mode."""
+        found = []
+        model = make(offloaded=True)
+        install(model, placement)
+        gc.collect()
+        torch.cuda.empty_cache()
+        # the decode step `marco run` takes (CUDA graphs, cut at each MoE layer), then the eager one
+        for mode in args.modes.split(","):  # on the CPU (a dry run) the decoder's segments run eagerly
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if cuda else 0
+            model.decode_step = None
+            if mode == "graphs":
+                if not graphable(model):
+                    print(f"{label}: not graphed (bnb linears, or fewer slots than experts per token)", flush=True)
+                    continue
+                model.decode_step = GraphedDecoder(model)
+                if routing == "synthetic":
+                    use_trace_slots(model, args.layers, 4 * (args.tokens + 8))
+            elif routing == "synthetic":
+                use_trace_routing(model, args.layers, 4 * (args.tokens + 8))
+            p_tps, d_tps = timed_run(model, prompt, stream)
+            if mode == "graphs" and model.decode_step.failed:
+                mode = "graphs FAILED (eager)"
+            st = offload_stats(model)
+            plan = model.offload.plan
+            row = {
+                "config": f"{label}, {routing}, {mode}",
+                "prefill_tps": p_tps,
+                "decode_tps": d_tps,
+                "vs_resident": d_tps / resident_tps,
+                "resident_pct": 100.0 * plan.slots / cfg.num_experts,
+                "hit_rate": st["expert_hit_rate"],
+                "mib_per_token": st["expert_bytes_moved"] / args.tokens / 2**20,
+                "mib_read_in_place_per_token": st["expert_bytes_read_in_place"] / args.tokens / 2**20,
+                "stall_ms_per_token": 1e3 * st["expert_stall_s"] / args.tokens,
+                "prefetch_precision": st["prefetch_precision"],
+                "cpu_experts_per_token": st["expert_cpu_computed"] / args.tokens,
+                "miss_copy_us": st["miss_copy_us"],
+                "miss_cpu_us": st["miss_cpu_us"],
+                "prefetch_recall": st["prefetch_recall"],
+                "fast_bytes": st["offload_fast_bytes"],
+                "peak_vram": torch.cuda.max_memory_allocated() if cuda else 0,
+                "allocated_after_install": base,
+                "budget": plan.budget,
+                "over_budget": torch.cuda.max_memory_allocated() - plan.budget if cuda and plan.budget else None,
+            }
+            found.append(row)
+            print(json.dumps(row), flush=True)
+        model.offload.close()
+        del model
+        release()
+        return found
+
     for label, placement in placements:
         for routing in args.routings.split(","):
             if placement.misses == "direct" and routing != "real":  # a synthetic trace replaces a cut's routing
                 continue
-            model = make(offloaded=True)
-            install(model, placement)
-            gc.collect()
-            torch.cuda.empty_cache()
-            # the decode step `marco run` takes (CUDA graphs, cut at each MoE layer), then the eager one
-            for mode in args.modes.split(","):  # on the CPU (a dry run) the decoder's segments run eagerly
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated() if cuda else 0
-                model.decode_step = None
-                if mode == "graphs":
-                    if not graphable(model):
-                        print(f"{label}: not graphed (bnb linears, or fewer slots than experts per token)", flush=True)
-                        continue
-                    model.decode_step = GraphedDecoder(model)
-                    if routing == "synthetic":
-                        use_trace_slots(model, args.layers, 4 * (args.tokens + 8))
-                elif routing == "synthetic":
-                    use_trace_routing(model, args.layers, 4 * (args.tokens + 8))
-                p_tps, d_tps = timed_run(model, prompt, stream)
-                if mode == "graphs" and model.decode_step.failed:
-                    mode = "graphs FAILED (eager)"
-                st = offload_stats(model)
-                plan = model.offload.plan
-                row = {
-                    "config": f"{label}, {routing}, {mode}",
-                    "prefill_tps": p_tps,
-                    "decode_tps": d_tps,
-                    "vs_resident": d_tps / resident_tps,
-                    "resident_pct": 100.0 * plan.slots / cfg.num_experts,
-                    "hit_rate": st["expert_hit_rate"],
-                    "mib_per_token": st["expert_bytes_moved"] / args.tokens / 2**20,
-                    "mib_read_in_place_per_token": st["expert_bytes_read_in_place"] / args.tokens / 2**20,
-                    "stall_ms_per_token": 1e3 * st["expert_stall_s"] / args.tokens,
-                    "prefetch_precision": st["prefetch_precision"],
-                    "cpu_experts_per_token": st["expert_cpu_computed"] / args.tokens,
-                    "miss_copy_us": st["miss_copy_us"],
-                    "miss_cpu_us": st["miss_cpu_us"],
-                    "prefetch_recall": st["prefetch_recall"],
-                    "fast_bytes": st["offload_fast_bytes"],
-                    "peak_vram": torch.cuda.max_memory_allocated() if cuda else 0,
-                    "allocated_after_install": base,
-                    "budget": plan.budget,
-                    "over_budget": torch.cuda.max_memory_allocated() - plan.budget if cuda and plan.budget else None,
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            model.offload.close()
-            del model
-            release()
+            try:  # one failing row (a new miss mode on a new GPU) must not cost the rows after it
+                rows.extend(offloaded_rows(label, placement, routing))
+            except Exception as e:
+                print(f"{label}, {routing}: FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", flush=True)
+            release()  # after the handler: a failed row's model is freed with its traceback
     out["cpu_expert_s"] = {n: cpu_expert_seconds(cfg, n) for n in (1, 4, 16)}
     out["rows"] = rows
     if args.json:
