@@ -283,7 +283,8 @@ def test_cli_run_and_profile(ref, tmp_path):
     args = ["run", folder, "Hello", "-n", "6", "--temperature", "0", "--dtype", "f32", "-v", "--device", "cpu"]
     r = runner.invoke(app, [*args, "--experts-resident", "25%", "--profile", str(out), "--trace", str(trace)])
     assert r.exit_code == 0, r.output
-    assert "expert hits" in r.output and trace.read_text().startswith('{"format": "marco-expert-trace"')
+    assert "25% of experts resident · expert hits" in r.output
+    assert trace.read_text().startswith('{"format": "marco-expert-trace"')
     r = runner.invoke(app, [*args, "--ram-mem", "1KiB"])
     assert isinstance(r.exception, MarcoError) and "too small" in r.exception.message
 

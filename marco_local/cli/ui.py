@@ -63,7 +63,8 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 def stats_line(r) -> str:
-    """One line after a reply: speeds, time to first token, memory, expert cache hit rate."""
+    """One line after a reply: speeds, time to first token, memory, and for an offloaded model the share of experts
+    in fast memory (as `ollama ps` gives the GPU's share) and the cache's hit rate."""
     parts = [
         f"prompt {r.prompt_tokens} tok @ {r.prompt_tps:.1f} tok/s",
         f"decode {r.generation_tokens} tok @ {r.generation_tps:.1f} tok/s",
@@ -72,6 +73,8 @@ def stats_line(r) -> str:
     ]
     if r.cached_prompt_tokens:
         parts.insert(1, f"{r.cached_prompt_tokens} cached")
+    if r.stats and "experts_resident_fraction" in r.stats:
+        parts.append(f"{r.stats['experts_resident_fraction']:.0%} of experts resident")
     hit = r.stats.get("expert_hit_rate") if r.stats else None
     if hit is not None:
         parts.append(f"expert hits {hit:.0%}")
