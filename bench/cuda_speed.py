@@ -26,7 +26,7 @@ With `--format nf4` the attention and expert linears are bitsandbytes nf4 (quant
 the q4 model of the issue's 8/4/2 GiB budgets.
 
 With `--format gguf` the model is a Nano-shaped Q4_K_M GGUF (written once by our codecs: bench_vs_llamacpp.py's
-write_nano_gguf) loaded as `marco run FILE --device cuda` loads it: every tensor dequantized to bf16 (`--gguf-experts
+write_marco_gguf) loaded as `marco run FILE --device cuda` loads it: every tensor dequantized to bf16 (`--gguf-experts
 dense`, resident rows only), or the experts kept as the file's blocks (`quantized`, gguf_experts.py: resident and
 offloaded rows, the experts' blocks in pinned host RAM).
 
@@ -155,11 +155,11 @@ def gguf_file(path: Path, layers: int) -> None:
     """The Marco-Nano-shaped Q4_K_M GGUF (bench_vs_llamacpp.py's random model, encoded by our codecs), written once."""
     if path.exists():
         return
-    from bench_vs_llamacpp import write_nano_gguf
+    from bench_vs_llamacpp import write_marco_gguf
 
     t = time.perf_counter()
     tmp = path.with_suffix(".tmp")
-    write_nano_gguf(tmp, mix="q4_k_m", layers=layers)
+    write_marco_gguf(tmp, mix="q4_k_m", layers=layers)
     tmp.rename(path)
     print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", flush=True)
 

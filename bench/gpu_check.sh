@@ -40,7 +40,7 @@ stage() { echo "== $1 (at ${SECONDS}s)"; }
 GGUF=/tmp/nano-q4_k_m.gguf
 if [[ ( " $STAGES " == *" gguf-bench "* || " $STAGES " == *" gguf-q "* ) && ! -f $GGUF ]]; then  # ~70 s, one core
   python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; \
-from bench_vs_llamacpp import write_nano_gguf; write_nano_gguf(Path('$GGUF'), mix='q4_k_m')" > "$OUT/gguf_write.log" 2>&1 &
+from bench_vs_llamacpp import write_marco_gguf; write_marco_gguf(Path('$GGUF'), mix='q4_k_m')" > "$OUT/gguf_write.log" 2>&1 &
   writer=$!
 fi
 wait_gguf() { [[ -n ${writer:-} ]] && { wait "$writer"; echo "writer rc $?"; writer=; }; }

@@ -16,8 +16,8 @@ export PYTHONPATH="$PWD:$PWD/.gpu/site:$PWD/bench" PYTHONUNBUFFERED=1
 GGUF=/tmp/nano-q4_k_m.gguf
 stage() { echo "== $1 (at ${SECONDS}s)"; }
 stage "writing $GGUF in the background"
-python3 -c "from pathlib import Path; from bench_vs_llamacpp import write_nano_gguf; \
-write_nano_gguf(Path('$GGUF'), mix='q4_k_m')" > "$OUT/gguf_write.log" 2>&1 &
+python3 -c "from pathlib import Path; from bench_vs_llamacpp import write_marco_gguf; \
+write_marco_gguf(Path('$GGUF'), mix='q4_k_m')" > "$OUT/gguf_write.log" 2>&1 &
 writer=$!
 stage "building llama-bench with CUDA"
 cmake -S .gpu/llama.cpp -B /tmp/llb -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
