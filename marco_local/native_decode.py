@@ -1,13 +1,15 @@
 """One new token through a GGUF model in a handful of native calls per layer: the CPU decode fast path.
 
-Why: the torch forward is the reference and the prefill path, but a decode step is dozens of tiny torch calls per
-layer, each costing more than its arithmetic (SmolLM2: 140 us of Python and dispatch in a 270 us layer; Nano: 190 us
-per layer). `NativeDecoder` runs the same step with one call per stage: RMSNorm, q/k/v products, the attention block
-(q/k norm, RoPE, cache write, attention over the bf16 cache), the output product, RMSNorm, then the FFN: a dense one
-in one native call (as a MoE layer with one expert), a MoE block through its module (it routes and runs its experts
-in one native call; offloaded or traced experts keep their paths). The residual stream is float32 (the torch path
-keeps it in bf16), so outputs differ from the torch path by rounding only; tests/test_native_decode.py bounds both
-against the float32 exact path of the same file.
+Why: the torch forward is the reference and the prefill path, but a decode step is dozens of tiny torch calls per layer,
+each costing more than its arithmetic (SmolLM2: 140 us of Python and dispatch in a 270 us layer; Nano: 190 us per
+layer). `NativeDecoder` runs the same step with one call per stage: RMSNorm, q/k/v products, the attention block (q/k
+norm, RoPE, cache write, attention over the bf16 cache), the output product, RMSNorm, then the FFN: a dense one in one
+native call (as a MoE layer with one expert), a MoE block in one call that routes and runs its experts, or, offloaded,
+in two: the routing, then the experts at the addresses of the slots the host's table gives them (copies on a miss in
+between), as the block's module would compute them without its module calls and small tensors (~65 us a layer on Nano).
+Traced experts (a hook) keep the module path. The residual stream is float32 (the torch path keeps it in bf16), so
+outputs differ from the torch path by rounding only; tests/test_native_decode.py bounds both against the float32 exact
+path of the same file.
 
 The loader attaches it as `model.decode_step` when the model qualifies (`NativeDecoder.supports`): bf16 on the CPU,
 every attention projection and the output matrix on the native kernels, batch 1 at call time. Invariants: no
@@ -77,7 +79,7 @@ class NativeDecoder:
         # a MoE block's input and output rounded through bf16 (the block's dtype), its routing
         self.h_bf16, self.h_rounded = torch.zeros(self.D, dtype=torch.bfloat16), torch.zeros(self.D)
         self.y, self.y_bf16 = torch.zeros(self.D), torch.zeros(self.D, dtype=torch.bfloat16)
-        top_k = max((L["moe"][1].top_k for L in self.layers if L["moe"]), default=1)
+        top_k = max((getattr(layer.mlp, "top_k", 1) for layer in model.model.layers), default=1)
         self.ids, self.weights = torch.zeros(top_k, dtype=torch.int32), torch.zeros(top_k)
 
     @staticmethod
@@ -112,6 +114,12 @@ class NativeDecoder:
         )  # fmt: skip
         return ex, mlp, args, ex.intermediate
 
+    def _fused_applies(self, fused: tuple) -> bool:
+        """The fused call still stands for the block: its experts not replaced (an offload installed after load),
+        not observed, and the block's own routing (not one replaced on the instance)."""
+        ex, mlp = fused[0], fused[1]
+        return mlp.experts is ex and not self._observed(ex) and "route" not in vars(mlp)
+
     def _moe(self, fused: tuple, nt: int) -> None:
         """`NativeMoeBlock.forward` on the normed residual `self.h`, its output added onto the residual `self.x`;
         the same roundings (input and output through bf16), so the same numbers."""
@@ -125,6 +133,69 @@ class NativeDecoder:
         native._check(code)
         self.y_bf16.copy_(self.y)
         self.x.add_(self.y_bf16)
+
+    @staticmethod
+    def _split_moe(mlp: nn.Module) -> tuple | None:
+        """A native MoE block computed in two calls, `marco_route` then `marco_moe` on its experts' addresses, for
+        what the fused call cannot take: offloaded experts (the host's slot table places them between the calls)
+        and a routing replaced on the block (a bench's synthetic trace). Returns (the experts module as installed,
+        the offload wrapper or None, the router's arguments, the raws' (address, stride) pairs, the types, the
+        width); None for a block that is not native."""
+        from .offload.experts import OffloadedExperts
+        from .qlinear import NativeMoeBlock, QExperts
+
+        if not isinstance(mlp, NativeMoeBlock):
+            return None
+        off = mlp.experts if isinstance(mlp.experts, OffloadedExperts) else None
+        inner = off.inner if off is not None else mlp.experts
+        w = mlp.gate.weight
+        if not (isinstance(inner, QExperts) and inner.native and inner.raws is not None):
+            return None
+        if (off is None and inner.in_file) or w.dtype not in (torch.bfloat16, torch.float32):
+            return None
+        E, D = w.shape
+        router = (w.data_ptr(), int(w.dtype == torch.float32), E, D, mlp.top_k, int(mlp.norm_topk_prob))
+        raws = tuple((r.data_ptr(), r.stride(0)) for r in inner.raws)  # an offload's slots: bound once, never moved
+        return mlp.experts, off, router, raws, tuple(map(int, inner.types)), inner.intermediate
+
+    def _split(self, L: dict) -> tuple | None:
+        """The layer's `_split_moe`, made again when its experts module changed (an offload installed after load)."""
+        split = L.get("split")
+        if split is None or split[0] is not L["mlp"].experts:
+            split = self._split_moe(L["mlp"]) or (L["mlp"].experts,)
+            L["split"] = split
+        return split if len(split) > 1 else None
+
+    def _routed_moe(self, split: tuple, mlp: nn.Module, nt: int) -> bool:
+        """The block's routing, its experts placed (offloaded: `slots_for_token`, copies included) and computed in
+        one `marco_moe` call, added onto the residual with the module path's roundings (bf16 input and output), so
+        the same numbers. False when the module path must run instead: a hook on the experts (a trace recorder),
+        misses computed on the CPU, fewer slots than a token's experts."""
+        ex, off, router, raws, types, inter = split
+        if self._observed(ex) or (off is not None and (self._observed(off.inner) or off.lru is not None)):
+            return False
+        k = router[4]
+        if off is not None and (off.misses_on_cpu or off.table.num_slots < k):
+            return False
+        self.h_bf16.copy_(self.h)
+        self.h_rounded.copy_(self.h_bf16)
+        if "route" in vars(mlp):  # replaced on the instance: its ids and (bf16) weights
+            ids, weights = mlp.route(self.h_bf16.view(1, -1))
+            self.ids[:k].copy_(ids.view(-1))
+            self.weights[:k].copy_(weights.view(-1))
+        else:
+            ids, weights = self.ids.data_ptr(), self.weights.data_ptr()
+            native._check(self.lib.marco_route(self.h_rounded.data_ptr(), *router, ids, weights, nt))
+        row = self.ids[:k].tolist()
+        slots = off.slots_for_token(row, self.h_bf16.view(1, -1)) if off is not None else row
+        arrays = [(ctypes.c_int64 * k)(*(base + s * stride for s in slots)) for base, stride in raws]
+        code = self.lib.marco_moe(
+            k, *arrays, self.weights.data_ptr(), *types, self.D, inter, self.h_rounded.data_ptr(), self.y.data_ptr(), nt
+        )
+        native._check(code)
+        self.y_bf16.copy_(self.y)
+        self.x.add_(self.y_bf16)
+        return True
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -188,9 +259,9 @@ class NativeDecoder:
                 )
                 native._check(code)
                 x.add_(tmp)
-            elif (fused := L["moe"]) and fused[1].experts is fused[0] and not self._observed(fused[0]):
+            elif (fused := L["moe"]) and self._fused_applies(fused):
                 self._moe(fused, nt)
-            else:
+            elif not ((split := self._split(L)) and self._routed_moe(split, L["mlp"], nt)):
                 x.add_(L["mlp"](h.to(dtype).view(1, 1, D)).view(D))
         cache.advance(1)
         lib.marco_rms_norm(x.data_ptr(), self.final_norm, D, eps, h.data_ptr())

@@ -652,11 +652,12 @@ class QExperts(Experts):
 
 
 class NativeMoeBlock(SparseMoeBlock):
-    """`SparseMoeBlock` whose one-token path runs in the native kernels: the routing (`native.route`: logits from the
-    bf16 or float32 router accumulated in float32, softmax, top-k) always, and routing plus experts in one call
+    """`SparseMoeBlock` whose one-token path runs in the native kernels: the routing (`native.route`: logits from
+    the bf16 or float32 router accumulated in float32, softmax, top-k) always, and routing plus experts in one call
     (`native.moe_routed`) when the experts are native, resident and unobserved (a hook, e.g. a trace recorder, must
-    see every experts call). Offloaded experts get the same routing through `route`, so their output stays
-    bit-identical to the resident model's. Several tokens, float32 and f16 keep the parent's code."""
+    see every experts call) and `route` is the block's own. Offloaded experts get the same routing through `route`,
+    so their output stays bit-identical to the resident model's. Several tokens, float32 and f16 keep the parent's
+    code."""
 
     def _native_route(self, x: torch.Tensor) -> bool:
         w = self.gate.weight
@@ -672,7 +673,9 @@ class NativeMoeBlock(SparseMoeBlock):
         B, T, D = x.shape
         ex = self.experts
         fused = isinstance(ex, QExperts) and ex.native and ex.raws is not None and not ex.in_file
-        if B * T == 1 and fused and self._native_route(x) and not (ex._forward_hooks or ex._forward_pre_hooks):
+        own_route = "route" not in vars(self)  # not replaced on the instance (a bench's synthetic trace)
+        observed = ex._forward_hooks or ex._forward_pre_hooks
+        if B * T == 1 and fused and own_route and self._native_route(x) and not observed:
             flat = x.reshape(D).float()
             y = native.moe_routed(
                 flat, self.gate.weight, self.top_k, self.norm_topk_prob, ex.raws, ex.types, ex.intermediate

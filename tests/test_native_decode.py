@@ -97,6 +97,60 @@ def test_direct_moe_call_equals_the_module_call(q4_path):
     assert len(seen) == 1 + len(FEED)  # the prompt, then each step
 
 
+def _offloaded(path, slots: str):
+    from marco_local.offload import Placement, install
+
+    model, _ = load_gguf(path, dtype=torch.bfloat16, experts_in_file=True)
+    install(model, Placement(experts_resident=slots), files=[path])
+    return model
+
+
+def test_offloaded_experts_in_two_native_calls_equal_the_module_call(q4_path):
+    """An offloaded MoE block is routed and computed by the decoder itself (`marco_route`, the host's slot table,
+    `marco_moe` on the slots' addresses): logits bit-identical to the resident model's fused call and to the module
+    path (taken when a hook observes the experts), with the same hits and misses, and the module path not run."""
+    from marco_local.offload import offload_stats
+
+    want = _steps(load_gguf(q4_path, dtype=torch.bfloat16)[0], use_native=True)
+    split, module = _offloaded(q4_path, "3"), _offloaded(q4_path, "3")
+    placed = []
+    for layer in split.model.layers:
+        off = layer.mlp.experts
+        off.slots_for_token = lambda row, x, off=off: placed.append(row) or type(off).slots_for_token(off, row, x)
+    handles = [layer.mlp.experts.register_forward_pre_hook(lambda m, a: None) for layer in module.model.layers]
+    got = _steps(split, use_native=True)
+    assert torch.equal(got, want) and torch.equal(_steps(module, use_native=True), want)
+    assert len(placed) == len(FEED) * len(split.model.layers)
+    a, b = offload_stats(split), offload_stats(module)
+    assert (a["expert_hits"], a["expert_misses"]) == (b["expert_hits"], b["expert_misses"]) and a["expert_misses"] > 0
+    for h in handles:
+        h.remove()
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_routing_replaced_on_the_block_is_honoured(q4_path, offload):
+    """A routing set on a block instance (bench/offload_speed.py's synthetic trace) replaces the fused call's own
+    routing in the decoder, resident or offloaded: the same logits as the module path under that routing, and not
+    the model's own."""
+    own = _steps(load_gguf(q4_path, dtype=torch.bfloat16)[0], use_native=True)
+    runs = []
+    for observed in (False, True):
+        model = _offloaded(q4_path, "3") if offload else load_gguf(q4_path, dtype=torch.bfloat16)[0]
+        for layer in model.model.layers:
+            block = layer.mlp
+            k, E = block.top_k, block.gate.weight.shape[0]
+
+            def route(x, k=k, E=E):  # the last k experts, equal weights
+                ids = torch.arange(E - k, E).view(1, k)
+                return ids, torch.full((1, k), 1.0 / k, dtype=x.dtype)
+
+            block.route = route
+            if observed:  # the module path
+                block.experts.register_forward_pre_hook(lambda m, a: None)
+        runs.append(_steps(model, use_native=True))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], own)
+
+
 def test_native_steps_leave_a_cache_the_torch_path_continues(q4_path):
     """Keys/values written by native steps are read by a later multi-token chunk (the torch path)."""
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16)
