@@ -103,6 +103,44 @@ def test_direct_decode_matches_the_resident_model(checkpoint, slots):
     model.offload.close()
 
 
+def test_a_step_stopped_between_route_and_gather_leaves_no_stale_slot(checkpoint, monkeypatch):
+    """Ctrl-C between a token's route (the device's map already names the new slots) and its gather (their bytes):
+    the next call empties the cache, a static profile's pinned experts come back, and the step run again gives the
+    resident model's logits, as do the steps after it."""
+    from marco_local.offload import experts as offloaded
+
+    folder, _ = checkpoint
+    want = teacher_forced(load_model(folder, dtype=torch.float32))
+    model = direct_model(folder, "3")
+    real, armed = offloaded.gather_rows, []
+
+    def gather_or_stop(out, slots, host_rows, src, ids, dst):
+        if armed and bool((dst >= 0).any()):  # a gather that would fill a slot the map already names
+            armed.clear()
+            raise KeyboardInterrupt
+        real(out, slots, host_rows, src, ids, dst)
+
+    monkeypatch.setattr(offloaded, "gather_rows", gather_or_stop)
+    cache = model.make_cache(len(PROMPT) + len(STREAM))
+    got = []
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]), cache)
+        stopped = []
+        for i, t in enumerate(STREAM):
+            if i == 2:
+                armed.append(True)  # the first fill from the third decode token on
+            try:
+                got.append(model(torch.tensor([[t]]), cache)[0, -1])
+            except KeyboardInterrupt:
+                stopped.append(i)
+                got.append(model(torch.tensor([[t]]), cache)[0, -1])
+    assert len(stopped) == 1
+    torch.testing.assert_close(torch.stack(got), want, rtol=1e-5, atol=1e-5)
+    for x in model.offload.layers:
+        assert_consistent(x)
+    model.offload.close()
+
+
 def test_graphed_decoder_has_no_cut_and_matches_forward(checkpoint):
     folder, _ = checkpoint
     model = direct_model(folder, "2")

@@ -135,3 +135,59 @@ def test_cuda_miss_cost_model_measures(ref):
     assert copy_us > 0 and cpu_us > 0
     assert all(x.misses_on_cpu == (cpu_us < 0.8 * copy_us) for x in model.offload.layers)
     model.offload.close()
+
+
+@pytest.mark.parametrize("misses", ["copy", "direct"])
+def test_cuda_step_stopped_midway_leaves_no_stale_slot(ref, misses, monkeypatch):
+    """Ctrl-C after the cache names an expert's new slot and before its bytes are queued (a copy, or the direct
+    gather): the step run again, and the steps after it, give the resident model's logits (tests/
+    test_offload_interrupt.py on the CPU)."""
+    from marco_local.offload import experts as offloaded
+
+    folder, _, _ = ref
+    feed = [11, 140, 23, 7, 300, 19, 88, 2]
+
+    @torch.inference_mode()
+    def teacher_forced(model, armed: list | None = None) -> tuple[torch.Tensor, int]:
+        cache = model.make_cache(len(PROMPT) + len(feed))
+        model(torch.tensor([PROMPT], device="cuda"), cache)
+        if armed is not None:  # the first expert copy (or fill) of the decode steps stops
+            armed.append(True)
+        out, stopped = [], 0
+        for t in feed:
+            tok = torch.tensor([[t]], device="cuda")
+            try:
+                out.append(model(tok, cache)[0, -1].float().cpu())
+            except KeyboardInterrupt:
+                stopped += 1
+                out.append(model(tok, cache)[0, -1].float().cpu())
+        return torch.stack(out), stopped
+
+    want, _ = teacher_forced(load_model(folder, dtype=torch.float32, device="cuda"))
+    model = load_offloaded(folder, Placement(experts_resident="2", misses=misses), torch.float32, "cuda")
+    armed = []
+    if misses == "direct":
+        real = offloaded.gather_rows
+
+        def gather_or_stop(out, slots, host_rows, src, ids, dst):
+            if armed and bool((dst >= 0).any()):
+                armed.clear()
+                raise KeyboardInterrupt
+            real(out, slots, host_rows, src, ids, dst)
+
+        monkeypatch.setattr(offloaded, "gather_rows", gather_or_stop)
+    else:
+        for x in model.offload.layers:
+            real_read = x.store.read_into
+
+            def read_or_stop(e, dst, real_read=real_read):
+                if armed:
+                    armed.clear()
+                    raise KeyboardInterrupt
+                real_read(e, dst)
+
+            x.store.read_into = read_or_stop
+    got, stopped = teacher_forced(model, armed)
+    assert stopped == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    model.offload.close()

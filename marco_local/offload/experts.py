@@ -25,6 +25,9 @@ use (CUDA copy stream) before the slots are read. On CUDA, copies run on a side 
 copy into a slot is ordered after the compute-stream work that may still read it; at a cut of the CUDA graphs, where
 the host has synchronized the device, a token's own copies go on the compute stream instead (no events to record).
 `stall_s` is host time spent waiting for experts (on CUDA the waits are device-side, so it stays near zero there).
+A call that stops midway (Ctrl-C raises KeyboardInterrupt between any two bytecodes, e.g. after the table names an
+expert's new slot and before its bytes arrive) leaves `busy` set; the next call empties the cache before it starts
+(the slots refill on demand), so a chat that goes on after an interrupted reply computes with the right weights.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class OffloadedExperts(nn.Module):
         self.executor: Executor | None = None  # CPU: the runtime's loader thread (prefetch, streaming groups)
         self.pending: Future | None = None
         self.predicted: set[int] | None = None
+        self.busy = False  # a call that may place experts has started and not returned
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -224,11 +228,43 @@ class OffloadedExperts(nn.Module):
         nxt.predicted = set(guess)
         if nxt.executor is not None:
             nxt.pending = nxt.executor.submit(nxt.preload, guess)
-        else:
-            nxt.preload(guess)  # CUDA: only queues copies on the side stream
+        else:  # CUDA: only queues copies on the side stream, but on this thread: a Ctrl-C may stop it midway
+            nxt._enter()
+            nxt.preload(guess)
+            nxt.busy = False
+
+    # -- calls that stop midway -------------------------------------------------------------------------------------
+    def _enter(self) -> None:
+        """Start a call that may place experts, after emptying the cache if the previous one never returned."""
+        if self.busy:
+            self._empty()
+        self.busy = True
+
+    def _empty(self) -> None:
+        """Every slot empty (a static profile's pinned experts loaded again, for direct reads): the table may name
+        experts whose copies never ran. Work already queued finishes first: the loader thread's (one thread, so one
+        empty task waits for all before it), the device's."""
+        if self.executor is not None:
+            self.executor.submit(lambda: None).result()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.copies_in_flight = False
+        self.pending = self.predicted = None
+        if self.slot_map is not None:  # every expert loaded at install and nothing placed since: intact
+            return
+        self.table.clear()
+        if self.lru is not None:
+            self._fetch(self.table.preload(self.pinned_experts))
+            self.lru.from_table(self.table, self.pinned_experts)
 
     # -- the routing loop ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self._enter()
+        y = self._forward(x, idx, weights)
+        self.busy = False
+        return y
+
+    def _forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.slot_map is not None and x.shape[0] == 1 and getattr(self.inner, "gathers", False):
             self.count_resident_token(idx.numel())  # every expert resident: ids map to slots on the device
             return self.inner.forward_gathered(x, self.slot_map[idx], weights)
@@ -385,6 +421,7 @@ class OffloadedExperts(nn.Module):
         it: `guess_next`); their slot ids in routing order. The token's own copies are queued before the guesses'.
         The caller has synchronized the device (the segment that routed): the token's copies go on the compute stream
         (`_fetch(device_idle=True)`), after any prefetch into this layer's slots (`_settle` orders that first)."""
+        self._enter()
         experts = sorted(set(row))
         self._settle(experts)
         self._fetch(self.table.assign(experts), device_idle=True)
@@ -392,6 +429,7 @@ class OffloadedExperts(nn.Module):
             self._prefetch_next(guess)
         else:
             self._speculate(x)
+        self.busy = False
         return [self.table.slot_of[e] for e in row]
 
     def _decode_in_groups(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

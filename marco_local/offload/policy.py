@@ -29,6 +29,10 @@ class Policy:
     def victim(self, protected: set[int]) -> int:
         raise NotImplementedError
 
+    def clear(self) -> None:
+        """Forget every resident expert (the slots were emptied); what the policy learnt of use stays."""
+        raise NotImplementedError
+
 
 class LRU(Policy):
     """Evict the resident expert used least recently."""
@@ -51,6 +55,9 @@ class LRU(Policy):
 
     def victim(self, protected: set[int]) -> int:
         return next(e for e in self.order if e not in protected)
+
+    def clear(self) -> None:
+        self.order.clear()
 
 
 class LFU(Policy):
@@ -90,6 +97,9 @@ class LFU(Policy):
     def victim(self, protected: set[int]) -> int:
         return min((e for e in self.resident if e not in protected), key=lambda e: (self.score[e], self.last[e]))
 
+    def clear(self) -> None:
+        self.resident.clear()
+
 
 class StaticHotSet(Policy):
     """A fixed ranking from a profile: the most frequent experts stay, the rest share the remaining slots (LRU).
@@ -115,6 +125,9 @@ class StaticHotSet(Policy):
     def victim(self, protected: set[int]) -> int:
         rank = {e: i for i, e in enumerate(self.lru.order)}  # older first
         return min((e for e in self.lru.order if e not in protected), key=lambda e: (self.freq[e], rank[e]))
+
+    def clear(self) -> None:
+        self.lru.clear()
 
 
 PolicyFactory = Callable[[int, int], Policy]  # (layer, num_experts) -> policy

@@ -23,6 +23,14 @@ class SlotTable:
         self.free = list(range(num_slots - 1, -1, -1))
         self.hits = self.misses = self.calls = 0
 
+    def clear(self) -> None:
+        """Every slot empty, the policy told so: for a table a stopped call may have left naming experts whose bytes
+        never arrived (offload/experts.py). Rebuilt, not evicted one by one: the table may be half-updated."""
+        self.slot_of = [-1] * self.num_experts
+        self.expert_in = [-1] * self.num_slots
+        self.free = list(range(self.num_slots - 1, -1, -1))
+        self.policy.clear()
+
     @property
     def resident(self) -> int:
         return self.num_slots - len(self.free)
