@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from offload_gguf_fixtures import native_or_skip
+from offload_gguf_fixtures import native_or_skip, one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 from marco_local.gguf_loader import load_gguf
 from marco_local.loader import load_model
@@ -19,14 +19,6 @@ from marco_local.offload import Placement, install, load_offloaded
 
 PROMPT = [5, 17, 33, 2, 91, 120, 7, 64]
 FEED = [11, 140, 23, 7, 300, 19, 88, 2, 45, 61, 130, 9]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @torch.inference_mode()
