@@ -103,15 +103,20 @@ def test_direct_decode_matches_the_resident_model(checkpoint, slots):
     model.offload.close()
 
 
-def test_a_step_stopped_between_route_and_gather_leaves_no_stale_slot(checkpoint, monkeypatch):
+@pytest.mark.parametrize("policy", ["lru", "static"])
+def test_a_step_stopped_between_route_and_gather_leaves_no_stale_slot(checkpoint, monkeypatch, tmp_path, policy):
     """Ctrl-C between a token's route (the device's map already names the new slots) and its gather (their bytes):
     the next call empties the cache, a static profile's pinned experts come back, and the step run again gives the
     resident model's logits, as do the steps after it."""
     from marco_local.offload import experts as offloaded
 
     folder, _ = checkpoint
-    want = teacher_forced(load_model(folder, dtype=torch.float32))
-    model = direct_model(folder, "3")
+    resident = load_model(folder, dtype=torch.float32)
+    want = teacher_forced(resident)
+    top_k = resident.config.num_experts_per_tok
+    freq = write_profile(folder, tmp_path / "profile.json") if policy == "static" else None
+    static = {"profile": str(tmp_path / "profile.json"), "policy": "static"} if freq else {}
+    model = direct_model(folder, str(top_k + 1), **static)
     real, armed = offloaded.gather_rows, []
 
     def gather_or_stop(out, slots, host_rows, src, ids, dst):
@@ -138,6 +143,8 @@ def test_a_step_stopped_between_route_and_gather_leaves_no_stale_slot(checkpoint
     torch.testing.assert_close(torch.stack(got), want, rtol=1e-5, atol=1e-5)
     for x in model.offload.layers:
         assert_consistent(x)
+    if freq:
+        assert_hot_set_pinned(model, freq, 1)
     model.offload.close()
 
 
@@ -201,25 +208,36 @@ def test_a_prompt_goes_through_the_hosts_table_and_back(checkpoint):
     model.offload.close()
 
 
-def test_a_static_profile_pins_its_hot_set(checkpoint, tmp_path):
-    """With --expert-policy static the profile's most frequent experts (all but top-k of the slots) never leave."""
+def write_profile(folder, path) -> dict[str, list[float]]:
+    """A made-up expert profile of the checkpoint (a ranking per layer), written to `path`: its frequencies."""
     import json
 
-    folder, _ = checkpoint
     probe = load_model(folder, dtype=torch.float32)
-    E, A = probe.config.num_experts, probe.config.num_experts_per_tok
+    E = probe.config.num_experts
     layers = [i for i, layer in enumerate(probe.model.layers) if hasattr(layer.mlp, "experts")]
-    freq = {str(i): [float((e * 5 + i) % E) for e in range(E)] for i in layers}  # a made-up ranking per layer
-    path = tmp_path / "profile.json"
+    freq = {str(i): [float((e * 5 + i) % E) for e in range(E)] for i in layers}
     path.write_text(json.dumps({"format": "marco-expert-profile", "num_experts": E, "layers": freq}))
-    slots = A + 2
-    model = direct_model(folder, str(slots), profile=str(path), policy="static")
-    teacher_forced(model)
+    return freq
+
+
+def assert_hot_set_pinned(model, freq: dict[str, list[float]], hot: int) -> None:
+    """Each layer's `hot` most frequent profile experts are pinned and resident on the device."""
     for x in model.offload.layers:
-        ranked = sorted(range(E), key=lambda e: -freq[str(x.layer)][e])
-        assert sorted(x.pinned_experts) == sorted(ranked[:2])
-        assert all(x.lru.dmap.tolist()[e] >= 0 for e in ranked[:2])
+        ranked = sorted(range(x.num_experts), key=lambda e: -freq[str(x.layer)][e])
+        assert sorted(x.pinned_experts) == sorted(ranked[:hot])
+        dmap, pinned = x.lru.dmap.tolist(), x.lru.pinned.tolist()
+        assert all(dmap[e] >= 0 and pinned[dmap[e]] for e in ranked[:hot])
         assert_consistent(x)
+
+
+def test_a_static_profile_pins_its_hot_set(checkpoint, tmp_path):
+    """With --expert-policy static the profile's most frequent experts (all but top-k of the slots) never leave."""
+    folder, _ = checkpoint
+    freq = write_profile(folder, tmp_path / "profile.json")
+    top_k = load_model(folder, dtype=torch.float32).config.num_experts_per_tok
+    model = direct_model(folder, str(top_k + 2), profile=str(tmp_path / "profile.json"), policy="static")
+    teacher_forced(model)
+    assert_hot_set_pinned(model, freq, 2)
     model.offload.close()
     with pytest.raises(MarcoError, match="least recently used"):
         direct_model(folder, "3", policy="lfu")
