@@ -101,6 +101,11 @@ def load(
         placement, note = fit_to_free_vram(spec, placement, dev)
         notes += [note] if note else []
     offload = placement is not None and placement.active
+    if placement is not None and not offload and (idle := placement.idle_options()):
+        notes.append(
+            f"{' and '.join(idle)}: no effect, every expert is resident "
+            "(offloading starts with --ram-mem, --gpu-mem or --experts-resident)"
+        )
     if source.format == "gguf":
         from .gguf_loader import load_gguf  # imported here: only GGUF runs need the block codecs
 

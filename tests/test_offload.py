@@ -287,6 +287,11 @@ def test_cli_run_and_profile(ref, tmp_path):
     assert trace.read_text().startswith('{"format": "marco-expert-trace"')
     r = runner.invoke(app, [*args, "--ram-mem", "1KiB"])
     assert isinstance(r.exception, MarcoError) and "too small" in r.exception.message
+    # options that act only on offloaded experts, given without offloading: said, not silently dropped
+    r = runner.invoke(app, [*args, "--expert-policy", "lfu", "--prefetch"])
+    assert r.exit_code == 0 and "--expert-policy and --prefetch: no effect, every expert is resident" in r.output
+    r = runner.invoke(app, [*args, "--experts-resident", "50%", "--expert-policy", "lfu"])
+    assert r.exit_code == 0 and "no effect" not in r.output
 
 
 def test_tensor_bytes_counts_each_byte_once():

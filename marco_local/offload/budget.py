@@ -99,6 +99,11 @@ class Placement:
     def active(self) -> bool:
         return any(v is not None for v in (self.ram_mem, self.gpu_mem, self.experts_resident, self.profile))
 
+    def idle_options(self) -> list[str]:
+        """The options given that only act on offloaded experts: the user is told when nothing is offloaded."""
+        given = (("--expert-policy", self.policy != "lru"), ("--prefetch", self.prefetch))
+        return [name for name, on in (*given, ("--expert-misses", self.misses != "auto")) if on]
+
 
 @dataclass
 class Plan:
