@@ -101,8 +101,15 @@ class Placement:
 
     def idle_options(self) -> list[str]:
         """The options given that only act on offloaded experts: the user is told when nothing is offloaded."""
-        given = (("--expert-policy", self.policy != "lru"), ("--prefetch", self.prefetch))
-        return [name for name, on in (*given, ("--expert-misses", self.misses != "auto")) if on]
+        return [
+            name
+            for name, given in (
+                ("--expert-policy", self.policy != "lru"),
+                ("--prefetch", self.prefetch),
+                ("--expert-misses", self.misses != "auto"),
+            )
+            if given
+        ]
 
 
 @dataclass
