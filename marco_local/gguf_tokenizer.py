@@ -139,8 +139,37 @@ def build_native_backend(g: GGUFFile) -> NativeBPE | None:
     return NativeBPE.build(tokens, merges, factory(), ignore_merges, special=control, user_defined=user)
 
 
+# Tokens that end a generation by their text whatever the metadata says, as llama.cpp decides (llama-vocab.cpp; its
+# model-specific exceptions left out): converters write one eos id, yet a Qwen3 GGUF names <|im_end|> and the model may
+# end with <|endoftext|>. The same rule keeps marco, llama.cpp, Ollama and LM Studio stopping on the same tokens.
+END_OF_GENERATION_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    # fill-in-the-middle padding, repository and file separators: a completion ends there too
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<PAD>",
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+    "<|file_sep|>",
+)
+
+
 def load_tokenizer(g: GGUFFile) -> Tokenizer:
-    """Our Tokenizer for a GGUF: the rebuilt backend, `tokenizer.chat_template`, eos/bos from metadata."""
+    """Our Tokenizer for a GGUF: the rebuilt backend, `tokenizer.chat_template`, eos/bos from metadata, and the
+    end-of-generation tokens llama.cpp recognises by their text."""
     backend = build_native_backend(g) or build_backend(g)
     tokens = g.get("tokenizer.ggml.tokens")
 
@@ -153,6 +182,7 @@ def load_tokenizer(g: GGUFFile) -> Tokenizer:
         for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
         if isinstance(g.get(k), int)
     ]
+    eos_ids += [i for i in map(backend.token_to_id, END_OF_GENERATION_TEXTS) if i is not None]
     template = g.get("tokenizer.chat_template")
     return Tokenizer(
         backend,
