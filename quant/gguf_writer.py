@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -396,6 +397,11 @@ def _encode(t: PlannedTensor, advance: Callable[[int], None]) -> torch.Tensor:
     return out
 
 
+def _without_layer(name: str) -> str:
+    """`blk.3.attn_k.weight` -> `attn_k.weight`, so one note covers every layer; `token_embd.weight` stays whole."""
+    return re.sub(r"^blk\.\d+\.", "", name)
+
+
 def write_gguf(
     ckpt: Checkpoint,
     cfg: ModelConfig,
@@ -444,7 +450,7 @@ def write_gguf(
         writer.close()
     warnings = []
     moved = [t for t in plan if t.wanted != t.ggml_type]
-    fallbacks = sorted({(t.name.split(".", 2)[-1], t.shape[-1], t.wanted.name, t.ggml_type.name) for t in moved})
+    fallbacks = sorted({(_without_layer(t.name), t.shape[-1], t.wanted.name, t.ggml_type.name) for t in moved})
     for name, ncols, wanted, got in fallbacks:
         warnings.append(f"{name}: rows of {ncols} do not fit {wanted} blocks, stored as {got} (as llama.cpp does)")
     return {

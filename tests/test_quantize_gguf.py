@@ -363,6 +363,15 @@ def test_refuses_what_llama_cpp_cannot_express(checkpoint, tmp_path, change, mes
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_fallback_notes_name_global_tensors_whole(make_checkpoint, tmp_path):
+    """Layer tensors are named without `blk.N.` (one note for all layers); global ones keep their whole name."""
+    folder, _ = make_checkpoint("gguf-untied-128", hidden_size=128, head_dim=32, tie_word_embeddings=False)
+    notes = write(folder, tmp_path / "m.gguf", "q4_k_m").warnings
+    names = {note.split(":")[0] for note in notes}
+    assert "token_embd.weight" in names and "attn_q.weight" in names, notes
+    assert not any(name.startswith("blk.") or name == "weight" for name in names), notes
+
+
 def test_cli_summary(checkpoint, tmp_path):
     folder, _ = checkpoint
     out = tmp_path / "cli.gguf"
