@@ -140,3 +140,25 @@ def test_cuda_out_of_memory_is_a_clear_error_not_a_bug(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith("Error: out of GPU memory (CUDA out of memory)")
     assert "--gpu-mem auto" in err and "report it" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "said"),
+    [(KeyboardInterrupt(), 130, "interrupted"), (BrokenPipeError(32, "Broken pipe"), 0, "")],
+)
+def test_ctrl_c_exits_130_and_a_closed_pipe_exits_0(monkeypatch, capsys, raised, code, said):
+    """Through typer's own handling, which turns both into exit codes of its own (130 returned, not raised; 1)."""
+    from marco_local import runtime
+    from marco_local.cli import main as cli_main
+
+    def stopped(*_, **__):
+        raise raised
+
+    monkeypatch.setattr(runtime, "load", stopped)
+    monkeypatch.setattr(sys, "argv", ["marco", "run", "demo", "hi"])
+    monkeypatch.setattr(sys, "stdin", None)  # no piped prompt to read
+    monkeypatch.delenv("MARCO_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli_main.main()
+    err = capsys.readouterr().err
+    assert e.value.code == code and said in err and "Error" not in err, err

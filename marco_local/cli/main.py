@@ -6,6 +6,7 @@ Ctrl-C exit code 130; a traceback appears only with MARCO_DEBUG=1.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Annotated
@@ -56,7 +57,12 @@ app.command(epilog=profile_cmd.EPILOG)(profile_cmd.profile)
 def main() -> None:
     debug = os.environ.get("MARCO_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        # typer turns a Ctrl-C inside a command into an exit code it returns (130), and a closed stdout into exit 1
+        code = app(standalone_mode=False)
+    except SystemExit as e:
+        if _stdout_closed(e.__context__):  # `marco run ... | head`: the reader has what it wanted
+            sys.exit(0)
+        raise
     except MarcoError as e:
         if debug:
             raise
@@ -66,8 +72,7 @@ def main() -> None:
         ui.error(e.format_message(), f"see: marco {e.ctx.command_path.split(' ', 1)[-1] if e.ctx else ''} --help")
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        ui.console.print("\n[dim]interrupted[/]")
-        sys.exit(130)
+        code = INTERRUPTED
     except click.ClickException as e:
         ui.error(e.format_message())
         sys.exit(e.exit_code)
@@ -82,6 +87,16 @@ def main() -> None:
             sys.exit(1)
         ui.error(f"unexpected {type(e).__name__}: {e}", "rerun with MARCO_DEBUG=1 for a traceback, and report it")
         sys.exit(1)
+    if code == INTERRUPTED:
+        ui.console.print("\n[dim]interrupted[/]")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+
+
+def _stdout_closed(e: BaseException | None) -> bool:
+    return isinstance(e, OSError) and e.errno == errno.EPIPE
 
 
 OUT_OF_GPU_MEMORY_HINT = (
