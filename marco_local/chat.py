@@ -20,8 +20,8 @@ from typing import Any
 from torch import nn
 
 from .errors import MarcoError
-from .generate import GenerationResponse, PromptCache, stream_generate
-from .sampling import Sampler, make_logits_processors, make_sampler
+from .generate import UNTIL_FULL, GenerationResponse, PromptCache, stream_generate
+from .sampling import RANDOM_SEED, Sampler, make_logits_processors, make_sampler, setting_error
 from .tokenizer import Tokenizer
 
 SAVE_FORMAT = "marco-chat"
@@ -53,18 +53,14 @@ class ChatSettings:
             parsed = kind(value)
         except ValueError:
             raise MarcoError(f"{name} needs {'an integer' if kind is int else 'a number'}, not {value!r}") from None
-        ranges = {
-            "temperature": (0.0, None),
-            "top_p": (0.0, 1.0),
-            "top_k": (0, None),
-            "min_p": (0.0, 1.0),
-            "max_tokens": (1, None),
-            "repeat_penalty": (0.0, None),
-        }
-        low, high = ranges.get(name, (None, None))
-        if (low is not None and parsed < low) or (high is not None and parsed > high) or parsed != parsed:
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise MarcoError(f"{name} must be {bounds}, not {value}")
+        if name == "max_tokens":
+            error = None if parsed >= 1 or parsed == UNTIL_FULL else f"must be at least 1, or {UNTIL_FULL} (no limit)"
+        else:
+            error = setting_error(name, parsed)
+        if error:
+            raise MarcoError(f"{name} {error}, not {value}")
+        if name == "seed" and parsed == RANDOM_SEED:
+            parsed = None
         setattr(self, name, parsed)
 
 
@@ -213,7 +209,8 @@ class ChatSession:
 
     def _fit(self) -> tuple[list[int], int]:
         """Token ids of the prompt, after dropping the oldest turns if it does not leave room for a reply."""
-        reserve = min(self.settings.max_tokens, self.context_length // 4)
+        wanted = self.settings.max_tokens
+        reserve = self.context_length // 4 if wanted == UNTIL_FULL else min(wanted, self.context_length // 4)
         ids = self.tokenizer.encode(self.render())
         if len(ids) + reserve <= self.context_length:
             return ids, 0

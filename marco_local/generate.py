@@ -60,6 +60,7 @@ class GenerationResponse:
 # Prompt tokens per forward. On the CPU, chunks of 128 prefill about as fast as 512 (Nano Q4_K_M, 2 threads, routing
 # made balanced: 278 against 280 tok/s; 256: 289) and hold a third of the activations (a 512-token Nano prompt: +10
 # against +30 MiB of heap), which counts against the RSS budget. A GPU wants large batches.
+UNTIL_FULL = -1  # max_tokens meaning "until the context window is full" (llama.cpp's -n -1)
 PREFILL_CHUNK = {"cpu": 128}
 PREFILL_CHUNK_DEFAULT = 512
 
@@ -149,8 +150,10 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if prompt_cache is None:
-        prompt_cache = PromptCache(model.make_cache(min(max_context, len(ids) + max_tokens)))
-    max_tokens = min(max_tokens, prompt_cache.cache.max_len - len(ids))
+        wanted = max_context if max_tokens == UNTIL_FULL else len(ids) + max_tokens
+        prompt_cache = PromptCache(model.make_cache(min(max_context, wanted)))
+    room = prompt_cache.cache.max_len - len(ids)
+    max_tokens = room if max_tokens == UNTIL_FULL else min(max_tokens, room)
     sampler = sampler or make_sampler()
     device = next(model.parameters()).device
     eos = set(tokenizer.eos_token_ids)

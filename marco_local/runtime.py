@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,17 +63,16 @@ class LoadedModel:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):  # torch.device takes mps, meta, ...: no path of ours runs there
+        raise MarcoError(f"unknown device {name!r}", hint="use auto, cpu or cuda", exit_code=2)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MarcoError("--device cuda was asked for, but no CUDA device is available", hint="use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise MarcoError(f"unknown device {name!r}", hint="use auto, cpu or cuda") from e
+    return torch.device(name)
 
 
 def pick_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise MarcoError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}")
+        raise MarcoError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}", exit_code=2)
     return DTYPES[name]
 
 

@@ -14,6 +14,31 @@ import torch
 Sampler = Callable[[torch.Tensor], int]
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
+# The values each setting may take, (low, high, low excluded): outside them the sampler would divide by zero or make
+# NaN probabilities, which torch reports as an internal error mid-generation. One table for the command-line options,
+# the chat's /set and a loaded conversation's settings.
+SETTING_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "temperature": (0.0, None, False),
+    "top_p": (0.0, 1.0, False),
+    "top_k": (0, None, False),
+    "min_p": (0.0, 1.0, False),
+    "repeat_penalty": (0.0, None, True),
+}
+RANDOM_SEED = -1  # llama.cpp's and Ollama's spelling of "a new seed each run"
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+def setting_error(name: str, value: float) -> str | None:
+    """Why `value` cannot be sampling setting `name` (None when it can)."""
+    if name == "seed":
+        return None if value == RANDOM_SEED or 0 <= value <= MAX_SEED else f"must be {RANDOM_SEED} or 0..{MAX_SEED}"
+    low, high, low_excluded = SETTING_RANGES[name]
+    bounds = f"{'above' if low_excluded else 'at least'} {low}" if high is None else f"between {low} and {high}"
+    too_low = value <= low if low_excluded else value < low
+    if value != value or too_low or (high is not None and value > high) or value == float("inf"):
+        return f"must be {bounds}"
+    return None
+
 
 def make_sampler(
     temperature: float = 0.0,

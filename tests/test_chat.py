@@ -157,7 +157,15 @@ def test_settings_are_parsed_and_validated():
     assert (st.temperature, st.top_k, st.seed, st.max_tokens) == (0.2, 40, 12, 64)
     st.set("seed", "none")
     assert st.seed is None
-    for name, value in [("temperature", "-1"), ("top_p", "1.5"), ("top_k", "x"), ("max_tokens", "0"), ("nope", "1")]:
+    st.set("seed", "-1")  # llama.cpp's and Ollama's "random"
+    assert st.seed is None
+    st.set("max_tokens", "-1")  # until the context is full
+    assert st.max_tokens == -1
+    bad = [("temperature", "-1"), ("top_p", "1.5"), ("top_k", "x"), ("max_tokens", "0"), ("nope", "1")]
+    # values the sampler would divide by or turn into NaN probabilities, and a seed torch cannot take
+    bad += [("temperature", "inf"), ("temperature", "nan"), ("repeat_penalty", "0"), ("min_p", "2")]
+    bad += [("top_p", "nan"), ("seed", str(2**64)), ("seed", "-2"), ("max_tokens", "-2")]
+    for name, value in bad:
         with pytest.raises(MarcoError):
             st.set(name, value)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,60 @@ def test_ctrl_c_exits_130_and_a_closed_pipe_exits_0(monkeypatch, capsys, raised,
         cli_main.main()
     err = capsys.readouterr().err
     assert e.value.code == code and said in err and "Error" not in err, err
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`marco ARGS` in this process, through main(): (exit code, stderr)."""
+    from marco_local.cli import main as cli_main
+
+    monkeypatch.setattr(sys, "argv", ["marco", *args])
+    monkeypatch.setattr(sys, "stdin", None)
+    monkeypatch.delenv("MARCO_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli_main.main()
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--temperature", "nan"],
+        ["--temperature", "-1"],
+        ["--top-p", "-1"],
+        ["--min-p", "2"],
+        ["--repeat-penalty", "0"],
+        ["--top-k", "-5"],
+        ["--seed", str(2**64)],
+        ["-n", "-2"],
+        ["--ctx", "0"],
+        ["--device", "mps"],
+        ["--dtype", "f8"],
+        ["--stop", ""],
+        ["--expert-policy", "mru"],
+        ["--expert-misses", "gpu"],
+        ["--ram-mem", ""],
+    ],
+)
+def test_bad_option_values_are_usage_errors_before_loading(monkeypatch, capsys, bad):
+    """Checked as they are parsed: exit 2 and one line naming the option, before any model is loaded (the sampler
+    would otherwise fail mid-generation with an internal error)."""
+    from marco_local import runtime
+
+    def never(*_, **__):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runtime, "load", never)
+    code, err = run_main(monkeypatch, capsys, "run", "demo", "hi", *bad)
+    assert code == 2, err
+    assert err.startswith("Error: Invalid value for") and bad[0] in err and "Traceback" not in err
+
+
+def test_minus_one_tokens_generates_until_the_context_is_full(monkeypatch, capsys, checkpoint):
+    """llama.cpp's -n -1: no limit but the context window, which ends the answer without an error."""
+    folder, _ = checkpoint
+    code, err = run_main(
+        monkeypatch, capsys, "run", str(folder), "a b c", "--raw", "-n", "-1", "--ctx", "24", "--seed", "3", "-v"
+    )
+    assert code == 0, err
+    prompt, generated = (int(re.search(rf"{part} (\d+) tok", err).group(1)) for part in ("prompt", "decode"))
+    assert "finish: stop" in err or ("finish: length" in err and prompt + generated == 24), err

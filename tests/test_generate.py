@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marco_local.generate import PromptCache, generate, generate_step, prefill, prefill_chunk, stream_generate
+from marco_local.generate import (
+    UNTIL_FULL,
+    PromptCache,
+    generate,
+    generate_step,
+    prefill,
+    prefill_chunk,
+    stream_generate,
+)
 from marco_local.loader import load_model
 from marco_local.sampling import make_logits_processors, make_sampler
 from marco_local.tokenizer import Tokenizer
@@ -98,3 +106,16 @@ def test_response_record_reports_speeds_and_length_finish(lm):
     assert last.prompt_tokens == len(tok.encode("Hello"))
     assert 1 <= last.generation_tokens <= 10
     assert last.prompt_tps > 0 and last.peak_memory > 0
+
+
+def test_until_full_generates_until_the_context_window_is_full(lm):
+    model, tok = lm
+    never_ends = lambda logits: next(i for i in range(100) if i not in tok.eos_token_ids)  # noqa: E731
+    ids = tok.encode("Hello there")
+    for cache in (None, PromptCache(model.make_cache(40))):  # sized here, or by the caller
+        responses = list(
+            stream_generate(
+                model, tok, ids, max_tokens=UNTIL_FULL, sampler=never_ends, prompt_cache=cache, max_context=40
+            )
+        )
+        assert responses[-1].generation_tokens == 40 - len(ids) and responses[-1].finish_reason == "length"

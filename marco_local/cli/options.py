@@ -1,49 +1,161 @@
-"""Option types shared by the commands that load and run a model (run, chat, bench), so they stay identical."""
+"""Option types shared by the commands that load and run a model (run, chat, bench), so they stay identical.
+
+Values are checked as they are parsed (typer callbacks): a bad one is a usage error (exit code 2) before anything is
+loaded, not a failure in the middle of a generation. The sampling ranges are `sampling.setting_error`'s, which the
+chat's /set uses too; torch is imported only when a sampling option is given (`marco list` and `info` stay quick).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
+
+
+def _sampling(name: str) -> Callable[[Any], Any]:
+    def check(value: float | None) -> float | None:
+        if value is not None:
+            from ..sampling import setting_error
+
+            if error := setting_error(name, value):
+                raise typer.BadParameter(f"{error}, not {value}")
+        return value
+
+    return check
+
+
+def _seed(value: int | None) -> int | None:
+    """-1 is a new seed each run (None), as in llama.cpp and Ollama."""
+    _sampling("seed")(value)
+    return None if value == -1 else value
+
+
+def _max_tokens(value: int) -> int:
+    if value < -1:
+        raise typer.BadParameter(f"must be at least 0, or -1 to generate until the context is full; not {value}")
+    return value
+
+
+def _ctx(value: int) -> int:
+    if value < 2:
+        raise typer.BadParameter(f"must be at least 2 tokens (a prompt token and a reply token), not {value}")
+    return value
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda (or cuda:N)")
+    return value
+
+
+def _choice(*names: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in names:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(names)}")
+        return value
+
+    return check
+
+
+def _not_empty(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty")
+    return value
+
+
+def _stops(values: list[str] | None) -> list[str] | None:
+    if values and not all(values):
+        raise typer.BadParameter("an empty stop text would end every reply before it starts")
+    return values
+
 
 ModelArg = Annotated[
     str, typer.Argument(help="Short name (demo, nano, mini...), Hugging Face repo id, folder or .gguf")
 ]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
-Temperature = Annotated[
-    float | None, typer.Option(help="0 = greedy. Default: the model's generation_config, else 0.7.")
+MaxTokens = Annotated[
+    int,
+    typer.Option(
+        "--max-tokens", "-n", callback=_max_tokens, help="Most tokens to generate (-1: until the context is full)."
+    ),
 ]
-TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")]
-TopK = Annotated[int | None, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")]
-MinP = Annotated[float | None, typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")]
-RepeatPenalty = Annotated[float | None, typer.Option("--repeat-penalty", help="Penalise recent tokens (1.0 = off).")]
-Seed = Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.")]
-Dtype = Annotated[str, typer.Option(help="Weights dtype for unquantized checkpoints: bf16, f16 or f32.")]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-Ctx = Annotated[int, typer.Option("--ctx", help="Context window (tokens) to allocate the KV cache for.")]
+Temperature = Annotated[
+    float | None,
+    typer.Option(
+        callback=_sampling("temperature"), help="0 = greedy. Default: the model's generation_config, else 0.7."
+    ),
+]
+TopP = Annotated[float | None, typer.Option("--top-p", callback=_sampling("top_p"), help="Nucleus sampling mass.")]
+TopK = Annotated[
+    int | None,
+    typer.Option("--top-k", callback=_sampling("top_k"), help="Sample among the k most likely tokens (0 = off)."),
+]
+MinP = Annotated[
+    float | None,
+    typer.Option("--min-p", callback=_sampling("min_p"), help="Drop tokens below min_p x the top probability."),
+]
+RepeatPenalty = Annotated[
+    float | None,
+    typer.Option("--repeat-penalty", callback=_sampling("repeat_penalty"), help="Penalise recent tokens (1.0 = off)."),
+]
+Seed = Annotated[
+    int | None, typer.Option(callback=_seed, help="Random seed: the same seed gives the same text (-1: a new one).")
+]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        callback=_choice("bf16", "f16", "f32"), help="Weights dtype for unquantized checkpoints: bf16, f16 or f32."
+    ),
+]
+Device = Annotated[str, typer.Option(callback=_device, help="auto, cpu or cuda.")]
+Ctx = Annotated[int, typer.Option("--ctx", callback=_ctx, help="Context window (tokens) to allocate the KV cache for.")]
+Stop = Annotated[list[str] | None, typer.Option(callback=_stops, help="Stop when this text appears (repeatable).")]
 
 # Expert placement (marco_local/offload): one budget knob per memory tier, plus overrides.
 RamMem = Annotated[
     str | None,
-    typer.Option("--ram-mem", help="CPU-only: RAM budget for the model (e.g. 6GiB); experts beyond it stay on disk."),
+    typer.Option(
+        "--ram-mem",
+        callback=_not_empty,
+        help="CPU-only: RAM budget for the model (e.g. 6GiB); experts beyond it stay on disk.",
+    ),
 ]
 GpuMem = Annotated[
     str | None,
-    typer.Option("--gpu-mem", help="CUDA: VRAM budget (e.g. 4GiB, or auto); the other experts wait in host RAM."),
+    typer.Option(
+        "--gpu-mem",
+        callback=_not_empty,
+        help="CUDA: VRAM budget (e.g. 4GiB, or auto); the other experts wait in host RAM.",
+    ),
 ]
 ExpertsResident = Annotated[
     str | None,
-    typer.Option("--experts-resident", help="Experts kept in fast memory per layer: a count (16) or a share (25%)."),
+    typer.Option(
+        "--experts-resident",
+        callback=_not_empty,
+        help="Experts kept in fast memory per layer: a count (16) or a share (25%).",
+    ),
 ]
 ExpertProfile = Annotated[
     str | None,
-    typer.Option("--profile", help="Expert profile (marco profile): warms the cache; the static policy's hot set."),
+    typer.Option(
+        "--profile",
+        callback=_not_empty,
+        help="Expert profile (marco profile): warms the cache; the static policy's hot set.",
+    ),
 ]
-ExpertPolicy = Annotated[str, typer.Option("--expert-policy", help="Expert cache eviction: lru, lfu or static.")]
+ExpertPolicy = Annotated[
+    str,
+    typer.Option(
+        "--expert-policy", callback=_choice("lru", "lfu", "static"), help="Expert cache eviction: lru, lfu or static."
+    ),
+]
 ExpertMisses = Annotated[
     str,
     typer.Option(
         "--expert-misses",
+        callback=_choice("auto", "copy", "cpu", "direct"),
         help="A missing expert: copy it into fast memory, compute it on the cpu where it lies (CUDA: while the GPU "
         "computes the resident ones), direct (CUDA: the GPU reads it from host RAM where it lies; no host step per "
         "layer), or auto (measured at load).",

@@ -25,6 +25,7 @@ from .options import (
     RamMem,
     RepeatPenalty,
     Seed,
+    Stop,
     Temperature,
     TopK,
     TopP,
@@ -58,7 +59,7 @@ def run(
     seed: Seed = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")] = None,
+    stop: Stop = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Timings and memory on stderr.")] = False,
     dtype: Dtype = "bf16",
     device: Device = "auto",
@@ -73,7 +74,7 @@ def run(
     trace: Annotated[str | None, typer.Option(help="Write the expert routing trace (JSON lines) to this file.")] = None,
 ) -> None:
     """Answer one prompt and exit. Only the answer goes to stdout."""
-    from ..generate import PromptCache, stream_generate
+    from ..generate import UNTIL_FULL, PromptCache, stream_generate
     from ..offload import Placement, TraceRecorder, offload_stats
     from ..runtime import load
     from ..sampling import make_logits_processors, make_sampler
@@ -97,10 +98,13 @@ def run(
     repetition_penalty = chosen.pop("repetition_penalty")
     sampler = make_sampler(**chosen, seed=seed)
     ids = lm.tokenizer.encode(prompt_text)
+    if len(ids) >= min(ctx, lm.context_length):
+        raise MarcoError(
+            f"the prompt is {len(ids)} tokens, the context window {min(ctx, lm.context_length)}",
+            hint="shorten it or raise --ctx" if ctx < lm.context_length else "shorten it: that is the model's longest",
+        )
     ctx = min(ctx, lm.context_length)
-    if len(ids) >= ctx:
-        raise MarcoError(f"the prompt is {len(ids)} tokens, the context window {ctx}", hint="shorten it or raise --ctx")
-    cache = PromptCache(lm.model.make_cache(min(ctx, len(ids) + max_tokens)))
+    cache = PromptCache(lm.model.make_cache(ctx if max_tokens == UNTIL_FULL else min(ctx, len(ids) + max_tokens)))
     last = None
     ended_with_newline = True
     recorder = TraceRecorder(lm.model) if trace else None

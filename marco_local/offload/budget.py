@@ -58,7 +58,9 @@ def parse_size(text: str) -> int:
     """'4GiB', '512MiB', '1.5GB', '3000000' -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
     if not m or m.group(2).lower() not in _UNITS:
-        raise MarcoError(f"cannot read the size {text!r}", hint="write it like 4GiB, 512MiB, 8GB or a byte count")
+        raise MarcoError(
+            f"cannot read the size {text!r}", hint="write it like 4GiB, 512MiB, 8GB or a byte count", exit_code=2
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -69,7 +71,9 @@ def parse_resident(text: str, num_experts: int) -> int:
         n = round(float(t[:-1]) / 100 * num_experts) if t.endswith("%") else int(t)
     except ValueError:
         raise MarcoError(
-            f"cannot read --experts-resident {text!r}", hint="give a count per layer (16) or a percentage (25%)"
+            f"cannot read --experts-resident {text!r}",
+            hint="give a count per layer (16) or a percentage (25%)",
+            exit_code=2,
         ) from None
     if n < 1 and t.endswith("%") and float(t[:-1]) > 0:
         n = 1
@@ -77,6 +81,7 @@ def parse_resident(text: str, num_experts: int) -> int:
         raise MarcoError(
             f"--experts-resident {text} gives {n} experts per layer; the model has {num_experts}",
             hint=f"use 1..{num_experts} or a percentage",
+            exit_code=2,
         )
     return n
 
