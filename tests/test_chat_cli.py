@@ -132,6 +132,40 @@ def test_ctrl_c_during_a_reply_keeps_the_partial_reply_and_the_chat_goes_on(lm, 
     assert s.messages[-1].get("interrupted") is None and len(s.messages) == 4
 
 
+def test_an_error_during_a_reply_is_one_line_and_the_chat_goes_on(lm, capsys, monkeypatch):
+    """An exception nobody expected (here from the model) must not end the chat and lose the conversation."""
+    monkeypatch.delenv("MARCO_DEBUG", raising=False)
+    s = ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=50), None, 512)
+    chat = ChatUI(s, lm=lm, model_name="demo", plain=True, prompt_session=object())
+    calls = []
+
+    def fail_on_the_third_forward(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("something broke")
+
+    handle = lm.model.register_forward_pre_hook(fail_on_the_third_forward)
+    try:
+        chat.handle("tell me everything")
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err
+    assert "Error: unexpected RuntimeError: something broke (the conversation is kept)" in err
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[-1]["interrupted"] is True
+    chat.handle("and then?")
+    assert len(s.messages) == 4 and s.messages[-1].get("interrupted") is None
+
+
+def test_options_typed_on_the_command_line_win_over_a_loaded_conversation(lm, tmp_path):
+    saved = tmp_path / "conv.json"
+    s = ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=3000, top_k=7), None, 512)
+    s.save(saved)
+    runner = CliRunner()
+    r = runner.invoke(app, ["chat", "demo", "--load", str(saved), "-n", "3", "--temperature", "0"], input="hi")
+    assert r.exit_code == 0, r.output
+    assert 0 < len(r.stdout.strip()) < 100, r.stdout  # three tokens (-n 3), not the saved 3000
+
+
 def test_markdown_stream_commits_blocks_outside_code_fences():
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=60, color_system=None)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.core import ParameterSource  # typer vendors click
 
 from ..errors import MarcoError
 from . import ui
@@ -30,6 +31,7 @@ from .options import (
     RamMem,
     RepeatPenalty,
     Seed,
+    Stop,
     Temperature,
     TopK,
     TopP,
@@ -48,6 +50,7 @@ EPILOG = (
 
 
 def chat(
+    context: typer.Context,
     model: ModelArg,
     max_tokens: MaxTokens = 1024,
     temperature: Temperature = None,
@@ -57,7 +60,7 @@ def chat(
     repeat_penalty: RepeatPenalty = None,
     seed: Seed = None,
     system: Annotated[str | None, typer.Option(help="System prompt (also /system in the chat).")] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop a reply when this text appears (repeatable).")] = None,
+    stop: Stop = None,
     plain: Annotated[bool, typer.Option("--plain", help="Print replies as raw text instead of markdown.")] = False,
     load_file: Annotated[Path | None, typer.Option("--load", help="Continue a conversation saved with /save.")] = None,
     dtype: Dtype = "bf16",
@@ -111,6 +114,13 @@ def chat(
         session.load(load_file)
         if system:
             session.set_system(system)
+        # what was typed on the command line wins over the saved settings
+        typed = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty)
+        max_tokens_typed = context.get_parameter_source("max_tokens") == ParameterSource.COMMANDLINE
+        typed |= dict(seed=seed, max_tokens=max_tokens if max_tokens_typed else None)
+        for name, value in typed.items():
+            if value is not None:
+                setattr(session.settings, name, value)
     if not interactive:  # like marco run: the answer alone on stdout
         out = PlainStream()
         for r in session.send(text):

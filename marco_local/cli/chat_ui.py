@@ -327,6 +327,10 @@ class ChatUI:
             ui.error(e.message, e.hint)
         except KeyboardInterrupt:  # during a command or before the reply started: back to the prompt
             ui.console.print("[dim]⏹ interrupted[/]")
+        except Exception as e:  # a bug, or the GPU out of memory: said in one line; the conversation goes on
+            if os.environ.get("MARCO_DEBUG") == "1":
+                raise
+            ui.unexpected(e, kept=" (the conversation is kept)")
 
     def command(self, text: str) -> None:
         name, _, arg = text.strip().partition(" ")
@@ -401,6 +405,10 @@ class ChatUI:
                 reply.close()
                 stream.finish()
                 ui.console.print("[dim]⏹ interrupted: the partial reply stays in the conversation[/]")
+            except Exception:  # `handle` reports it; the partial reply stays, marked interrupted
+                reply.close()
+                stream.finish()
+                raise
             else:
                 stream.finish()
         if reply.response is not None:

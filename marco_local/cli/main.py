@@ -81,11 +81,7 @@ def main() -> None:
     except Exception as e:  # a bug: say so in one line unless debugging
         if debug:
             raise
-        if is_out_of_gpu_memory(e):  # not a bug: the model (or its context) does not fit the GPU
-            first = str(e).split(".")[0]
-            ui.error(f"out of GPU memory ({first})", OUT_OF_GPU_MEMORY_HINT)
-            sys.exit(1)
-        ui.error(f"unexpected {type(e).__name__}: {e}", "rerun with MARCO_DEBUG=1 for a traceback, and report it")
+        ui.unexpected(e)
         sys.exit(1)
     if code == INTERRUPTED:
         ui.console.print("\n[dim]interrupted[/]")
@@ -97,14 +93,3 @@ INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 def _stdout_closed(e: BaseException | None) -> bool:
     return isinstance(e, OSError) and e.errno == errno.EPIPE
-
-
-OUT_OF_GPU_MEMORY_HINT = (
-    "keep only the hot experts on the GPU with --gpu-mem auto (or a size such as 4GiB), use a smaller --ctx, "
-    "or run on the CPU with --device cpu"
-)
-
-
-def is_out_of_gpu_memory(e: BaseException) -> bool:
-    """torch's CUDA out-of-memory error, recognised without importing torch (commands like `list` never load it)."""
-    return type(e).__name__ == "OutOfMemoryError" and type(e).__module__.split(".")[0] == "torch"

@@ -23,6 +23,27 @@ def error(message: str, hint: str | None = None) -> None:
         console.print(f"[yellow]Hint:[/] {hint}", markup=True, soft_wrap=True, highlight=False)
 
 
+def unexpected(e: Exception, kept: str = "") -> None:
+    """An exception no code path expected: a bug, said in one line (the traceback is MARCO_DEBUG=1's), except torch's
+    CUDA out-of-memory error, which is not a bug: the model (or its context) does not fit the GPU. `kept`: what
+    survives the error (the chat goes on)."""
+    if is_out_of_gpu_memory(e):
+        error(f"out of GPU memory ({str(e).split('.')[0]}){kept}", OUT_OF_GPU_MEMORY_HINT)
+    else:
+        error(f"unexpected {type(e).__name__}: {e}{kept}", "rerun with MARCO_DEBUG=1 for a traceback, and report it")
+
+
+OUT_OF_GPU_MEMORY_HINT = (
+    "keep only the hot experts on the GPU with --gpu-mem auto (or a size such as 4GiB), use a smaller --ctx, "
+    "or run on the CPU with --device cpu"
+)
+
+
+def is_out_of_gpu_memory(e: BaseException) -> bool:
+    """torch's CUDA out-of-memory error, recognised without importing torch (commands like `list` never load it)."""
+    return type(e).__name__ == "OutOfMemoryError" and type(e).__module__.split(".")[0] == "torch"
+
+
 def warn(message: str) -> None:
     console.print(f"[yellow]Warning:[/] {message}", soft_wrap=True)
 
