@@ -220,3 +220,13 @@ def test_minus_one_tokens_generates_until_the_context_is_full(monkeypatch, capsy
     assert code == 0, err
     prompt, generated = (int(re.search(rf"{part} (\d+) tok", err).group(1)) for part in ("prompt", "decode"))
     assert "finish: stop" in err or ("finish: length" in err and prompt + generated == 24), err
+
+
+def test_option_choices_are_the_librarys():
+    from marco_local import runtime
+    from marco_local.cli import options
+    from marco_local.offload import POLICIES
+    from marco_local.offload.install import MISS_HANDLING
+
+    assert options.DTYPES == tuple(runtime.DTYPES)
+    assert options.EXPERT_POLICIES == POLICIES and options.MISS_HANDLING == MISS_HANDLING

@@ -50,6 +50,13 @@ def _device(value: str) -> str:
     return value
 
 
+# the values the library takes (runtime.DTYPES, offload POLICIES and MISS_HANDLING; a test keeps them equal), here
+# without importing torch
+DTYPES = ("bf16", "bfloat16", "f16", "float16", "f32", "float32")
+EXPERT_POLICIES = ("lru", "lfu", "static")
+MISS_HANDLING = ("auto", "copy", "cpu", "direct")
+
+
 def _choice(*names: str) -> Callable[[str], str]:
     def check(value: str) -> str:
         if value not in names:
@@ -104,9 +111,7 @@ Seed = Annotated[
 ]
 Dtype = Annotated[
     str,
-    typer.Option(
-        callback=_choice("bf16", "f16", "f32"), help="Weights dtype for unquantized checkpoints: bf16, f16 or f32."
-    ),
+    typer.Option(callback=_choice(*DTYPES), help="Weights dtype for unquantized checkpoints: bf16, f16 or f32."),
 ]
 Device = Annotated[str, typer.Option(callback=_device, help="auto, cpu or cuda.")]
 Ctx = Annotated[int, typer.Option("--ctx", callback=_ctx, help="Context window (tokens) to allocate the KV cache for.")]
@@ -148,14 +153,14 @@ ExpertProfile = Annotated[
 ExpertPolicy = Annotated[
     str,
     typer.Option(
-        "--expert-policy", callback=_choice("lru", "lfu", "static"), help="Expert cache eviction: lru, lfu or static."
+        "--expert-policy", callback=_choice(*EXPERT_POLICIES), help="Expert cache eviction: lru, lfu or static."
     ),
 ]
 ExpertMisses = Annotated[
     str,
     typer.Option(
         "--expert-misses",
-        callback=_choice("auto", "copy", "cpu", "direct"),
+        callback=_choice(*MISS_HANDLING),
         help="A missing expert: copy it into fast memory, compute it on the cpu where it lies (CUDA: while the GPU "
         "computes the resident ones), direct (CUDA: the GPU reads it from host RAM where it lies; no host step per "
         "layer), or auto (measured at load).",
