@@ -9,6 +9,7 @@ Invariants:
   writes. Never the source checkpoint, a user's folder, the current folder or one above it, home or /.
 - Output goes to a temporary name in OUT's folder (`.OUT.XXXX.partial`) and is renamed over OUT only once complete and
   flushed to disk, so Ctrl-C, an exception or a full disk leaves neither a half-written OUT nor the temporary file.
+  An old OUT is moved aside, not deleted, until the new one is in place (`_replace`): a failed rename loses nothing.
 - Writers stream (one tensor, or one layer's experts, at a time); this module only dispatches: GGUF presets to
   `gguf_writer.write_gguf`, bitsandbytes presets to `bnb_writer.write_bnb`.
 - `progress(done, total)` counts source bytes; `tensor_progress(done, total)` counts output tensors (GGUF only).
@@ -146,6 +147,33 @@ def _check_replaceable(out: Path, src: Path, is_gguf: bool) -> None:
         )
 
 
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`. An old `out` is moved into a hidden folder beside it and deleted only once
+    the new one is in place; if the rename fails, it is moved back, so a failure at this last step loses nothing."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old = aside / out.name
+    try:
+        os.replace(out, old)
+    except OSError as e:
+        aside.rmdir()
+        raise MarcoError(
+            f"could not move the old {out} aside to replace it: {e.strerror}",
+            hint="remove it yourself, or choose another -o",
+        ) from e
+    try:
+        os.replace(tmp, out)
+    except BaseException as e:
+        os.replace(old, out)
+        aside.rmdir()
+        if isinstance(e, OSError):
+            raise MarcoError(f"could not rename the new output to {out}: {e.strerror}; the old one is kept") from e
+        raise
+    shutil.rmtree(aside, ignore_errors=True)  # the new output is in place; a leftover here would only cost space
+
+
 def _fsync_tree(path: Path) -> None:
     """Flush the output to disk before the rename makes it visible (a crash must not leave a renamed empty file)."""
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
@@ -242,9 +270,7 @@ def quantize(
                 raise MarcoError(f"bitsandbytes presets are unavailable: {e}", hint="pip install bitsandbytes") from e
             result = write_bnb(ckpt, cfg, src, tmp, preset, progress=on_weights)
         _fsync_tree(tmp)
-        if out.exists() or out.is_symlink():
-            _remove(out)
-        os.replace(tmp, out)
+        _replace(tmp, out)
     except BaseException as e:
         _remove(tmp)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:

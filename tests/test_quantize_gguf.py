@@ -8,7 +8,9 @@ experts 384 wide like Marco-Nano's ffn_down, 4 layers so the _M mixes have "more
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -508,6 +510,30 @@ def test_force_never_replaces_a_file_of_the_source(checkpoint, tmp_path):
     with pytest.raises(MarcoError, match="holds the source checkpoint"):
         write(folder, folder, "nf4", force=True)
     assert tree(folder) == before and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("preset", ["q8_0", "nf4"])
+def test_failed_final_rename_keeps_the_previous_output(checkpoint, tmp_path, monkeypatch, preset):
+    """The old output is moved aside, not deleted, until the new one is renamed into place; if that fails, it is
+    moved back (the old code deleted it first, so a failing rename lost it)."""
+    if preset == "nf4":
+        pytest.importorskip("bitsandbytes")
+    folder, _ = checkpoint
+    out = tmp_path / ("m.gguf" if preset == "q8_0" else "m-nf4")
+    write(folder, out, preset)
+    before = tree(tmp_path)
+    real, failed = os.replace, []
+
+    def failing(a, b):
+        if str(a).endswith(".partial") and not failed:  # the finished output being renamed to OUT
+            failed.append(a)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(a, b)
+
+    monkeypatch.setattr(convert.os, "replace", failing)
+    with pytest.raises(MarcoError, match="old one is kept"):
+        write(folder, out, preset, force=True)
+    assert failed and tree(tmp_path) == before and leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
