@@ -211,6 +211,12 @@ def quantize(
     src, out = Path(src), Path(out).expanduser()
     if not src.is_dir():
         raise MarcoError(f"{src} is not a checkpoint folder")
+    qc = _quantization_config(src)
+    if qc is not None:
+        method = str(qc.get("quant_method", "unknown method"))
+        if method == "bitsandbytes":
+            method += " int8" if qc.get("load_in_8bit") else f" {qc.get('bnb_4bit_quant_type', '4-bit')}"
+        raise MarcoError(f"{src} is already quantized ({method})", hint="quantize from the original bf16 checkpoint")
     is_gguf = preset in GGUF_PRESETS
     if is_gguf and (out.name in ("", ".", "..") or (out.is_dir() and not out.is_symlink())):
         raise MarcoError(
