@@ -69,6 +69,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 CLASSES = ("attention", "router", "experts", "mlp", "embeddings", "norms")
+_SHARD_NAME = re.compile(r"model(-\d{5,}-of-\d{5,})?\.safetensors")  # as `_ShardWriter.close` names them
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -113,6 +114,13 @@ def quantization_config(preset: str, double_quant: bool = True) -> dict[str, Any
         "load_in_8bit": not four,
         "quant_method": "bitsandbytes",
     }
+
+
+def is_output_file(name: str) -> bool:
+    """Whether `write_bnb` writes a file of this name: `quantize --force` replaces only folders that hold just these."""
+    if name in ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES):
+        return True
+    return _SHARD_NAME.fullmatch(name) is not None
 
 
 def quantize_linear(w: torch.Tensor, preset: str, double_quant: bool = True) -> dict[str, torch.Tensor]:

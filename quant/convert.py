@@ -4,9 +4,12 @@ Invariants:
 - The source is checked completely before anything is written: config.json, every shard present and not truncated
   (`Checkpoint`), and for GGUF every expected tensor present with the shape the config implies plus the tokenizer
   (`plan_gguf`, `read_vocab`); the free disk space is checked against the planned output size.
-- An existing OUT is never replaced without `force`. Output goes to a temporary name in OUT's folder
-  (`.OUT.XXXX.partial`) and is renamed over OUT only once complete and flushed to disk, so Ctrl-C, an exception or
-  a full disk leaves neither a half-written OUT nor the temporary file.
+- An existing OUT is never replaced without `force`, and `force` replaces only what a quantize run could have
+  written (`_check_replaceable`): a file or symlink, or for nf4/fp4/int8 a folder holding just what `write_bnb`
+  writes. Never the source checkpoint, a user's folder, the current folder or one above it, home or /.
+- Output goes to a temporary name in OUT's folder (`.OUT.XXXX.partial`) and is renamed over OUT only once complete and
+  flushed to disk, so Ctrl-C, an exception or a full disk leaves neither a half-written OUT nor the temporary file.
+  An old OUT is moved aside, not deleted, until the new one is in place (`_replace`): a failed rename loses nothing.
 - Writers stream (one tensor, or one layer's experts, at a time); this module only dispatches: GGUF presets to
   `gguf_writer.write_gguf`, bitsandbytes presets to `bnb_writer.write_bnb`.
 - `progress(done, total)` counts source bytes; `tensor_progress(done, total)` counts output tensors (GGUF only).
@@ -15,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -82,6 +86,94 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _quantization_config(folder: Path) -> dict | None:
+    """config.json's `quantization_config`, or None (also when config.json is unreadable: load_config reports that)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return qc if isinstance(qc, dict) and qc else None
+
+
+def _is_bnb_output(folder: Path) -> bool:
+    """Whether `folder` holds exactly what a previous nf4/fp4/int8 run wrote: a config.json recording a bitsandbytes
+    quantization_config, and only regular files named as `write_bnb` names them. A subfolder, a link or any other
+    file (notes a user added, a checkpoint from elsewhere) makes it something --force must not delete."""
+    from .bnb_writer import is_output_file
+
+    qc = _quantization_config(folder)
+    if qc is None or qc.get("quant_method") != "bitsandbytes":
+        return False
+    try:
+        return all(f.is_file() and not f.is_symlink() and is_output_file(f.name) for f in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _check_replaceable(out: Path, src: Path, is_gguf: bool) -> None:
+    """Raise unless `force` may replace the existing `out`: only something a quantize run could have written.
+
+    That is a file or a symlink (the link is replaced, never followed) or, for a bitsandbytes preset, a folder
+    `_is_bnb_output` recognises; never the source checkpoint nor, whatever they hold, the current folder, a folder
+    above it, home or / (`-o . --force` once emptied the folder it was run in).
+    """
+    hint = "choose a new name with -o"
+    src_real = src.resolve()
+    if src_real == out.resolve() or out.resolve() in src_real.parents:
+        raise MarcoError(f"{out} holds the source checkpoint; refusing to overwrite it", hint=hint)
+    # where the entry itself lies: a symlink is judged by its own place, not by what it points to
+    where = out.resolve() if out.name in ("", ".", "..") else out.parent.resolve() / out.name
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    protected = {p: "a folder above the current one" for p in cwd.parents}
+    protected |= {Path(cwd.anchor): "the root folder", home: "your home folder", cwd: "the current folder"}
+    if where in protected:
+        raise MarcoError(f"{out} is {protected[where]} ({where}); refusing to replace it", hint=hint, exit_code=2)
+    if out.name in ("", ".", ".."):  # always an existing folder, and one that cannot be renamed by that name
+        raise MarcoError(f"{out} names a folder by '.' or '..'; refusing to replace it", hint=hint, exit_code=2)
+    is_dir = out.is_dir() and not out.is_symlink()
+    if not is_gguf and not is_dir and src_real in where.parents:
+        # a bitsandbytes output is a folder: replacing a file in SRC would destroy part of the source checkpoint
+        raise MarcoError(f"{out} is a file of the source checkpoint; refusing to overwrite it", hint=hint, exit_code=2)
+    if out.is_symlink() or out.is_file():
+        return
+    if is_gguf or not is_dir:
+        raise MarcoError(f"{out} is not a regular file; refusing to replace it", hint=hint, exit_code=2)
+    if not _is_bnb_output(out):
+        raise MarcoError(
+            f"{out} is a folder that marco quantize did not write; refusing to replace it",
+            hint=f"{hint} (--force replaces only a previous nf4/fp4/int8 output folder)",
+            exit_code=2,
+        )
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`. An old `out` is moved into a hidden folder beside it and deleted only once
+    the new one is in place; if the rename fails, it is moved back, so a failure at this last step loses nothing."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(tmp, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old = aside / out.name
+    try:
+        os.replace(out, old)
+    except OSError as e:
+        aside.rmdir()
+        raise MarcoError(
+            f"could not move the old {out} aside to replace it: {e.strerror}",
+            hint="remove it yourself, or choose another -o",
+        ) from e
+    try:
+        os.replace(tmp, out)
+    except BaseException as e:
+        os.replace(old, out)
+        aside.rmdir()
+        if isinstance(e, OSError):
+            raise MarcoError(f"could not rename the new output to {out}: {e.strerror}; the old one is kept") from e
+        raise
+    shutil.rmtree(aside, ignore_errors=True)  # the new output is in place; a leftover here would only cost space
+
+
 def _fsync_tree(path: Path) -> None:
     """Flush the output to disk before the rename makes it visible (a crash must not leave a renamed empty file)."""
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
@@ -119,17 +211,28 @@ def quantize(
     src, out = Path(src), Path(out).expanduser()
     if not src.is_dir():
         raise MarcoError(f"{src} is not a checkpoint folder")
+    qc = _quantization_config(src)
+    if qc is not None:
+        method = str(qc.get("quant_method", "unknown method"))
+        if method == "bitsandbytes":
+            method += " int8" if qc.get("load_in_8bit") else f" {qc.get('bnb_4bit_quant_type', '4-bit')}"
+        raise MarcoError(f"{src} is already quantized ({method})", hint="quantize from the original bf16 checkpoint")
     is_gguf = preset in GGUF_PRESETS
+    if is_gguf and (out.name in ("", ".", "..") or (out.is_dir() and not out.is_symlink())):
+        raise MarcoError(
+            f"{out} is a folder; --to {preset} writes one .gguf file",
+            hint=f"name the file, e.g. -o {out / f'model-{preset}.gguf'}",
+            exit_code=2,
+        )
     if is_gguf and out.suffix.lower() != ".gguf":
         # llama.cpp does not care, but `marco run` and the other front ends recognise GGUF files by their suffix
         raise MarcoError(f"a GGUF output must be named *.gguf, not {out.name}", hint=f"-o {out}.gguf", exit_code=2)
     if not is_gguf and out.suffix.lower() == ".gguf":
         raise MarcoError(f"--to {preset} writes a checkpoint folder, not a .gguf file", hint="-o FOLDER", exit_code=2)
     if out.exists() or out.is_symlink():
+        _check_replaceable(out, src, is_gguf)  # first, so that no one is told to pass a --force that would not help
         if not force:
             raise MarcoError(f"{out} already exists", hint="pass --force to overwrite it, or choose another -o")
-        if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
-            raise MarcoError(f"{out} holds the source checkpoint; refusing to overwrite it")
     if not out.parent.is_dir():
         raise MarcoError(f"the folder {out.parent} does not exist", hint="create it first")
 
@@ -173,9 +276,7 @@ def quantize(
                 raise MarcoError(f"bitsandbytes presets are unavailable: {e}", hint="pip install bitsandbytes") from e
             result = write_bnb(ckpt, cfg, src, tmp, preset, progress=on_weights)
         _fsync_tree(tmp)
-        if out.exists() or out.is_symlink():
-            _remove(out)
-        os.replace(tmp, out)
+        _replace(tmp, out)
     except BaseException as e:
         _remove(tmp)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,21 @@ def checkpoint(make_checkpoint):
 
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+@pytest.fixture
+def marco_error(monkeypatch, capsys):
+    """Run `marco ARGS...` in-process as the console script does (`main` renders a MarcoError as `Error:`/`Hint:`
+    lines, exit code from the error; CliRunner on `app` would only see the exception), expecting it to fail.
+    Returns (exit code, stderr lines)."""
+    from marco_local.cli import main as cli_main
+
+    def run(*args: str) -> tuple[int, list[str]]:
+        monkeypatch.setattr(sys, "argv", ["marco", *args])
+        monkeypatch.delenv("MARCO_DEBUG", raising=False)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            cli_main.main()
+        return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+    return run

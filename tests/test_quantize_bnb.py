@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -359,6 +360,27 @@ def test_writer_refusals(source, written, tmp_path):
     bnb_folder = written["nf4"][0]
     with pytest.raises(MarcoError, match="already quantized"):
         write_bnb(Checkpoint(bnb_folder), load_config(folder), bnb_folder, tmp_path, "nf4")
+
+
+@pytest.mark.parametrize("src_preset, preset", [("nf4", "q8_0"), ("nf4", "nf4"), ("int8", "q4_k_m")])
+def test_quantize_refuses_an_already_quantized_source(checkpoint, tmp_path, marco_error, src_preset, preset):
+    """Refused up front. A 4-bit source used to fail GGUF planning with "tensor ... has shape [2048, 1] ..., the config
+    implies [64, 64]" (as if config.json and weights did not belong together); an int8 one, whose weights have the
+    float shapes, was silently written to a GGUF of int8 codes taken as weights."""
+    from quant.convert import quantize
+
+    folder, _ = checkpoint
+    src = tmp_path / f"src-{src_preset}"
+    src.mkdir()
+    write_bnb(Checkpoint(folder), load_config(folder), folder, src, src_preset)
+    out = tmp_path / ("m-nf4" if preset == "nf4" else "m.gguf")
+    message = f"{src} is already quantized (bitsandbytes {src_preset})"
+    with pytest.raises(MarcoError, match=re.escape(message)) as e:
+        quantize(src, out, preset)
+    assert e.value.hint == "quantize from the original bf16 checkpoint"
+    code, err = marco_error("quantize", str(src), "-o", str(out), "--to", preset)
+    assert code == 1 and err == [f"Error: {message}", f"Hint: {e.value.hint}"], err
+    assert list(tmp_path.iterdir()) == [src]
 
 
 def test_loader_rejects_corrupt_quant_state(written, tmp_path):

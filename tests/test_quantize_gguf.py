@@ -8,7 +8,9 @@ experts 384 wide like Marco-Nano's ffn_down, 4 layers so the _M mixes have "more
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -380,6 +382,158 @@ def test_cli_summary(checkpoint, tmp_path):
     assert out.is_file() and leftovers(tmp_path) == []
     for word in ("experts", "router", "embeddings", "bits/weight", "Q5_0", "stored as"):
         assert word in result.output
+
+
+# --force replaces only what a quantize run could have written; everything else is refused before any work, intact.
+
+
+def user_folder(folder: Path) -> Path:
+    """A folder of a user's own files, one in a subfolder."""
+    (folder / "photos").mkdir(parents=True)
+    (folder / "notes.txt").write_bytes(b"mine")
+    (folder / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
+    return folder
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: equal before and after means nothing was lost or added."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_force_gguf_replaces_a_file_or_a_link_never_a_folder(checkpoint, tmp_path, marco_error):
+    folder, _ = checkpoint
+    old = tmp_path / "old.gguf"
+    write(folder, old, "q4_0")
+    write(folder, old, "q8_0", force=True)  # a previous GGUF file is replaced
+    assert field(gguf.GGUFReader(old), "general.file_type") == GGUF_PRESETS["q8_0"].ftype
+    target = tmp_path / "keep.gguf"
+    target.write_bytes(b"precious")
+    link = tmp_path / "link.gguf"
+    link.symlink_to(target)
+    write(folder, link, "q8_0", force=True)  # the link is replaced, not followed
+    assert not link.is_symlink() and gguf.GGUFReader(link).tensors and target.read_bytes() == b"precious"
+
+    data = user_folder(tmp_path / "mydata.gguf")
+    before = tree(tmp_path)
+    for force in (True, False):
+        with pytest.raises(MarcoError, match="is a folder; --to q8_0 writes one .gguf file") as e:
+            write(folder, data, "q8_0", force=force)
+        assert e.value.exit_code == 2 and "-o" in e.value.hint
+    code, err = marco_error("quantize", str(folder), "-o", str(data), "--to", "q8_0", "--force")
+    assert code == 2 and err[0] == f"Error: {data} is a folder; --to q8_0 writes one .gguf file", err
+    assert len(err) == 2 and err[1].startswith(f"Hint: name the file, e.g. -o {data}/"), err
+    assert tree(tmp_path) == before and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "preset, out, message",
+    [
+        ("q8_0", ".", "is a folder; --to q8_0 writes one .gguf file"),
+        ("q8_0", "..", "is a folder; --to q8_0 writes one .gguf file"),
+        ("nf4", ".", "is the current folder"),
+        ("int8", "..", "is a folder above the current one"),
+        ("nf4", "../..", "is your home folder"),
+        ("nf4", "~", "is your home folder"),
+        ("nf4", "HERE", "is the current folder"),
+        ("nf4", "sub/..", "is the current folder"),
+    ],
+)
+def test_force_never_replaces_the_current_folder_or_one_above(
+    checkpoint, tmp_path, monkeypatch, marco_error, preset, out, message
+):
+    """`-o . --force` once emptied the folder it ran in, then failed renaming onto '.'; `-o ..` wiped the parent."""
+    folder, _ = checkpoint
+    home = user_folder(tmp_path / "home")
+    here = user_folder(home / "work" / "here")
+    user_folder(home / "work")
+    (here / "sub").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    out = str(here) if out == "HERE" else out
+    before = tree(tmp_path)
+    with pytest.raises(MarcoError, match=message) as e:
+        write(folder, out, preset, force=True)
+    assert e.value.exit_code == 2 and "-o" in e.value.hint
+    code, err = marco_error("quantize", str(folder), "-o", out, "--to", preset, "--force")
+    assert code == 2 and err[0].startswith(f"Error: {Path(out).expanduser()} ") and message in err[0], err
+    assert len(err) == 2 and err[1].startswith("Hint: "), err
+    assert tree(tmp_path) == before and leftovers(here) == leftovers(here.parent) == []
+
+
+def test_force_replaces_only_a_previous_bnb_output(checkpoint, tmp_path, marco_error):
+    """A bnb output folder is replaced only when it holds exactly what write_bnb writes (config.json recording a
+    bitsandbytes quantization_config, shards, index, tokenizer files); one file more, and it is the user's."""
+    pytest.importorskip("bitsandbytes")
+    folder, _ = checkpoint
+    out = tmp_path / "m-nf4"
+    write(folder, out, "nf4")
+    others = {
+        "a user's file added": lambda d: (d / "notes.txt").write_bytes(b"mine"),
+        "a subfolder": lambda d: (d / "runs").mkdir(),
+        "a link": lambda d: (d / "vocab.json").symlink_to(d / "tokenizer.json"),
+    }
+    for what, change in others.items():
+        change(out)
+        before = tree(tmp_path)
+        with pytest.raises(MarcoError, match="is a folder that marco quantize did not write") as e:
+            write(folder, out, "int8", force=True)
+        assert e.value.exit_code == 2 and "-o" in e.value.hint, what
+        assert tree(tmp_path) == before and leftovers(tmp_path) == [], what
+    shutil.rmtree(out / "runs")
+    (out / "notes.txt").unlink()
+    (out / "vocab.json").unlink()
+
+    data = user_folder(tmp_path / "data")
+    (data / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))  # a checkpoint, not a bnb output
+    before = tree(data)
+    code, err = marco_error("quantize", str(folder), "-o", str(data), "--to", "nf4", "--force")
+    assert (
+        code == 2 and err[0] == f"Error: {data} is a folder that marco quantize did not write; refusing to replace it"
+    ), err
+    assert len(err) == 2 and err[1].startswith("Hint: choose a new name with -o"), err
+    code, err = marco_error("quantize", str(folder), "-o", str(data), "--to", "nf4")  # no --force: not offered it
+    assert code == 2 and "did not write" in err[0] and "--force" not in err[0], err
+    assert tree(data) == before
+
+    write(folder, out, "int8", force=True)  # what a previous run wrote is replaced
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["load_in_8bit"] is True
+    assert leftovers(tmp_path) == [] and tree(data) == before
+
+
+def test_force_never_replaces_a_file_of_the_source(checkpoint, tmp_path):
+    """A bnb output is a folder: `-o SRC/config.json --to nf4 --force` would have replaced the source's config."""
+    folder = copy_checkpoint(checkpoint[0], tmp_path / "src")
+    before = tree(folder)
+    with pytest.raises(MarcoError, match="is a file of the source checkpoint") as e:
+        write(folder, folder / "config.json", "nf4", force=True)
+    assert e.value.exit_code == 2
+    with pytest.raises(MarcoError, match="holds the source checkpoint"):
+        write(folder, folder, "nf4", force=True)
+    assert tree(folder) == before and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("preset", ["q8_0", "nf4"])
+def test_failed_final_rename_keeps_the_previous_output(checkpoint, tmp_path, monkeypatch, preset):
+    """The old output is moved aside, not deleted, until the new one is renamed into place; if that fails, it is
+    moved back (the old code deleted it first, so a failing rename lost it)."""
+    if preset == "nf4":
+        pytest.importorskip("bitsandbytes")
+    folder, _ = checkpoint
+    out = tmp_path / ("m.gguf" if preset == "q8_0" else "m-nf4")
+    write(folder, out, preset)
+    before = tree(tmp_path)
+    real, failed = os.replace, []
+
+    def failing(a, b):
+        if str(a).endswith(".partial") and not failed:  # the finished output being renamed to OUT
+            failed.append(a)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(a, b)
+
+    monkeypatch.setattr(convert.os, "replace", failing)
+    with pytest.raises(MarcoError, match="old one is kept"):
+        write(folder, out, preset, force=True)
+    assert failed and tree(tmp_path) == before and leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------

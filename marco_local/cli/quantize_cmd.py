@@ -110,7 +110,9 @@ def quantize(
     src: Annotated[str, typer.Argument(help="Short name (nano, mini...), Hugging Face repo id or checkpoint folder.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Output: a .gguf file, or a folder for nf4/fp4/int8.")],
     to: Annotated[str, typer.Option("--to", help="Quantization type (see below).")],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace OUT if it is a previous output: a file, or an nf4/fp4/int8 folder.")
+    ] = False,
 ) -> None:
     """Quantize a checkpoint to GGUF (llama.cpp) or bitsandbytes 4/8-bit, streaming tensor by tensor."""
     from quant.convert import quantize as run_quantize
