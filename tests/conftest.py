@@ -100,14 +100,15 @@ def read_config(folder: Path) -> dict:
 
 
 @pytest.fixture
-def marco_error(monkeypatch, capsys):
+def marco_main(monkeypatch, capsys):
     """Run `marco ARGS...` in-process as the console script does (`main` renders a MarcoError as `Error:`/`Hint:`
-    lines, exit code from the error; CliRunner on `app` would only see the exception), expecting it to fail.
+    lines, exit code from the error; CliRunner on `app` would only see the exception), with nothing piped in.
     Returns (exit code, stderr lines)."""
     from marco_local.cli import main as cli_main
 
     def run(*args: str) -> tuple[int, list[str]]:
         monkeypatch.setattr(sys, "argv", ["marco", *args])
+        monkeypatch.setattr(sys, "stdin", None)
         monkeypatch.delenv("MARCO_DEBUG", raising=False)
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:

@@ -147,34 +147,16 @@ def test_cuda_out_of_memory_is_a_clear_error_not_a_bug(monkeypatch, capsys):
     ("raised", "code", "said"),
     [(KeyboardInterrupt(), 130, "interrupted"), (BrokenPipeError(32, "Broken pipe"), 0, "")],
 )
-def test_ctrl_c_exits_130_and_a_closed_pipe_exits_0(monkeypatch, capsys, raised, code, said):
+def test_ctrl_c_exits_130_and_a_closed_pipe_exits_0(monkeypatch, marco_main, raised, code, said):
     """Through typer's own handling, which turns both into exit codes of its own (130 returned, not raised; 1)."""
     from marco_local import runtime
-    from marco_local.cli import main as cli_main
 
     def stopped(*_, **__):
         raise raised
 
     monkeypatch.setattr(runtime, "load", stopped)
-    monkeypatch.setattr(sys, "argv", ["marco", "run", "demo", "hi"])
-    monkeypatch.setattr(sys, "stdin", None)  # no piped prompt to read
-    monkeypatch.delenv("MARCO_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as e:
-        cli_main.main()
-    err = capsys.readouterr().err
-    assert e.value.code == code and said in err and "Error" not in err, err
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`marco ARGS` in this process, through main(): (exit code, stderr)."""
-    from marco_local.cli import main as cli_main
-
-    monkeypatch.setattr(sys, "argv", ["marco", *args])
-    monkeypatch.setattr(sys, "stdin", None)
-    monkeypatch.delenv("MARCO_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as e:
-        cli_main.main()
-    return e.value.code, capsys.readouterr().err
+    got, err = marco_main("run", "demo", "hi")
+    assert got == code and said in "\n".join(err) and not any("Error" in line for line in err), err
 
 
 @pytest.mark.parametrize(
@@ -197,7 +179,7 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         ["--ram-mem", ""],
     ],
 )
-def test_bad_option_values_are_usage_errors_before_loading(monkeypatch, capsys, bad):
+def test_bad_option_values_are_usage_errors_before_loading(monkeypatch, marco_main, bad):
     """Checked as they are parsed: exit 2 and one line naming the option, before any model is loaded (the sampler
     would otherwise fail mid-generation with an internal error)."""
     from marco_local import runtime
@@ -206,17 +188,16 @@ def test_bad_option_values_are_usage_errors_before_loading(monkeypatch, capsys, 
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(runtime, "load", never)
-    code, err = run_main(monkeypatch, capsys, "run", "demo", "hi", *bad)
+    code, err = marco_main("run", "demo", "hi", *bad)
     assert code == 2, err
-    assert err.startswith("Error: Invalid value for") and bad[0] in err and "Traceback" not in err
+    assert err[0].startswith("Error: Invalid value for") and bad[0] in err[0] and len(err) == 2, err
 
 
-def test_minus_one_tokens_generates_until_the_context_is_full(monkeypatch, capsys, checkpoint):
+def test_minus_one_tokens_generates_until_the_context_is_full(marco_main, checkpoint):
     """llama.cpp's -n -1: no limit but the context window, which ends the answer without an error."""
     folder, _ = checkpoint
-    code, err = run_main(
-        monkeypatch, capsys, "run", str(folder), "a b c", "--raw", "-n", "-1", "--ctx", "24", "--seed", "3", "-v"
-    )
+    code, lines = marco_main("run", str(folder), "a b c", "--raw", "-n", "-1", "--ctx", "24", "--seed", "3", "-v")
+    err = "\n".join(lines)
     assert code == 0, err
     prompt, generated = (int(re.search(rf"{part} (\d+) tok", err).group(1)) for part in ("prompt", "decode"))
     assert "finish: stop" in err or ("finish: length" in err and prompt + generated == 24), err

@@ -363,7 +363,7 @@ def test_writer_refusals(source, written, tmp_path):
 
 
 @pytest.mark.parametrize("src_preset, preset", [("nf4", "q8_0"), ("nf4", "nf4"), ("int8", "q4_k_m")])
-def test_quantize_refuses_an_already_quantized_source(checkpoint, tmp_path, marco_error, src_preset, preset):
+def test_quantize_refuses_an_already_quantized_source(checkpoint, tmp_path, marco_main, src_preset, preset):
     """Refused up front. A 4-bit source used to fail GGUF planning with "tensor ... has shape [2048, 1] ..., the config
     implies [64, 64]" (as if config.json and weights did not belong together); an int8 one, whose weights have the
     float shapes, was silently written to a GGUF of int8 codes taken as weights."""
@@ -378,7 +378,7 @@ def test_quantize_refuses_an_already_quantized_source(checkpoint, tmp_path, marc
     with pytest.raises(MarcoError, match=re.escape(message)) as e:
         quantize(src, out, preset)
     assert e.value.hint == "quantize from the original bf16 checkpoint"
-    code, err = marco_error("quantize", str(src), "-o", str(out), "--to", preset)
+    code, err = marco_main("quantize", str(src), "-o", str(out), "--to", preset)
     assert code == 1 and err == [f"Error: {message}", f"Hint: {e.value.hint}"], err
     assert list(tmp_path.iterdir()) == [src]
 

@@ -400,7 +400,7 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
-def test_force_gguf_replaces_a_file_or_a_link_never_a_folder(checkpoint, tmp_path, marco_error):
+def test_force_gguf_replaces_a_file_or_a_link_never_a_folder(checkpoint, tmp_path, marco_main):
     folder, _ = checkpoint
     old = tmp_path / "old.gguf"
     write(folder, old, "q4_0")
@@ -419,7 +419,7 @@ def test_force_gguf_replaces_a_file_or_a_link_never_a_folder(checkpoint, tmp_pat
         with pytest.raises(MarcoError, match="is a folder; --to q8_0 writes one .gguf file") as e:
             write(folder, data, "q8_0", force=force)
         assert e.value.exit_code == 2 and "-o" in e.value.hint
-    code, err = marco_error("quantize", str(folder), "-o", str(data), "--to", "q8_0", "--force")
+    code, err = marco_main("quantize", str(folder), "-o", str(data), "--to", "q8_0", "--force")
     assert code == 2 and err[0] == f"Error: {data} is a folder; --to q8_0 writes one .gguf file", err
     assert len(err) == 2 and err[1].startswith(f"Hint: name the file, e.g. -o {data}/"), err
     assert tree(tmp_path) == before and leftovers(tmp_path) == []
@@ -439,7 +439,7 @@ def test_force_gguf_replaces_a_file_or_a_link_never_a_folder(checkpoint, tmp_pat
     ],
 )
 def test_force_never_replaces_the_current_folder_or_one_above(
-    checkpoint, tmp_path, monkeypatch, marco_error, preset, out, message
+    checkpoint, tmp_path, monkeypatch, marco_main, preset, out, message
 ):
     """`-o . --force` once emptied the folder it ran in, then failed renaming onto '.'; `-o ..` wiped the parent."""
     folder, _ = checkpoint
@@ -454,13 +454,13 @@ def test_force_never_replaces_the_current_folder_or_one_above(
     with pytest.raises(MarcoError, match=message) as e:
         write(folder, out, preset, force=True)
     assert e.value.exit_code == 2 and "-o" in e.value.hint
-    code, err = marco_error("quantize", str(folder), "-o", out, "--to", preset, "--force")
+    code, err = marco_main("quantize", str(folder), "-o", out, "--to", preset, "--force")
     assert code == 2 and err[0].startswith(f"Error: {Path(out).expanduser()} ") and message in err[0], err
     assert len(err) == 2 and err[1].startswith("Hint: "), err
     assert tree(tmp_path) == before and leftovers(here) == leftovers(here.parent) == []
 
 
-def test_force_replaces_only_a_previous_bnb_output(checkpoint, tmp_path, marco_error):
+def test_force_replaces_only_a_previous_bnb_output(checkpoint, tmp_path, marco_main):
     """A bnb output folder is replaced only when it holds exactly what write_bnb writes (config.json recording a
     bitsandbytes quantization_config, shards, index, tokenizer files); one file more, and it is the user's."""
     pytest.importorskip("bitsandbytes")
@@ -486,12 +486,12 @@ def test_force_replaces_only_a_previous_bnb_output(checkpoint, tmp_path, marco_e
     data = user_folder(tmp_path / "data")
     (data / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))  # a checkpoint, not a bnb output
     before = tree(data)
-    code, err = marco_error("quantize", str(folder), "-o", str(data), "--to", "nf4", "--force")
+    code, err = marco_main("quantize", str(folder), "-o", str(data), "--to", "nf4", "--force")
     assert (
         code == 2 and err[0] == f"Error: {data} is a folder that marco quantize did not write; refusing to replace it"
     ), err
     assert len(err) == 2 and err[1].startswith("Hint: choose a new name with -o"), err
-    code, err = marco_error("quantize", str(folder), "-o", str(data), "--to", "nf4")  # no --force: not offered it
+    code, err = marco_main("quantize", str(folder), "-o", str(data), "--to", "nf4")  # no --force: not offered it
     assert code == 2 and "did not write" in err[0] and "--force" not in err[0], err
     assert tree(data) == before
 
