@@ -614,13 +614,22 @@ class QExperts(Experts):
 
     def _decode(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token: x [1, D], idx/weights [1, A] -> [1, D]."""
+        return self.sum_rows(self.decode_rows(x, idx, weights), x.dtype)
+
+    def decode_rows(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token's output through each listed expert, routing weight applied: [A, D'] (int4 kernels). Each row is
+        computed alone, so an offload cache with fewer slots than a token's experts computes them in groups and sums
+        them once (`sum_rows`), bit-identical to `_decode`."""
         experts = idx[0].tolist()
         gate, up = self._gate_up(x.to(KERNEL_DTYPE), experts)  # [A, I] each
         a = F.silu(gate) * up * weights.reshape(-1, 1).to(KERNEL_DTYPE)  # routing weight folded in before down
         b = self.down_bank
         ap = b.prep(a)
         ys = [_MM(r, b.packed[e], b.group, b.scales_zeros[e]) for r, e in zip(ap.split(1), experts, strict=True)]
-        return torch.cat(ys).sum(0, keepdim=True)[:, : self.hidden].to(x.dtype)
+        return torch.cat(ys)
+
+    def sum_rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return rows.sum(0, keepdim=True)[:, : self.hidden].to(dtype)
 
     def _decode_native(
         self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None

@@ -30,6 +30,14 @@ def prefill_logits(model) -> torch.Tensor:
     return model(torch.tensor([PROMPT]), model.make_cache(len(PROMPT)))
 
 
+@torch.inference_mode()
+def decode_logits(model, steps: int = 4) -> torch.Tensor:
+    """The logits of single-token steps after the prompt (the decode path, which a prefill does not take)."""
+    cache = model.make_cache(len(PROMPT) + steps)
+    model(torch.tensor([PROMPT]), cache)
+    return torch.cat([model(torch.tensor([[PROMPT[i]]]), cache) for i in range(steps)])
+
+
 @pytest.fixture(scope="module")
 def q4_path(make_checkpoint, tmp_path_factory):
     from marco_local.checkpoint import Checkpoint
@@ -37,6 +45,7 @@ def q4_path(make_checkpoint, tmp_path_factory):
     from quant.gguf_writer import write_gguf
 
     shape = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=512, num_hidden_layers=2)
+    shape |= dict(num_experts_per_tok=4)  # a sum of 4 experts in bf16 depends on its order: 2 would not
     folder, _ = make_checkpoint("offload-q4", seed=7, head_dim=64, **shape)
     path = tmp_path_factory.mktemp("gguf") / "q4.gguf"
     write_gguf(Checkpoint(folder), load_config(folder), folder, path, "q4_k_m")

@@ -297,8 +297,9 @@ class OffloadedExperts(nn.Module):
             slot_of = self.table.slot_of
             slots = torch.tensor([[slot_of[e] for e in row] for row in idx.tolist()], device=idx.device)
             return self.inner(x, slots, weights)
-        if x.shape[0] == 1 and getattr(self.inner, "native", False) and x.dtype != torch.float32:
-            return self._decode_in_groups(x, idx, weights)
+        if x.shape[0] == 1 and self.own_forward and x.dtype != torch.float32 and hasattr(self.inner, "decode_rows"):
+            if self.inner.native or not self.inner.dense:  # the inner single-token path, in groups that fit
+                return self._decode_in_groups(x, idx, weights)
         flat_weights = weights.reshape(-1, 1)
         out = torch.zeros_like(x)
         start = i = 0
@@ -433,16 +434,22 @@ class OffloadedExperts(nn.Module):
         return [self.table.slot_of[e] for e in row]
 
     def _decode_in_groups(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One token whose experts outnumber the slots (native experts): groups that fit, in routing order, each
-        added onto one float32 output by the native kernel, so the result equals the single-call (resident) one."""
+        """One token whose experts outnumber the slots (QExperts): groups that fit, in routing order, computed as the
+        single-token path computes them, so the result equals the single-call (resident) one. The native kernel adds
+        each group onto one float32 output; the int4 kernels' rows are kept and summed once."""
         order = idx[0].tolist()
+        native = self.inner.native
         acc = torch.zeros(x.shape[1], dtype=torch.float32)
+        rows = []
         for group, protected in self.table.schedule(order):
             self._fetch(self.table.assign(group, protected))
             at = [order.index(e) for e in group]
             slots = torch.tensor([[self.table.slot_of[e] for e in group]])
-            self.inner.decode_into(x, slots, weights[:, at], acc)
-        return acc.view(1, -1).to(x.dtype)
+            if native:
+                self.inner.decode_into(x, slots, weights[:, at], acc)
+            else:
+                rows.append(self.inner.decode_rows(x, slots, weights[:, at]))
+        return acc.view(1, -1).to(x.dtype) if native else self.inner.sum_rows(torch.cat(rows), x.dtype)
 
     def count_resident_token(self, experts: int) -> None:
         """Statistics of a token whose `experts` (distinct: top-k) were all resident, without reading which."""
