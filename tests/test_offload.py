@@ -250,8 +250,21 @@ def test_size_and_resident_parsing():
     for bad in ("lots", "4XB", ""):
         with pytest.raises(MarcoError):
             parse_size(bad)
-    with pytest.raises(MarcoError):
-        parse_resident("300", 232)
+    for bad in ("300", "inf%", "1e400%", "nan%"):
+        with pytest.raises(MarcoError) as e:
+            parse_resident(bad, 232)
+        assert e.value.exit_code == 2  # a value the user typed: a usage error
+
+
+def test_the_smallest_budget_named_in_the_refusal_runs(ref):
+    """The hint's minimum is rounded up: "at least 17.0 MiB" for 17.03 MiB would be refused in its turn."""
+    folder = ref[0]
+    rt = offloaded(folder).offload
+    needed = rt.plan.fixed_bytes + rt.plan.expert_bytes * rt.plan.moe_layers
+    with pytest.raises(MarcoError) as e:
+        offloaded(folder, ram_mem=str(needed - 1))
+    named = e.value.hint.split("at least ")[1].split(",")[0]
+    assert offloaded(folder, ram_mem=named.replace(" ", "")).offload.plan.slots >= 1
 
 
 def test_static_policy_needs_a_profile_and_profile_must_match(ref, tmp_path):

@@ -46,7 +46,7 @@ def test_ram_budget_with_experts_held_in_ram_is_refused_clearly(q4_path, int4_ke
     from marco_local.gguf_loader import load_gguf
 
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16, device=torch.device("cpu"))
-    with pytest.raises(MarcoError, match="cannot stay in the file"):
+    with pytest.raises(MarcoError, match="cannot be kept with this model: its experts are held in RAM"):
         install(model, Placement(ram_mem="1GiB"), files=[q4_path])
 
 

@@ -9,6 +9,7 @@ outside the budget. Too small a budget is a `MarcoError` that says how much the 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ def parse_resident(text: str, num_experts: int) -> int:
     t = text.strip()
     try:
         n = round(float(t[:-1]) / 100 * num_experts) if t.endswith("%") else int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf%
         raise MarcoError(
             f"cannot read --experts-resident {text!r}",
             hint="give a count per layer (16) or a percentage (25%)",
@@ -147,26 +148,31 @@ def plan_slots(
         return Plan(None, fixed_bytes, expert_bytes, moe_layers, wanted or num_experts, scratch_bytes)
     left = budget - fixed_bytes - scratch_bytes
     one_each = expert_bytes * moe_layers
+    minimum = fixed_bytes + one_each + scratch_bytes
     if left < one_each:
         raise MarcoError(
-            f"{what} {_fmt(budget)} is too small: the non-expert weights, KV cache and working memory need "
-            f"{_fmt(fixed_bytes)}, "
-            f"plus {_fmt(one_each + scratch_bytes)} for one expert per layer",
-            hint=f"raise {what} to at least {_fmt(fixed_bytes + one_each + scratch_bytes)}, or lower --ctx",
+            f"{what} {format_bytes(budget)} is too small: the non-expert weights, KV cache and working memory need "
+            f"{format_bytes(fixed_bytes)}, "
+            f"plus {format_bytes(one_each + scratch_bytes)} for one expert per layer",
+            hint=f"raise {what} to at least {format_bytes(minimum, up=True)}, or lower --ctx",
         )
     fit = min(num_experts, left // one_each)
     if wanted is not None and wanted > fit:
         raise MarcoError(
-            f"--experts-resident {resident} needs {_fmt(fixed_bytes + wanted * one_each + scratch_bytes)}, "
-            f"more than {what} {_fmt(budget)}",
+            f"--experts-resident {resident} needs {format_bytes(fixed_bytes + wanted * one_each + scratch_bytes)}, "
+            f"more than {what} {format_bytes(budget)}",
             hint=f"at most {fit} experts per layer fit; lower --experts-resident or raise {what}",
         )
     return Plan(budget, fixed_bytes, expert_bytes, moe_layers, wanted or fit, scratch_bytes)
 
 
-def _fmt(n: float) -> str:
+def format_bytes(n: float, up: bool = False) -> str:
+    """Bytes for a message; `up` rounds up, for a minimum the user is told to give (17.03 MiB is "17.1 MiB": "17.0"
+    would be refused again)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            if unit == "B":
+                return f"{n:.0f} B"
+            return f"{(math.ceil(n * 10) / 10 if up else n):.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GiB"
+    raise AssertionError("unreachable")

@@ -34,6 +34,7 @@ from .budget import (
     Placement,
     Plan,
     cuda_scratch_bytes,
+    format_bytes,
     parse_size,
     plan_slots,
 )
@@ -199,9 +200,9 @@ def _make_plan(
     budget, what = _budget(placement, device)
     if budget is not None and device.type == "cpu" and in_ram:
         raise MarcoError(
-            f"{what} cannot be kept with this model: its experts cannot stay in the file "
-            f"({_fmt_gib(in_ram)} of them are held in RAM once loaded, as repacked quantized data)",
-            hint="bound the fast slots with --experts-resident, or run an unquantized checkpoint folder",
+            f"{what} cannot be kept with this model: its experts are held in RAM once loaded "
+            f"({format_bytes(in_ram)}), and a RAM budget needs experts that can stay in their file",
+            hint="bound the fast slots with --experts-resident, or use a bf16 checkpoint folder or a GGUF file",
         )
     resident = placement.experts_resident
     if device.type == "cuda":
@@ -339,10 +340,6 @@ def enable_direct(rt: OffloadRuntime, top_k: int) -> None:
         static = isinstance(policy, StaticHotSet) and keep
         pinned = sorted(range(x.num_experts), key=lambda e: -policy.freq[e])[:keep] if static else []
         x.enable_direct(scratch, top_k, pinned)
-
-
-def _fmt_gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
 
 
 def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> OffloadRuntime:
