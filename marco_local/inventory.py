@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -362,9 +363,38 @@ def _safetensors_tensors(folder: Path) -> list[tuple[str, str, int]]:
     return out
 
 
+def _gpu_budget_row(
+    cfg: ModelConfig, params: ParamCounts, tensors: list[tuple[str, str, int]], non_experts: int, gpu_mem: int | None
+) -> Placement:
+    """The `--gpu-mem` row as `marco run` plans it (offload/install.py): non-expert weights and KV cache on CUDA plus
+    the working reserve, the CUDA scratch, and slots of the largest layer's expert size (a file may mix types).
+    `gpu_mem` None: a budget that holds half of each layer's experts."""
+    from .offload.budget import WORKING_RESERVE, cuda_scratch_bytes, format_bytes, plan_slots
+
+    per_layer: dict[int, int] = {}
+    for name, _, nbytes in tensors:
+        if _is_expert(name) and (m := re.search(r"(?:^blk|\.layers)\.(\d+)\.", name)):
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + nbytes
+    one = max(per_layer.values()) // cfg.num_experts
+    layers = params.moe_layers
+    fixed = non_experts + WORKING_RESERVE
+    scratch = cuda_scratch_bytes(cfg.num_experts_per_tok, one, cfg.hidden_size, cfg.moe_intermediate_size)
+    if gpu_mem is None:
+        half = fixed + scratch + math.ceil(cfg.num_experts / 2) * one * layers
+        step = 1 << 28 if half >= 1 << 30 else 1 << 10  # a round figure: 0.25 GiB (a small model: 1 KiB)
+        gpu_mem = math.ceil(half / step) * step
+    try:
+        plan = plan_slots(cfg.num_experts, layers, one, fixed, gpu_mem, None, scratch, what="--gpu-mem")
+    except MarcoError:
+        note = f"too small: needs at least {format_bytes(fixed + scratch + one * layers, up=True)}"
+        return Placement("GPU budget", gpu_mem, None, sum(per_layer.values()), note)
+    rest = (cfg.num_experts - plan.slots) * one * layers
+    note = f"{plan.slots} of {cfg.num_experts} experts per layer resident ({plan.slots / cfg.num_experts:.0%})"
+    return Placement("GPU budget", gpu_mem, fixed + scratch + plan.slot_bytes, rest, note)
+
+
 def model_info(spec: str, ctx: int = 4096, gpu_mem: int | None = None) -> ModelInfo:
     """Architecture, parameters, stored tensor types and the memory each placement needs, from headers only."""
-    from .offload.budget import plan_slots
 
     source = resolve(spec)
     if source.format == "gguf":
@@ -379,6 +409,8 @@ def model_info(spec: str, ctx: int = 4096, gpu_mem: int | None = None) -> ModelI
 
         cfg = load_config(source.path)
         tensors = _safetensors_tensors(source.path)
+        if cfg.tie_word_embeddings:  # a copy some writers store anyway: the model holds the embeddings once
+            tensors = [t for t in tensors if t[0] != "lm_head.weight"]
         dtypes = {dt for name, dt, _ in tensors if not _is_expert(name)}
         kv_itemsize = 4 if dtypes == {"F32"} else 2
     params = param_counts(cfg)
@@ -390,7 +422,7 @@ def model_info(spec: str, ctx: int = 4096, gpu_mem: int | None = None) -> ModelI
     weight_bytes = sum(n for _, _, n in tensors)
     expert_bytes = sum(n for name, _, n in tensors if _is_expert(name))
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * kv_itemsize
-    fixed = weight_bytes - expert_bytes + kv + RUNTIME_MARGIN
+    non_experts_on_gpu = weight_bytes - expert_bytes + kv  # besides the experts, on CUDA
     placements = [
         Placement("all on GPU", None, weight_bytes + kv + RUNTIME_MARGIN, 0),
     ]
@@ -398,24 +430,13 @@ def model_info(spec: str, ctx: int = 4096, gpu_mem: int | None = None) -> ModelI
     if source.format == "gguf":  # on CUDA: all but the experts dequantized to bf16 (gguf_loader); experts either way
         dense = params.total * 2 + kv + RUNTIME_MARGIN
         placements = [Placement("all on GPU", None, dense, 0, "dequantized to bf16: GGUF kernels run on the CPU")]
-        fixed = (params.total - params.experts) * 2 + kv + RUNTIME_MARGIN
+        non_experts_on_gpu = (params.total - params.experts) * 2 + kv
         if n_experts:
             note = "experts kept as the file's blocks, dequantized per token"
-            placements.append(Placement("all on GPU, experts quantized", None, fixed + expert_bytes, 0, note))
+            need = non_experts_on_gpu + expert_bytes + RUNTIME_MARGIN
+            placements.append(Placement("all on GPU, experts quantized", None, need, 0, note))
     if n_experts:
-        one = expert_bytes // n_experts
-        if gpu_mem is None:  # show a budget that holds half of each layer's experts
-            half = fixed + math.ceil(cfg.num_experts / 2) * one * params.moe_layers
-            gpu_mem = math.ceil(half / (1 << 28)) * (1 << 28)  # rounded up to 0.25 GiB
-        try:
-            plan = plan_slots(cfg.num_experts, params.moe_layers, one, fixed, gpu_mem, None, what="--gpu-mem")
-            rest = (cfg.num_experts - plan.slots) * one * params.moe_layers
-            note = f"{plan.slots} of {cfg.num_experts} experts per layer resident ({plan.slots / cfg.num_experts:.0%})"
-            placements.append(Placement("GPU budget", gpu_mem, fixed + plan.slot_bytes, rest, note))
-        except MarcoError:
-            minimum = fixed + one * params.moe_layers
-            note = f"too small: needs at least {minimum / 2**30:.2f} GiB"
-            placements.append(Placement("GPU budget", gpu_mem, None, expert_bytes, note))
+        placements.append(_gpu_budget_row(cfg, params, tensors, non_experts_on_gpu, gpu_mem))
     placements.append(Placement("CPU only", None, None, weight_bytes + kv + RUNTIME_MARGIN, "everything in RAM"))
     return ModelInfo(
         name=spec,

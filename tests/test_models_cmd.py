@@ -17,6 +17,7 @@ from marco_local.config import ModelConfig
 from marco_local.demo import ensure_demo_model
 from marco_local.errors import MarcoError
 from marco_local.inventory import model_info, param_counts
+from marco_local.offload.budget import WORKING_RESERVE, cuda_scratch_bytes
 
 ENV = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
 ENV.pop("MARCO_DEBUG", None)
@@ -135,12 +136,47 @@ def test_info_on_a_nano_shaped_checkpoint_reads_headers_only(tmp_path):
     assert mi.kv_bytes == 2 * 28 * 8 * 128 * 4096 * 2
     gpu_all, budget, cpu = mi.placements
     assert gpu_all.fast_bytes == mi.weight_bytes + mi.kv_bytes + (256 << 20) and cpu.ram_bytes == gpu_all.fast_bytes
-    # 4 GiB minus non-expert weights (~0.66 GB), KV cache and margin leaves room for ~47 of 232 experts per layer
+    # 4 GiB minus non-expert weights (~0.66 GB), KV cache, working reserve and CUDA scratch: ~50 of 232 experts
     slots = int(budget.note.split(" of ")[0])
     non_expert = mi.weight_bytes - mi.expert_bytes
-    expected = (budget.budget_bytes - non_expert - mi.kv_bytes - (256 << 20)) // (mi.one_expert_bytes * 28)
+    scratch = cuda_scratch_bytes(8, mi.one_expert_bytes, 1024, 384)
+    expected = (budget.budget_bytes - non_expert - mi.kv_bytes - WORKING_RESERVE - scratch) // (
+        mi.one_expert_bytes * 28
+    )
     assert slots == expected and 40 < slots < 60
     assert budget.fast_bytes <= 4 << 30 and budget.ram_bytes == (232 - slots) * mi.one_expert_bytes * 28
+
+
+@pytest.mark.parametrize("gpu_mem", [None, 40 << 20, 6 << 20])
+def test_info_plans_a_gpu_budget_as_run_does(checkpoint, gpu_mem):
+    """`info --gpu-mem` from the headers, `run --gpu-mem` from the loaded model (offload/install.py's inputs on CUDA:
+    non-expert bytes, KV cache and working reserve, packed expert bytes, CUDA scratch): the same slots. The fixture
+    is stored in float32, the precision info plans for."""
+    import torch
+
+    from marco_local.loader import load_model
+    from marco_local.offload.budget import plan_slots
+    from marco_local.offload.install import _kv_bytes, _non_expert_bytes
+
+    folder, _ = checkpoint
+    row = next(pl for pl in model_info(str(folder), ctx=512, gpu_mem=gpu_mem).placements if pl.name == "GPU budget")
+    model = load_model(folder, dtype=torch.float32)
+    cfg = model.config
+    one = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, 512, torch.float32, torch.device("cuda"))
+    scratch = cuda_scratch_bytes(cfg.num_experts_per_tok, one, cfg.hidden_size, cfg.moe_intermediate_size)
+    layers = cfg.num_hidden_layers
+    try:
+        plan = plan_slots(cfg.num_experts, layers, one, fixed, row.budget_bytes, None, scratch, what="--gpu-mem")
+    except MarcoError as e:
+        assert row.fast_bytes is None and e.hint.split("at least ")[1].split(",")[0] in row.note
+    else:
+        assert row.note.startswith(f"{plan.slots} of {cfg.num_experts} experts")
+        # within the rotary inverse frequencies, made at load and not in the file
+        assert abs(row.fast_bytes - (fixed + scratch + plan.slot_bytes)) <= 4 * cfg.head_dim
+        assert row.fast_bytes <= row.budget_bytes
+        if gpu_mem is None:  # the default budget holds half of each layer's experts
+            assert plan.slots == (cfg.num_experts + 1) // 2
 
 
 def test_info_on_a_gguf_counts_what_cuda_would_hold():
@@ -158,13 +194,12 @@ def test_info_on_a_gguf_counts_what_cuda_would_hold():
 def test_info_on_a_moe_gguf_offers_quantized_experts_and_a_budget(q4_path):
     """A MoE GGUF on CUDA: dense (bf16), experts kept as the file's blocks, or those blocks offloaded under a budget
     (non-expert weights in bf16, slots of quantized experts)."""
-    probe = model_info(str(q4_path), ctx=256)
-    rest = (probe.params.total - probe.params.experts) * 2 + probe.kv_bytes + (256 << 20)
-    mi = model_info(str(q4_path), ctx=256, gpu_mem=rest + probe.expert_bytes // 2)  # about half of the experts
+    mi = model_info(str(q4_path), ctx=256)  # a budget that holds about half of the experts
+    rest = (mi.params.total - mi.params.experts) * 2 + mi.kv_bytes
     names = [pl.name for pl in mi.placements]
     assert names == ["all on GPU", "all on GPU, experts quantized", "GPU budget", "CPU only"]
     dense, quant, budget, _ = mi.placements
-    assert quant.fast_bytes == rest + mi.expert_bytes < dense.fast_bytes
+    assert quant.fast_bytes == rest + mi.expert_bytes + (256 << 20) < dense.fast_bytes
     assert rest < budget.fast_bytes < quant.fast_bytes and "experts per layer resident" in budget.note
 
 

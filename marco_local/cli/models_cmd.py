@@ -86,7 +86,8 @@ def pull(
 def info(
     model: ModelArg,
     gpu_mem: Annotated[
-        str | None, typer.Option("--gpu-mem", help="GPU budget to plan for, e.g. 4GiB (default: half the experts).")
+        str | None,
+        typer.Option("--gpu-mem", help="GPU budget to plan for, e.g. 4GiB (default: one that holds half the experts)."),
     ] = None,
     ctx: Ctx = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -137,7 +138,13 @@ def info(
         gpu = gib(pl.fast_bytes) if pl.fast_bytes is not None else "-"
         name = f"{pl.name} {gib(pl.budget_bytes)}" if pl.budget_bytes is not None else pl.name
         mem.add_row(name, gpu, gib(pl.ram_bytes) if pl.ram_bytes else "-", pl.note)
-    _print(table, "", mem, f"[dim]memory = weights + KV cache + {gib(RUNTIME_MARGIN)} working margin (an estimate)[/]")
+    _print(
+        table,
+        "",
+        mem,
+        f"[dim]memory = weights + KV cache + {gib(RUNTIME_MARGIN)} working margin (an estimate); a GPU budget row is "
+        "planned as marco run plans it, with the CUDA working memory inside the budget[/]",
+    )
 
 
 def _count(n: int) -> str:
