@@ -211,3 +211,38 @@ def test_option_choices_are_the_librarys():
 
     assert options.DTYPES == tuple(runtime.DTYPES)
     assert options.EXPERT_POLICIES == POLICIES and options.MISS_HANDLING == MISS_HANDLING
+
+
+def test_output_files_are_checked_before_any_work(monkeypatch, marco_main, tmp_path):
+    """A trace or profile that cannot be written is said at once, not after the run (which then lost its result)."""
+    from marco_local import runtime
+
+    def never(*_, **__):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runtime, "load", never)
+    text = tmp_path / "text.txt"
+    text.write_text("some text", encoding="utf-8")
+    missing = str(tmp_path / "no" / "t.jsonl")
+    profile = ["profile", "demo", "--text", str(text), "-o"]
+    for args, said in [
+        (["run", "demo", "hi", "--trace", missing], "does not exist"),
+        (["run", "demo", "hi", "--trace", str(tmp_path)], "is a folder"),
+        ([*profile, missing], "does not exist"),
+        ([*profile, str(tmp_path / "p.json"), "--trace", str(tmp_path / "p.json")], "the same file"),
+        ([*profile, str(tmp_path / "p.json"), "--chunk", "0"], "at least 1"),
+    ]:
+        code, err = marco_main(*args)
+        assert code == 2 and said in err[0] and len(err) <= 2, (args, err)
+    code, err = marco_main("profile", "demo", "--text", str(tmp_path), "-o", str(tmp_path / "p.json"))
+    assert code == 1 and err[0].startswith("Error: cannot read") and "Is a directory" in err[0], err
+
+
+def test_profile_of_a_dense_model_is_refused(marco_main, tmp_path):
+    from gguf_fixtures import smollm2_path
+
+    text = tmp_path / "text.txt"
+    text.write_text("some text", encoding="utf-8")
+    code, err = marco_main("profile", str(smollm2_path()), "--text", str(text), "-o", str(tmp_path / "p.json"))
+    assert code == 1 and "dense model: it has no experts to profile" in err[0], err
+    assert not (tmp_path / "p.json").exists()

@@ -277,6 +277,27 @@ def test_static_policy_needs_a_profile_and_profile_must_match(ref, tmp_path):
         offloaded(folder, experts_resident="2", profile=str(bad))
 
 
+def test_a_profile_of_other_layers_or_bad_counts_is_refused(ref, profile_path, tmp_path):
+    """A profile of the same expert count but other layers (another model) would warm nothing and leave a static
+    policy with no hot set, silently; NaN or negative counts would rank experts at random."""
+    folder = ref[0]
+    good = json.loads(profile_path.read_text())
+    layers = good["layers"]
+    cases = {
+        "shifted": ({str(int(k) + 10): v for k, v in layers.items()}, "records layers 10-12, this model's MoE"),
+        "empty": ({}, "records layers none"),
+        "nan": ({k: [float("nan")] * len(v) for k, v in layers.items()}, "finite and not negative"),
+        "negative": ({k: [-1] * len(v) for k, v in layers.items()}, "finite and not negative"),
+    }
+    for name, (bad_layers, message) in cases.items():
+        bad = tmp_path / f"{name}.json"
+        bad.write_text(json.dumps({**good, "layers": bad_layers}))
+        with pytest.raises(MarcoError, match=message):
+            offloaded(folder, experts_resident="2", policy="static", profile=str(bad))
+    with pytest.raises(MarcoError, match="cannot read the profile"):
+        offloaded(folder, experts_resident="2", profile=str(tmp_path))  # a folder
+
+
 def test_cli_run_and_profile(ref, tmp_path):
     from typer.testing import CliRunner
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -69,6 +70,23 @@ def _choice(*names: str) -> Callable[[str], str]:
 def _not_empty(value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise typer.BadParameter("is empty")
+    return value
+
+
+def output_file(value: Path | None) -> Path | None:
+    """A file the command will write: caught here, not after a long run that then cannot save its result."""
+    if value is None:
+        return None
+    if value.is_dir():
+        raise typer.BadParameter(f"{value} is a folder; name a file")
+    if not value.parent.is_dir():
+        raise typer.BadParameter(f"the folder {value.parent} does not exist")
+    return value
+
+
+def at_least_one(value: int) -> int:
+    if value < 1:
+        raise typer.BadParameter(f"must be at least 1, not {value}")
     return value
 
 
@@ -173,4 +191,7 @@ Prefetch = Annotated[
         help="Speculate the next layer's experts and load them early (for CUDA: on a CPU with few cores the extra "
         "reads slow decode).",
     ),
+]
+TraceFile = Annotated[
+    Path | None, typer.Option(callback=output_file, help="Write the expert routing trace (JSON lines) to this file.")
 ]

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import MarcoError
 from . import ui
-from .options import Device, Dtype, ModelArg
+from .options import Device, Dtype, ModelArg, at_least_one, output_file
 
 EPILOG = "Examples:\n\n  marco profile nano --text turkish.txt -o tr.json\n\n  marco chat nano --profile tr.json"
 
@@ -18,9 +18,11 @@ EPILOG = "Examples:\n\n  marco profile nano --text turkish.txt -o tr.json\n\n  m
 def profile(
     model: ModelArg,
     text: Annotated[Path, typer.Option("--text", help="UTF-8 text file in the language/domain you will use.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Profile JSON to write.")],
-    trace: Annotated[Path | None, typer.Option(help="Also write the routing trace (JSON lines) here.")] = None,
-    chunk: Annotated[int, typer.Option(help="Tokens per forward pass.")] = 512,
+    output: Annotated[Path, typer.Option("--output", "-o", callback=output_file, help="Profile JSON to write.")],
+    trace: Annotated[
+        Path | None, typer.Option(callback=output_file, help="Also write the routing trace (JSON lines) here.")
+    ] = None,
+    chunk: Annotated[int, typer.Option(callback=at_least_one, help="Tokens per forward pass.")] = 512,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
     dtype: Dtype = "bf16",
     device: Device = "auto",
@@ -29,6 +31,8 @@ def profile(
     from ..offload.profile import record_profile, save_profile
     from ..runtime import load
 
+    if trace is not None and trace.resolve() == output.resolve():
+        raise MarcoError("--trace and -o name the same file", hint="give the trace its own name", exit_code=2)
     for path in (output, trace):
         if path is not None and path.exists() and not force:
             raise MarcoError(f"{path} already exists", hint="choose another name or pass --force")
@@ -38,8 +42,12 @@ def profile(
         raise MarcoError(f"{text} not found") from None
     except UnicodeDecodeError as e:
         raise MarcoError(f"{text} is not valid UTF-8 (byte {e.start})", hint="convert it with iconv") from e
+    except OSError as e:  # a folder, no permission, ...
+        raise MarcoError(f"cannot read {text}: {e.strerror}") from e
     with ui.progress("loading") as cb:
         lm = load(model, dtype=dtype, device=device, progress=cb)
+    if not getattr(lm.model.config, "num_experts", 0):
+        raise MarcoError(f"{model} is a dense model: it has no experts to profile")
     ids = lm.tokenizer.encode(content)
     if not ids:
         raise MarcoError(f"{text} is empty")

@@ -29,6 +29,7 @@ from .options import (
     Temperature,
     TopK,
     TopP,
+    TraceFile,
 )
 
 EPILOG = "Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano"
@@ -71,7 +72,7 @@ def run(
     expert_policy: ExpertPolicy = "lru",
     prefetch: Prefetch = False,
     expert_misses: ExpertMisses = "auto",
-    trace: Annotated[str | None, typer.Option(help="Write the expert routing trace (JSON lines) to this file.")] = None,
+    trace: TraceFile = None,
 ) -> None:
     """Answer one prompt and exit. Only the answer goes to stdout."""
     from ..generate import UNTIL_FULL, PromptCache, stream_generate

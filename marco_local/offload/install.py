@@ -14,6 +14,7 @@ Invariant: the plan is computed and checked against the budget before any expert
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -128,11 +129,41 @@ def load_profile(path: str | Path) -> dict[int, list[float]]:
     """layer -> per-expert frequency from a `marco profile` JSON file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return {int(k): [float(c) for c in v] for k, v in data["layers"].items()}
+        layers = {int(k): [float(c) for c in v] for k, v in data["layers"].items()}
     except FileNotFoundError:
         raise MarcoError(f"profile {path} not found", hint="create one with marco profile MODEL --text FILE") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise MarcoError(f"{path} is not an expert profile: {e}", hint="create one with marco profile") from e
+    except OSError as e:  # a folder, no permission
+        raise MarcoError(f"cannot read the profile {path}: {e.strerror}") from e
+    if any(not 0 <= c < math.inf for counts in layers.values() for c in counts):  # NaN fails both comparisons
+        raise MarcoError(f"{path} is not an expert profile: frequencies must be finite and not negative")
+    return layers
+
+
+def _check_profile(profile: dict[int, list[float]], path: str, cfg, moe_layers: list[int]) -> None:
+    """A profile is of this model's MoE layers and experts: one recorded elsewhere would warm the wrong experts (or
+    none: a static policy would then hold nothing) without a word."""
+    hint = "record a profile for this model with marco profile"
+    if any(len(v) != cfg.num_experts for v in profile.values()):
+        raise MarcoError(f"the profile {path} was recorded on a model with a different number of experts", hint=hint)
+    if sorted(profile) != moe_layers:
+        raise MarcoError(
+            f"the profile {path} records layers {_spans(sorted(profile))}, this model's MoE layers are "
+            f"{_spans(moe_layers)}",
+            hint=hint,
+        )
+
+
+def _spans(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"; [] -> "none"."""
+    spans: list[list[int]] = []
+    for i in layers:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans) or "none"
 
 
 def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -227,11 +258,8 @@ def _wrap(
     cfg = model.config
     blocks = _moe_blocks(model)
     profile = load_profile(placement.profile) if placement.profile else None
-    if profile and any(len(v) != cfg.num_experts for v in profile.values()):
-        raise MarcoError(
-            f"the profile {placement.profile} was recorded on a model with a different number of experts",
-            hint="record a profile for this model with marco profile",
-        )
+    if profile is not None:
+        _check_profile(profile, placement.profile, cfg, [i for i, _ in blocks])
     factory = make_policy_factory(placement.policy, profile)
     layers = []
     for i, block in blocks:
