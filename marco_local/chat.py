@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,10 +253,17 @@ class ChatSession:
         path = Path(path).expanduser()
         if path.exists() and not force:
             raise MarcoError(f"{path} already exists", hint="choose another name, or add --force to overwrite it")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.to_dict(model_name), indent=2, ensure_ascii=False) + "\n", "utf-8")
+        if path.is_dir():
+            raise MarcoError(f"{path} is a folder", hint="name a file")
+        if not path.parent.is_dir():  # a typo must not create folders
+            raise MarcoError(f"the folder {path.parent} does not exist", hint="create it first")
+        text = json.dumps(self.to_dict(model_name), indent=2, ensure_ascii=False) + "\n"
+        tmp = path.with_name(f".{path.name}.partial")
+        try:  # through a temporary file: a failed write leaves an earlier save whole
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
         except OSError as e:
+            tmp.unlink(missing_ok=True)
             raise MarcoError(f"cannot write {path}: {e.strerror or e}") from e
         return path
 

@@ -185,6 +185,12 @@ def test_save_and_load_round_trip(lm, tmp_path):
     with pytest.raises(MarcoError, match="already exists"):
         s.save(path)
     s.save(path, model_name="demo", force=True)
+    with pytest.raises(MarcoError, match="does not exist"):  # a typo creates no folders
+        s.save(tmp_path / "no" / "such" / "conv.json")
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(MarcoError, match="is a folder"):
+        s.save(tmp_path, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.json"]  # no temporary file left
 
     other = ChatSession(lm.model, lm.tokenizer, ChatSettings(), context_length=512)
     other.load(path)
