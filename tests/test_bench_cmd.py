@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+import torch
 from typer.testing import CliRunner
 
 from marco_local.benchmark import run_benchmark
@@ -35,8 +37,20 @@ def test_cli_table_and_bad_repeats() -> None:
     res = CliRunner().invoke(app, ["bench", "demo", "-p", "4", "-n", "2", "-r", "1"])
     assert res.exit_code == 0
     assert "decode 2" in res.stderr and "peak RSS" in res.stderr and res.stdout == ""
-    bad = CliRunner().invoke(app, ["bench", "demo", "-r", "0"])
-    assert bad.exit_code != 0
+
+
+def test_bad_counts_name_their_option_and_too_many_threads_or_tokens_are_said(marco_main) -> None:
+    for option in ("--prompt-tokens", "--decode-tokens", "--repeats", "--threads"):
+        code, err = marco_main("bench", "demo", option, "0")
+        assert code == 2 and option in err[0] and "at least 1, not 0" in err[0], err
+    many, saved = (os.cpu_count() or 1) + 1, torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, ["bench", "demo", "-p", "4100", "-n", "2", "-r", "1", "-t", str(many)])
+    finally:
+        torch.set_num_threads(saved)  # bench sets it for the process: the later tests keep theirs
+    assert res.exit_code == 0, res.output
+    assert f"--threads {many} is more than this machine's" in res.stderr
+    assert "tokens are more than the model's context window" in res.stderr
 
 
 def test_cli_takes_the_placement_options() -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ..errors import MarcoError
 from . import ui
 from .options import (
     Device,
@@ -22,6 +22,7 @@ from .options import (
     ModelArg,
     Prefetch,
     RamMem,
+    at_least_one,
 )
 
 EPILOG = (
@@ -34,10 +35,18 @@ EPILOG = (
 
 def bench(
     model: ModelArg,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-p", help="Prompt length to time.")] = 512,
-    decode_tokens: Annotated[int, typer.Option("--decode-tokens", "-n", help="Tokens to decode.")] = 128,
-    repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed runs of each test.")] = 3,
-    threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (default: torch's).")] = None,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", "-p", callback=at_least_one, help="Prompt length to time.")
+    ] = 512,
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", "-n", callback=at_least_one, help="Tokens to decode.")
+    ] = 128,
+    repeats: Annotated[
+        int, typer.Option("--repeats", "-r", callback=at_least_one, help="Timed runs of each test.")
+    ] = 3,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-t", callback=at_least_one, help="CPU threads (default: torch's).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout instead of the table.")] = False,
     dtype: Dtype = "bf16",
     device: Device = "auto",
@@ -57,8 +66,8 @@ def bench(
     from ..qlinear import kernel_summary
     from ..runtime import load
 
-    if min(prompt_tokens, decode_tokens, repeats) < 1 or (threads is not None and threads < 1):
-        raise MarcoError("--prompt-tokens, --decode-tokens, --repeats and --threads must be at least 1")
+    if threads and threads > (os.cpu_count() or threads):
+        ui.warn(f"--threads {threads} is more than this machine's {os.cpu_count()} CPU cores: expect slower runs")
     if threads:
         torch.set_num_threads(threads)
     ctx = max(prompt_tokens, decode_tokens + 1)  # what run_benchmark's cache holds: the budget counts it
@@ -67,6 +76,8 @@ def bench(
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
     for note in lm.notes:  # what the loader decided on its own (a model too big for the GPU)
         ui.info(note)
+    if ctx > lm.context_length:
+        ui.warn(f"the benchmark's {ctx} tokens are more than the model's context window ({lm.context_length})")
     with ui.progress("benchmarking") as cb:
         result = run_benchmark(
             lm.model,

@@ -84,8 +84,8 @@ def output_file(value: Path | None) -> Path | None:
     return value
 
 
-def at_least_one(value: int) -> int:
-    if value < 1:
+def at_least_one(value: int | None) -> int | None:
+    if value is not None and value < 1:
         raise typer.BadParameter(f"must be at least 1, not {value}")
     return value
 
