@@ -15,3 +15,12 @@ class MarcoError(Exception):
         self.message = message
         self.hint = hint
         self.exit_code = exit_code
+
+
+def not_a_number() -> MarcoError:
+    """NaN out of a forward pass: finite weights and inputs never make one, so the file is damaged (a flipped byte in
+    a block scale is enough). Said where it is found (the router, the sampler) instead of as an internal error."""
+    return MarcoError(
+        "the model computed NaN (not-a-number) values: its weights are probably damaged",
+        hint="download or quantize the model again",
+    )

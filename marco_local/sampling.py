@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .errors import not_a_number
+
 Sampler = Callable[[torch.Tensor], int]
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
@@ -48,12 +50,20 @@ def make_sampler(
     seed: int | None = None,
 ) -> Sampler:
     if temperature <= 0:
-        return lambda logits: int(torch.argmax(logits))
+
+        def greedy(logits: torch.Tensor) -> int:
+            if torch.isnan(logits).any():  # argmax would pick a NaN as the largest
+                raise not_a_number()
+            return int(torch.argmax(logits))
+
+        return greedy
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else torch.seed())
 
     def sample(logits: torch.Tensor) -> int:
         logits = logits.float().cpu()
+        if torch.isnan(logits).any():  # torch.multinomial would fail with an internal error
+            raise not_a_number()
         if top_k > 0 and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

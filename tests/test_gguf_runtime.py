@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -160,6 +161,29 @@ def test_runtime_load_runs_a_gguf(moe_f32):
     out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
     steps = generate_step(model, prompt, PromptCache(model.make_cache(64)), make_sampler(0.0), max_tokens=12)
     assert list(steps) == out[0, len(prompt) :].tolist()  # f32 GGUF: the same greedy tokens as transformers
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_a_damaged_file_that_computes_nan_is_said_in_one_line(moe_f32, tmp_path, monkeypatch, marco_main, kernels):
+    """A router weight turned NaN (a flipped byte does it) once surfaced as "native kernel: unsupported type or
+    shape" or torch.multinomial's internal error, both reported as bugs."""
+    from marco_local import native
+
+    _, _, path = moe_f32
+    damaged = tmp_path / "damaged.gguf"
+    shutil.copy(path, damaged)
+    router = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_gate_inp.weight")
+    assert router.tensor_type == T.F32
+    with open(damaged, "r+b") as f:
+        f.seek(router.data_offset)
+        f.write(np.full(router.n_elements, np.nan, dtype=np.float32).tobytes())
+    if kernels == "torch":
+        monkeypatch.setattr(native, "available", lambda: False)
+    elif not native.available():
+        pytest.skip("no native kernels")
+    for temperature in (0.0, 0.7):  # greedy (argmax would pick the NaN) and sampling
+        code, err = marco_main("run", str(damaged), "hi", "-n", "3", "--temperature", str(temperature))
+        assert code == 1 and err[0].startswith("Error: the model computed NaN") and len(err) == 2, err
 
 
 def test_marco_run_on_a_gguf_leaves_heavy_modules_unimported(moe_f32):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import not_a_number
 from ..paths import cache_home
 
 HERE = Path(__file__).parent
@@ -155,6 +156,8 @@ def supports(ggml_type: int) -> bool:
 def _check(code: int) -> None:
     if code == -1:
         raise ValueError("native kernel: unsupported type or shape")
+    if code == -3:
+        raise not_a_number()
     if code:
         raise MemoryError("native kernel: out of scratch memory")
 

@@ -52,7 +52,7 @@ int marco_route(const float *x, const void *w, int w_f32, int n_experts, int dim
         for (int e = 0; e < n_experts; e++) {
             if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
         }
-        if (best < 0) return -1; /* NaN logits */
+        if (best < 0) return -3; /* NaN logits */
         ids[j] = best;
         weights[j] = p[best] / sum;
         picked += weights[j];
