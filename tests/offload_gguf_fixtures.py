@@ -38,18 +38,27 @@ def decode_logits(model, steps: int = 4) -> torch.Tensor:
     return torch.cat([model(torch.tensor([[PROMPT[i]]]), cache) for i in range(steps)])
 
 
-@pytest.fixture(scope="module")
-def q4_path(make_checkpoint, tmp_path_factory):
+def write_q4(make_checkpoint, tmp_path_factory, name: str, **overrides):
     from marco_local.checkpoint import Checkpoint
     from marco_local.config import load_config
     from quant.gguf_writer import write_gguf
 
     shape = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=512, num_hidden_layers=2)
-    shape |= dict(num_experts_per_tok=4)  # a sum of 4 experts in bf16 depends on its order: 2 would not
-    folder, _ = make_checkpoint("offload-q4", seed=7, head_dim=64, **shape)
+    folder, _ = make_checkpoint(name, seed=7, head_dim=64, **shape, **overrides)
     path = tmp_path_factory.mktemp("gguf") / "q4.gguf"
     write_gguf(Checkpoint(folder), load_config(folder), folder, path, "q4_k_m")
     return path
+
+
+@pytest.fixture(scope="module")
+def q4_path(make_checkpoint, tmp_path_factory):
+    return write_q4(make_checkpoint, tmp_path_factory, "offload-q4")
+
+
+@pytest.fixture(scope="module")
+def q4_top4_path(make_checkpoint, tmp_path_factory):
+    """Four experts per token: their sum in bf16 depends on its order (a sum of two would not)."""
+    return write_q4(make_checkpoint, tmp_path_factory, "offload-q4-top4", num_experts_per_tok=4)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from offload_gguf_fixtures import (  # noqa: F401
     one_thread,
     prefill_logits,
     q4_path,
+    q4_top4_path,
 )
 
 from marco_local.offload import Placement, install, offload_stats
@@ -22,7 +23,7 @@ from marco_local.offload import Placement, install, offload_stats
 @pytest.mark.parametrize(
     ("dtype", "kernels"), [(torch.bfloat16, "native"), (torch.bfloat16, "int4"), (torch.float32, "exact")]
 )
-def test_quantized_gguf_experts_offload_identically(q4_path, dtype, kernels, request):
+def test_quantized_gguf_experts_offload_identically(q4_top4_path, dtype, kernels, request):
     """With fewer slots than a token's experts too: the int4 kernels (no C compiler, MARCO_NATIVE=0) once summed
     such a token in another order than the resident model and chose other tokens."""
     from marco_local.gguf_loader import load_gguf
@@ -30,11 +31,11 @@ def test_quantized_gguf_experts_offload_identically(q4_path, dtype, kernels, req
     if kernels == "int4":
         request.getfixturevalue("int4_kernels")
 
-    plain, _ = load_gguf(q4_path, dtype=dtype, device=torch.device("cpu"))
+    plain, _ = load_gguf(q4_top4_path, dtype=dtype, device=torch.device("cpu"))
     want, logits, steps = greedy(plain), prefill_logits(plain), decode_logits(plain)
     for slots in ("1", "3"):
-        model, _ = load_gguf(q4_path, dtype=dtype, device=torch.device("cpu"))
-        install(model, Placement(experts_resident=slots), files=[q4_path])
+        model, _ = load_gguf(q4_top4_path, dtype=dtype, device=torch.device("cpu"))
+        install(model, Placement(experts_resident=slots), files=[q4_top4_path])
         assert greedy(model) == want
         assert torch.equal(prefill_logits(model), logits)
         assert torch.equal(decode_logits(model), steps)
