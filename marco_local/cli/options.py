@@ -179,9 +179,9 @@ ExpertMisses = Annotated[
     typer.Option(
         "--expert-misses",
         callback=_choice(*MISS_HANDLING),
-        help="A missing expert: copy it into fast memory, compute it on the cpu where it lies (CUDA: while the GPU "
-        "computes the resident ones), direct (CUDA: the GPU reads it from host RAM where it lies; no host step per "
-        "layer), or auto (measured at load).",
+        help="A missing expert: copy it into fast memory, compute it on the cpu where it lies (CUDA only: while the "
+        "GPU computes the resident ones), direct (CUDA only: the GPU reads it from host RAM where it lies; no host "
+        "step per layer), or auto (measured at load).",
     ),
 ]
 Prefetch = Annotated[

@@ -135,4 +135,4 @@ def run(
 
         kernels = kernel_summary(lm.model)
         extra = f" · kernels: {kernels}" if kernels else ""
-        ui.info(ui.stats_line(last) + f" · finish: {last.finish_reason}{extra}")
+        ui.info(ui.stats_line(last, moves=True) + f" · finish: {last.finish_reason}{extra}")

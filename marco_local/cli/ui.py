@@ -83,9 +83,10 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def stats_line(r) -> str:
+def stats_line(r, moves: bool = False) -> str:
     """One line after a reply: speeds, time to first token, memory, and for an offloaded model the share of experts
-    in fast memory (as `ollama ps` gives the GPU's share) and the cache's hit rate."""
+    in fast memory (as `ollama ps` gives the GPU's share) and the cache's hit rate; `moves`: also the bytes its
+    misses moved and the time decode stalled on them (`run --verbose`; the chat has /stats for them)."""
     parts = [
         f"prompt {r.prompt_tokens} tok @ {r.prompt_tps:.1f} tok/s",
         f"decode {r.generation_tokens} tok @ {r.generation_tps:.1f} tok/s",
@@ -99,4 +100,6 @@ def stats_line(r) -> str:
     hit = r.stats.get("expert_hit_rate") if r.stats else None
     if hit is not None:
         parts.append(f"expert hits {hit:.0%}")
+    if moves and hit is not None:
+        parts.append(f"{human_bytes(r.stats['expert_bytes_moved'])} moved, stalled {r.stats['expert_stall_s']:.2f} s")
     return " · ".join(parts)

@@ -338,6 +338,12 @@ def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: 
     able = all(x.can_compute_on_cpu() for x in rt.layers)
     on_cpu = False
     if placement.misses == "cpu":
+        if rt.layers[0].device.type == "cpu":
+            raise MarcoError(
+                "--expert-misses cpu is for CUDA (the CPU computes the missing experts while the GPU computes the "
+                "others); on a CPU-only run every expert is computed on the CPU already",
+                hint="leave --expert-misses out",
+            )
         if not able:
             raise MarcoError(
                 "--expert-misses cpu needs the experts in host RAM as plain tensors (a checkpoint folder on CUDA)",
