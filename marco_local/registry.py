@@ -83,6 +83,8 @@ def _package_file(entry: ModelEntry) -> Path:
 
 
 def resolve(spec: str) -> ResolvedModel:
+    if not spec.strip():  # Path("") is the current folder
+        raise MarcoError("no model given", hint="name one: marco list shows them", exit_code=2)
     models = known_models()
     path = Path(spec).expanduser()
     if spec in models:

@@ -93,6 +93,9 @@ def test_resolve_kinds(tmp_path, monkeypatch):
     assert err.value.hint == "run: marco pull nano"
     with pytest.raises(MarcoError, match="not in the local Hugging Face cache"):
         resolve("someone/some-model")
+    for empty in ("", "  "):  # not the current folder
+        with pytest.raises(MarcoError, match="no model given"):
+            resolve(empty)
 
 
 def digest(folder) -> dict[str, str]:
