@@ -421,6 +421,7 @@ def model_info(spec: str, ctx: int = 4096, gpu_mem: int | None = None) -> ModelI
         g_.nbytes += nbytes
     weight_bytes = sum(n for _, _, n in tensors)
     expert_bytes = sum(n for name, _, n in tensors if _is_expert(name))
+    ctx = min(ctx, cfg.max_position_embeddings)  # as run clamps --ctx
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * kv_itemsize
     non_experts_on_gpu = weight_bytes - expert_bytes + kv  # besides the experts, on CUDA
     placements = [

@@ -217,6 +217,8 @@ def test_info_cli_table_and_json(tmp_path):
     assert "\x1b" not in out and all(line == line.rstrip() for line in out.splitlines())
     data = json.loads(cli("info", str(folder), "--json", "--ctx", "1024")[1])
     assert data["params"]["total"] > 7.9e9 and data["ctx"] == 1024 and data["one_expert_bytes"] == 786432 * 3
+    longest = NANO["max_position_embeddings"]
+    assert json.loads(cli("info", str(folder), "--json", "--ctx", str(10 * longest))[1])["ctx"] == longest  # as run
     with pytest.raises(MarcoError, match="cannot read the size"):
         cli("info", str(folder), "--gpu-mem", "lots")
 
