@@ -338,7 +338,7 @@ def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: 
     able = all(x.can_compute_on_cpu() for x in rt.layers)
     on_cpu = False
     if placement.misses == "cpu":
-        if rt.layers[0].device.type == "cpu":
+        if not able and rt.layers[0].device.type == "cpu":
             raise MarcoError(
                 "--expert-misses cpu is for CUDA (the CPU computes the missing experts while the GPU computes the "
                 "others); on a CPU-only run every expert is computed on the CPU already",
