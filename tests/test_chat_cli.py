@@ -110,48 +110,35 @@ def test_ctrl_c_clears_a_line_and_twice_at_an_empty_prompt_leaves(lm, capsys):
     assert err.count("press Ctrl+C again or Ctrl+D to leave") == 1
 
 
-def test_ctrl_c_during_a_reply_keeps_the_partial_reply_and_the_chat_goes_on(lm, capsys):
-    s = ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=50), None, 512)
-    chat = ChatUI(s, lm=lm, model_name="demo", plain=True, prompt_session=object())
-    calls = []
-
-    def interrupt_on_the_fifth_forward(module, args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-
-    handle = lm.model.register_forward_pre_hook(interrupt_on_the_fifth_forward)
-    try:
-        chat.handle("tell me everything")
-    finally:
-        handle.remove()
-    out, err = capsys.readouterr()
-    assert "interrupted" in err
-    assert s.messages[-1]["interrupted"] is True and s.messages[-1]["content"] in out
-    chat.handle("and then?")
-    assert s.messages[-1].get("interrupted") is None and len(s.messages) == 4
-
-
-def test_an_error_during_a_reply_is_one_line_and_the_chat_goes_on(lm, capsys, monkeypatch):
-    """An exception nobody expected (here from the model) must not end the chat and lose the conversation."""
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        (KeyboardInterrupt(), "interrupted: the partial reply stays in the conversation"),
+        (RuntimeError("something broke"), "Error: unexpected RuntimeError: something broke (the conversation is kept)"),
+    ],
+)
+def test_a_reply_stopped_by_ctrl_c_or_an_error_stays_and_the_chat_goes_on(lm, capsys, monkeypatch, raised, said):
+    """Ctrl-C, or an exception nobody expected (here from the model), during a reply: the partial reply stays in the
+    conversation, marked interrupted, and the chat goes on (an error used to end it and lose the conversation)."""
     monkeypatch.delenv("MARCO_DEBUG", raising=False)
     s = ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=50), None, 512)
     chat = ChatUI(s, lm=lm, model_name="demo", plain=True, prompt_session=object())
     calls = []
 
-    def fail_on_the_third_forward(module, args):
+    def stop_on_the_fifth_forward(module, args):
         calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("something broke")
+        if len(calls) == 5:
+            raise raised
 
-    handle = lm.model.register_forward_pre_hook(fail_on_the_third_forward)
+    handle = lm.model.register_forward_pre_hook(stop_on_the_fifth_forward)
     try:
         chat.handle("tell me everything")
     finally:
         handle.remove()
-    err = capsys.readouterr().err
-    assert "Error: unexpected RuntimeError: something broke (the conversation is kept)" in err
+    out, err = capsys.readouterr()
+    assert said in err
     assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[-1]["interrupted"] is True
+    assert s.messages[-1]["content"] and s.messages[-1]["content"] in out
     chat.handle("and then?")
     assert len(s.messages) == 4 and s.messages[-1].get("interrupted") is None
 
