@@ -23,6 +23,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf_fixtures import ids_batch, kl, rel_err, smollm2_path, write_moe_f32
+from offload_gguf_fixtures import q4_path  # noqa: F401
 from tokenizers import Tokenizer as HFTokenizer
 
 from marco_local.errors import MarcoError
@@ -184,6 +185,24 @@ def test_a_damaged_file_that_computes_nan_is_said_in_one_line(moe_f32, tmp_path,
     for temperature in (0.0, 0.7):  # greedy (argmax would pick the NaN) and sampling
         code, err = marco_main("run", str(damaged), "hi", "-n", "3", "--temperature", str(temperature))
         assert code == 1 and err[0].startswith("Error: the model computed NaN") and len(err) == 2, err
+
+
+def test_nan_through_quantized_layers_reaches_the_logits_and_is_said(q4_path, tmp_path, marco_main):
+    """Every f16 scale of one attention weight NaN (bytes 0x7E7E): the native kernels quantize the NaN activations
+    that follow; their block scale must stay NaN, or the logits come out finite and greedy decoding ends at once on
+    token 0 with exit code 0, saying nothing."""
+    from marco_local import native
+
+    if not native.available():
+        pytest.skip("no native kernels")
+    damaged = tmp_path / "damaged.gguf"
+    shutil.copy(q4_path, damaged)
+    target = next(t for t in gguf.GGUFReader(q4_path).tensors if t.name == "blk.0.attn_output.weight")
+    with open(damaged, "r+b") as f:
+        f.seek(target.data_offset)
+        f.write(b"\x7e" * target.n_bytes)
+    code, err = marco_main("run", str(damaged), "hi", "-n", "3", "--temperature", "0")
+    assert code == 1 and err[0].startswith("Error: the model computed NaN"), err
 
 
 def test_marco_run_on_a_gguf_leaves_heavy_modules_unimported(moe_f32):

@@ -3,11 +3,13 @@
 
 #include "ggml_dot.h"
 
+/* The largest |x|, or NaN when x holds one: the block's scale then is NaN and so is every dot product with it, so a
+ * NaN activation (damaged weights) reaches the logits, where it is reported, instead of quantizing to 0 silently. */
 static float block_amax(const float *x, int n) {
     float m = 0.0f;
     for (int i = 0; i < n; i++) {
         float v = fabsf(x[i]);
-        m = v > m ? v : m;
+        m = (v > m || v != v) ? v : m;
     }
     return m;
 }
