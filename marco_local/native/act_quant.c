@@ -3,15 +3,18 @@
 
 #include "ggml_dot.h"
 
-/* The largest |x|, or NaN when x holds one: the block's scale then is NaN and so is every dot product with it, so a
- * NaN activation (damaged weights) reaches the logits, where it is reported, instead of quantizing to 0 silently. */
+/* The largest |x|, or NaN when x holds a NaN (or an inf): the block's scale then is NaN and so is every dot product
+ * with it, so NaN activations (damaged weights) reach the logits, where they are reported, instead of quantizing to
+ * finite values silently. `x * 0` is 0 for finite x only, and vectorizes with the max (0.37 against 0.27 ns/float
+ * here; a NaN test inside the max's select took 0.91). */
 static float block_amax(const float *x, int n) {
-    float m = 0.0f;
+    float m = 0.0f, finite = 0.0f;
     for (int i = 0; i < n; i++) {
         float v = fabsf(x[i]);
-        m = (v > m || v != v) ? v : m;
+        m = v > m ? v : m;
+        finite += x[i] * 0.0f;
     }
-    return m;
+    return finite == 0.0f ? m : NAN;
 }
 
 void quantize_act32(const float *x, act32 *y, int k) {
