@@ -246,3 +246,30 @@ def test_profile_of_a_dense_model_is_refused(marco_main, tmp_path):
     code, err = marco_main("profile", str(smollm2_path()), "--text", str(text), "-o", str(tmp_path / "p.json"))
     assert code == 1 and "dense model: it has no experts to profile" in err[0], err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_trace_or_profile_replaces_only_an_earlier_one(marco_main, tmp_path, checkpoint):
+    """`marco run --trace victim.gguf` once overwrote the model it ran (run has no --force: a trace is a log that a
+    next run replaces); `profile -o --force` the text it read."""
+    folder, _ = checkpoint
+    victim = tmp_path / "victim.gguf"
+    victim.write_bytes(b"GGUF\x03\x00\x00\x00 not a trace")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes", encoding="utf-8")
+    run = ["run", str(folder), "hi", "-n", "2", "--temperature", "0"]
+    for target in (victim, notes):
+        code, err = marco_main(*run, "--trace", str(target))
+        assert code == 1 and "is not a marco-expert-trace file; refusing to overwrite it" in err[0], err
+    assert victim.read_bytes().startswith(b"GGUF") and notes.read_text() == "my notes"
+    trace = tmp_path / "t.jsonl"
+    for _ in range(2):  # an earlier trace is replaced
+        code, err = marco_main(*run, "--trace", str(trace), "--experts-resident", "2")
+        assert code == 0, err
+    profile = ["profile", str(folder), "--text", str(notes), "--force"]
+    code, err = marco_main(*profile, "-o", str(notes))
+    assert code == 1 and "not a marco-expert-profile file" in err[0] and notes.read_text() == "my notes", err
+    code, err = marco_main(*profile, "-o", str(tmp_path / "p.json"), "--trace", str(victim))
+    assert code == 1 and "not a marco-expert-trace file" in err[0] and not (tmp_path / "p.json").exists(), err
+    for _ in range(2):  # an earlier profile and trace are replaced with --force
+        code, err = marco_main(*profile, "-o", str(tmp_path / "p.json"), "--trace", str(trace))
+        assert code == 0, err

@@ -7,12 +7,15 @@ chat's /set uses too; torch is imported only when a sampling option is given (`m
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from ..errors import MarcoError
 
 
 def _sampling(name: str) -> Callable[[Any], Any]:
@@ -82,6 +85,23 @@ def output_file(value: Path | None) -> Path | None:
     if not value.parent.is_dir():
         raise typer.BadParameter(f"the folder {value.parent} does not exist")
     return value
+
+
+def check_replaceable(path: Path | None, kind: str, force: bool = True) -> None:
+    """An existing output file is replaced only when it is an earlier output of the same kind (`kind`: the "format"
+    of its first JSON line, as trace and profile files start): never the model being run, its profile, or a text the
+    user wrote (`marco run --trace victim.gguf` once overwrote the model). `force`: whether replacing was asked."""
+    if path is None or not path.exists():
+        return
+    try:
+        with open(path, "rb") as f:
+            head = json.loads(f.readline(4096))
+    except (OSError, ValueError):  # not JSON, not UTF-8, a partial line
+        head = None
+    if not isinstance(head, dict) or head.get("format") != kind:
+        raise MarcoError(f"{path} exists and is not a {kind} file; refusing to overwrite it", hint="name a new file")
+    if not force:
+        raise MarcoError(f"{path} already exists", hint="choose another name or pass --force")
 
 
 def at_least_one(value: int | None) -> int | None:

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import MarcoError
 from . import ui
-from .options import Device, Dtype, ModelArg, at_least_one, output_file
+from .options import Device, Dtype, ModelArg, at_least_one, check_replaceable, output_file
 
 EPILOG = "Examples:\n\n  marco profile nano --text turkish.txt -o tr.json\n\n  marco chat nano --profile tr.json"
 
@@ -28,14 +28,15 @@ def profile(
     device: Device = "auto",
 ) -> None:
     """Record per-layer expert frequencies on your own text."""
+    from ..offload.profile import FORMAT as PROFILE_FORMAT
     from ..offload.profile import record_profile, save_profile
+    from ..offload.trace import FORMAT as TRACE_FORMAT
     from ..runtime import load
 
     if trace is not None and trace.resolve() == output.resolve():
         raise MarcoError("--trace and -o name the same file", hint="give the trace its own name", exit_code=2)
-    for path in (output, trace):
-        if path is not None and path.exists() and not force:
-            raise MarcoError(f"{path} already exists", hint="choose another name or pass --force")
+    check_replaceable(output, PROFILE_FORMAT, force)  # --force replaces an earlier profile or trace only
+    check_replaceable(trace, TRACE_FORMAT, force)
     try:
         content = text.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -30,6 +30,7 @@ from .options import (
     TopK,
     TopP,
     TraceFile,
+    check_replaceable,
 )
 
 EPILOG = "Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano"
@@ -77,9 +78,11 @@ def run(
     """Answer one prompt and exit. Only the answer goes to stdout."""
     from ..generate import UNTIL_FULL, PromptCache, stream_generate
     from ..offload import Placement, TraceRecorder, offload_stats
+    from ..offload.trace import FORMAT as TRACE_FORMAT
     from ..runtime import load
     from ..sampling import make_logits_processors, make_sampler
 
+    check_replaceable(trace, TRACE_FORMAT)  # a trace replaces an earlier trace only
     text = "\n".join(p for p in (read_stdin_prompt(), prompt) if p)
     if not text.strip():
         raise MarcoError("empty prompt", hint="pass a prompt argument or pipe text into marco run")
