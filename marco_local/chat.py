@@ -251,10 +251,10 @@ class ChatSession:
 
     def save(self, path: str | Path, model_name: str | None = None, force: bool = False) -> Path:
         path = Path(path).expanduser()
-        if path.exists() and not force:
-            raise MarcoError(f"{path} already exists", hint="choose another name, or add --force to overwrite it")
         if path.is_dir():
             raise MarcoError(f"{path} is a folder", hint="name a file")
+        if path.exists() and not force:
+            raise MarcoError(f"{path} already exists", hint="choose another name, or add --force to overwrite it")
         if not path.parent.is_dir():  # a typo must not create folders
             raise MarcoError(f"the folder {path.parent} does not exist", hint="create it first")
         text = json.dumps(self.to_dict(model_name), indent=2, ensure_ascii=False) + "\n"

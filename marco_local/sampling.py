@@ -7,6 +7,7 @@ from `seed` makes a run reproducible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -36,8 +37,10 @@ def setting_error(name: str, value: float) -> str | None:
         return None if value == RANDOM_SEED or 0 <= value <= MAX_SEED else f"must be {RANDOM_SEED} or 0..{MAX_SEED}"
     low, high, low_excluded = SETTING_RANGES[name]
     bounds = f"{'above' if low_excluded else 'at least'} {low}" if high is None else f"between {low} and {high}"
+    if not math.isfinite(value):
+        return f"must be a finite number {bounds}"
     too_low = value <= low if low_excluded else value < low
-    if value != value or too_low or (high is not None and value > high) or value == float("inf"):
+    if too_low or (high is not None and value > high):
         return f"must be {bounds}"
     return None
 

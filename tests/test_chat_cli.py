@@ -63,6 +63,7 @@ def test_slash_commands_settings_save_load_and_unknown_command(lm, tmp_path, cap
         "/set top_k 5\r"
         "/set max_tokens 6\r"
         "/set top_k lots\r"
+        "/set seed -1\r"
         "/frobnicate now\r"
         "hello\r"
         "/system Be brief.\r"
@@ -81,7 +82,7 @@ def test_slash_commands_settings_save_load_and_unknown_command(lm, tmp_path, cap
     out, err = capsys.readouterr()
     s = chat.session
     assert (s.settings.temperature, s.settings.top_k, s.settings.max_tokens) == (0.0, 5, 6)
-    assert "top_k needs an integer" in err
+    assert "top_k needs an integer" in err and "Set seed to random." in err
     assert "Error: unknown command /frobnicate" in err and "Hint: type /help" in err
     assert "/regen" in err and "/save FILE" in err  # the help text
     assert "Saved 2 messages" in err and "already exists" in err

@@ -265,6 +265,8 @@ def test_the_smallest_budget_named_in_the_refusal_runs(ref):
         offloaded(folder, ram_mem=str(needed - 1))
     named = e.value.hint.split("at least ")[1].split(",")[0]
     assert offloaded(folder, ram_mem=named.replace(" ", "")).offload.plan.slots >= 1
+    given = e.value.message.split("--ram-mem ")[1].split(" is too small")[0]
+    assert given != named  # not "21.0 MiB is too small ... at least 21.0 MiB"
 
 
 def test_static_policy_needs_a_profile_and_profile_must_match(ref, tmp_path):
@@ -285,7 +287,7 @@ def test_a_profile_of_other_layers_or_bad_counts_is_refused(ref, profile_path, t
     layers = good["layers"]
     cases = {
         "shifted": ({str(int(k) + 10): v for k, v in layers.items()}, "records layers 10-12, this model's MoE"),
-        "empty": ({}, "records layers none"),
+        "empty": ({}, "records no layers"),
         "nan": ({k: [float("nan")] * len(v) for k, v in layers.items()}, "finite and not negative"),
         "negative": ({k: [-1] * len(v) for k, v in layers.items()}, "finite and not negative"),
     }

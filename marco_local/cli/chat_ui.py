@@ -363,7 +363,9 @@ class ChatUI:
                 raise MarcoError("usage: /set NAME VALUE", hint=f"names: {', '.join(SETTINGS)}")
             else:
                 s.set(parts[0], parts[1])
-                ui.info(f"Set {parts[0]} to {getattr(s.settings, parts[0])}.")
+                value = getattr(s.settings, parts[0])
+                shown = {"seed": "random", "repeat_penalty": "off"}.get(parts[0], "none") if value is None else value
+                ui.info(f"Set {parts[0]} to {shown}.")
         elif name == "/show":
             self.show()
         elif name == "/stats":

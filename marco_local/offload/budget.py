@@ -150,10 +150,13 @@ def plan_slots(
     one_each = expert_bytes * moe_layers
     minimum = fixed_bytes + one_each + scratch_bytes
     if left < one_each:
+        given = format_bytes(budget)
+        if given == format_bytes(minimum, up=True):  # "21.0 MiB is too small ... at least 21.0 MiB": say the bytes
+            given = f"{budget:,} bytes"
+        per_layer = "one expert per layer" + (" and its working buffers" if scratch_bytes else "")
         raise MarcoError(
-            f"{what} {format_bytes(budget)} is too small: the non-expert weights, KV cache and working memory need "
-            f"{format_bytes(fixed_bytes)}, "
-            f"plus {format_bytes(one_each + scratch_bytes)} for one expert per layer",
+            f"{what} {given} is too small: the non-expert weights, KV cache and working memory need "
+            f"{format_bytes(fixed_bytes)}, plus {format_bytes(one_each + scratch_bytes)} for {per_layer}",
             hint=f"raise {what} to at least {format_bytes(minimum, up=True)}, or lower --ctx",
         )
     fit = min(num_experts, left // one_each)

@@ -148,22 +148,19 @@ def _check_profile(profile: dict[int, list[float]], path: str, cfg, moe_layers: 
     if any(len(v) != cfg.num_experts for v in profile.values()):
         raise MarcoError(f"the profile {path} was recorded on a model with a different number of experts", hint=hint)
     if sorted(profile) != moe_layers:
-        raise MarcoError(
-            f"the profile {path} records layers {_spans(sorted(profile))}, this model's MoE layers are "
-            f"{_spans(moe_layers)}",
-            hint=hint,
-        )
+        recorded = f"records layers {_spans(sorted(profile))}" if profile else "records no layers"
+        raise MarcoError(f"the profile {path} {recorded}, this model's MoE layers are {_spans(moe_layers)}", hint=hint)
 
 
 def _spans(layers: list[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2, 5"; [] -> "none"."""
+    """[0, 1, 2, 5] -> "0-2, 5"."""
     spans: list[list[int]] = []
     for i in layers:
         if spans and i == spans[-1][1] + 1:
             spans[-1][1] = i
         else:
             spans.append([i, i])
-    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans) or "none"
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
 def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
