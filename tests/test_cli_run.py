@@ -273,3 +273,10 @@ def test_a_trace_or_profile_replaces_only_an_earlier_one(marco_main, tmp_path, c
     for _ in range(2):  # an earlier profile and trace are replaced with --force
         code, err = marco_main(*profile, "-o", str(tmp_path / "p.json"), "--trace", str(trace))
         assert code == 0, err
+
+
+def test_a_ctx_beyond_the_model_is_clamped_and_said(marco_main, checkpoint):
+    folder, ref = checkpoint
+    longest = ref.config.max_position_embeddings
+    code, err = marco_main("run", str(folder), "hi", "-n", "1", "--ctx", str(longest * 2))
+    assert code == 0 and f"the model's context is {longest:,} tokens, so that is used" in "\n".join(err), err

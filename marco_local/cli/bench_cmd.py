@@ -74,8 +74,7 @@ def bench(
     placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
     with ui.progress("loading") as cb:
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
-    for note in lm.notes:  # what the loader decided on its own (a model too big for the GPU)
-        ui.info(note)
+    ui.loaded(lm)
     if ctx > lm.context_length:
         ui.warn(f"the benchmark's {ctx} tokens are more than the model's context window ({lm.context_length})")
     with ui.progress("benchmarking") as cb:

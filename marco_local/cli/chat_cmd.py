@@ -87,8 +87,7 @@ def chat(
     placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
     with ui.progress("loading") as cb:
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
-    for note in lm.notes:  # what the loader decided on its own (a model too big for the GPU)
-        ui.info(note)
+    ui.loaded(lm, ctx if context.get_parameter_source("ctx") == ParameterSource.COMMANDLINE else None)
     chosen = lm.sampling(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repeat_penalty
     )

@@ -6,6 +6,7 @@ import sys
 from typing import Annotated
 
 import typer
+from typer._click.core import ParameterSource  # typer vendors click
 
 from ..errors import MarcoError
 from . import ui
@@ -48,6 +49,7 @@ def read_stdin_prompt() -> str:
 
 
 def run(
+    context: typer.Context,
     model: ModelArg,
     prompt: Annotated[
         str | None, typer.Argument(help="The prompt; piped stdin comes first when both are given.")
@@ -89,8 +91,7 @@ def run(
     with ui.progress("loading") as cb:
         placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
-    for note in lm.notes:  # what the loader decided on its own (a model too big for the GPU)
-        ui.info(note)
+    ui.loaded(lm, ctx if context.get_parameter_source("ctx") == ParameterSource.COMMANDLINE else None)
     if raw:
         prompt_text = text
     else:

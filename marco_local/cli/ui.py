@@ -44,6 +44,15 @@ def is_out_of_gpu_memory(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" and type(e).__module__.split(".")[0] == "torch"
 
 
+def loaded(lm, ctx: int | None = None) -> None:
+    """What the loader decided on its own (a model too big for the GPU), and a --ctx typed that the model cannot hold
+    (`ctx`; it is clamped to the model's context)."""
+    for note in lm.notes:
+        info(note)
+    if ctx is not None and ctx > lm.context_length:
+        info(f"--ctx {ctx:,}: the model's context is {lm.context_length:,} tokens, so that is used")
+
+
 def warn(message: str) -> None:
     console.print(f"[yellow]Warning:[/] {message}", soft_wrap=True)
 
