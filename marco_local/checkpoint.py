@@ -8,6 +8,7 @@ model twice. Every failure is a `MarcoError` naming the file (and tensor).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from .errors import MarcoError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+
+
+RECOMPUTED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some old checkpoints carry; recomputed at load
 
 
 class Checkpoint:
@@ -72,6 +76,10 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name ("BF16", "F32", "I8", ...), from the header."""
+        return self._open(self.file_of[name]).get_slice(name).get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.file_of:

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from marco_local.checkpoint import Checkpoint
+from marco_local.checkpoint import RECOMPUTED, Checkpoint
 from marco_local.config import ModelConfig
 from marco_local.errors import MarcoError
 
@@ -86,7 +86,6 @@ _EXPERT = re.compile(r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_pro
 _FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")  # transformers 5 in-memory names
 _DENSE = re.compile(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight")
 _ROUTER = re.compile(r"model\.layers\.\d+\.mlp\.gate\.weight")
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some old checkpoints carry; recomputed at load
 
 
 def _bnbF():
@@ -302,7 +301,7 @@ def _plan(ckpt: Checkpoint, cfg: ModelConfig) -> list[tuple[str, list[str]]]:
     kind is "tensor" (one source tensor), "experts" (one projection of a batch of experts, per-expert layout) or
     "fused" (one transformers-5 fused expert tensor).
     """
-    names = [n for n in ckpt.names() if not _IGNORED.fullmatch(n)]
+    names = [n for n in ckpt.names() if not RECOMPUTED.fullmatch(n)]
     unknown = [n for n in names if classify(n) is None]
     if unknown:
         raise MarcoError(

@@ -174,6 +174,25 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)  # the new output is in place; a leftover here would only cost space
 
 
+def _nearly_full(folder: Path) -> bool:
+    return shutil.disk_usage(folder).free < 1 << 20
+
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def _check_float(ckpt: Checkpoint) -> None:
+    """Every tensor holds float weights: integer or float8 codes (a checkpoint quantized by some tool that left no
+    quantization_config) would be quantized as if they were weights, into a model that computes garbage."""
+    other = [(n, ckpt.dtype(n)) for n in ckpt.names() if ckpt.dtype(n) not in FLOAT_DTYPES]
+    if other:
+        name, dtype = other[0]
+        raise MarcoError(
+            f"tensor {name} in {ckpt.folder} is stored as {dtype} ({len(other)} tensors are not bf16, f16 or f32)",
+            hint="quantize from the original float checkpoint",
+        )
+
+
 def _fsync_tree(path: Path) -> None:
     """Flush the output to disk before the rename makes it visible (a crash must not leave a renamed empty file)."""
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
@@ -238,6 +257,7 @@ def quantize(
 
     cfg = load_config(src)
     ckpt = Checkpoint(src)  # every shard present, every header parsed, none truncated
+    _check_float(ckpt)
     if is_gguf:
         plan = plan_gguf(ckpt, cfg, preset)  # every tensor present with the right shape; llama.cpp can express it
         read_vocab(src, cfg.vocab_size)
@@ -278,8 +298,10 @@ def quantize(
         _fsync_tree(tmp)
         _replace(tmp, out)
     except BaseException as e:
+        # numpy's short write (the GGUF writer's tofile) raises an OSError with no errno: a full disk shows as such
+        full = isinstance(e, OSError) and (e.errno == errno.ENOSPC or (e.errno is None and _nearly_full(out.parent)))
         _remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if full:
             raise MarcoError(
                 f"the disk filled up while writing {out}; nothing was left behind", hint="free some space"
             ) from e

@@ -35,7 +35,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
-from marco_local.checkpoint import Checkpoint
+from marco_local.checkpoint import RECOMPUTED, Checkpoint
 from marco_local.config import ModelConfig
 from marco_local.demo import QWEN2_SPLIT
 from marco_local.errors import MarcoError
@@ -255,6 +255,15 @@ def plan_gguf(ckpt: Checkpoint, cfg: ModelConfig, preset: str) -> list[PlannedTe
     single("model.norm.weight", GLOBAL_NAMES["model.norm.weight"], (D,))
     if not tied:
         single("lm_head.weight", GLOBAL_NAMES["lm_head.weight"], (cfg.vocab_size, D))
+    # a tensor left out would make the file compute another model (a shared expert, experts past num_experts, ...)
+    used = {name for t in plan for name in t.sources}
+    unknown = [n for n in ckpt.names() if n not in used and not RECOMPUTED.fullmatch(n)]
+    unknown = [n for n in unknown if not (tied and n == "lm_head.weight")]  # a copy of the embeddings
+    if unknown:
+        raise MarcoError(
+            f"unexpected tensor {unknown[0]} in {ckpt.folder} ({len(unknown)} unknown)",
+            hint="the checkpoint holds weights a qwen3_moe GGUF has no place for",
+        )
     return plan
 
 

@@ -290,9 +290,16 @@ def test_refuses_to_overwrite(checkpoint, tmp_path):
     assert gguf.GGUFReader(out).tensors and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("injected"), KeyboardInterrupt(), OSError(28, "No space left on device")])
+SHORT_WRITE = OSError("14155776 requested and 3404128 written")  # numpy's tofile on a full disk: no errno
+
+
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("injected"), KeyboardInterrupt(), OSError(28, "No space left on device"), SHORT_WRITE]
+)
 def test_failure_mid_write_leaves_nothing(checkpoint, tmp_path, monkeypatch, exc):
     folder, _ = checkpoint
+    if exc is SHORT_WRITE:  # the disk is full once the write fails
+        monkeypatch.setattr(convert, "_nearly_full", lambda folder: True)
     real = gguf_writer._encode
     calls = {"n": 0}
 
@@ -349,6 +356,29 @@ def test_missing_tensor_and_wrong_shape(checkpoint, tmp_path):
     with pytest.raises(MarcoError, match="shape"):
         write(folder, tmp_path / "m.gguf", "q8_0")
     assert leftovers(tmp_path) == [] and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("preset", ["q8_0", "nf4"])
+def test_refuses_weights_it_would_drop_or_misread(checkpoint, tmp_path, preset):
+    """A tensor the GGUF has no place for (a shared expert) was left out silently, so the file computed another
+    model; integer codes were quantized as if they were weights."""
+    from safetensors.torch import load_file, save_file
+
+    if preset == "nf4":
+        pytest.importorskip("bitsandbytes")
+    out = tmp_path / ("m.gguf" if preset == "q8_0" else "m")
+    folder = copy_checkpoint(checkpoint[0], tmp_path / "src")
+    tensors = load_file(folder / "model.safetensors")
+    extra = dict(tensors, **{"model.layers.0.mlp.shared_expert.weight": torch.zeros(4, 4)})
+    save_file(extra, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MarcoError, match="unexpected tensor model.layers.0.mlp.shared_expert.weight"):
+        write(folder, out, preset)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    codes = dict(tensors, **{name: tensors[name].to(torch.int8)})
+    save_file(codes, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MarcoError, match=f"tensor {name} in .* is stored as I8"):
+        write(folder, out, preset)
+    assert leftovers(tmp_path) == [] and not out.exists()
 
 
 @pytest.mark.parametrize(
