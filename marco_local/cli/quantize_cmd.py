@@ -19,7 +19,6 @@ from rich.progress import (
     Progress,
     TaskProgressColumn,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
@@ -40,17 +39,17 @@ Callback = Callable[[int, int], None]
 
 @contextmanager
 def _bars(description: str) -> Iterator[tuple[Callback, Callback]]:
-    """(bytes callback, tensors callback) drawing one bar: bytes done/total, tensors, elapsed, ETA."""
+    """(bytes callback, tensors callback) drawing one bar: bytes done/total, tensors, ETA. It fits 80 columns (with
+    the elapsed time too, the byte count wrapped onto a second line there at each refresh)."""
     if not sys.stderr.isatty():
         yield (lambda done, total: None), (lambda done, total: None)
         return
     bar = Progress(
         TextColumn("{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=None),
         TaskProgressColumn(),
         DownloadColumn(binary_units=True),
         TextColumn("{task.fields[tensors]}"),
-        TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=ui.console,
