@@ -69,7 +69,8 @@ class Reply:
     """One assistant turn being generated. Iterate it for `GenerationResponse` deltas.
 
     It records itself in the conversation exactly once: complete when the stream ends, marked interrupted when the
-    consumer stops early (`close()`, an exception such as KeyboardInterrupt, or garbage collection).
+    consumer stops early (`close()`, an exception such as KeyboardInterrupt, or garbage collection); a reply stopped
+    before any text is not recorded.
     """
 
     def __init__(self, session: ChatSession, ids: list[int], dropped: int) -> None:
@@ -117,6 +118,8 @@ class Reply:
             return
         self._recorded = True
         self.interrupted = interrupted
+        if interrupted and not self.text:  # stopped before its first token: no turn; the next send replaces the
+            return  # user message left waiting, /regen answers it
         message: dict[str, Any] = {"role": "assistant", "content": self.text}
         if interrupted:
             message["interrupted"] = True
@@ -209,27 +212,31 @@ class ChatSession:
         return Reply(self, ids, dropped)
 
     def _fit(self) -> tuple[list[int], int]:
-        """Token ids of the prompt, after dropping the oldest turns if it does not leave room for a reply."""
+        """Token ids of the prompt, after dropping the oldest turns if it does not leave room for a reply. The turns
+        are dropped only once the prompt fits: a message refused as too long leaves the conversation as it was."""
         wanted = self.settings.max_tokens
         reserve = self.context_length // 4 if wanted == UNTIL_FULL else min(wanted, self.context_length // 4)
-        ids = self.tokenizer.encode(self.render())
+        kept = self.messages
+        ids = self.tokenizer.encode(self.render(kept))
         if len(ids) + reserve <= self.context_length:
             return ids, 0
         dropped = 0
         while True:
-            starts = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+            starts = [i for i, m in enumerate(kept) if m["role"] == "user"]
             if len(starts) <= 1:
                 break
-            del self.messages[: starts[1]]  # the oldest user turn and the reply to it
+            kept = kept[starts[1] :]  # without the oldest user turn and the reply to it
             dropped += 1
-            ids = self.tokenizer.encode(self.render())
+            ids = self.tokenizer.encode(self.render(kept))
             if len(ids) <= self.context_length // 2:
                 break
         if len(ids) + reserve > self.context_length:
             raise MarcoError(
-                f"the message is too long: the prompt is {len(ids)} tokens, the context window {self.context_length}",
-                hint="shorten it, shorten the system prompt, or raise --ctx",
+                f"the message is too long: the prompt is {len(ids)} tokens, and {reserve} more are kept for the "
+                f"reply, in a context window of {self.context_length}",
+                hint="shorten it or the system prompt, lower the reply's room (/set max_tokens N), or raise --ctx",
             )
+        self.messages[:] = kept
         return ids, dropped
 
     @property

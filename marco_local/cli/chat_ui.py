@@ -406,7 +406,10 @@ class ChatUI:
             except KeyboardInterrupt:
                 reply.close()
                 stream.finish()
-                ui.console.print("[dim]⏹ interrupted: the partial reply stays in the conversation[/]")
+                if reply.text:
+                    ui.console.print("[dim]⏹ interrupted: the partial reply stays in the conversation[/]")
+                else:
+                    ui.console.print("[dim]⏹ interrupted before the reply started[/]")
             except Exception:  # `handle` reports it; the partial reply stays, marked interrupted
                 reply.close()
                 stream.finish()
