@@ -292,14 +292,20 @@ class ChatSession:
         )
         if not ok:
             raise MarcoError(f"{path} has malformed messages", hint="each needs a role (user/assistant) and content")
+        saved, system = data.get("settings") or {}, data.get("system")
+        if not isinstance(saved, dict) or not isinstance(system, str | None):
+            raise MarcoError(f"{path} has malformed settings or system prompt", hint="it must be written by /save")
         settings = ChatSettings()
-        for name, value in (data.get("settings") or {}).items():
-            if name in {f.name for f in dataclasses.fields(settings)} and value is not None:
-                settings.set(name, str(value))
-            elif name in ("seed", "repeat_penalty"):
-                setattr(settings, name, None)
+        for name, value in saved.items():
+            try:
+                if name in {f.name for f in dataclasses.fields(settings)} and value is not None:
+                    settings.set(name, str(value))
+                elif name in ("seed", "repeat_penalty"):
+                    setattr(settings, name, None)
+            except MarcoError as e:
+                raise MarcoError(f"{path}: {e.message}", hint=e.hint) from None
         self.settings = settings
-        self.system = data.get("system") or None
+        self.system = system or None
         self.messages = [dict(m) for m in messages]
         self.last_reply = None
         return data

@@ -52,7 +52,7 @@ def make_sampler(
     min_p: float = 0.0,
     seed: int | None = None,
 ) -> Sampler:
-    if temperature <= 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or a temperature float32 cannot hold: greedy
 
         def greedy(logits: torch.Tensor) -> int:
             if torch.isnan(logits).any():  # argmax would pick a NaN as the largest
@@ -70,7 +70,8 @@ def make_sampler(
         if top_k > 0 and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits / temperature, dim=-1)
+        # shifted first: a tiny temperature (1e-320) then sends all but the top to -inf instead of overflowing to NaN
+        probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
         if top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             cumulative = torch.cumsum(sorted_probs, dim=-1)
@@ -93,7 +94,8 @@ def make_repetition_penalty(penalty: float, context_size: int = 64) -> LogitsPro
         ids = torch.tensor(recent, device=logits.device)
         chosen = logits[ids]
         logits = logits.clone()
-        logits[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
+        big = torch.finfo(logits.dtype).max  # a tiny penalty overflows to inf, and inf - inf is NaN in the sampler
+        logits[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty).clamp(-big, big)
         return logits
 
     return process

@@ -225,3 +225,13 @@ def test_save_and_load_round_trip(lm, tmp_path):
         other.load(bad)
     with pytest.raises(MarcoError, match="no such file"):
         other.load(tmp_path / "missing.json")
+    saved, before = json.loads(path.read_text(encoding="utf-8")), other.to_dict("demo")
+    for change, said in [
+        ({"settings": "x"}, "malformed settings or system prompt"),
+        ({"system": 123}, "malformed settings or system prompt"),
+        ({"settings": {"temperature": "hot"}}, "bad.json: temperature needs a number"),
+    ]:
+        bad.write_text(json.dumps(saved | change), encoding="utf-8")
+        with pytest.raises(MarcoError, match=said):
+            other.load(bad)
+    assert other.to_dict("demo") == before  # the refused files changed nothing

@@ -48,6 +48,14 @@ def test_top_k_top_p_min_p_restrict_the_support():
     assert draws(make_sampler(1.0, seed=1)) == {0, 1, 2, 3, 4}
 
 
+def test_extreme_but_valid_settings_sample_without_nan():
+    """A temperature or repetition penalty near zero is valid: it must not overflow into NaN probabilities."""
+    logits = torch.tensor([1.0, 3.0, -2.0, float("-inf")])
+    assert {make_sampler(1e-320, seed=s)(logits) for s in range(5)} == {1}  # as greedy
+    boosted = make_logits_processors(1e-300)[0]([0], logits)  # token 0 pushed to the top, finite
+    assert torch.isfinite(boosted[:3]).all() and make_sampler(0.7, seed=1)(boosted) == 0
+
+
 def test_repetition_penalty_follows_transformers_rule():
     logits = torch.tensor([2.0, -2.0, 1.0])
     out = make_logits_processors(2.0)[0]([0, 1], logits)
