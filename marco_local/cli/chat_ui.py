@@ -427,11 +427,14 @@ class ChatUI:
         s = self.session
         ui.info(f"Model      {self.model_name}")
         if self.lm is not None:
+            from ..inventory import param_counts
+            from ..offload.store import tensor_bytes
+
             p = next(self.lm.model.parameters())
-            n = sum(t.numel() for t in self.lm.model.parameters())
-            nbytes = sum(t.numel() * t.element_size() for t in self.lm.model.parameters())
+            # from the config and from every tensor kept: a GGUF's weights are quantized blocks in buffers
+            n, nbytes = param_counts(self.lm.model.config).total, tensor_bytes(self.lm.model)
             ui.info(f"Path       {self.lm.source.path} ({self.lm.source.format})")
-            where = f"{self.lm.device} ({str(p.dtype).removeprefix('torch.')})"
+            where = f"{self.lm.device}, computing in {str(p.dtype).removeprefix('torch.')}"
             rt = getattr(self.lm.model, "offload", None)
             if rt is not None and hasattr(rt, "plan"):
                 ui.info(
@@ -440,7 +443,7 @@ class ChatUI:
                 )
             else:
                 ui.info(f"Placement  all weights on {where}")
-            ui.info(f"Weights    {n / 1e6:,.1f}M parameters in memory, {ui.human_bytes(nbytes)}")
+            ui.info(f"Weights    {n / 1e6:,.1f}M parameters, {ui.human_bytes(nbytes)} in memory")
         kv = s.prompt_cache.cache
         ui.info(f"Context    {s.context_tokens} of {s.context_length} tokens (KV cache {ui.human_bytes(kv.nbytes)})")
         ui.info(f"System     {s.system or '(none)'}")
