@@ -57,10 +57,11 @@ class GenerationResponse:
     stats: dict = field(default_factory=dict)  # runtime extras (expert cache hit rate, ...)
 
 
+UNTIL_FULL = -1  # max_tokens meaning "until the context window is full" (llama.cpp's -n -1)
+
 # Prompt tokens per forward. On the CPU, chunks of 128 prefill about as fast as 512 (Nano Q4_K_M, 2 threads, routing
 # made balanced: 278 against 280 tok/s; 256: 289) and hold a third of the activations (a 512-token Nano prompt: +10
 # against +30 MiB of heap), which counts against the RSS budget. A GPU wants large batches.
-UNTIL_FULL = -1  # max_tokens meaning "until the context window is full" (llama.cpp's -n -1)
 PREFILL_CHUNK = {"cpu": 128}
 PREFILL_CHUNK_DEFAULT = 512
 
