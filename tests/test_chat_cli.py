@@ -64,6 +64,7 @@ def test_slash_commands_settings_save_load_and_unknown_command(lm, tmp_path, cap
         "/set max_tokens 6\r"
         "/set top_k lots\r"
         "/set seed -1\r"
+        "/system off\r"
         "/frobnicate now\r"
         "hello\r"
         "/system Be brief.\r"
@@ -82,7 +83,7 @@ def test_slash_commands_settings_save_load_and_unknown_command(lm, tmp_path, cap
     out, err = capsys.readouterr()
     s = chat.session
     assert (s.settings.temperature, s.settings.top_k, s.settings.max_tokens) == (0.0, 5, 6)
-    assert "top_k needs an integer" in err and "Set seed to random." in err
+    assert "top_k needs an integer" in err and "Set seed to random." in err and "No system prompt to remove." in err
     assert "Error: unknown command /frobnicate" in err and "Hint: type /help" in err
     assert "/regen" in err and "/save FILE" in err  # the help text
     assert "Saved 2 messages" in err and "already exists" in err
@@ -208,3 +209,15 @@ def test_piped_stdin_prints_the_answer_alone_with_no_escape_codes():
     r = subprocess.run(cmd, input=b"", capture_output=True, env=ENV, timeout=120)
     assert r.returncode == 1 and r.stdout == b""
     assert r.stderr.decode().startswith("Error: no input on stdin") and b"\x1b" not in r.stderr
+
+
+def test_a_missing_conversation_file_is_said_before_the_model_loads(monkeypatch, marco_main, tmp_path):
+    from marco_local import runtime
+
+    def never(*_, **__):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runtime, "load", never)
+    for path, said in [(tmp_path / "nothere.json", "does not exist"), (tmp_path, "is a folder")]:
+        code, err = marco_main("chat", "demo", "--load", str(path))
+        assert code == 2 and said in err[0], err

@@ -35,6 +35,7 @@ from .options import (
     Temperature,
     TopK,
     TopP,
+    input_file,
 )
 from .run_cmd import read_stdin_prompt
 
@@ -62,7 +63,9 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System prompt (also /system in the chat).")] = None,
     stop: Stop = None,
     plain: Annotated[bool, typer.Option("--plain", help="Print replies as raw text instead of markdown.")] = False,
-    load_file: Annotated[Path | None, typer.Option("--load", help="Continue a conversation saved with /save.")] = None,
+    load_file: Annotated[
+        Path | None, typer.Option("--load", callback=input_file, help="Continue a conversation saved with /save.")
+    ] = None,
     dtype: Dtype = "bf16",
     device: Device = "auto",
     ctx: Ctx = 4096,

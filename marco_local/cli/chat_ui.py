@@ -353,8 +353,12 @@ class ChatUI:
             if not arg:
                 ui.info(f"System prompt: {s.system}" if s.system else "No system prompt.")
             else:
+                had = s.system
                 s.set_system(None if arg == "off" else arg)
-                ui.info("System prompt removed." if arg == "off" else "System prompt set.")
+                if arg != "off":
+                    ui.info("System prompt set.")
+                else:
+                    ui.info("System prompt removed." if had else "No system prompt to remove.")
         elif name == "/set":
             parts = arg.split()
             if not parts:

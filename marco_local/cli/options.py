@@ -87,6 +87,13 @@ def output_file(value: Path | None) -> Path | None:
     return value
 
 
+def input_file(value: Path | None) -> Path | None:
+    """A file the command reads after loading the model: a typo is said before the load, not after it."""
+    if value is not None and not value.is_file():
+        raise typer.BadParameter(f"{value} {'is a folder' if value.is_dir() else 'does not exist'}")
+    return value
+
+
 def check_replaceable(path: Path | None, kind: str, force: bool = True) -> None:
     """An existing output file is replaced only when it is an earlier output of the same kind (`kind`: the "format"
     of its first JSON line, as trace and profile files start): never the model being run, its profile, or a text the
