@@ -131,6 +131,13 @@ def test_input_dtype_layout_and_chunking_do_not_change_bytes(name: str, monkeypa
     assert torch.equal(c.dequantize(ref), CODECS[name].dequantize(ref.clone()))
 
 
+def test_bf16_source_bits_pass_through_as_the_float32_path_writes_them() -> None:
+    """BF16 from a bf16 tensor skips the float32 rounding; the bytes are the same, special values included."""
+    bits = [0x0000, 0x8000, 0x0001, 0x807F, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFF81, 0x7FFF, 0x3F80, 0xC2F7]
+    x = torch.tensor(bits * 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(4, -1)
+    assert torch.equal(CODECS["BF16"].quantize(x), CODECS["BF16"].quantize(x.float()))
+
+
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K"])
 def test_works_under_inference_mode_and_on_inference_tensors(name: str) -> None:
     c = CODECS[name]
