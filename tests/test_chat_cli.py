@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
+from rich.markdown import Markdown
 from typer.testing import CliRunner
 
 from marco_local.chat import ChatSession, ChatSettings
@@ -169,6 +171,24 @@ def test_markdown_stream_commits_blocks_outside_code_fences():
     shown = buf.getvalue()
     assert "Title" in shown and "bold" in shown and "**" not in shown and "```" not in shown
     assert "x = 1" in shown and "y = 2" in shown and "• one" in shown
+
+
+def test_markdown_stream_keeps_tilde_fences_and_longer_fences_whole():
+    """A blank line inside ~~~ (or inside a ```` fence holding ```) is code, not the end of a block: cut there, the
+    rest lost its indentation and code style."""
+    text = "~~~python\ndef f():\n\n    return 1\n~~~\n\n````md\n```\n\n    inner\n```\n````\n\nafter\n"
+    whole = io.StringIO()
+    Console(file=whole, width=60, color_system=None).print(Markdown(text))
+    buf = io.StringIO()
+    stream = MarkdownStream(Console(file=buf, force_terminal=True, width=60, color_system=None))
+    for i in range(0, len(text), 2):
+        stream.add(text[i : i + 2])
+    stream.finish()
+    streamed = {line.rstrip() for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", buf.getvalue()).splitlines()}
+    for code in ("return 1", "inner"):  # indented as code, as the whole text renders it
+        line = next(line.rstrip() for line in whole.getvalue().splitlines() if code in line)
+        assert line.startswith("     ") and line in streamed, (line, streamed)
+    assert "~~~" not in buf.getvalue() and "after" in streamed
 
 
 def test_helpers():

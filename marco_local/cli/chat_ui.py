@@ -10,6 +10,7 @@ rich's markdown cost 9 MiB of RSS and ~60 ms that `marco run` and `marco bench` 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from collections.abc import Iterator
@@ -224,12 +225,17 @@ class MarkdownStream:
             self.blocks += 1
 
     def _last_block_end(self) -> int:
-        end, fences, pos = -1, 0, 0
+        """Where the last complete block ends: after a blank line outside a code fence (``` or ~~~, closed by a run
+        of the same character at least as long, as CommonMark has it)."""
+        end, fence, pos = -1, "", 0
         for line in self.pending.splitlines(keepends=True):
-            if line.lstrip().startswith("```"):
-                fences += 1
+            mark = re.match(r"(`{3,}|~{3,})", line.lstrip())
+            if mark and not fence:
+                fence = mark.group(1)
+            elif mark and mark.group(1)[0] == fence[0] and len(mark.group(1)) >= len(fence) and not line.strip(" \n`~"):
+                fence = ""
             pos += len(line)
-            if line.strip() == "" and fences % 2 == 0 and pos < len(self.pending):
+            if line.strip() == "" and not fence and pos < len(self.pending):
                 end = pos
         return end
 
