@@ -241,8 +241,11 @@ class ChatSession:
 
     @property
     def context_tokens(self) -> int:
-        """Tokens held in the KV cache now."""
-        return self.prompt_cache.cache.offset
+        """Tokens of the conversation (system prompt and turns) in the context window: not the KV cache's count,
+        which keeps a cleared conversation's tokens for reuse until the next reply."""
+        if not self.messages:
+            return 0
+        return len(self.tokenizer.encode(self.render()))
 
     # -- save / load ----------------------------------------------------------------------------------------------
 

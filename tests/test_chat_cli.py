@@ -89,7 +89,7 @@ def test_slash_commands_settings_save_load_and_unknown_command(lm, tmp_path, cap
     assert "Error: unknown command /frobnicate" in err and "Hint: type /help" in err
     assert "/regen" in err and "/save FILE" in err  # the help text
     assert "Saved 2 messages" in err and "already exists" in err
-    assert "New conversation." in err and "0 turn(s)" in err
+    assert "New conversation." in err and "0 turn(s), 0 of 512 context tokens in use" in err  # not the cached ones
     assert "Loaded 2 messages" in err
     assert "temperature     0.0" in err and "Model      demo" in err  # /show
     from marco_local.inventory import param_counts
