@@ -295,6 +295,10 @@ class ChatSession:
         )
         if not ok:
             raise MarcoError(f"{path} has malformed messages", hint="each needs a role (user/assistant) and content")
+        if any(m["role"] != ("user", "assistant")[i % 2] for i, m in enumerate(messages)):
+            raise MarcoError(f"{path} has turns out of order", hint="user and assistant turns alternate, user first")
+        if not isinstance(data.get("version"), int) or data["version"] > SAVE_VERSION:
+            raise MarcoError(f"{path} is a version of the format this marco does not know", hint="update marco-local")
         saved, system = data.get("settings") or {}, data.get("system")
         if not isinstance(saved, dict) or not isinstance(system, str | None):
             raise MarcoError(f"{path} has malformed settings or system prompt", hint="it must be written by /save")

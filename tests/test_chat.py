@@ -230,6 +230,8 @@ def test_save_and_load_round_trip(lm, tmp_path):
         ({"settings": "x"}, "malformed settings or system prompt"),
         ({"system": 123}, "malformed settings or system prompt"),
         ({"settings": {"temperature": "hot"}}, "bad.json: temperature needs a number"),
+        ({"messages": saved["messages"][1:]}, "turns out of order"),  # an assistant turn first
+        ({"version": 99}, "a version of the format this marco does not know"),
     ]:
         bad.write_text(json.dumps(saved | change), encoding="utf-8")
         with pytest.raises(MarcoError, match=said):
