@@ -55,9 +55,10 @@ def make_sampler(
     if temperature < torch.finfo(torch.float32).tiny:  # 0, or a temperature float32 cannot hold: greedy
 
         def greedy(logits: torch.Tensor) -> int:
-            if torch.isnan(logits).any():  # argmax would pick a NaN as the largest
+            best = int(torch.argmax(logits))
+            if math.isnan(logits[best]):  # argmax takes a NaN for the largest: one look, not a scan (70 us here)
                 raise not_a_number()
-            return int(torch.argmax(logits))
+            return best
 
         return greedy
     generator = torch.Generator()
@@ -65,8 +66,6 @@ def make_sampler(
 
     def sample(logits: torch.Tensor) -> int:
         logits = logits.float().cpu()
-        if torch.isnan(logits).any():  # torch.multinomial would fail with an internal error
-            raise not_a_number()
         if top_k > 0 and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -79,7 +78,12 @@ def make_sampler(
             probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
         if min_p > 0.0:
             probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        try:
+            return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        except RuntimeError:  # NaN probabilities: said as what they are, not as torch's internal error
+            if torch.isnan(logits).any():
+                raise not_a_number() from None
+            raise
 
     return sample
 
