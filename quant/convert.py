@@ -184,7 +184,8 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 def _check_float(ckpt: Checkpoint) -> None:
     """Every tensor holds float weights: integer or float8 codes (a checkpoint quantized by some tool that left no
     quantization_config) would be quantized as if they were weights, into a model that computes garbage."""
-    other = [(n, ckpt.dtype(n)) for n in ckpt.names() if ckpt.dtype(n) not in FLOAT_DTYPES]
+    dtypes = {n: ckpt.dtype(n) for n in ckpt.names()}
+    other = [(n, d) for n, d in dtypes.items() if d not in FLOAT_DTYPES]
     if other:
         name, dtype = other[0]
         raise MarcoError(

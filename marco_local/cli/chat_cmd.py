@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer._click.core import ParameterSource  # typer vendors click
 
 from ..errors import MarcoError
 from . import ui
@@ -36,6 +35,7 @@ from .options import (
     TopK,
     TopP,
     input_file,
+    typed,
 )
 from .run_cmd import read_stdin_prompt
 
@@ -90,7 +90,7 @@ def chat(
     placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
     with ui.progress("loading") as cb:
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
-    ui.loaded(lm, ctx if context.get_parameter_source("ctx") == ParameterSource.COMMANDLINE else None)
+    ui.loaded(lm, ctx if typed(context, "ctx") else None)
     chosen = lm.sampling(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repeat_penalty
     )
@@ -117,10 +117,9 @@ def chat(
         if system:
             session.set_system(system)
         # what was typed on the command line wins over the saved settings
-        typed = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty)
-        max_tokens_typed = context.get_parameter_source("max_tokens") == ParameterSource.COMMANDLINE
-        typed |= dict(seed=seed, max_tokens=max_tokens if max_tokens_typed else None)
-        for name, value in typed.items():
+        given = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty)
+        given |= dict(seed=seed, max_tokens=max_tokens if typed(context, "max_tokens") else None)
+        for name, value in given.items():
             if value is not None:
                 setattr(session.settings, name, value)
     if not interactive:  # like marco run: the answer alone on stdout

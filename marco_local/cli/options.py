@@ -14,8 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer._click.core import ParameterSource  # typer vendors click
 
 from ..errors import MarcoError
+
+
+def typed(context: typer.Context, name: str) -> bool:
+    """Whether option `name` was given on the command line (not left at its default)."""
+    return context.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
 def _sampling(name: str) -> Callable[[Any], Any]:

@@ -6,7 +6,6 @@ import sys
 from typing import Annotated
 
 import typer
-from typer._click.core import ParameterSource  # typer vendors click
 
 from ..errors import MarcoError
 from . import ui
@@ -32,6 +31,7 @@ from .options import (
     TopP,
     TraceFile,
     check_replaceable,
+    typed,
 )
 
 EPILOG = "Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano"
@@ -91,7 +91,7 @@ def run(
     with ui.progress("loading") as cb:
         placement = Placement(ram_mem, gpu_mem, experts_resident, profile, expert_policy, prefetch, ctx, expert_misses)
         lm = load(model, dtype=dtype, device=device, progress=cb, placement=placement)
-    ui.loaded(lm, ctx if context.get_parameter_source("ctx") == ParameterSource.COMMANDLINE else None)
+    ui.loaded(lm, ctx if typed(context, "ctx") else None)
     if raw:
         prompt_text = text
     else:
