@@ -170,7 +170,7 @@ def _split(t: GT, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     # ql[64h + 32(k % 2) + l] (low nibble for k < 2) and its top two bits at bit 2k of qh[32h + l].
     ql = b[:, :128].reshape(-1, 2, 1, 64)
     low = torch.cat([ql & 0x0F, ql >> 4], dim=2).view(-1, 2, 4, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=b.device).view(1, 1, 4, 1)
     high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3
     s = _half(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()
     return (low | (high << 4)).view(-1, 16, 16), s, -32 * s

@@ -559,7 +559,8 @@ class Q6_K(Codec):
         ql = raw[:, :128].reshape(-1, 2, 1, 64)
         low = torch.cat([ql & 0x0F, ql >> 4], dim=2).view(-1, 2, 4, 32)
         qh = raw[:, 128:192].reshape(-1, 2, 1, 32)
-        high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=raw.device).view(1, 1, 4, 1)) & 3
+        # shifts 0, 2, 4, 6 made on the device: a tensor built from a list is a host copy, which a CUDA graph refuses
+        high = (qh >> torch.arange(0, 8, 2, dtype=torch.uint8, device=raw.device).view(1, 1, 4, 1)) & 3
         q = ((low | (high << 4)).float() - 32).view(-1, 16, 16)
         sc = raw[:, 192:208].contiguous().view(torch.int8).float().unsqueeze(-1)
         return ((_fp16_from(raw, 208).unsqueeze(-1) * sc) * q).view(-1, QK_K)

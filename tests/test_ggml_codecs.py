@@ -331,3 +331,19 @@ def test_quantize_one_nano_layer_of_gate_projections_in_tens_of_seconds() -> Non
     raw = CODECS["Q4_K"].quantize(w)
     assert raw.shape == (232, 384, 576)
     assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_block_decoding_builds_no_tensor_from_host_data(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GGUF experts kept quantized on CUDA are decoded per token inside a CUDA graph (gguf_experts.py), and a graph
+    being captured refuses a copy from host memory: `torch.tensor(list, device=...)` is one. (Q6_K's shift table was,
+    and every Q6_K capture failed on an H100.)"""
+    c = CODECS[name]
+    raw = c.quantize(torch.randn(4, 2 * c.block_size)).view(-1, c.type_size)
+    want = c._dequantize_blocks(raw)
+
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("torch.tensor() from host data while decoding blocks")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    assert torch.equal(c._dequantize_blocks(raw), want)
