@@ -244,4 +244,6 @@ def test_runtime_attaches_the_graphed_decoder_on_cuda(checkpoint):
     loaded = load(str(folder), dtype="f32", device="cuda")
     assert isinstance(loaded.model.decode_step, GraphedDecoder) and loaded.model.decode_step.cuts == []
     loaded = load(str(folder), dtype="f32", device="cuda", placement=Placement(experts_resident="2"))
+    assert isinstance(loaded.model.decode_step, GraphedDecoder) and loaded.model.decode_step.cuts == []  # direct
+    loaded = load(str(folder), dtype="f32", device="cuda", placement=Placement(experts_resident="2", misses="copy"))
     assert isinstance(loaded.model.decode_step, GraphedDecoder) and len(loaded.model.decode_step.cuts) == 3

@@ -156,7 +156,7 @@ def test_gguf_experts_kept_quantized_on_cuda(ggml_type, experts, moe_f32, moe_ty
     inner = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
     assert all(isinstance(e, StackedGGUFExperts) for e in inner)
     if experts in ("offloaded", "direct"):
-        install(model, Placement(experts_resident="2", misses="direct" if experts == "direct" else "auto"))
+        install(model, Placement(experts_resident="2", misses="direct" if experts == "direct" else "copy"))
         assert model.offload.layers[0].store.rows.is_pinned()
         assert model.offload.layers[0].direct == (experts == "direct")
     else:

@@ -148,8 +148,9 @@ def test_each_budget_flag_belongs_to_its_device():
 
 def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
     """On CUDA a decode token's experts are gathered out of the slots (twice: in the graphs' pool and in an eager
-    step), and cuBLAS's workspaces and the graphs' pool come from the same allocator: the plan counts them before
-    sizing the slots (H200 runs overshot the budget without them)."""
+    step; once more as stored, for direct reads, which `auto` takes wherever they work), and cuBLAS's workspaces and
+    the graphs' pool come from the same allocator: the plan counts them before sizing the slots (H200 runs overshot
+    the budget without them)."""
     from marco_local.offload.budget import CUDA_GRAPH_POOL_RESERVE, CUDA_LIBRARY_RESERVE
     from marco_local.offload.install import _make_plan, _moe_blocks
     from marco_local.offload.store import ExpertLayout
@@ -160,7 +161,8 @@ def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
     per_slot = layout.expert_bytes * len(blocks)
     dense = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # float32 temporaries of a gathered expert
     gathered = cfg.num_experts_per_tok * max(layout.expert_bytes, dense)
-    scratch = 2 * gathered + CUDA_LIBRARY_RESERVE + CUDA_GRAPH_POOL_RESERVE
+    direct = cfg.num_experts_per_tok * layout.expert_bytes
+    scratch = 2 * gathered + direct + CUDA_LIBRARY_RESERVE + CUDA_GRAPH_POOL_RESERVE
     fixed, cuda = 1 << 20, torch.device("cuda")
     plan = _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + 3 * per_slot)), cuda, fixed)
     assert plan.scratch_bytes == scratch and plan.slots == 3

@@ -49,6 +49,8 @@ def test_cuda_offload_same_tokens(ref, slots, prefetch):
     assert model.model.layers[0].mlp.experts.store.rows.is_pinned()
     full = slots == 8  # the slots hold every expert: all loaded at install (load_all), no miss after that
     assert (model.model.layers[0].mlp.experts.slot_map is not None) == full
+    # auto reads misses in place on CUDA, unless --prefetch asks for copies (or nothing can miss)
+    assert all(x.direct == (not prefetch and not full) for x in model.offload.layers)
     assert greedy(model) == tokens
     torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
     assert (offload_stats(model)["expert_misses"] > 0) == (not full)
@@ -129,8 +131,12 @@ def test_cuda_direct_reads(ref, slots, graphs):
 
 
 def test_cuda_miss_cost_model_measures(ref):
+    """`auto` where direct reads are not taken (--prefetch, or --expert-policy lfu) measures a copy against the CPU."""
     folder, _, _ = ref
-    model = load_offloaded(folder, Placement(experts_resident="2"), torch.float32, "cuda")
+    lfu = load_offloaded(folder, Placement(experts_resident="2", policy="lfu"), torch.float32, "cuda")
+    assert not any(x.direct for x in lfu.offload.layers) and offload_stats(lfu)["miss_copy_us"] > 0
+    lfu.offload.close()
+    model = load_offloaded(folder, Placement(experts_resident="2", prefetch=True), torch.float32, "cuda")
     copy_us, cpu_us = offload_stats(model)["miss_copy_us"], offload_stats(model)["miss_cpu_us"]
     assert copy_us > 0 and cpu_us > 0
     assert all(x.misses_on_cpu == (cpu_us < 0.8 * copy_us) for x in model.offload.layers)

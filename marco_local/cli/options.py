@@ -214,7 +214,8 @@ ExpertMisses = Annotated[
         callback=_choice(*MISS_HANDLING),
         help="A missing expert: copy it into fast memory, compute it on the cpu where it lies (CUDA only: while the "
         "GPU computes the resident ones), direct (CUDA only: the GPU reads it from host RAM where it lies; no host "
-        "step per layer), or auto (measured at load).",
+        "step per layer), or auto (direct on CUDA where it works and --prefetch is off, else copy or cpu, measured "
+        "at load).",
     ),
 ]
 Prefetch = Annotated[

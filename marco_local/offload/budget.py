@@ -50,9 +50,11 @@ CUDA_GRAPH_POOL_RESERVE = 32 << 20
 def cuda_scratch_bytes(top_k: int, expert_bytes: int, hidden: int, intermediate: int) -> int:
     """VRAM an offloaded CUDA model needs beyond weights, slots, KV cache and WORKING_RESERVE: a token's experts
     gathered (as stored, or dequantized with float32 temporaries: 4-bit experts) twice (the graphs' pool keeps one,
-    an eager step or the warm-up makes another), the library workspaces and the rest of the graphs' pool."""
+    an eager step or the warm-up makes another), the buffer direct reads gather a token's experts into as stored
+    (set aside whatever the miss handling: `auto` takes direct reads wherever they work, and `marco info` cannot
+    know), the library workspaces and the rest of the graphs' pool."""
     gathered = top_k * max(expert_bytes, 3 * hidden * intermediate * 4)
-    return 2 * gathered + CUDA_LIBRARY_RESERVE + CUDA_GRAPH_POOL_RESERVE
+    return 2 * gathered + top_k * expert_bytes + CUDA_LIBRARY_RESERVE + CUDA_GRAPH_POOL_RESERVE
 
 
 def parse_size(text: str) -> int:
@@ -99,7 +101,8 @@ class Placement:
     prefetch: bool = False
     ctx: int = 4096  # tokens the KV cache is sized for (counted in the budget)
     misses: str = "auto"  # a missing expert: "copy" into a slot, compute on the "cpu" where it lies, read it
-    # "direct" from host RAM on the GPU (offload/direct.py), or "auto" (copy or cpu, measured)
+    # "direct" from host RAM on the GPU (offload/direct.py), or "auto" (direct on CUDA where it works, else copy or
+    # cpu, measured)
 
     @property
     def active(self) -> bool:

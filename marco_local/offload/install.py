@@ -237,8 +237,6 @@ def _make_plan(
         scratch = cuda_scratch_bytes(
             cfg.num_experts_per_tok, layout.expert_bytes, cfg.hidden_size, cfg.moe_intermediate_size
         )
-    if placement.misses == "direct":  # the buffer a token's experts are gathered into (direct.py)
-        scratch += cfg.num_experts_per_tok * layout.expert_bytes
     return plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, scratch, what)
 
 
@@ -317,21 +315,40 @@ def _miss_costs(x: OffloadedExperts, hidden: int, dtype: torch.dtype) -> tuple[f
     return copy_s, cpu_s
 
 
+def _lfu_refusal() -> MarcoError:
+    return MarcoError(
+        "--expert-misses direct evicts the least recently used expert", hint="use --expert-policy lru or static with it"
+    )
+
+
+def _direct_refusal(rt: OffloadRuntime) -> MarcoError | None:
+    """Why missing experts cannot be read in place here (offload/direct.py), or None when they can."""
+    device = rt.layers[0].device
+    if device.type == "cuda":
+        if not all(isinstance(x.store, MemoryStore) and getattr(x.inner, "gathers", False) for x in rt.layers):
+            return MarcoError("reading missing experts in place needs stacked experts in host RAM")
+        if isinstance(rt.layers[0].table.policy, LFU):
+            return _lfu_refusal()
+    reason = direct_unavailable(device)
+    return MarcoError(reason, hint="use --expert-misses copy") if reason else None
+
+
 def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: torch.dtype) -> None:
-    """Copy a missing expert into a slot, or compute it on the CPU where it lies (pinned host RAM) while the GPU
-    computes the resident ones: `auto` measures both on this machine (CUDA) and takes the CPU when it is clearly
-    cheaper (on an H200: copy 42 us, CPU 100-120 us per bf16 Nano expert, so copies)."""
+    """Read a missing expert in place, copy it into a slot, or compute it on the CPU where it lies (pinned host RAM)
+    while the GPU computes the resident ones. `auto` on CUDA reads in place wherever that works and no --prefetch
+    was asked for: the decode step stays one CUDA graph, where a copy cuts it at every layer (H100, Nano-shaped nf4,
+    50% of the experts resident: 0.88 of the resident speed, copies 0.72). Else it measures a copy against the CPU
+    and takes the CPU when it is clearly cheaper (on an H200: copy 42 us, CPU 100-120 us per bf16 Nano expert)."""
     if placement.misses not in MISS_HANDLING:
         raise MarcoError(f"unknown --expert-misses {placement.misses!r}", hint="use auto, copy, cpu or direct")
-    if placement.misses == "direct":
-        reason = direct_unavailable(rt.layers[0].device)
-        gathers = all(isinstance(x.store, MemoryStore) and getattr(x.inner, "gathers", False) for x in rt.layers)
-        if reason is None and not gathers:
-            reason = "reading missing experts in place needs stacked experts in host RAM"
-        if reason:
-            raise MarcoError(reason, hint="use --expert-misses copy")
-        enable_direct(rt, cfg.num_experts_per_tok)
-        return
+    on_cuda = rt.layers[0].device.type == "cuda"
+    if placement.misses == "direct" or (placement.misses == "auto" and on_cuda and not placement.prefetch):
+        refusal = _direct_refusal(rt)
+        if refusal is None:
+            enable_direct(rt, cfg.num_experts_per_tok)
+            return
+        if placement.misses == "direct":
+            raise refusal
     able = all(x.can_compute_on_cpu() for x in rt.layers)
     on_cpu = False
     if placement.misses == "cpu":
@@ -347,7 +364,7 @@ def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: 
                 hint="use --expert-misses copy",
             )
         on_cpu = True
-    elif placement.misses == "auto" and able and rt.layers[0].device.type == "cuda":
+    elif placement.misses == "auto" and able and on_cuda:
         rt.miss_costs = _miss_costs(rt.layers[0], cfg.hidden_size, dtype)
         on_cpu = rt.miss_costs[1] < CPU_MISS_MARGIN * rt.miss_costs[0]
     for x in rt.layers:
@@ -360,10 +377,7 @@ def enable_direct(rt: OffloadRuntime, top_k: int) -> None:
     LRU eviction; a static profile's top experts (all but top_k of the slots) are pinned."""
     first = rt.layers[0]
     if isinstance(first.table.policy, LFU):
-        raise MarcoError(
-            "--expert-misses direct evicts the least recently used expert",
-            hint="use --expert-policy lru or static with it",
-        )
+        raise _lfu_refusal()
     width = max(x.layout.expert_bytes for x in rt.layers)
     scratch = torch.zeros(top_k * width, dtype=torch.uint8, device=first.device)
     for x in rt.layers:
