@@ -14,10 +14,11 @@ Measures, in one process:
              the bandwidth bound = measured copy bandwidth / bytes a decode step must read (non-expert weights,
              8 experts per layer, the KV cache at the mean position); ratio = ours / bound
   offloaded  the same model under --gpu-mem budgets (8, 4, 2 GiB by default) and --experts-resident 50%: the slow
-             tier is pinned host RAM, misses copied on a side stream; decode replayed from CUDA graphs cut at each
-             MoE layer (what `marco run` does) and eager; decode tok/s against the graphed resident model, hit
-             rate, MiB copied per token, peak VRAM (torch.cuda.max_memory_allocated) against the budget;
-             "direct" rows read missing experts in place from pinned RAM (--expert-misses direct, no cut)
+             tier is pinned host RAM. "copy" rows copy misses on a side stream (--expert-misses copy), decode replayed
+             from CUDA graphs cut at each MoE layer, and eager; "direct" rows read missing experts in place from
+             pinned RAM (--expert-misses direct, what `marco run` takes on CUDA: one graph, no cut); decode tok/s
+             against the graphed resident model, hit rate, MiB moved per token, peak VRAM
+             (torch.cuda.max_memory_allocated) against the budget
   cpu expert one expert's SwiGLU on the CPU for one token (what computing a miss where it lies would cost)
 Prints a table; `--json FILE` writes every figure.
 
@@ -32,7 +33,7 @@ offloaded rows, the experts' blocks in pinned host RAM).
 
 Usage: python bench/cuda_speed.py [--layers 28] [--tokens 64] [--budgets 8GiB,4GiB,2GiB] [--format bf16|nf4|gguf]
        [--gguf-experts dense|quantized] [--modes graphs,eager] [--routings real,synthetic] [--no-extra]
-       [--no-prefetch] [--no-cpu-misses] [--no-direct] [--json FILE]
+       [--no-prefetch] [--no-cpu-misses] [--no-direct] [--no-budget-copies] [--json FILE]
 Each offloaded row reports its peak VRAM minus its budget ("over MB"): a fresh process's, as cuBLAS's workspaces are
 cleared between rows.
 """
@@ -237,7 +238,13 @@ def main() -> None:
         "--direct",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="--expert-misses direct rows (50%% resident, and the middle budget; real routing only)",
+        help="--expert-misses direct rows (50%% resident, and each budget; real routing only)",
+    )
+    ap.add_argument(
+        "--budget-copies",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the budgets' --expert-misses copy rows (off: their direct rows only)",
     )
     ap.add_argument("--routings", default="real,synthetic", help="the offloaded rows' routings")
     ap.add_argument("--json", type=Path)
@@ -322,18 +329,17 @@ def main() -> None:
     if args.format == "gguf" and (args.gguf_experts == "dense" or not cuda):  # offloaded: quantized experts only
         budgets, args.extra, args.prefetch = [], False, False
     key = "gpu_mem" if cuda else "experts_resident"
-    placements = [(b, Placement(**{key: b}, ctx=ctx)) for b in budgets]
+    copy_budgets = budgets if args.budget_copies else []
+    placements = [(f"{b} copy", Placement(**{key: b}, misses="copy", ctx=ctx)) for b in copy_budgets]
     # the middle budget with misses computed on the CPU from pinned RAM instead of copied (--expert-misses cpu)
     if budgets and args.cpu_misses:
         middle = budgets[len(budgets) // 2]
         placements.append((f"{middle} cpu misses", Placement(**{key: middle}, misses="cpu", ctx=ctx)))
     if args.extra:
-        placements.append(("50% resident", Placement(experts_resident="50%", ctx=ctx)))
+        placements.append(("50% resident copy", Placement(experts_resident="50%", misses="copy", ctx=ctx)))
     if args.direct and cuda:  # the GPU reads missing experts from pinned RAM in place: no cut (offload/direct.py)
         placements.append(("50% resident direct", Placement(experts_resident="50%", misses="direct", ctx=ctx)))
-        if budgets:
-            middle = budgets[len(budgets) // 2]
-            placements.append((f"{middle} direct", Placement(**{key: middle}, misses="direct", ctx=ctx)))
+        placements += [(f"{b} direct", Placement(**{key: b}, misses="direct", ctx=ctx)) for b in budgets]
     if args.prefetch:
         placements.append(("prefetch", Placement(experts_resident="25%", prefetch=True, ctx=ctx)))
 

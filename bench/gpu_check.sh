@@ -7,16 +7,17 @@
 # Logs and JSON go to $OUT (default ./gpu-out).
 # STAGES picks the stages, run in this order (default "tests nf4 speed gguf cli"; the suite needs a call of its own:
 # ~4 minutes there). Each prints its wall time.
-#   tests  the GPU tests (offloading, CUDA graphs, bitsandbytes and GGUF on CUDA against the CPU paths)
+#   tests  the GPU tests (offloading, CUDA graphs, bitsandbytes and GGUF on CUDA against the CPU paths); GPU_TESTS
+#          adds test files
 #   nf4    cuda_speed.py with bitsandbytes nf4 linears: the q4 model of the 8/4/2 GiB budgets and of the 50% target,
-#          so it runs right after the tests; NF4_ARGS
+#          so it runs right after the tests; NF4_ARGS, NF4_TIMEOUT (seconds, default 240)
 #   speed  bench/cuda_speed.py (Nano-shaped bf16 decode/prefill, resident and offloaded under VRAM budgets); SPEED_ARGS
 #          (default: offloaded rows from CUDA graphs only; eager offloaded decode was measured before)
 #   gguf   a Nano-shaped Q4_K_M GGUF written by our codecs, dequantized onto the GPU: cuda_speed.py --format gguf and
 #          `marco bench FILE --device cuda`
 #   gguf-q the same GGUF with its experts kept quantized (gguf_experts.py): resident and under the budgets; GGUFQ_ARGS
-#   gguf-bench  `marco bench` on that GGUF: resident, and with 50% of the experts resident, misses copied and read in
-#          place (`--expert-misses direct`) (llama.cpp's numbers for
+#   gguf-bench  `marco bench` on that GGUF: resident, and with 50% of the experts resident, misses read in place
+#          (auto) and copied (`--expert-misses copy`) (llama.cpp's numbers for
 #          that file come from bench/llamacpp_cuda.sh). gguf-q and gguf-bench write the file in the background
 #          from the start (~70 s of one core)
 #   cli    `marco run` and `marco bench` on the demo model (device "auto" = CUDA there)
@@ -47,12 +48,13 @@ wait_gguf() { [[ -n ${writer:-} ]] && { wait "$writer"; echo "writer rc $?"; wri
 if [[ " $STAGES " == *" tests "* ]]; then
   stage "gpu tests"
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_offload_gpu.py \
-    tests/test_quantize_bnb.py tests/test_cuda_graphs.py tests/test_gguf_types.py tests/test_gguf_runtime.py 2>&1 \
+    tests/test_quantize_bnb.py tests/test_cuda_graphs.py tests/test_gguf_types.py tests/test_gguf_runtime.py \
+    tests/test_gpu_fit.py ${GPU_TESTS:-} 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [[ " $STAGES " == *" nf4 "* ]]; then
   stage "cuda_speed --format nf4"
-  timeout 240 python3 bench/cuda_speed.py --format nf4 --json "$OUT/cuda_speed_nf4.json" ${NF4_ARGS:---modes graphs} \
+  timeout "${NF4_TIMEOUT:-240}" python3 bench/cuda_speed.py --format nf4 --json "$OUT/cuda_speed_nf4.json" ${NF4_ARGS:---modes graphs} \
     2>&1 | tee "$OUT/cuda_speed_nf4.log" | tail -25
 fi
 if [[ " $STAGES " == *" speed "* ]]; then
@@ -80,11 +82,11 @@ if [[ " $STAGES " == *" gguf-bench "* ]]; then
   stage "marco bench GGUF --device cuda (the file bench/llamacpp_cuda.sh measures llama.cpp on)"
   wait_gguf
   timeout 90 python3 -m marco_local bench $GGUF --device cuda -r 3 --json 2>&1 | tee "$OUT/marco_gguf.log" | tail -3
-  stage "marco bench GGUF --device cuda --experts-resident 50% (against llama.cpp's --n-cpu-moe 14)"
+  stage "marco bench GGUF --device cuda --experts-resident 50% (misses read in place: auto; against llama.cpp's --n-cpu-moe 14)"
   timeout 120 python3 -m marco_local bench $GGUF --device cuda -r 3 --experts-resident 50% --json 2>&1 \
     | tee -a "$OUT/marco_gguf.log" | tail -3
-  stage "marco bench GGUF --device cuda --experts-resident 50% --expert-misses direct"
-  timeout 120 python3 -m marco_local bench $GGUF --device cuda -r 3 --experts-resident 50% --expert-misses direct \
+  stage "marco bench GGUF --device cuda --experts-resident 50% --expert-misses copy"
+  timeout 120 python3 -m marco_local bench $GGUF --device cuda -r 3 --experts-resident 50% --expert-misses copy \
     --json 2>&1 | tee -a "$OUT/marco_gguf.log" | tail -3
 fi
 if [[ " $STAGES " == *" cli "* ]]; then
