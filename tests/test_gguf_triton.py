@@ -81,6 +81,59 @@ def test_the_kernels_match_dequantize_then_multiply_under_triton_s_interpreter()
     run_checks(KERNEL_CHECK, interpret=True)
 
 
+MODULE_CHECK = """
+import copy
+
+import torch
+
+from marco_local.gguf_experts import StackedGGUFExperts
+from marco_local.models.qwen3_moe import Experts
+from marco_local.offload.store import ExpertLayout, MemoryStore
+from quant.ggml_codecs import codec_for
+
+g = torch.Generator().manual_seed(1)
+E, A = 6, 4
+# Nano's mix: gate/up Q4_K, down on rows of 96 (not a multiple of 256) in llama.cpp's fallback types; and all Q6_K
+for types, D, I in [(("Q4_K", "Q4_K", "Q5_0"), 256, 96), (("Q4_K", "Q4_K", "Q8_0"), 512, 96),
+                    (("Q6_K", "Q4_K", "Q6_K"), 256, 256)]:  # fmt: skip
+    shapes = [(E, I, D), (E, I, D), (E, D, I)]
+    raws = tuple(codec_for(t).quantize(torch.randn(s, generator=g)) for t, s in zip(types, shapes))
+    codes = tuple(int(codec_for(t).ggml_type) for t in types)
+    experts = StackedGGUFExperts(raws, codes, D, I, torch.float32, torch.device("cpu"))
+    x = torch.randn(1, D, generator=g)
+    ids = torch.tensor([4, 1, 5, 1])
+    w = torch.rand(1, A, generator=g)
+    want = Experts._one_token(experts, x, ids, w)  # the dequantizing path
+    got = experts._one_token(x, ids, w)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 1e-5, (types, err)
+
+    # offload/direct.py: a copy whose raw buffers are views of a gather buffer holding the token's experts in order
+    layout = ExpertLayout(experts, E)
+    rows = MemoryStore.from_module(experts, layout).rows
+    twin = copy.copy(experts)
+    twin._parameters, twin._buffers = dict(experts._parameters), dict(experts._buffers)
+    layout.bind(twin, rows[ids])
+    assert twin.gate_proj_raw.shape[0] == A and not twin.gate_proj_raw.is_contiguous()
+    err = ((twin.forward_all(x, w) - want).norm() / want.norm()).item()
+    assert err < 1e-5, (types, "bound", err)
+
+    bf16 = StackedGGUFExperts(raws, codes, D, I, torch.bfloat16, torch.device("cpu"))
+    xb = x.bfloat16()
+    got, want = bf16._one_token(xb, ids, w), Experts._one_token(bf16, xb, ids, w)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2  # bf16 weights and sums there
+print("ok")
+"""
+
+
+def test_stacked_gguf_experts_through_the_kernels_match_the_dequantizing_path():
+    """Under the interpreter the module takes the kernels on the CPU (as on CUDA): against `Experts._one_token`, which
+    dequantizes the gathered experts; and through a copy bound to a gather buffer, as direct reads run it."""
+    run_checks(MODULE_CHECK, interpret=True)
+
+
 COMPILE_CHECK = """
 import triton
 from triton.backends.compiler import GPUTarget
