@@ -231,8 +231,10 @@ def test_graphed_offloaded_decode_matches_eager_on_cuda(checkpoint, slots):
     lockstep(model, decoder, STREAM, tol=1e-4)
     assert (model.offload.stats()["expert_misses"] == 0) == full
     model.offload.close()
-    fewer = load_offloaded(folder, Placement(experts_resident="1"), torch.float32, "cuda")
+    fewer = load_offloaded(folder, Placement(experts_resident="1", misses="copy"), torch.float32, "cuda")
     assert not GraphedDecoder.supports(fewer)  # a token's experts do not fit its slots: the eager streaming path
+    direct = load_offloaded(folder, Placement(experts_resident="1"), torch.float32, "cuda")
+    assert GraphedDecoder.supports(direct)  # auto reads misses in place: any number of slots, one graph
 
 
 @pytest.mark.gpu
