@@ -3,6 +3,7 @@ the non-terminal path (only the answer on stdout, no escape codes anywhere)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -101,6 +102,19 @@ def test_slash_commands_settings_save_load_and_unknown_command(lm, tmp_path, cap
     assert err.count("prompt ") >= 3  # a stats footer after each of the two replies, and /stats
     assert "Error" not in out and "prompt " not in out  # stdout carries replies only
     assert out.strip()
+
+
+def test_stats_of_an_offloaded_model_count_its_experts(capsys):
+    """/stats on a model with a quarter of its experts resident: the cache's hits, misses and what they cost."""
+    from marco_local.offload import Placement, offload_stats
+
+    offloaded = load("demo", dtype="f32", device="cpu", placement=Placement(experts_resident="25%"))
+    settings = ChatSettings(temperature=0.0, max_tokens=8)
+    stats = functools.partial(offload_stats, offloaded.model)  # as `marco chat` wires it
+    session = ChatSession(offloaded.model, offloaded.tokenizer, settings, None, 512, stats_fn=stats)
+    run_transcript(offloaded, "hello\r/stats\r/bye\r", session)
+    err = capsys.readouterr().err
+    assert "experts: 16 of 64 resident, " in err and " misses, " in err and " moved, stalled " in err
 
 
 def test_multiline_block_alt_enter_and_escaped_slash(lm, capsys):

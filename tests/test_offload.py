@@ -362,3 +362,22 @@ def test_fusing_for_cuda_graphs_adds_only_the_norm_tables(checkpoint):
     assert layer.self_attn.qkv_weight is not None and layer.mlp.experts.gate_up is not None
     tables = sum(layer.self_attn.qk_norm_weight.nbytes for layer in model.model.layers)  # [H + H_kv, hd] each
     assert tensor_bytes(model) == before + tables
+
+
+def test_verbose_stats_count_experts_read_in_place():
+    """Direct reads (`auto` on CUDA) move nothing into slots: `run --verbose` and chat's /stats say what the GPU read
+    in place, else a run that missed on every layer would report "0 B moved"."""
+    from types import SimpleNamespace
+
+    from marco_local.cli.ui import stats_line
+
+    stats = {"experts_resident_fraction": 0.5, "expert_hit_rate": 0.9, "expert_bytes_moved": 0}
+    reply = SimpleNamespace(
+        prompt_tokens=4, prompt_tps=10.0, generation_tokens=8, generation_tps=5.0, time_to_first_token=0.1,
+        peak_memory=1 << 20, cached_prompt_tokens=0, stats=dict(stats, expert_bytes_read_in_place=3 << 20,
+                                                                expert_stall_s=0.0),
+    )  # fmt: skip
+    assert "0 B moved, 3.0 MiB read in place, stalled 0.00 s" in stats_line(reply, moves=True)
+    reply.stats = dict(stats, expert_bytes_read_in_place=0, expert_stall_s=0.25, expert_bytes_moved=2 << 20)
+    line = stats_line(reply, moves=True)
+    assert "2.0 MiB moved, stalled 0.25 s" in line and "in place" not in line

@@ -473,6 +473,5 @@ class ChatUI:
         if st.get("experts_total"):
             ui.info(
                 f"experts: {st.get('experts_resident')} of {st['experts_total']} resident, "
-                f"{st.get('expert_hits', 0)} hits / {st.get('expert_misses', 0)} misses, "
-                f"{ui.human_bytes(st.get('expert_bytes_moved', 0))} moved, {st.get('expert_stall_s', 0):.2f} s stalled"
+                f"{st.get('expert_hits', 0)} hits / {st.get('expert_misses', 0)} misses, {ui.expert_traffic(st)}"
             )

@@ -110,5 +110,16 @@ def stats_line(r, moves: bool = False) -> str:
     if hit is not None:
         parts.append(f"expert hits {hit:.0%}")
     if moves and hit is not None:
-        parts.append(f"{human_bytes(r.stats['expert_bytes_moved'])} moved, stalled {r.stats['expert_stall_s']:.2f} s")
+        parts.append(expert_traffic(r.stats))
     return " · ".join(parts)
+
+
+def expert_traffic(stats: dict) -> str:
+    """What the expert cache's misses cost: bytes copied into slots, bytes the GPU read in place from host RAM (direct
+    reads, `auto`'s choice on CUDA: without them a run that missed would seem to move nothing), time stalled."""
+    in_place = stats.get("expert_bytes_read_in_place", 0)
+    return (
+        f"{human_bytes(stats.get('expert_bytes_moved', 0))} moved"
+        + (f", {human_bytes(in_place)} read in place" if in_place else "")
+        + f", stalled {stats.get('expert_stall_s', 0):.2f} s"
+    )
