@@ -22,6 +22,7 @@ for every block format because GGML quantizes each row on its own. qwen3/qwen3mo
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 from collections.abc import Callable
@@ -137,13 +138,15 @@ class QuantEmbedding(nn.Module):
         return rows.to(device=tokens.device, dtype=self.dtype).view(*tokens.shape, self.dim)
 
 
-def _kernels() -> tuple[Callable[..., nn.Module], Callable[..., nn.Module], Callable[..., nn.Module]]:
-    """qlinear's fast modules (make_linear, make_experts, make_embedding), else the dequantize-per-call references."""
+def _kernels(exact: bool) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """qlinear's fast modules (make_linear, make_experts, make_embedding), else the dequantize-per-call references.
+    `exact`: qlinear's modules are the float32 reference (dequantize on every call)."""
     try:
         from . import qlinear
     except ImportError:
         return DequantLinear, DequantExperts, QuantEmbedding
-    return qlinear.make_linear, qlinear.make_experts, qlinear.make_embedding
+    make_linear = functools.partial(qlinear.make_linear, exact=exact)
+    return make_linear, functools.partial(qlinear.make_experts, exact=exact), qlinear.make_embedding
 
 
 def _dense_modules(
@@ -195,6 +198,14 @@ def _unpermute_rows(raw: torch.Tensor, n_heads: int) -> torch.Tensor:
     head_dim = raw.shape[0] // n_heads
     idx = torch.arange(raw.shape[0]).view(n_heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
     return raw[idx]
+
+
+def _native_available() -> bool:
+    try:
+        from . import native
+    except ImportError:
+        return False
+    return native.available()
 
 
 def _use_native_moe_blocks(model: nn.Module, cfg: ModelConfig) -> None:
@@ -284,7 +295,11 @@ def build_model(
         model = MODEL_CLASSES[cfg.model_type](cfg)
     if quantized_experts is not None and not dense:
         raise ValueError("quantized_experts applies to dense models (the CPU kernels keep every weight quantized)")
-    makers = _dense_modules(dtype, device, quantized_experts) if dense else _kernels()
+    makers = _dense_modules(dtype, device, quantized_experts) if dense else _kernels(exact=dtype == torch.float32)
+    # Activations in float32 where the native kernels run (they take float32 inputs): a prompt's residual stream and
+    # products then keep the precision of the native decode step and of llama.cpp; weights, norms and the KV cache
+    # stay `dtype`.
+    act_dtype = torch.float32 if not dense and _native_available() else dtype
     make_linear, make_experts, make_embedding = makers
     unpermute = cfg.model_type == "llama"
     if not dense:
@@ -328,7 +343,7 @@ def build_model(
             t = _check_type(g, info)
 
             def job(name=name, info=info, t=t) -> None:
-                _replace(model, name, make_embedding(g.raw(info.name), t, cfg.vocab_size, cfg.hidden_size, dtype))
+                _replace(model, name, make_embedding(g.raw(info.name), t, cfg.vocab_size, cfg.hidden_size, act_dtype))
 
             jobs.append(job)
     # norms, q/k norms, the router: small float parameters

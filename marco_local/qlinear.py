@@ -57,6 +57,7 @@ kernel's padding rows of a slot are never written: they only feed output rows th
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 from collections.abc import Callable, Iterable
@@ -74,9 +75,10 @@ from . import native
 from .models.qwen3_moe import Experts, SparseMoeBlock
 
 KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the CPU int4 kernel vectorises
-ROW_BLOCK = 64  # the CPU int4 kernel packs rows in blocks of 64: byte [k, j] = row j | row 32 + j << 4
-CHUNK_ROWS = 4096  # rows repacked per step (a multiple of ROW_BLOCK): bounds load-time temporaries to a few MiB
+ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu refuses a row count that is not a multiple of 16
+CHUNK_ROWS = 1024  # rows repacked per step: bounds load-time temporaries to a few MiB
 _MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_PACK = torch.ops.aten._convert_weight_to_int4pack_for_cpu
 # With the OpenMP backend torch.set_num_threads is per OS thread, so load-time work can run in single-threaded workers
 _PER_THREAD_NUM_THREADS = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
@@ -193,10 +195,22 @@ def _int4_rows(raw: torch.Tensor, t: GT, in_features: int) -> tuple[torch.Tensor
 
 
 def _pack_rows(n: torch.Tensor) -> torch.Tensor:
-    """n uint8 [N, K] (N a multiple of 64) -> the CPU kernel's packing (= `_convert_weight_to_int4pack_for_cpu`)."""
-    N, K = n.shape
-    v = n.view(N // ROW_BLOCK, 2, ROW_BLOCK // 2, K)
-    return (v[:, 0] | (v[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
+    """n uint8 [N, K] (N a multiple of 16) -> the int4 kernel's packed form, made by torch's own conversion op.
+
+    Why the op and never a hand-written copy of its output: the packed order is private to torch and differs with
+    the kernel torch picks for this CPU (AVX-512, AVX2 or plain C), so a copied layout is right on one CPU only."""
+    return _PACK(n.to(torch.int32), 1)
+
+
+@functools.cache
+def _packs_in_chunks(rows: int) -> bool:
+    """Whether packing `rows` rows at a time gives the same bytes as packing the whole matrix, checked once on this
+    CPU's kernel rather than assumed from its layout; if not, matrices are packed whole."""
+    n = torch.randint(
+        0, 16, (2 * rows + ROW_MULTIPLE, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    parts = [_pack_rows(n[i : i + rows]) for i in range(0, n.shape[0], rows)]
+    return torch.equal(torch.cat(parts), _pack_rows(n))
 
 
 def _parallel_map(fn: Callable, items: Iterable) -> list:
@@ -221,7 +235,7 @@ def _parallel_map(fn: Callable, items: Iterable) -> list:
 
 
 def _padded(rows: int) -> int:
-    return -(-rows // ROW_BLOCK) * ROW_BLOCK
+    return -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def _fill_int4(
@@ -237,17 +251,18 @@ def _fill_int4(
     The one repacking routine: at load (`Int4Weight`) and on an offloaded expert's miss (`QExperts.fill_expert`)."""
     layout = LAYOUTS[t]
     k2 = in_features * (2 if layout.split else 1)
+    step = CHUNK_ROWS if _packs_in_chunks(CHUNK_ROWS) else out_features
 
     def fill(start: int) -> None:
-        end = min(start + CHUNK_ROWS, out_features)
+        end = min(start + step, out_features)
         n, s, z = _int4_rows(raw[start:end], t, in_features)
-        if (end - start) % ROW_BLOCK:
+        if (end - start) % ROW_MULTIPLE:
             n = torch.cat([n, n.new_zeros(_padded(end - start) - (end - start), k2)])
         packed[start : start + n.shape[0]] = _pack_rows(n)
         scales_zeros[:, start:end, 0] = s.t()
         scales_zeros[:, start:end, 1] = z.t()
 
-    starts = range(0, out_features, CHUNK_ROWS)
+    starts = range(0, out_features, step)
     if parallel:
         _parallel_map(fill, starts)
     else:
@@ -277,7 +292,7 @@ def _prep(layout: Layout, x: torch.Tensor) -> torch.Tensor:
 class Int4Weight:
     """One [N, K] matrix in the int4 kernel's form: packed [Np, K'/2] uint8, scales_zeros [K'/group, Np, 2] bf16.
 
-    Rows are padded to a multiple of 64 with zero weights (the kernel's row block); outputs carry the padding.
+    Rows are padded to a multiple of 16 with zero weights (the converter's precondition); outputs carry the padding.
     """
 
     def __init__(self, raw: torch.Tensor, t: GT, out_features: int, in_features: int, parallel: bool = True) -> None:
@@ -377,8 +392,11 @@ def dequantize_rows(raw: torch.Tensor, ggml_type: GT | int | str) -> torch.Tenso
 class QLinear(nn.Module):
     """`x @ W.T` with W kept quantized (int4 kernel) or as a zero-copy float view of the file (F32/F16/BF16)."""
 
-    def __init__(self, raw: torch.Tensor, ggml_type: GT | int | str, out_features: int, in_features: int) -> None:
+    def __init__(
+        self, raw: torch.Tensor, ggml_type: GT | int | str, out_features: int, in_features: int, exact: bool = False
+    ) -> None:
         super().__init__()
+        self.exact = exact  # the reference: dequantize and multiply in float32 on every call (slow)
         self.ggml_type = _as_type(ggml_type)
         self.codec: Codec = codec_for(self.ggml_type)
         self.out_features, self.in_features = out_features, in_features
@@ -399,15 +417,15 @@ class QLinear(nn.Module):
         if self.dense:
             w = self.weight_view
             y = F.linear(x2, w.float()) if x.dtype == torch.float32 else _dense_mm(x2, w)
-        elif x.dtype == torch.float32:
-            y = F.linear(x2, self.codec.dequantize(self.raw))  # exact reference path
+        elif self.exact:
+            y = F.linear(x2.float(), self.codec.dequantize(self.raw)).to(x.dtype)
         elif self.native:
             y = native.matmul(x2.float(), self.raw, self.ggml_type, self.in_features).to(x.dtype)
         else:
             q = self.q
             xb = x2 if x2.dtype == KERNEL_DTYPE else x2.to(KERNEL_DTYPE)
             y = _MM(q.prep(xb), q.packed, q.layout.group, q.scales_zeros)
-            if y.shape[1] != self.out_features:  # rows padded to the kernel's 64-row block
+            if y.shape[1] != self.out_features:  # rows padded to a multiple of ROW_MULTIPLE
                 y = y[:, : self.out_features]
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
@@ -504,12 +522,14 @@ class QExperts(Experts):
         hidden: int,
         intermediate: int,
         in_file: str | None = None,
+        exact: bool = False,
     ) -> None:
         with torch.device("meta"):  # the parent's float parameters are never materialised
             super().__init__(num_experts, hidden, intermediate)
         for name in ("gate_proj", "up_proj", "down_proj"):
             delattr(self, name)
         self.hidden, self.intermediate = hidden, intermediate
+        self.exact = exact  # the reference: each call dequantizes the expert and multiplies in float32
         self.types = tuple(_as_type(t) for t in ggml_types)
         self.codecs = tuple(codec_for(t) for t in self.types)
         _check_raw(gate_raw, self.codecs[0], (num_experts, intermediate), hidden)
@@ -595,9 +615,10 @@ class QExperts(Experts):
         return outs[0], outs[1]
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # exact reference path
+        if self.exact:
             g, u, d = (c.dequantize(r[e]) for c, r in zip(self.codecs, self.raws, strict=True))
-            return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+            xf = x.float()
+            return F.linear(F.silu(F.linear(xf, g)) * F.linear(xf, u), d).to(x.dtype)
         if self.native:
             (g, u, d), (gt, ut, dt) = self.raws, self.types
             xf = x.float()
@@ -653,7 +674,7 @@ class QExperts(Experts):
         self._decode_native(x, idx, weights, out)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and not self.dense and x.dtype != torch.float32:
+        if x.shape[0] == 1 and not self.dense and not self.exact:
             if self.native:
                 return self._decode_native(x, idx, weights)
             return self._decode(x, idx, weights)
@@ -670,7 +691,9 @@ class NativeMoeBlock(SparseMoeBlock):
 
     def _native_route(self, x: torch.Tensor) -> bool:
         w = self.gate.weight
-        return x.dtype == torch.bfloat16 and w.dtype in (torch.bfloat16, torch.float32) and native.available()
+        dtypes = (torch.bfloat16, torch.float32)
+        exact = getattr(self.experts, "exact", False)
+        return x.dtype in dtypes and w.dtype in dtypes and not exact and native.available()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[0] == 1 and self._native_route(x):
@@ -693,9 +716,10 @@ class NativeMoeBlock(SparseMoeBlock):
         return super().forward(x)
 
 
-def make_linear(raw: torch.Tensor, ggml_type, out_features: int, in_features: int) -> QLinear:
-    """A module computing `x @ W.T` for the GGUF tensor whose raw bytes are `raw` [out_features, row_bytes]."""
-    lin = QLinear(raw, ggml_type, out_features, in_features)
+def make_linear(raw: torch.Tensor, ggml_type, out_features: int, in_features: int, exact: bool = False) -> QLinear:
+    """A module computing `x @ W.T` for the GGUF tensor whose raw bytes are `raw` [out_features, row_bytes]; `exact`:
+    the float32 reference (see QLinear)."""
+    lin = QLinear(raw, ggml_type, out_features, in_features, exact)
     if lin.native:
         prefault(raw)
     if lin.q is not None:
@@ -714,10 +738,11 @@ def make_experts(
     hidden: int,
     intermediate: int,
     in_file: str | None = None,
+    exact: bool = False,
 ) -> QExperts:
     """The experts of one layer from `ffn_{gate,up,down}_exps` bytes: gate/up [E, I, bytes], down [E, D, bytes].
     `in_file` ("int4" / "raw", see `QExperts`): repack nothing and touch no expert page (the experts are offloaded)."""
-    experts = QExperts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate, in_file)
+    experts = QExperts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate, in_file, exact)
     if experts.native and not experts.in_file:
         for raw in (gate_raw, up_raw, down_raw):
             prefault(raw)

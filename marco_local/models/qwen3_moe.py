@@ -94,6 +94,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> tor
     21.3 ms both) and needs no float32 copy of the cache per layer (4 MiB at 512 positions, 32 MiB at 4096); on
     SmolLM2 the KL from the float32 model is the same (5.1e-3 against 5.5e-3 with float32 attention, 512 tokens)."""
     T = q.shape[2]
+    if T > 1 and k.dtype != q.dtype:  # float32 queries over a bf16 cache (a GGUF's prompt on the native kernels)
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if T == 1 and q.device.type == "cpu" and k.dtype == torch.bfloat16 and q.shape[0] == 1 and native.available():
         B, H, _, hd = q.shape
         out = native.attend_bf16(q.reshape(H, hd).float(), k[0], v[0], hd**-0.5)

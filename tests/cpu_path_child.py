@@ -1,0 +1,44 @@
+"""Run in a child process by tests/test_cpu_paths.py, under the environment a test sets (ATEN_CPU_CAPABILITY,
+MARCO_NATIVE): SmolLM2's greedy answers to a few chat prompts and the logits of one prompt, printed as JSON, so the
+parent can compare every kernel path on one machine with the same references."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from marco_local import native
+from marco_local.generate import generate
+from marco_local.gguf_loader import load_gguf
+
+PROMPTS = [
+    "What is the capital of France? Answer with the city name.",
+    "List three primary colors.",
+    "How many legs does a spider have? Answer with a number.",
+]
+TOKENS = 24
+
+
+def main(path: str) -> None:
+    torch.manual_seed(0)
+    model, tokenizer = load_gguf(path, dtype=torch.bfloat16)
+    answers = []
+    for prompt in PROMPTS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        answers.append(generate(model, tokenizer, text, max_tokens=TOKENS))
+    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}]))])
+    with torch.inference_mode():
+        logits = model(ids, model.make_cache(ids.shape[1] + 1))[0].float()
+    out = {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "native": native.available(),
+        "answers": answers,
+        "logits": logits.tolist(),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
