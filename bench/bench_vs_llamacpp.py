@@ -2,6 +2,7 @@
 
     python bench/bench_vs_llamacpp.py build [--mini]   # Marco-Nano-shaped GGUFs (random weights) at q4_k_m and q8_0
     python bench/bench_vs_llamacpp.py run [--repeats 3] [--threads 2] [--models nano-q4_k_m,nano-q8_0,smollm2]
+        [--engines ours,ours-avx512,ours-avx2,ours-portable,ours-torch] [--background-load N]
 
 `build` writes an F16 GGUF with Marco-Nano's real shapes (28 layers, hidden 1024, 232 experts x 384, 16/8 heads of
 128, vocabulary 151,936, tied embeddings), streaming one random layer's arrays 28 times (the arrays are generated
@@ -13,8 +14,9 @@ to Q4_K_M by our codecs with llama.cpp's per-tensor types (its F16 would be 35 G
 `run` measures each engine in its own subprocess (so one's memory never weighs on the other), alternating
 llama.cpp and ours per repeat round, and prints prompt tok/s (512-token prompt: llama.cpp in one batch, ours in the
 chunks `generate.prefill` takes on the CPU) and decode tok/s (128 greedy tokens) as medians with min-max, plus the
-ratio ours / llama.cpp, and each engine's peak RSS. Timings on a shared machine are noisy:
-compare the ratio, and rerun.
+ratio ours / llama.cpp, and each engine's peak RSS, for each of our kernel paths (native tiers forced with
+MARCO_NATIVE_ISA, the torch fallback with MARCO_NATIVE=0). `--background-load N` keeps N busy processes running
+beside every engine: a desktop's other programs. Timings on a shared machine are noisy: compare the ratio, and rerun.
 """
 
 from __future__ import annotations
@@ -311,12 +313,37 @@ def worker(args: argparse.Namespace) -> None:
 # run
 
 
+# our kernel paths: the native tiers (MARCO_NATIVE_ISA) and the torch fallback (MARCO_NATIVE=0)
+OURS = {
+    "ours": {},
+    "ours-avx512": {"MARCO_NATIVE_ISA": "avx512"},
+    "ours-avx2": {"MARCO_NATIVE_ISA": "avx2"},
+    "ours-portable": {"MARCO_NATIVE_ISA": "portable"},
+    "ours-torch": {"MARCO_NATIVE": "0"},
+}
+
+
+def _runnable_engines(names: list[str]) -> list[str]:
+    """The engines asked for that this CPU can run: a tier the CPU lacks is refused by its own worker."""
+    keep = []
+    for name in names:
+        env = {**os.environ, **OURS.get(name, {})}
+        code = "from marco_local import native; native.library()"
+        if name in OURS and OURS[name].get("MARCO_NATIVE_ISA"):
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode != 0:
+                print(f"skip {name}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+        keep.append(name)
+    return keep
+
+
 def _spawn(engine: str, path: Path, args: argparse.Namespace, repeats: int) -> dict:
     cmd = [
         sys.executable,
         __file__,
         "worker",
-        engine,
+        "llama.cpp" if engine == "llama.cpp" else "ours",
         str(path),
         "--threads",
         str(args.threads),
@@ -327,44 +354,61 @@ def _spawn(engine: str, path: Path, args: argparse.Namespace, repeats: int) -> d
         "--decode",
         str(args.decode),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, **OURS.get(engine, {})}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{engine} on {path.name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _busy_processes(n: int) -> list[subprocess.Popen]:
+    """n processes that spin on a core each: a desktop's other work, the same for every engine."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def run(args: argparse.Namespace) -> None:
     paths = model_paths()
+    engines = ["llama.cpp", *_runnable_engines(args.engines.split(","))]
     rows = []
-    for name in args.models.split(","):
-        path = paths[name]
-        if not path.exists():
-            print(f"skip {name}: {path} missing (run `build`)", file=sys.stderr)
-            continue
-        got: dict[str, dict] = {"llama.cpp": {"prompt": [], "decode": []}, "ours": {"prompt": [], "decode": []}}
-        for _ in range(args.rounds):  # alternate engines so a noisy neighbour hits both
-            for engine in ("llama.cpp", "ours"):
-                r = _spawn(engine, path, args, args.repeats)
-                got[engine]["prompt"] += r["prompt"]
-                got[engine]["decode"] += r["decode"]
-                got[engine]["peak_rss_bytes"] = max(got[engine].get("peak_rss_bytes", 0), r["peak_rss_bytes"])
-                print(f"{name} {engine}: {json.dumps(r)}", file=sys.stderr)
-        rows.append((name, path, got))
-    print(f"threads {args.threads}, prompt {args.prompt} tokens, decode {args.decode} tokens; median (min-max)")
-    head = f"{'model':<13} {'test':<7} {'llama.cpp tok/s':>22} {'ours tok/s':>22} {'ratio':>6}"
+    busy = _busy_processes(args.background_load)
+    try:
+        for name in args.models.split(","):
+            path = paths[name]
+            if not path.exists():
+                print(f"skip {name}: {path} missing (run `build`)", file=sys.stderr)
+                continue
+            got: dict[str, dict] = {e: {"prompt": [], "decode": [], "peak_rss_bytes": 0} for e in engines}
+            for _ in range(args.rounds):  # alternate engines so a noisy neighbour hits all
+                for engine in engines:
+                    r = _spawn(engine, path, args, args.repeats)
+                    got[engine]["prompt"] += r["prompt"]
+                    got[engine]["decode"] += r["decode"]
+                    got[engine]["peak_rss_bytes"] = max(got[engine]["peak_rss_bytes"], r["peak_rss_bytes"])
+                    print(f"{name} {engine}: {json.dumps(r)}", file=sys.stderr)
+            rows.append((name, path, got))
+    finally:
+        for p in busy:
+            p.kill()
+    print(
+        f"threads {args.threads}, prompt {args.prompt} tokens, decode {args.decode} tokens, "
+        f"{args.background_load} busy background processes; tok/s median (min-max), ratio to llama.cpp"
+    )
+    head = f"{'model':<13} {'test':<7} " + " ".join(f"{e:>26}" for e in engines)
     print(head)
     print("-" * len(head))
     results = []
     for name, path, got in rows:
         for test in ("prompt", "decode"):
-            ll, us = got["llama.cpp"][test], got["ours"][test]
-            ratio = statistics.median(us) / statistics.median(ll)
-            print(f"{name:<13} {test:<7} {_fmt(ll):>22} {_fmt(us):>22} {ratio:>6.2f}")
-            results.append({"model": name, "test": test, "llama.cpp": ll, "ours": us, "ratio": ratio})
-        print(
-            f"{name:<13} {'RSS':<7} {_gib(got['llama.cpp']['peak_rss_bytes']):>22} "
-            f"{_gib(got['ours']['peak_rss_bytes']):>22}   file {_gib(path.stat().st_size)}"
-        )
+            base = statistics.median(got["llama.cpp"][test])
+            cells = []
+            for e in engines:
+                v = got[e][test]
+                ratio = statistics.median(v) / base
+                cells.append(f"{_fmt(v)} {ratio:.2f}x" if e != "llama.cpp" else _fmt(v))
+                results.append({"model": name, "test": test, "engine": e, "tok_s": v, "ratio": ratio})
+            print(f"{name:<13} {test:<7} " + " ".join(f"{c:>26}" for c in cells))
+        rss = " ".join(f"{_gib(got[e]['peak_rss_bytes']):>26}" for e in engines)
+        print(f"{name:<13} {'RSS':<7} {rss}   file {_gib(path.stat().st_size)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
@@ -397,6 +441,13 @@ def main() -> None:
             s.add_argument("--rounds", type=int, default=1, help="llama.cpp/ours alternations")
             s.add_argument("--models", default="nano-q4_k_m,nano-q8_0,smollm2")
             s.add_argument("--json", help="also write the results here")
+            s.add_argument(
+                "--engines",
+                default=",".join(OURS),
+                help="our paths to time beside llama.cpp: ours (the default tier), ours-avx512, ours-avx2, "
+                "ours-portable (forced native tiers; one this CPU lacks is skipped), ours-torch (MARCO_NATIVE=0)",
+            )
+            s.add_argument("--background-load", type=int, default=0, help="busy processes running beside every engine")
     args = p.parse_args()
     {"build": build, "run": run, "worker": worker}[args.cmd](args)
 

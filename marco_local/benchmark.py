@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cpu_share import CpuShare
 from .generate import peak_memory_bytes, prefill, prefill_chunk
 
 ProgressFn = Callable[[int, int], None]
@@ -79,6 +80,8 @@ def run_benchmark(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    share = CpuShare() if device.type == "cpu" else None  # threads follow the free cores, as in generation
+
     def decode(n: int) -> float:
         cache.reset()
         logits = model(prompt[:, :1], cache)
@@ -87,6 +90,8 @@ def run_benchmark(
         for _ in range(n):
             # [1, 1], stays on the device (no host sync); float32 because bf16 argmax is 5x slower on CPU
             token = logits[:, -1].float().argmax(-1, keepdim=True)
+            if share:
+                share.tick()
             logits = model(token, cache)
         _sync(device)
         return n / (time.perf_counter() - start)
@@ -102,11 +107,15 @@ def run_benchmark(
     decode(min(4, decode_tokens))  # warm-up
     prompt_tps: list[float] = []
     decode_tps: list[float] = []
-    for i in range(repeats):
-        prompt_tps.append(timed_prefill())
-        decode_tps.append(decode(decode_tokens))
-        if progress:
-            progress(i + 1, repeats)
+    try:
+        for i in range(repeats):
+            prompt_tps.append(timed_prefill())
+            decode_tps.append(decode(decode_tokens))
+            if progress:
+                progress(i + 1, repeats)
+    finally:
+        if share:
+            share.restore()
     return BenchResult(
         prompt_tokens=prompt_tokens,
         decode_tokens=decode_tokens,

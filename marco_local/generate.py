@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .cpu_share import CpuShare
 from .kv_cache import KVCache
 from .sampling import LogitsProcessor, Sampler, make_sampler
 from .tokenizer import Tokenizer
@@ -104,25 +105,34 @@ def generate_step(
     reused = prompt_cache.reuse(prompt)
     history = list(prompt)
     todo = list(prompt[reused:])
-    while True:
-        chunk, todo = todo[:step], todo[step:]
-        logits = model(torch.tensor([chunk], device=device), prompt_cache.cache, last_only=True)
-        prompt_cache.tokens.extend(chunk)
-        if progress:
-            progress(len(prompt) - len(todo), len(prompt))
-        if not todo:
-            break
-    for i in range(max_tokens):
-        scores = logits[0, -1].float()
-        for process in logits_processors:
-            scores = process(history, scores)
-        token = sampler(scores)
-        history.append(token)
-        yield token
-        if i == max_tokens - 1:  # the last token is never fed: nothing would read its logits
-            break
-        logits = model(torch.tensor([[token]], device=device), prompt_cache.cache)
-        prompt_cache.tokens.append(token)
+    share = CpuShare() if device.type == "cpu" else None
+    try:
+        while True:
+            chunk, todo = todo[:step], todo[step:]
+            logits = model(torch.tensor([chunk], device=device), prompt_cache.cache, last_only=True)
+            prompt_cache.tokens.extend(chunk)
+            if progress:
+                progress(len(prompt) - len(todo), len(prompt))
+            if not todo:
+                break
+            if share:
+                share.tick()
+        for i in range(max_tokens):
+            scores = logits[0, -1].float()
+            for process in logits_processors:
+                scores = process(history, scores)
+            token = sampler(scores)
+            history.append(token)
+            yield token
+            if i == max_tokens - 1:  # the last token is never fed: nothing would read its logits
+                break
+            if share:
+                share.tick()
+            logits = model(torch.tensor([[token]], device=device), prompt_cache.cache)
+            prompt_cache.tokens.append(token)
+    finally:
+        if share:
+            share.restore()
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
