@@ -33,8 +33,10 @@ weight is within 2^-6.5 of the largest |w| of its block (measured worst 2^-6.75 
 the others: the size of rounding the weights to bf16). Relative output error ||y - y_ref|| / ||y_ref|| against
 `x @ codec.dequantize(raw).T` in float32 on random blocks, K = 1024: Q4_0 2.4e-3, Q4_1 2.4e-3, Q4_K 2.4e-3, Q8_0 2.5e-3,
 Q6_K 2.8e-3, Q5_K 3.3e-3, Q5_1 3.4e-3, Q5_0 3.9e-3 (tests/test_qlinear.py asserts the block bound and 6e-3).
-With float32 activations the modules take an exact path instead: the block bytes are dequantized with the codec on
-each call and multiplied in float32 (a reference path for checks: slow, allocates, touches the raw file pages).
+Float32 activations run on the same kernels (the native ones take float32; the int4 one gets them as bf16). Modules
+built with `exact=True` (the loader's float32 models) take an exact path instead: the block bytes are dequantized with
+the codec on each call and multiplied in float32 (a reference path for checks: slow, allocates, touches the raw file
+pages).
 
 Speed (Marco-Nano-shaped Q4_K_M, one decode token, kernels only, 1 thread / 2 threads): attention projections
 6.4 / 3.6 ms, the 8 selected experts of 28 layers 14.5 / 9.5 ms, the Q6_K lm_head 8.9 / 4.7 ms.
