@@ -300,6 +300,7 @@ def build_model(
     # products then keep the precision of the native decode step and of llama.cpp; weights, norms and the KV cache
     # stay `dtype`.
     act_dtype = torch.float32 if not dense and _native_available() else dtype
+    norm_dtype = act_dtype  # llama.cpp's F32 norms: in bf16, a Marco-shaped model's prompt KL grew 1.1x
     make_linear, make_experts, make_embedding = makers
     unpermute = cfg.model_type == "llama"
     if not dense:
@@ -360,7 +361,7 @@ def build_model(
         router = owner.endswith("mlp.gate")
 
         def job(module=module, attr=attr, info=info, router=router) -> None:
-            module._parameters[attr] = _float_param(g, info, dtype, device, keep_f32=router)
+            module._parameters[attr] = _float_param(g, info, norm_dtype, device, keep_f32=router)
 
         jobs.append(job)
     for i, job in enumerate(jobs):
@@ -372,6 +373,7 @@ def build_model(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a bug, not a user error: every meta tensor must have been replaced above
         raise RuntimeError(f"GGUF loader left meta tensors: {left[:5]}")
+    model.kv_dtype = dtype
     if not dense:
         _attach_native_decoder(model)
     return model.eval()

@@ -7,11 +7,11 @@ norm, RoPE, cache write, attention over the bf16 cache), the output product, RMS
 native call (as a MoE layer with one expert), a MoE block in one call that routes and runs its experts, or, offloaded,
 in two: the routing, then the experts at the addresses of the slots the host's table gives them (copies on a miss in
 between), as the block's module would compute them without its module calls and small tensors (~65 us a layer on Nano).
-Traced experts (a hook) keep the module path. The residual stream is float32 (the torch path keeps it in bf16), so
-outputs differ from the torch path by rounding only; tests/test_native_decode.py bounds both against the float32 exact
-path of the same file.
+Traced experts (a hook) keep the module path. Activations and norms are float32 as in the module path (the GGUF
+loader's form on the native kernels), so outputs differ from it by summation order only; tests/test_native_decode.py
+bounds both against the float32 exact path of the same file.
 
-The loader attaches it as `model.decode_step` when the model qualifies (`NativeDecoder.supports`): bf16 on the CPU,
+The loader attaches it as `model.decode_step` when the model qualifies (`NativeDecoder.supports`): on the CPU,
 every attention projection and the output matrix on the native kernels, batch 1 at call time. Invariants: no
 allocation per step beyond the output logits and the MLP module's own tensors; weights are read where they lie.
 """
@@ -76,9 +76,7 @@ class NativeDecoder:
         self.att = torch.zeros(self.H * self.hd)
         self.tmp = torch.zeros(self.D)
         self.one = torch.ones(1)  # the routing weight of a dense FFN
-        # a MoE block's input and output rounded through bf16 (the block's dtype), its routing
-        self.h_bf16, self.h_rounded = torch.zeros(self.D, dtype=torch.bfloat16), torch.zeros(self.D)
-        self.y, self.y_bf16 = torch.zeros(self.D), torch.zeros(self.D, dtype=torch.bfloat16)
+        self.y = torch.zeros(self.D)  # a MoE block's output
         top_k = max((getattr(layer.mlp, "top_k", 1) for layer in model.model.layers), default=1)
         self.ids, self.weights = torch.zeros(top_k, dtype=torch.int32), torch.zeros(top_k)
 
@@ -121,18 +119,14 @@ class NativeDecoder:
         return mlp.experts is ex and not self._observed(ex) and "route" not in vars(mlp)
 
     def _moe(self, fused: tuple, nt: int) -> None:
-        """`NativeMoeBlock.forward` on the normed residual `self.h`, its output added onto the residual `self.x`;
-        the same roundings (input and output through bf16), so the same numbers."""
+        """`NativeMoeBlock.forward` on the normed residual `self.h` (float32, as the module gets it), its output added
+        onto the residual `self.x`."""
         _, _, args, inter = fused
-        self.h_bf16.copy_(self.h)
-        self.h_rounded.copy_(self.h_bf16)
         code = self.lib.marco_moe_routed(
-            self.h_rounded.data_ptr(), *args, self.D, inter, self.y.data_ptr(), self.ids.data_ptr(),
-            self.weights.data_ptr(), nt,
-        )  # fmt: skip
+            self.h.data_ptr(), *args, self.D, inter, self.y.data_ptr(), self.ids.data_ptr(), self.weights.data_ptr(), nt
+        )
         native._check(code)
-        self.y_bf16.copy_(self.y)
-        self.x.add_(self.y_bf16)
+        self.x.add_(self.y)
 
     @staticmethod
     def _split_moe(mlp: nn.Module) -> tuple | None:
@@ -168,39 +162,37 @@ class NativeDecoder:
 
     def _routed_moe(self, split: tuple, mlp: nn.Module, nt: int) -> bool:
         """The block's routing, its experts placed (offloaded: `slots_for_token`, copies included) and computed in
-        one `marco_moe` call, added onto the residual with the module path's roundings (bf16 input and output), so
-        the same numbers. False when the module path must run instead: a hook on the experts (a trace recorder),
-        misses computed on the CPU, fewer slots than a token's experts."""
+        one `marco_moe` call, added onto the residual as the module path adds it. False when the module path must run
+        instead: a hook on the experts (a trace recorder), misses computed on the CPU, fewer slots than a token's
+        experts."""
         ex, off, router, raws, types, inter = split
         if self._observed(ex) or (off is not None and (self._observed(off.inner) or off.lru is not None)):
             return False
         k = router[4]
         if off is not None and (off.misses_on_cpu or off.table.num_slots < k):
             return False
-        self.h_bf16.copy_(self.h)
-        self.h_rounded.copy_(self.h_bf16)
-        if "route" in vars(mlp):  # replaced on the instance: its ids and (bf16) weights
-            ids, weights = mlp.route(self.h_bf16.view(1, -1))
+        if "route" in vars(mlp):  # replaced on the instance: its ids and weights
+            ids, weights = mlp.route(self.h.view(1, -1))
             self.ids[:k].copy_(ids.view(-1))
             self.weights[:k].copy_(weights.view(-1))
         else:
             ids, weights = self.ids.data_ptr(), self.weights.data_ptr()
-            native._check(self.lib.marco_route(self.h_rounded.data_ptr(), *router, ids, weights, nt))
+            native._check(self.lib.marco_route(self.h.data_ptr(), *router, ids, weights, nt))
         row = self.ids[:k].tolist()
-        slots = off.slots_for_token(row, self.h_bf16.view(1, -1)) if off is not None else row
+        slots = off.slots_for_token(row, self.h.view(1, -1)) if off is not None else row
         arrays = [(ctypes.c_int64 * k)(*(base + s * stride for s in slots)) for base, stride in raws]
         code = self.lib.marco_moe(
-            k, *arrays, self.weights.data_ptr(), *types, self.D, inter, self.h_rounded.data_ptr(), self.y.data_ptr(), nt
+            k, *arrays, self.weights.data_ptr(), *types, self.D, inter, self.h.data_ptr(), self.y.data_ptr(), nt
         )
         native._check(code)
-        self.y_bf16.copy_(self.y)
-        self.x.add_(self.y_bf16)
+        self.x.add_(self.y)
         return True
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """bf16 on the CPU, every projection and the output matrix a native `QLinear`, norms in bf16."""
-        if not native.available() or model.model.norm.weight.dtype != torch.bfloat16:
+        """On the CPU, every projection and the output matrix a native `QLinear`, norms in float32 (the GGUF loader's
+        form when the native kernels run: activations in float32, KV cache in bf16)."""
+        if not native.available() or model.model.norm.weight.dtype != torch.float32:
             return False
         if model.model.norm.weight.device.type != "cpu":
             return False
@@ -208,7 +200,7 @@ class NativeDecoder:
         for layer in model.model.layers:
             a = layer.self_attn
             linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
-        return all(isinstance(m, QLinear) and m.native for m in linears)
+        return all(isinstance(m, QLinear) and m.native and not m.exact for m in linears)
 
     def _matmul(self, lin: QLinear, x: torch.Tensor, y: torch.Tensor) -> None:
         code = self.lib.marco_matmul(

@@ -84,11 +84,14 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # an optional fast path for one new token (set by the GGUF loader: native_decode.NativeDecoder)
         self.decode_step: DecodeStep | None = None
+        # the KV cache's dtype where it is not the norms' (a GGUF on the CPU: float32 norms, a bf16 cache)
+        self.kv_dtype: torch.dtype | None = None
 
     def make_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
         cfg, p = self.config, self.model.norm.weight
+        dtype = self.kv_dtype or p.dtype
         return KVCache(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_len, batch_size, p.dtype, p.device
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_len, batch_size, dtype, p.device
         )
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:

@@ -475,6 +475,8 @@ class Qwen3MoeForCausalLM(nn.Module):
         # an optional fast path for one new token: native_decode.NativeDecoder (GGUF on the CPU, set by the GGUF
         # loader) or cuda_graphs.GraphedDecoder (a resident model on CUDA, set by runtime.load)
         self.decode_step: DecodeStep | None = None
+        # the KV cache's dtype where it is not the norms' (a GGUF on the CPU: float32 norms, a bf16 cache)
+        self.kv_dtype: torch.dtype | None = None
 
     def make_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
         cfg, p = self.config, self.model.norm.weight
@@ -484,7 +486,7 @@ class Qwen3MoeForCausalLM(nn.Module):
             cfg.head_dim,
             max_len,
             batch_size,
-            dtype=p.dtype,
+            dtype=self.kv_dtype or p.dtype,
             device=p.device,
         )
 

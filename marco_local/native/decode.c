@@ -3,7 +3,7 @@
  *
  * Why: a decode step of a small model is dozens of tiny torch calls per layer, each costing more than its arithmetic
  * (SmolLM2: 140 us of a layer's 270 us). Each function here replaces a run of them. Everything is float32 except the
- * bf16 weights of the norms and the bf16 KV cache.
+ * bf16 KV cache.
  */
 #include <math.h>
 #include <stdint.h>
@@ -16,12 +16,12 @@ int marco_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, int6
 int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, const float *x, int m, float *y,
                  int n_threads);
 
-/* out[i] = x[i] / rms(x) * w[i] (w bf16), over n values. out may be x. */
-void marco_rms_norm(const float *x, const uint16_t *w, int n, float eps, float *out) {
+/* out[i] = x[i] / rms(x) * w[i], over n values. out may be x. */
+void marco_rms_norm(const float *x, const float *w, int n, float eps, float *out) {
     double ss = 0.0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
     float r = 1.0f / sqrtf((float)(ss / n) + eps);
-    for (int i = 0; i < n; i++) out[i] = x[i] * r * bf16_to_float(w[i]);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
 /* rotate-half RoPE of one head vector in place: pairs (i, i + hd/2) */
@@ -35,11 +35,11 @@ static void rope(float *v, const float *cos_, const float *sin_, int hd) {
 }
 
 /* One new token's attention block. qkv: float32 [n_heads * hd | n_kv * hd | n_kv * hd] (the projections), changed in
- * place. q_norm / k_norm: bf16 [hd] per-head RMSNorm weights, or NULL (llama). cos/sin: float32 [hd] at this
+ * place. q_norm / k_norm: float32 [hd] per-head RMSNorm weights, or NULL (llama). cos/sin: float32 [hd] at this
  * position. The new key (normed, rotated) and value are stored as bf16 at position `pos` of the layer's cache
  * (kv head g's position p at k_cache + g * head_stride + p * hd), then the query attends over positions 0..pos.
  * out: float32 [n_heads * hd]. */
-int marco_attn_decode(float *qkv, int n_heads, int n_kv, int hd, const uint16_t *q_norm, const uint16_t *k_norm,
+int marco_attn_decode(float *qkv, int n_heads, int n_kv, int hd, const float *q_norm, const float *k_norm,
                       float eps, const float *cos_, const float *sin_, uint16_t *k_cache, uint16_t *v_cache,
                       int64_t head_stride, int pos, float *out, int n_threads) {
     if (hd % 2 || n_kv <= 0 || n_heads % n_kv || pos < 0) return -1;
