@@ -207,7 +207,7 @@ def test_dequantize_per_call_fallback_matches(ggml_type, moe_f32, moe_typed, mon
     with torch.no_grad():
         model, _ = load_gguf(path, dtype=torch.float32)
         expected = model(ids, model.make_cache(32, batch_size=2))
-        monkeypatch.setattr(gl, "_kernels", lambda: (gl.DequantLinear, gl.DequantExperts, gl.QuantEmbedding))
+        monkeypatch.setattr(gl, "_kernels", lambda exact: (gl.DequantLinear, gl.DequantExperts, gl.QuantEmbedding))
         fallback, _ = load_gguf(path, dtype=torch.float32)
         assert isinstance(fallback.model.layers[0].mlp.experts, gl.DequantExperts)
         got = fallback(ids, fallback.make_cache(32, batch_size=2))

@@ -73,6 +73,7 @@ class OffloadedExperts(nn.Module):
         # an inner `forward` of its own (QExperts' decode kernel) is used for single tokens; the base routing loop,
         # replayed here in expert-id order, keeps everything else bit-identical to the unwrapped module
         self.own_forward = type(inner).forward is not Experts.forward
+        self.exact = getattr(inner, "exact", False)  # a reference module: computes each expert alone, routed in torch
         # stacked experts on CUDA: a single token's experts are gathered from the slots by slot id (no host sync
         # after the routing has been read)
         self.gather_decode = self.device.type == "cuda" and getattr(inner, "gathers", False)
@@ -297,8 +298,7 @@ class OffloadedExperts(nn.Module):
             slot_of = self.table.slot_of
             slots = torch.tensor([[slot_of[e] for e in row] for row in idx.tolist()], device=idx.device)
             return self.inner(x, slots, weights)
-        exact = getattr(self.inner, "exact", False)  # a reference module computes each expert alone
-        if x.shape[0] == 1 and self.own_forward and not exact and hasattr(self.inner, "decode_rows"):
+        if x.shape[0] == 1 and self.own_forward and not self.exact and hasattr(self.inner, "decode_rows"):
             if self.inner.native or not self.inner.dense:  # the inner single-token path, in groups that fit
                 return self._decode_in_groups(x, idx, weights)
         flat_weights = weights.reshape(-1, 1)
