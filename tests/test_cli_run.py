@@ -280,3 +280,26 @@ def test_a_ctx_beyond_the_model_is_clamped_and_said(marco_main, checkpoint):
     longest = ref.config.max_position_embeddings
     code, err = marco_main("run", str(folder), "hi", "-n", "1", "--ctx", str(longest * 2))
     assert code == 0 and f"the model's context is {longest:,} tokens, so that is used" in "\n".join(err), err
+
+
+def test_expert_options_on_a_dense_model_are_ignored_with_a_note(marco_main, tmp_path):
+    """As llama.cpp ignores --n-cpu-moe on a dense model: the run goes on, and one line says the options did nothing
+    (they once failed inside the offload planner: `unexpected ValueError: max() arg is an empty sequence`)."""
+    from gguf_fixtures import smollm2_path
+
+    model = str(smollm2_path())
+    profile = tmp_path / "p.json"
+    profile.write_text('{"format": "marco-expert-profile", "layers": {}}', encoding="utf-8")
+    dense = "no effect, the model is dense (it has no experts to offload)"
+    for opts, said in [
+        (["--ram-mem", "6GiB"], "--ram-mem: "),
+        (["--experts-resident", "50%", "--prefetch"], "--experts-resident and --prefetch: "),
+        (["--profile", str(profile)], "--profile: "),
+    ]:
+        code, err = marco_main("run", model, "hi", "-n", "2", "--temperature", "0", *opts)
+        assert code == 0 and err == [said + dense], (opts, err)
+    code, err = marco_main("bench", model, "--ram-mem", "6GiB", "-p", "4", "-n", "2", "-r", "1")
+    assert code == 0 and err[0] == "--ram-mem: " + dense, err
+    r = marco("chat", model, "-n", "2", "--temperature", "0", "--experts-resident", "2", stdin=b"hi")
+    assert r.returncode == 0 and r.stderr.decode().splitlines() == ["--experts-resident: " + dense], r.stderr
+    assert r.stdout.strip()

@@ -108,6 +108,16 @@ class Placement:
     def active(self) -> bool:
         return any(v is not None for v in (self.ram_mem, self.gpu_mem, self.experts_resident, self.profile))
 
+    def offload_options(self) -> list[str]:
+        """The options given that offload experts (what makes the placement active)."""
+        given = (
+            ("--ram-mem", self.ram_mem),
+            ("--gpu-mem", self.gpu_mem),
+            ("--experts-resident", self.experts_resident),
+            ("--profile", self.profile),
+        )
+        return [name for name, value in given if value is not None]
+
     def idle_options(self) -> list[str]:
         """The options given that only act on offloaded experts: the user is told when nothing is offloaded."""
         return [
