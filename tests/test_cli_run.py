@@ -177,6 +177,14 @@ def test_ctrl_c_exits_130_and_a_closed_pipe_exits_0(monkeypatch, marco_main, rai
         ["--expert-policy", "mru"],
         ["--expert-misses", "gpu"],
         ["--ram-mem", ""],
+        ["--ram-mem", "6XB"],
+        ["--gpu-mem", "lots"],
+        ["--experts-resident", "abc"],
+        ["--experts-resident", "0"],
+        ["--experts-resident", "150%"],
+        ["--experts-resident", "nan%"],
+        ["--profile", "no-such-profile.json"],
+        ["--profile", __file__],  # not a profile
     ],
 )
 def test_bad_option_values_are_usage_errors_before_loading(monkeypatch, marco_main, bad):
@@ -191,6 +199,19 @@ def test_bad_option_values_are_usage_errors_before_loading(monkeypatch, marco_ma
     code, err = marco_main("run", "demo", "hi", *bad)
     assert code == 2, err
     assert err[0].startswith("Error: Invalid value for") and bad[0] in err[0] and len(err) == 2, err
+
+
+@pytest.mark.parametrize("command", ["chat", "bench"])
+def test_offload_option_values_are_checked_before_loading_in_chat_and_bench(monkeypatch, marco_main, command):
+    from marco_local import runtime
+
+    def never(*_, **__):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runtime, "load", never)
+    for bad in (["--experts-resident", "abc"], ["--ram-mem", "lots"], ["--profile", "no-such-profile.json"]):
+        code, err = marco_main(command, "demo", *bad)
+        assert code == 2 and err[0].startswith("Error: Invalid value for") and bad[0] in err[0], err
 
 
 def test_minus_one_tokens_generates_until_the_context_is_full(marco_main, checkpoint):
