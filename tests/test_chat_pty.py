@@ -145,3 +145,31 @@ def test_chat_in_a_real_terminal(endless_demo, tmp_path):
         assert "Hello there" in history and "/exit" in history  # the persistent prompt history
     finally:
         term.close()
+
+
+def test_run_without_a_prompt_in_a_terminal_starts_a_chat(endless_demo, tmp_path):
+    """As `ollama run MODEL`: no prompt and a terminal on stdin is a conversation (it once said "empty prompt"), with
+    run's options (-n 4 here, not chat's default)."""
+    env = f"MARCO_HOME={tmp_path} TERM=xterm-256color OMP_NUM_THREADS=1"
+    command = (
+        f"cd {Path(__file__).parent.parent} && env {env} {sys.executable} -m marco_local run {endless_demo} "
+        f"--temperature 0 -n 4; echo EXIT=$?; sleep 60"
+    )
+    term = Terminal(command)
+    try:
+        term.wait_for(lambda s: ">>> " in s, timeout=60)
+        term.type("Hello there")
+        assert "decode 4 tok" in term.wait_for(lambda s: "decode " in s)
+        term.type("/exit")
+        term.wait_for(lambda s: "EXIT=" in s, timeout=20)
+        screen = term.screen(history=True)
+        assert "EXIT=0" in screen and "empty prompt" not in screen
+    finally:
+        term.close()
+    # --raw has no meaning in a chat: said before anything loads
+    term = Terminal(command.replace("-n 4", "--raw"))
+    try:
+        screen = term.wait_for(lambda s: "EXIT=" in s, timeout=60)
+        assert "Error: --raw needs a prompt" in screen and "EXIT=1" in screen
+    finally:
+        term.close()

@@ -1,4 +1,5 @@
-"""`marco run`: answer one prompt (argument and/or piped stdin) and exit; only the answer goes to stdout."""
+"""`marco run`: answer one prompt (argument and/or piped stdin) and exit; only the answer goes to stdout.
+With no prompt at all and a terminal on stdin it starts `marco chat` with the same options, as `ollama run` does."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ from .options import (
     typed,
 )
 
-EPILOG = "Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano"
+EPILOG = (
+    "Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano\n\n"
+    "  marco run nano   (no prompt, in a terminal: a chat, as marco chat nano)"
+)
 
 
 def read_stdin_prompt() -> str:
@@ -77,7 +81,7 @@ def run(
     expert_misses: ExpertMisses = "auto",
     trace: TraceFile = None,
 ) -> None:
-    """Answer one prompt and exit. Only the answer goes to stdout."""
+    """Answer one prompt and exit. Only the answer goes to stdout. Without a prompt, in a terminal: a chat."""
     from ..generate import UNTIL_FULL, PromptCache, stream_generate
     from ..offload import Placement, TraceRecorder, offload_stats
     from ..offload.trace import FORMAT as TRACE_FORMAT
@@ -85,6 +89,36 @@ def run(
     from ..sampling import make_logits_processors, make_sampler
 
     check_replaceable(trace, TRACE_FORMAT)  # a trace replaces an earlier trace only
+    if prompt is None and sys.stdin is not None and sys.stdin.isatty():
+        # no prompt, typed in a terminal: a conversation, as `ollama run MODEL` starts one
+        if raw or trace is not None:
+            given = "--raw" if raw else "--trace"
+            raise MarcoError(f"{given} needs a prompt", hint="pass one as an argument, or pipe it into marco run")
+        from .chat_cmd import chat
+
+        return chat(
+            context,
+            model,
+            max_tokens=max_tokens if typed(context, "max_tokens") else 1024,  # chat's own default
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            system=system,
+            stop=stop,
+            dtype=dtype,
+            device=device,
+            ctx=ctx,
+            ram_mem=ram_mem,
+            gpu_mem=gpu_mem,
+            experts_resident=experts_resident,
+            profile=profile,
+            expert_policy=expert_policy,
+            prefetch=prefetch,
+            expert_misses=expert_misses,
+        )
     text = "\n".join(p for p in (read_stdin_prompt(), prompt) if p)
     if not text.strip():
         raise MarcoError("empty prompt", hint="pass a prompt argument or pipe text into marco run")
