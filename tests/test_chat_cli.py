@@ -205,6 +205,21 @@ def test_markdown_stream_keeps_tilde_fences_and_longer_fences_whole():
     assert "~~~" not in buf.getvalue() and "after" in streamed
 
 
+def test_markdown_stream_keeps_the_models_line_breaks():
+    """A four-line poem shows as four lines, as in --plain and /save (markdown alone joins them into one paragraph);
+    lists, headers and code still render as markdown."""
+    poem = "Roses are red,\nViolets are blue,\n**Sugar** is sweet,\nAnd so are you."
+    text = f"{poem}\n\n# Title\n- one\n- two\n\n```\nx = 1\n```\n"
+    buf = io.StringIO()
+    stream = MarkdownStream(Console(file=buf, force_terminal=True, width=60, color_system=None))
+    for i in range(0, len(text), 3):
+        stream.add(text[i : i + 3])
+    stream.finish()
+    shown = [line.strip() for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", buf.getvalue()).splitlines()]
+    assert shown[:4] == ["Roses are red,", "Violets are blue,", "Sugar is sweet,", "And so are you."], shown
+    assert "Title" in shown and "• one" in shown and "• two" in shown and "x = 1" in shown and "```" not in shown
+
+
 def test_helpers():
     assert printable("a\x1b[31mb\x07c\r\n\td") == "a[31mbc\n\td"
     completions = lambda text: [  # noqa: E731

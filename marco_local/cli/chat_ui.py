@@ -166,10 +166,23 @@ class _Lines:
             yield Segment.line()
 
 
+class KeptBreaksMarkdown(Markdown):
+    """rich's Markdown with the model's line breaks kept: a single newline inside a paragraph is a line break, not a
+    space (markdown-it's `breaks` option, as GitHub comments and Ollama show a reply), so a poem keeps its lines.
+    Block syntax (lists, headers, code fences, tables) is parsed as before; only the soft breaks change."""
+
+    def __init__(self, markup: str, **kwargs) -> None:
+        super().__init__(markup, **kwargs)
+        for token in self.parsed:
+            for child in token.children or ():
+                if child.type == "softbreak":
+                    child.type = "hardbreak"
+
+
 def _markdown_lines(console: Console, text: str, width: int, gap: bool) -> list[list[Segment]]:
     """`text` as markdown lines without rich's blank lines at either end (a list starts with one); `gap` puts one
     blank line on top, the separation between two blocks."""
-    lines = console.render_lines(Markdown(text), console.options.update_width(width), pad=False)
+    lines = console.render_lines(KeptBreaksMarkdown(text), console.options.update_width(width), pad=False)
 
     def blank(line: list[Segment]) -> bool:
         return not "".join(s.text for s in line).strip()
