@@ -117,6 +117,21 @@ def test_stats_of_an_offloaded_model_count_its_experts(capsys):
     assert "experts: 16 of 64 resident, " in err and " misses, " in err and " moved, stalled " in err
 
 
+def test_the_footer_says_when_the_token_limit_cut_a_reply(lm, capsys):
+    settings = ChatSettings(temperature=0.0, max_tokens=3)
+    session = ChatSession(lm.model, lm.tokenizer, settings, None, 512)
+    run_transcript(lm, "hello\r/bye\r", session)
+    err = capsys.readouterr().err
+    assert session.last_reply.response.finish_reason == "length"  # the random demo model says no end in 3 tokens
+    footer = next(line for line in err.splitlines() if "decode 3 tok" in line)
+    assert footer.endswith(" · cut at max_tokens 3 (/set max_tokens N for longer replies)"), footer
+    session = ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=-1), None, 48)
+    run_transcript(lm, "hello\r/bye\r", session)
+    err = capsys.readouterr().err
+    assert session.last_reply.response.finish_reason == "length"
+    assert "decode " in err and " · cut: the context window (48 tokens) is full" in err, err
+
+
 def test_multiline_block_alt_enter_and_escaped_slash(lm, capsys):
     keys = '"""\rline one\r\rline two\r"""\rfirst\x1b\rsecond\r//etc/hosts is a file\r"""/help\rme"""\r\x04'
     chat = run_transcript(lm, keys)

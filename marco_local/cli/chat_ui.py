@@ -30,6 +30,7 @@ from rich.markdown import Markdown
 from rich.segment import Segment
 
 from ..errors import MarcoError
+from ..generate import UNTIL_FULL
 from . import ui
 
 COMMANDS = {
@@ -440,7 +441,17 @@ class ChatUI:
             else:
                 stream.finish()
         if reply.response is not None:
-            ui.console.print(ui.stats_line(reply.response), style="dim", markup=False, highlight=False, soft_wrap=True)
+            footer = ui.stats_line(reply.response) + self.cut_note(reply.response)
+            ui.console.print(footer, style="dim", markup=False, highlight=False, soft_wrap=True)
+
+    def cut_note(self, r) -> str:
+        """Where a reply ended at a limit, not at the model's own end: say which limit, and how to lift it."""
+        if r.finish_reason != "length":
+            return ""
+        wanted = self.session.settings.max_tokens
+        if wanted != UNTIL_FULL and r.generation_tokens >= wanted:
+            return f" · cut at max_tokens {wanted} (/set max_tokens N for longer replies)"
+        return f" · cut: the context window ({self.session.context_length} tokens) is full"
 
     def show_settings(self) -> None:
         for name in SETTINGS:
