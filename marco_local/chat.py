@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import MarcoError
 from .generate import UNTIL_FULL, GenerationResponse, PromptCache, stream_generate
-from .sampling import RANDOM_SEED, Sampler, make_logits_processors, make_sampler, setting_error
+from .sampling import RANDOM_SEED, Sampler, make_logits_processors, make_sampler, new_seed, setting_error
 from .tokenizer import Tokenizer
 
 SAVE_FORMAT = "marco-chat"
@@ -80,6 +80,7 @@ class Reply:
         self.text = ""
         self.response: GenerationResponse | None = None  # the last record (stats, finish reason)
         self.interrupted = False
+        self.seed: int | None = None  # the sampler's seed (None: greedy), for -v and /stats
         self._recorded = False
         self._stream = self._generate(ids)
 
@@ -89,13 +90,15 @@ class Reply:
     def _generate(self, ids: list[int]) -> Iterator[GenerationResponse]:
         s = self.session
         finished = False
+        sampler = s.sampler()
+        self.seed = s.seed if s.settings.temperature > 0 else None
         try:
             for r in stream_generate(
                 s.model,
                 s.tokenizer,
                 ids,
                 max_tokens=s.settings.max_tokens,
-                sampler=s.sampler(),
+                sampler=sampler,
                 logits_processors=make_logits_processors(s.settings.repeat_penalty),
                 stop_strings=s.stop_strings,
                 prompt_cache=s.prompt_cache,
@@ -153,6 +156,7 @@ class ChatSession:
         self.prompt_cache = PromptCache(model.make_cache(context_length))
         self._sampler: Sampler | None = None
         self._sampler_key: tuple | None = None
+        self.seed: int | None = None  # the sampler's seed: the one set, else one drawn for it (to repeat a session)
 
     # -- settings -------------------------------------------------------------------------------------------------
 
@@ -164,7 +168,8 @@ class ChatSession:
         key = dataclasses.astuple(self.settings)
         if self._sampler is None or key != self._sampler_key:
             st = self.settings
-            self._sampler = make_sampler(st.temperature, st.top_p, st.top_k, st.min_p, st.seed)
+            self.seed = st.seed if st.seed is not None else new_seed()
+            self._sampler = make_sampler(st.temperature, st.top_p, st.top_k, st.min_p, self.seed)
             self._sampler_key = key
         return self._sampler
 

@@ -132,6 +132,27 @@ def test_the_footer_says_when_the_token_limit_cut_a_reply(lm, capsys):
     assert "decode " in err and " · cut: the context window (48 tokens) is full" in err, err
 
 
+def test_verbose_footer_and_stats_say_the_seed_that_repeats_a_session(lm, capsys):
+    """A session given no seed draws one; -v's footers and /stats say it, and --seed N repeats the replies."""
+
+    def chat(seed):
+        settings = ChatSettings(temperature=1.5, max_tokens=6, seed=seed)
+        session = ChatSession(lm.model, lm.tokenizer, settings, None, 512)
+        with create_pipe_input() as pipe:
+            pipe.send_text("hello\rand more\r/stats\r/bye\r")
+            prompt = make_prompt_session(InMemoryHistory(), input=pipe, output=DummyOutput())
+            ChatUI(session, lm=lm, model_name="demo", plain=True, prompt_session=prompt, verbose=True).run()
+        return session, capsys.readouterr().err
+
+    first, err = chat(None)
+    seeds = re.findall(r" · seed (\d+)", err)
+    assert len(seeds) == 3 and len(set(seeds)) == 1, err  # two footers and /stats, one seed for the session
+    assert "finish: " in err
+    again, err = chat(int(seeds[0]))
+    assert [m["content"] for m in again.messages] == [m["content"] for m in first.messages]
+    assert f" · seed {seeds[0]}" in err
+
+
 def test_multiline_block_alt_enter_and_escaped_slash(lm, capsys):
     keys = '"""\rline one\r\rline two\r"""\rfirst\x1b\rsecond\r//etc/hosts is a file\r"""/help\rme"""\r\x04'
     chat = run_transcript(lm, keys)

@@ -57,6 +57,19 @@ def test_chat_template_and_verbose_stats(checkpoint):
     assert b"\x1b[" not in r.stdout + r.stderr
 
 
+def test_verbose_says_the_seed_that_repeats_a_sampled_run(checkpoint):
+    """`--seed -1` (the default) draws a seed; -v says it, and --seed N with it gives the same text again."""
+    folder, _ = checkpoint
+    args = ("run", str(folder), "Hi", "-n", "12", "--temperature", "1.5", "-v")
+    first = marco(*args, "--seed", "-1")
+    assert first.returncode == 0, first.stderr
+    seed = re.search(r" · seed (\d+)", first.stderr.decode()).group(1)
+    again = marco(*args, "--seed", seed)
+    assert again.stdout == first.stdout and f" · seed {seed}" in again.stderr.decode()
+    greedy = marco(*args, "--temperature", "0")
+    assert " · greedy" in greedy.stderr.decode() and " · seed" not in greedy.stderr.decode()
+
+
 def test_demo_model_runs():
     r = marco("run", "demo", "-n", "8", stdin=b"Hello")
     assert r.returncode == 0, r.stderr

@@ -299,11 +299,19 @@ def typeahead_hidden() -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
+def seed_text(reply) -> str:
+    """The seed that repeats a sampled reply's session (`--seed N`), or that none is needed."""
+    return "greedy" if reply.seed is None else f"seed {reply.seed}"
+
+
 class ChatUI:
     """The interactive loop: read a line, run a slash command or send it, stream the reply."""
 
-    def __init__(self, session, lm=None, model_name: str = "", plain: bool = False, prompt_session=None) -> None:
+    def __init__(
+        self, session, lm=None, model_name: str = "", plain: bool = False, prompt_session=None, verbose: bool = False
+    ) -> None:
         self.session = session
+        self.verbose = verbose  # each footer also says how the reply ended and the seed that repeats it
         self.lm = lm
         self.model_name = model_name
         self.plain = plain or not sys.stdout.isatty()
@@ -442,6 +450,8 @@ class ChatUI:
                 stream.finish()
         if reply.response is not None:
             footer = ui.stats_line(reply.response) + self.cut_note(reply.response)
+            if self.verbose:
+                footer += f" · finish: {reply.response.finish_reason or 'interrupted'} · {seed_text(reply)}"
             ui.console.print(footer, style="dim", markup=False, highlight=False, soft_wrap=True)
 
     def cut_note(self, r) -> str:
@@ -492,7 +502,8 @@ class ChatUI:
         if last is None or last.response is None:
             ui.info("No reply yet.")
             return
-        ui.info(ui.stats_line(last.response) + f" · finish: {last.response.finish_reason or 'interrupted'}")
+        finish = last.response.finish_reason or "interrupted"
+        ui.info(ui.stats_line(last.response) + f" · finish: {finish} · {seed_text(last)}")
         st = last.response.stats or {}
         if st.get("experts_total"):
             ui.info(

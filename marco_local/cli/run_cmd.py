@@ -86,7 +86,7 @@ def run(
     from ..offload import Placement, TraceRecorder, offload_stats
     from ..offload.trace import FORMAT as TRACE_FORMAT
     from ..runtime import load
-    from ..sampling import make_logits_processors, make_sampler
+    from ..sampling import make_logits_processors, make_sampler, new_seed
 
     check_replaceable(trace, TRACE_FORMAT)  # a trace replaces an earlier trace only
     if prompt is None and sys.stdin is not None and sys.stdin.isatty():
@@ -108,6 +108,7 @@ def run(
             seed=seed,
             system=system,
             stop=stop,
+            verbose=verbose,
             dtype=dtype,
             device=device,
             ctx=ctx,
@@ -135,6 +136,7 @@ def run(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repeat_penalty
     )
     repetition_penalty = chosen.pop("repetition_penalty")
+    seed = seed if seed is not None else new_seed()  # drawn here, so that -v can say it
     sampler = make_sampler(**chosen, seed=seed)
     ids = lm.tokenizer.encode(prompt_text)
     if len(ids) >= min(ctx, lm.context_length):
@@ -173,4 +175,5 @@ def run(
 
         kernels = kernel_summary(lm.model)
         extra = f" · kernels: {kernels}" if kernels else ""
-        ui.info(ui.stats_line(last, moves=True) + f" · finish: {last.finish_reason}{extra}")
+        seeded = f" · seed {seed}" if chosen["temperature"] > 0 else " · greedy"  # --seed N repeats a sampled run
+        ui.info(ui.stats_line(last, moves=True) + f" · finish: {last.finish_reason}{seeded}{extra}")
