@@ -153,6 +153,16 @@ def test_verbose_footer_and_stats_say_the_seed_that_repeats_a_session(lm, capsys
     assert f" · seed {seeds[0]}" in err
 
 
+def test_set_and_show_say_unset_values_in_words(lm, capsys):
+    """An unset seed or repeat penalty is "random" and "off" in /set, /set alone and /show, never Python's None."""
+    run_transcript(lm, "/set seed random\r/set repeat_penalty off\r/set max_tokens -1\r/set\r/show\r/bye\r")
+    err = capsys.readouterr().err
+    assert "None" not in err, err
+    assert "Set seed to random." in err and "Set repeat_penalty to off." in err
+    assert err.count("seed            random") == 2 and err.count("repeat_penalty  off") == 2  # /set alone, /show
+    assert err.count("max_tokens      -1 (until the context is full)") == 2
+
+
 def test_multiline_block_alt_enter_and_escaped_slash(lm, capsys):
     keys = '"""\rline one\r\rline two\r"""\rfirst\x1b\rsecond\r//etc/hosts is a file\r"""/help\rme"""\r\x04'
     chat = run_transcript(lm, keys)

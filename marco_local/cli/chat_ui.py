@@ -299,6 +299,15 @@ def typeahead_hidden() -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
+def setting_text(name: str, value) -> str:
+    """A setting's value in words: what an unset seed or repeat penalty means, not Python's None."""
+    if value is None:
+        return {"seed": "random", "repeat_penalty": "off"}.get(name, "default")
+    if name == "max_tokens" and value == UNTIL_FULL:
+        return f"{value} (until the context is full)"
+    return str(value)
+
+
 def seed_text(reply) -> str:
     """The seed that repeats a sampled reply's session (`--seed N`), or that none is needed."""
     return "greedy" if reply.seed is None else f"seed {reply.seed}"
@@ -395,9 +404,7 @@ class ChatUI:
                 raise MarcoError("usage: /set NAME VALUE", hint=f"names: {', '.join(SETTINGS)}")
             else:
                 s.set(parts[0], parts[1])
-                value = getattr(s.settings, parts[0])
-                shown = {"seed": "random", "repeat_penalty": "off"}.get(parts[0], "none") if value is None else value
-                ui.info(f"Set {parts[0]} to {shown}.")
+                ui.info(f"Set {parts[0]} to {setting_text(parts[0], getattr(s.settings, parts[0]))}.")
         elif name == "/show":
             self.show()
         elif name == "/stats":
@@ -465,7 +472,7 @@ class ChatUI:
 
     def show_settings(self) -> None:
         for name in SETTINGS:
-            ui.info(f"  {name:<15} {getattr(self.session.settings, name)}")
+            ui.info(f"  {name:<15} {setting_text(name, getattr(self.session.settings, name))}")
 
     def show(self) -> None:
         s = self.session
