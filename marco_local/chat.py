@@ -191,6 +191,23 @@ class ChatSession:
         ]
         return self.tokenizer.apply_chat_template(full, add_generation_prompt=True)
 
+    def template_system(self) -> str | None:
+        """The system prompt the chat template adds by itself when the conversation has none (SmolLM2's and Qwen2.5's
+        templates do), else None. Found by rendering one user turn with a marker system prompt and without one: the
+        text that stands where the marker stood is the template's own."""
+        marker, user = "\x00system\x00", [{"role": "user", "content": "\x00user\x00"}]
+        try:
+            given = self.tokenizer.apply_chat_template([{"role": "system", "content": marker}, *user])
+            plain = self.tokenizer.apply_chat_template(user)
+        except Exception:  # a template that refuses a system message (or any other): nothing to tell
+            return None
+        before, found, after = given.partition(marker)
+        if not found or not plain.startswith(before):
+            return None
+        end = plain.find(after, len(before))  # the rest of the prompt, as after the marker
+        default = plain[len(before) : end] if end >= 0 else ""
+        return default or None
+
     def send(self, text: str) -> Reply:
         """Add a user message and start the reply. An empty message is refused."""
         if not text.strip():

@@ -163,6 +163,25 @@ def test_set_and_show_say_unset_values_in_words(lm, capsys):
     assert err.count("max_tokens      -1 (until the context is full)") == 2
 
 
+def test_show_says_when_the_chat_template_supplies_a_system_prompt(lm, capsys):
+    """SmolLM2's template adds "You are a helpful AI assistant named SmolLM..." when no system prompt is given: /show
+    says so rather than "(none)"; the demo's template adds none."""
+    from gguf_fixtures import smollm2_path
+
+    smol = load(str(smollm2_path()), dtype="f32", device="cpu")
+    session = ChatSession(smol.model, smol.tokenizer, ChatSettings(temperature=0.0, max_tokens=4), None, 512)
+    assert session.template_system() == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    run_transcript(smol, "/show\r/system\r/system Be brief.\r/show\r/bye\r", session)
+    err = capsys.readouterr().err
+    assert "No system prompt given; the chat template adds: You are a helpful AI assistant named SmolLM" in err
+    assert "System     (none given; the chat template adds: You are a helpful AI assistant named SmolLM" in err
+    assert "System     Be brief." in err
+    demo = ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=4), None, 512)
+    assert demo.template_system() is None
+    run_transcript(lm, "/show\r/bye\r", demo)
+    assert "System     (none)" in capsys.readouterr().err
+
+
 def test_multiline_block_alt_enter_and_escaped_slash(lm, capsys):
     keys = '"""\rline one\r\rline two\r"""\rfirst\x1b\rsecond\r//etc/hosts is a file\r"""/help\rme"""\r\x04'
     chat = run_transcript(lm, keys)

@@ -388,7 +388,9 @@ class ChatUI:
             ui.info("New conversation.")
         elif name == "/system":
             if not arg:
-                ui.info(f"System prompt: {s.system}" if s.system else "No system prompt.")
+                default = None if s.system else s.template_system()
+                said = f"No system prompt given; the chat template adds: {default}" if default else "No system prompt."
+                ui.info(f"System prompt: {s.system}" if s.system else said)
             else:
                 had = s.system
                 s.set_system(None if arg == "off" else arg)
@@ -497,7 +499,9 @@ class ChatUI:
             ui.info(f"Weights    {n / 1e6:,.1f}M parameters, {ui.human_bytes(nbytes)} in memory")
         kv = s.prompt_cache.cache
         ui.info(f"Context    {s.context_tokens} of {s.context_length} tokens (KV cache {ui.human_bytes(kv.nbytes)})")
-        ui.info(f"System     {s.system or '(none)'}")
+        default = None if s.system else s.template_system()
+        none = f"(none given; the chat template adds: {default})" if default else "(none)"
+        ui.info(f"System     {s.system or none}")
         ui.info("Settings")
         self.show_settings()
 
