@@ -1,7 +1,8 @@
 """A chat conversation with one loaded model: messages, system prompt, sampling settings, save/load.
 
 Each turn re-renders the whole conversation through the model's chat template and hands the token ids to
-`stream_generate` with one long-lived `PromptCache`, so only the suffix that changed since the last turn is prefilled.
+`stream_generate` with one long-lived `PromptCache`, so only the suffix that changed since the last turn is prefilled
+(from the start of the forward it began in: /regen recomputes the prompt's last chunk, as the first turn did).
 Invariants: the system prompt is never dropped; `messages` holds only user/assistant turns, alternating, starting
 with a user turn; an interrupted reply stays in the conversation with `interrupted: True`. When a prompt no longer
 fits the context window (minus room for the reply) the oldest turns are dropped until it fills at most half of it,
