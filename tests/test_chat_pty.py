@@ -6,6 +6,7 @@ vocabulary), so a reply runs until max_tokens and there is always something long
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -44,10 +45,13 @@ def endless_demo(tmp_path_factory) -> Path:
 
 
 class Terminal:
-    """A command running in a private tmux server (its own socket), 100x30."""
+    """A command running in a private tmux server (its own socket, one per terminal: a server killed by the previous
+    terminal may still hold the socket's name for a moment), 100x30."""
+
+    opened = itertools.count()
 
     def __init__(self, command: str) -> None:
-        self.tmux = [TMUX, "-L", f"marco-test-{os.getpid()}", "-f", "/dev/null"]
+        self.tmux = [TMUX, "-L", f"marco-test-{os.getpid()}-{next(Terminal.opened)}", "-f", "/dev/null"]
         subprocess.run([*self.tmux, "new-session", "-d", "-s", "t", "-x", "100", "-y", "30", command], check=True)
 
     def send(self, *keys: str) -> None:
