@@ -1,7 +1,8 @@
 """A chat conversation with one loaded model: messages, system prompt, sampling settings, save/load.
 
 Each turn re-renders the whole conversation through the model's chat template and hands the token ids to
-`stream_generate` with one long-lived `PromptCache`, so only the suffix that changed since the last turn is prefilled.
+`stream_generate` with one long-lived `PromptCache`, so only the suffix that changed since the last turn is prefilled
+(from the start of the forward it began in: /regen recomputes the prompt's last chunk, as the first turn did).
 Invariants: the system prompt is never dropped; `messages` holds only user/assistant turns, alternating, starting
 with a user turn; an interrupted reply stays in the conversation with `interrupted: True`. When a prompt no longer
 fits the context window (minus room for the reply) the oldest turns are dropped until it fills at most half of it,
@@ -22,7 +23,7 @@ from torch import nn
 
 from .errors import MarcoError
 from .generate import UNTIL_FULL, GenerationResponse, PromptCache, stream_generate
-from .sampling import RANDOM_SEED, Sampler, make_logits_processors, make_sampler, setting_error
+from .sampling import RANDOM_SEED, Sampler, make_logits_processors, make_sampler, new_seed, setting_error
 from .tokenizer import Tokenizer
 
 SAVE_FORMAT = "marco-chat"
@@ -80,6 +81,7 @@ class Reply:
         self.text = ""
         self.response: GenerationResponse | None = None  # the last record (stats, finish reason)
         self.interrupted = False
+        self.seed: int | None = None  # the sampler's seed (None: greedy), for -v and /stats
         self._recorded = False
         self._stream = self._generate(ids)
 
@@ -89,13 +91,15 @@ class Reply:
     def _generate(self, ids: list[int]) -> Iterator[GenerationResponse]:
         s = self.session
         finished = False
+        sampler = s.sampler()
+        self.seed = s.seed if s.settings.temperature > 0 else None
         try:
             for r in stream_generate(
                 s.model,
                 s.tokenizer,
                 ids,
                 max_tokens=s.settings.max_tokens,
-                sampler=s.sampler(),
+                sampler=sampler,
                 logits_processors=make_logits_processors(s.settings.repeat_penalty),
                 stop_strings=s.stop_strings,
                 prompt_cache=s.prompt_cache,
@@ -153,6 +157,7 @@ class ChatSession:
         self.prompt_cache = PromptCache(model.make_cache(context_length))
         self._sampler: Sampler | None = None
         self._sampler_key: tuple | None = None
+        self.seed: int | None = None  # the sampler's seed: the one set, else one drawn for it (to repeat a session)
 
     # -- settings -------------------------------------------------------------------------------------------------
 
@@ -164,7 +169,8 @@ class ChatSession:
         key = dataclasses.astuple(self.settings)
         if self._sampler is None or key != self._sampler_key:
             st = self.settings
-            self._sampler = make_sampler(st.temperature, st.top_p, st.top_k, st.min_p, st.seed)
+            self.seed = st.seed if st.seed is not None else new_seed()
+            self._sampler = make_sampler(st.temperature, st.top_p, st.top_k, st.min_p, self.seed)
             self._sampler_key = key
         return self._sampler
 
@@ -185,6 +191,23 @@ class ChatSession:
             {"role": m["role"], "content": m["content"]} for m in turns
         ]
         return self.tokenizer.apply_chat_template(full, add_generation_prompt=True)
+
+    def template_system(self) -> str | None:
+        """The system prompt the chat template adds by itself when the conversation has none (SmolLM2's and Qwen2.5's
+        templates do), else None. Found by rendering one user turn with a marker system prompt and without one: the
+        text that stands where the marker stood is the template's own."""
+        marker, user = "\x00system\x00", [{"role": "user", "content": "\x00user\x00"}]
+        try:
+            given = self.tokenizer.apply_chat_template([{"role": "system", "content": marker}, *user])
+            plain = self.tokenizer.apply_chat_template(user)
+        except Exception:  # a template that refuses a system message (or any other): nothing to tell
+            return None
+        before, found, after = given.partition(marker)
+        if not found or not plain.startswith(before):
+            return None
+        end = plain.find(after, len(before))  # the rest of the prompt, as after the marker
+        default = plain[len(before) : end] if end >= 0 else ""
+        return default or None
 
     def send(self, text: str) -> Reply:
         """Add a user message and start the reply. An empty message is refused."""

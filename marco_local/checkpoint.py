@@ -11,11 +11,14 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import MarcoError
+
+if TYPE_CHECKING:  # safe_open(framework="pt") imports torch when a tensor is read; `marco info` reads headers only
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

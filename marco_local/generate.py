@@ -27,20 +27,36 @@ ProgressFn = Callable[[int, int], None]
 
 @dataclass
 class PromptCache:
-    """A KV cache plus the token ids whose keys/values it holds (the reusable prefix of the next prompt)."""
+    """A KV cache plus the token ids whose keys/values it holds (the reusable prefix of the next prompt), and where
+    each forward that wrote them began (`starts`).
+
+    Reuse restarts at the beginning of a forward, so that the same context is computed by the same forwards: a
+    prompt token computed alone instead of inside its prefill chunk takes other kernels and reduction orders (a
+    one-token matmul and attention against a chunk's), its logits and keys differ in the last bits, and a greedy
+    /regen drifted from the reply it regenerated at the first near-tie."""
 
     cache: KVCache
     tokens: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
 
     def reuse(self, prompt: Sequence[int]) -> int:
-        """Trim the cache to the longest prefix shared with `prompt` (leaving at least one token to compute)."""
+        """Trim the cache to the longest prefix shared with `prompt` (leaving at least one token to compute), cut back
+        to where the forward that computed the next position began."""
         common = 0
         limit = min(len(self.tokens), len(prompt) - 1)
         while common < limit and self.tokens[common] == prompt[common]:
             common += 1
+        if common < len(self.tokens):  # position `common` is recomputed: so is the rest of the forward it was in
+            common = max((s for s in self.starts if s <= common), default=common)
         self.cache.trim(self.cache.offset - common)
         del self.tokens[common:]
+        self.starts = [s for s in self.starts if s < common]
         return common
+
+    def add(self, tokens: Sequence[int]) -> None:
+        """Record one forward's `tokens`, computed after those already held."""
+        self.starts.append(len(self.tokens))
+        self.tokens.extend(tokens)
 
 
 @dataclass
@@ -110,7 +126,7 @@ def generate_step(
         while True:
             chunk, todo = todo[:step], todo[step:]
             logits = model(torch.tensor([chunk], device=device), prompt_cache.cache, last_only=True)
-            prompt_cache.tokens.extend(chunk)
+            prompt_cache.add(chunk)
             if progress:
                 progress(len(prompt) - len(todo), len(prompt))
             if not todo:
@@ -129,7 +145,7 @@ def generate_step(
             if share:
                 share.tick()
             logits = model(torch.tensor([[token]], device=device), prompt_cache.cache)
-            prompt_cache.tokens.append(token)
+            prompt_cache.add([token])
     finally:
         if share:
             share.restore()

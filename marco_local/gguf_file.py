@@ -21,15 +21,17 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from quant.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .config import ModelConfig
 from .errors import MarcoError
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -227,6 +229,8 @@ class GGUFFile:
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes, zero-copy: uint8 [*shape[:-1], row_bytes] (an expert tensor is [E, rows, row_bytes])."""
+        import torch  # here, not at the top: `marco list` and `info` read headers only and need no torch
+
         t = self.info(name)
         view = self._map[t.offset : t.offset + t.nbytes].reshape(*t.shape[:-1], t.row_bytes)
         return torch.from_numpy(view)

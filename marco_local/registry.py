@@ -47,6 +47,10 @@ def known_models() -> dict[str, ModelEntry]:
 
 def local_snapshot(repo: str) -> Path | None:
     """The newest complete snapshot of `repo` in the Hugging Face cache, without touching the network."""
+    from huggingface_hub import constants
+
+    if not (Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}").is_dir():
+        return None  # never fetched: said without importing snapshot_download (half a second, `marco list`)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -58,6 +62,10 @@ def local_snapshot(repo: str) -> Path | None:
 
 def _builtin(entry: ModelEntry) -> Path:
     if entry.source == "builtin:demo":
+        from .paths import demo_dir
+
+        if (demo_dir() / "config.json").is_file():  # built already: the builder (and torch) need not be imported
+            return demo_dir()
         from .demo import ensure_demo_model
 
         return ensure_demo_model()

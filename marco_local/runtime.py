@@ -122,7 +122,11 @@ def load(
             experts_in_file=offload and on_cpu,
             cuda_experts=cuda_experts,
         )
-        if offload:
+        if offload and not has_experts(model):  # a dense model: nothing to offload, as llama.cpp's --n-cpu-moe
+            given = placement.offload_options() + placement.idle_options()
+            listed = ", ".join(given[:-1]) + " and " + given[-1] if len(given) > 1 else given[0]
+            notes.append(f"{listed}: no effect, the model is dense (it has no experts to offload)")
+        elif offload:
             install(model, placement, files=[source.path] if on_cpu else [])
         if dev.type == "cuda":
             enable_cuda_graphs(model)
@@ -139,6 +143,11 @@ def load(
         enable_cuda_graphs(model)  # one-token steps replayed from CUDA graphs, where the model qualifies
     tokenizer = Tokenizer.from_folder(source.path, config_eos=model.config.eos_token_ids)
     return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path), notes)
+
+
+def has_experts(model: nn.Module) -> bool:
+    """Whether any layer of `model` is a MoE block (what offloading acts on)."""
+    return any(hasattr(getattr(layer, "mlp", None), "experts") for layer in model.model.layers)
 
 
 def fit_to_free_vram(spec: str, placement: Placement, device: torch.device) -> tuple[Placement, str | None]:

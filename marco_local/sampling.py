@@ -2,12 +2,14 @@
 
 `make_sampler` returns a function from float32 logits [V] to a token id. Temperature 0 is greedy (argmax). The filters
 follow the usual order (top-k, top-p, min-p, then temperature) on probabilities; an explicit `torch.Generator` seeded
-from `seed` makes a run reproducible.
+from `seed` makes a run reproducible; `new_seed` draws the seed of a run given none, so that it can be told (`-v`) and
+given again.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,6 +31,11 @@ SETTING_RANGES: dict[str, tuple[float, float | None, bool]] = {
 }
 RANDOM_SEED = -1  # llama.cpp's and Ollama's spelling of "a new seed each run"
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+def new_seed() -> int:
+    """A fresh seed for a run that was given none (`--seed -1`): small enough to retype, as llama.cpp's 32-bit ones."""
+    return secrets.randbelow(2**32)
 
 
 def setting_error(name: str, value: float) -> str | None:
@@ -62,7 +69,7 @@ def make_sampler(
 
         return greedy
     generator = torch.Generator()
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    generator.manual_seed(seed if seed is not None else new_seed())
 
     def sample(logits: torch.Tensor) -> int:
         logits = logits.float().cpu()

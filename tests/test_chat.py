@@ -169,6 +169,46 @@ def test_regenerate_replaces_the_last_reply(lm):
         s.regenerate()
 
 
+@pytest.mark.parametrize("message", ["What is 2+2?", "hi " * 60])
+def test_a_greedy_regen_gives_the_reply_it_regenerates(message):
+    """bf16 (the CLI's default): /regen once recomputed the prompt's last token alone, not inside its prefill chunk,
+    and the one-token kernels' last bits made the reply drift at a near-tie (these two messages did)."""
+    lm = load("demo", dtype="bf16", device="cpu")
+    s = ChatSession(lm.model, lm.tokenizer, greedy(24), context_length=1024)
+    seen, handle = count_forward_tokens(lm.model)
+    try:
+        first = consume(s.send(message))
+        before, seen[:] = list(seen), []
+        assert consume(s.regenerate()) == first
+    finally:
+        handle.remove()
+    assert seen == before[len(before) - len(seen) :]  # the first turn's last prefill chunk again, whole, and decode
+
+
+def test_reuse_restarts_at_the_forward_that_computed_the_next_position():
+    """A prefix ending inside a prefill chunk is cut back to the chunk's start; inside the decoded tokens (one forward
+    each, as a chat's next turn finds them) nothing more is recomputed."""
+    from marco_local.generate import PromptCache
+
+    class Cache:
+        offset = 0
+
+        def trim(self, n):
+            self.offset -= n
+
+    pc = PromptCache(Cache())
+    for forward in (list(range(0, 128)), list(range(128, 200)), [200], [201], [202]):
+        pc.add(forward)
+        pc.cache.offset += len(forward)
+    assert pc.reuse(list(range(200))) == 128  # the same prompt (regen): its last chunk again, whole
+    assert pc.tokens == list(range(128)) and pc.starts == [0] and pc.cache.offset == 128
+    pc.add(list(range(128, 200)))
+    pc.add([200])
+    pc.add([201])
+    pc.cache.offset = 202
+    assert pc.reuse([*range(202), 999]) == 202 and pc.starts == [0, 128, 200, 201]
+
+
 def test_settings_are_parsed_and_validated():
     st = ChatSettings()
     st.set("temperature", "0.2")

@@ -117,6 +117,71 @@ def test_stats_of_an_offloaded_model_count_its_experts(capsys):
     assert "experts: 16 of 64 resident, " in err and " misses, " in err and " moved, stalled " in err
 
 
+def test_the_footer_says_when_the_token_limit_cut_a_reply(lm, capsys):
+    settings = ChatSettings(temperature=0.0, max_tokens=3)
+    session = ChatSession(lm.model, lm.tokenizer, settings, None, 512)
+    run_transcript(lm, "hello\r/bye\r", session)
+    err = capsys.readouterr().err
+    assert session.last_reply.response.finish_reason == "length"  # the random demo model says no end in 3 tokens
+    footer = next(line for line in err.splitlines() if "decode 3 tok" in line)
+    assert footer.endswith(" · cut at max_tokens 3 (/set max_tokens N for longer replies)"), footer
+    session = ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=-1), None, 48)
+    run_transcript(lm, "hello\r/bye\r", session)
+    err = capsys.readouterr().err
+    assert session.last_reply.response.finish_reason == "length"
+    assert "decode " in err and " · cut: the context window (48 tokens) is full" in err, err
+
+
+def test_verbose_footer_and_stats_say_the_seed_that_repeats_a_session(lm, capsys):
+    """A session given no seed draws one; -v's footers and /stats say it, and --seed N repeats the replies."""
+
+    def chat(seed):
+        settings = ChatSettings(temperature=1.5, max_tokens=6, seed=seed)
+        session = ChatSession(lm.model, lm.tokenizer, settings, None, 512)
+        with create_pipe_input() as pipe:
+            pipe.send_text("hello\rand more\r/stats\r/bye\r")
+            prompt = make_prompt_session(InMemoryHistory(), input=pipe, output=DummyOutput())
+            ChatUI(session, lm=lm, model_name="demo", plain=True, prompt_session=prompt, verbose=True).run()
+        return session, capsys.readouterr().err
+
+    first, err = chat(None)
+    seeds = re.findall(r" · seed (\d+)", err)
+    assert len(seeds) == 3 and len(set(seeds)) == 1, err  # two footers and /stats, one seed for the session
+    assert "finish: " in err
+    again, err = chat(int(seeds[0]))
+    assert [m["content"] for m in again.messages] == [m["content"] for m in first.messages]
+    assert f" · seed {seeds[0]}" in err
+
+
+def test_set_and_show_say_unset_values_in_words(lm, capsys):
+    """An unset seed or repeat penalty is "random" and "off" in /set, /set alone and /show, never Python's None."""
+    run_transcript(lm, "/set seed random\r/set repeat_penalty off\r/set max_tokens -1\r/set\r/show\r/bye\r")
+    err = capsys.readouterr().err
+    assert "None" not in err, err
+    assert "Set seed to random." in err and "Set repeat_penalty to off." in err
+    assert err.count("seed            random") == 2 and err.count("repeat_penalty  off") == 2  # /set alone, /show
+    assert err.count("max_tokens      -1 (until the context is full)") == 2
+
+
+def test_show_says_when_the_chat_template_supplies_a_system_prompt(lm, capsys):
+    """SmolLM2's template adds "You are a helpful AI assistant named SmolLM..." when no system prompt is given: /show
+    says so rather than "(none)"; the demo's template adds none."""
+    from gguf_fixtures import smollm2_path
+
+    smol = load(str(smollm2_path()), dtype="f32", device="cpu")
+    session = ChatSession(smol.model, smol.tokenizer, ChatSettings(temperature=0.0, max_tokens=4), None, 512)
+    assert session.template_system() == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    run_transcript(smol, "/show\r/system\r/system Be brief.\r/show\r/bye\r", session)
+    err = capsys.readouterr().err
+    assert "No system prompt given; the chat template adds: You are a helpful AI assistant named SmolLM" in err
+    assert "System     (none given; the chat template adds: You are a helpful AI assistant named SmolLM" in err
+    assert "System     Be brief." in err
+    demo = ChatSession(lm.model, lm.tokenizer, ChatSettings(temperature=0.0, max_tokens=4), None, 512)
+    assert demo.template_system() is None
+    run_transcript(lm, "/show\r/bye\r", demo)
+    assert "System     (none)" in capsys.readouterr().err
+
+
 def test_multiline_block_alt_enter_and_escaped_slash(lm, capsys):
     keys = '"""\rline one\r\rline two\r"""\rfirst\x1b\rsecond\r//etc/hosts is a file\r"""/help\rme"""\r\x04'
     chat = run_transcript(lm, keys)
@@ -203,6 +268,21 @@ def test_markdown_stream_keeps_tilde_fences_and_longer_fences_whole():
         line = next(line.rstrip() for line in whole.getvalue().splitlines() if code in line)
         assert line.startswith("     ") and line in streamed, (line, streamed)
     assert "~~~" not in buf.getvalue() and "after" in streamed
+
+
+def test_markdown_stream_keeps_the_models_line_breaks():
+    """A four-line poem shows as four lines, as in --plain and /save (markdown alone joins them into one paragraph);
+    lists, headers and code still render as markdown."""
+    poem = "Roses are red,\nViolets are blue,\n**Sugar** is sweet,\nAnd so are you."
+    text = f"{poem}\n\n# Title\n- one\n- two\n\n```\nx = 1\n```\n"
+    buf = io.StringIO()
+    stream = MarkdownStream(Console(file=buf, force_terminal=True, width=60, color_system=None))
+    for i in range(0, len(text), 3):
+        stream.add(text[i : i + 3])
+    stream.finish()
+    shown = [line.strip() for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", buf.getvalue()).splitlines()]
+    assert shown[:4] == ["Roses are red,", "Violets are blue,", "Sugar is sweet,", "And so are you."], shown
+    assert "Title" in shown and "• one" in shown and "• two" in shown and "x = 1" in shown and "```" not in shown
 
 
 def test_helpers():

@@ -6,6 +6,7 @@ vocabulary), so a reply runs until max_tokens and there is always something long
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -44,10 +45,13 @@ def endless_demo(tmp_path_factory) -> Path:
 
 
 class Terminal:
-    """A command running in a private tmux server (its own socket), 100x30."""
+    """A command running in a private tmux server (its own socket, one per terminal: a server killed by the previous
+    terminal may still hold the socket's name for a moment), 100x30."""
+
+    opened = itertools.count()
 
     def __init__(self, command: str) -> None:
-        self.tmux = [TMUX, "-L", f"marco-test-{os.getpid()}", "-f", "/dev/null"]
+        self.tmux = [TMUX, "-L", f"marco-test-{os.getpid()}-{next(Terminal.opened)}", "-f", "/dev/null"]
         subprocess.run([*self.tmux, "new-session", "-d", "-s", "t", "-x", "100", "-y", "30", command], check=True)
 
     def send(self, *keys: str) -> None:
@@ -143,5 +147,33 @@ def test_chat_in_a_real_terminal(endless_demo, tmp_path):
         assert "EXIT=0" in term.screen(history=True)
         history = (tmp_path / "history").read_text()
         assert "Hello there" in history and "/exit" in history  # the persistent prompt history
+    finally:
+        term.close()
+
+
+def test_run_without_a_prompt_in_a_terminal_starts_a_chat(endless_demo, tmp_path):
+    """As `ollama run MODEL`: no prompt and a terminal on stdin is a conversation (it once said "empty prompt"), with
+    run's options (-n 4 here, not chat's default)."""
+    env = f"MARCO_HOME={tmp_path} TERM=xterm-256color OMP_NUM_THREADS=1"
+    command = (
+        f"cd {Path(__file__).parent.parent} && env {env} {sys.executable} -m marco_local run {endless_demo} "
+        f"--temperature 0 -n 4; echo EXIT=$?; sleep 60"
+    )
+    term = Terminal(command)
+    try:
+        term.wait_for(lambda s: ">>> " in s, timeout=60)
+        term.type("Hello there")
+        assert "decode 4 tok" in term.wait_for(lambda s: "decode " in s)
+        term.type("/exit")
+        term.wait_for(lambda s: "EXIT=" in s, timeout=20)
+        screen = term.screen(history=True)
+        assert "EXIT=0" in screen and "empty prompt" not in screen
+    finally:
+        term.close()
+    # --raw has no meaning in a chat: said before anything loads
+    term = Terminal(command.replace("-n 4", "--raw"))
+    try:
+        screen = term.wait_for(lambda s: "EXIT=" in s, timeout=60)
+        assert "Error: --raw needs a prompt" in screen and "EXIT=1" in screen
     finally:
         term.close()

@@ -57,6 +57,19 @@ def test_chat_template_and_verbose_stats(checkpoint):
     assert b"\x1b[" not in r.stdout + r.stderr
 
 
+def test_verbose_says_the_seed_that_repeats_a_sampled_run(checkpoint):
+    """`--seed -1` (the default) draws a seed; -v says it, and --seed N with it gives the same text again."""
+    folder, _ = checkpoint
+    args = ("run", str(folder), "Hi", "-n", "12", "--temperature", "1.5", "-v")
+    first = marco(*args, "--seed", "-1")
+    assert first.returncode == 0, first.stderr
+    seed = re.search(r" · seed (\d+)", first.stderr.decode()).group(1)
+    again = marco(*args, "--seed", seed)
+    assert again.stdout == first.stdout and f" · seed {seed}" in again.stderr.decode()
+    greedy = marco(*args, "--temperature", "0")
+    assert " · greedy" in greedy.stderr.decode() and " · seed" not in greedy.stderr.decode()
+
+
 def test_demo_model_runs():
     r = marco("run", "demo", "-n", "8", stdin=b"Hello")
     assert r.returncode == 0, r.stderr
@@ -177,6 +190,14 @@ def test_ctrl_c_exits_130_and_a_closed_pipe_exits_0(monkeypatch, marco_main, rai
         ["--expert-policy", "mru"],
         ["--expert-misses", "gpu"],
         ["--ram-mem", ""],
+        ["--ram-mem", "6XB"],
+        ["--gpu-mem", "lots"],
+        ["--experts-resident", "abc"],
+        ["--experts-resident", "0"],
+        ["--experts-resident", "150%"],
+        ["--experts-resident", "nan%"],
+        ["--profile", "no-such-profile.json"],
+        ["--profile", __file__],  # not a profile
     ],
 )
 def test_bad_option_values_are_usage_errors_before_loading(monkeypatch, marco_main, bad):
@@ -191,6 +212,19 @@ def test_bad_option_values_are_usage_errors_before_loading(monkeypatch, marco_ma
     code, err = marco_main("run", "demo", "hi", *bad)
     assert code == 2, err
     assert err[0].startswith("Error: Invalid value for") and bad[0] in err[0] and len(err) == 2, err
+
+
+@pytest.mark.parametrize("command", ["chat", "bench"])
+def test_offload_option_values_are_checked_before_loading_in_chat_and_bench(monkeypatch, marco_main, command):
+    from marco_local import runtime
+
+    def never(*_, **__):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runtime, "load", never)
+    for bad in (["--experts-resident", "abc"], ["--ram-mem", "lots"], ["--profile", "no-such-profile.json"]):
+        code, err = marco_main(command, "demo", *bad)
+        assert code == 2 and err[0].startswith("Error: Invalid value for") and bad[0] in err[0], err
 
 
 def test_minus_one_tokens_generates_until_the_context_is_full(marco_main, checkpoint):
@@ -280,3 +314,26 @@ def test_a_ctx_beyond_the_model_is_clamped_and_said(marco_main, checkpoint):
     longest = ref.config.max_position_embeddings
     code, err = marco_main("run", str(folder), "hi", "-n", "1", "--ctx", str(longest * 2))
     assert code == 0 and f"the model's context is {longest:,} tokens, so that is used" in "\n".join(err), err
+
+
+def test_expert_options_on_a_dense_model_are_ignored_with_a_note(marco_main, tmp_path):
+    """As llama.cpp ignores --n-cpu-moe on a dense model: the run goes on, and one line says the options did nothing
+    (they once failed inside the offload planner: `unexpected ValueError: max() arg is an empty sequence`)."""
+    from gguf_fixtures import smollm2_path
+
+    model = str(smollm2_path())
+    profile = tmp_path / "p.json"
+    profile.write_text('{"format": "marco-expert-profile", "layers": {}}', encoding="utf-8")
+    dense = "no effect, the model is dense (it has no experts to offload)"
+    for opts, said in [
+        (["--ram-mem", "6GiB"], "--ram-mem: "),
+        (["--experts-resident", "50%", "--prefetch"], "--experts-resident and --prefetch: "),
+        (["--profile", str(profile)], "--profile: "),
+    ]:
+        code, err = marco_main("run", model, "hi", "-n", "2", "--temperature", "0", *opts)
+        assert code == 0 and err == [said + dense], (opts, err)
+    code, err = marco_main("bench", model, "--ram-mem", "6GiB", "-p", "4", "-n", "2", "-r", "1")
+    assert code == 0 and err[0] == "--ram-mem: " + dense, err
+    r = marco("chat", model, "-n", "2", "--temperature", "0", "--experts-resident", "2", stdin=b"hi")
+    assert r.returncode == 0 and r.stderr.decode().splitlines() == ["--experts-resident: " + dense], r.stderr
+    assert r.stdout.strip()

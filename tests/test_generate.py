@@ -88,8 +88,8 @@ def test_prompt_cache_reuse_gives_the_same_tokens(lm):
     prompt = tok.encode("The capital of France is Paris. The capital of Spain is")
     fresh = list(generate_step(model, prompt, PromptCache(model.make_cache(128)), make_sampler(0.0), max_tokens=12))
     cache = PromptCache(model.make_cache(128))
-    list(generate_step(model, prompt[:8] + [5, 6, 7], cache, make_sampler(0.0), max_tokens=3))
-    assert cache.reuse(prompt) == 8  # the shared prefix stays, the rest is dropped
+    list(generate_step(model, prompt[:8] + [5, 6, 7], cache, make_sampler(0.0), max_tokens=3, prefill_step_size=4))
+    assert cache.reuse(prompt) == 8  # the shared prefix stays (forwards began at 0, 4, 8), the rest is dropped
     reused = list(generate_step(model, prompt, cache, make_sampler(0.0), max_tokens=12))
     assert reused == fresh
     assert cache.tokens == prompt + fresh[:-1]  # the last sampled token has not been fed yet

@@ -294,3 +294,25 @@ def test_download_progress_reports_written_bytes_through_huggingface_hubs_bar_pr
     _finish_transfer_bar(transfer)
     written.set_description("Reconstruction complete")
     assert seen == [(100, 300), (300, 300)]
+
+
+SLOW_IMPORTS = ("torch", "huggingface_hub.hf_api", "marco_local.demo")
+
+
+@pytest.mark.parametrize("args", [["list"], ["info", "demo"], ["info", "smollm2"]])
+def test_list_and_info_do_not_import_torch(tmp_path, args):
+    """`marco list` and `info` read files and headers: importing torch (2-3 s) or huggingface_hub's API client
+    (0.5 s) made them slow; each is imported only when a command needs it."""
+    from gguf_fixtures import smollm2_path
+
+    smollm2_path()  # skips without the SmolLM2 package
+    ensure_demo_model()
+    probe = (
+        "import sys\nfrom marco_local.cli.main import main\nsys.argv = ['marco', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        f"sys.stderr.write('IMPORTED=' + ','.join(m for m in {SLOW_IMPORTS!r} if m in sys.modules) + f' CODE={{code}}')"
+    )
+    env = {**ENV, "HF_HOME": str(tmp_path)}  # an empty Hugging Face cache
+    r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, env=env, timeout=120)
+    assert r.stderr.decode().endswith("IMPORTED= CODE=0"), r.stderr.decode()
+    assert r.stdout.strip()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -740,3 +741,12 @@ def test_bnb_presets_are_dispatched_atomically(checkpoint, tmp_path, monkeypatch
     assert (out / "config.json").is_file() and leftovers(tmp_path) == []  # the old output is untouched
     with pytest.raises(MarcoError, match="folder"):
         write(folder, tmp_path / "x.gguf", "nf4")
+
+
+def test_quantize_help_lists_every_type():
+    """`--to f32` was accepted but missing from `marco quantize --help`."""
+    from quant.convert import PRESETS
+
+    result = CliRunner().invoke(app, ["quantize", "--help"], env={"COLUMNS": "200"})
+    listed = set(re.findall(r"\b[a-z0-9_]+\b", result.output.split("Types:", 1)[1].split("Examples:", 1)[0]))
+    assert result.exit_code == 0 and set(PRESETS) <= listed, (set(PRESETS) - listed, result.output)

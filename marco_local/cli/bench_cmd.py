@@ -1,4 +1,5 @@
-"""`marco bench MODEL`: prompt and decode speed, peak memory; a table on stderr or one JSON object on stdout."""
+"""`marco bench MODEL`: prompt and decode speed, peak memory: the results (a table, or one JSON object) on stdout, so
+`marco bench x > file` keeps them; progress, notes and warnings on stderr."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from . import ui
@@ -111,16 +113,19 @@ def bench(
     for key, label in (("prompt", f"prompt {prompt_tokens}"), ("decode", f"decode {decode_tokens}")):
         s = data[key]
         table.add_row(label, f"{s['median']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}")
-    ui.console.print(table)
+    out = Console(highlight=False, no_color=bool(os.environ.get("NO_COLOR")) or None)  # stdout: the results
+    out.print(table)
     mem = f"peak RSS {ui.human_bytes(data['peak_rss_bytes'])}"
     if data["peak_vram_bytes"] is not None:
         mem += f" · peak VRAM {ui.human_bytes(data['peak_vram_bytes'])}"
-    ui.info(mem)
+    out.print(mem, soft_wrap=True, markup=False)
     if stats:
         hit, in_place = stats["expert_hit_rate"], stats["expert_bytes_read_in_place"]
-        ui.info(
+        out.print(
             f"experts: {stats['experts_resident_fraction']:.0%} resident"
             + (f" · hit rate {hit:.0%}" if hit is not None else "")
             + f" · {ui.human_bytes(stats['expert_bytes_moved'])} read · stalled {stats['expert_stall_s']:.2f} s"
-            + (f" · {ui.human_bytes(in_place)} read in place" if in_place else "")
+            + (f" · {ui.human_bytes(in_place)} read in place" if in_place else ""),
+            soft_wrap=True,
+            markup=False,
         )

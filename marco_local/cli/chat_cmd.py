@@ -63,6 +63,9 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System prompt (also /system in the chat).")] = None,
     stop: Stop = None,
     plain: Annotated[bool, typer.Option("--plain", help="Print replies as raw text instead of markdown.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Each reply's footer also gives its finish reason and seed.")
+    ] = False,
     load_file: Annotated[
         Path | None, typer.Option("--load", callback=input_file, help="Continue a conversation saved with /save.")
     ] = None,
@@ -81,7 +84,7 @@ def chat(
     from ..chat import ChatSession, ChatSettings
     from ..offload import Placement, offload_stats
     from ..runtime import load
-    from .chat_ui import ChatUI, PlainStream
+    from .chat_ui import ChatUI, PlainStream, seed_text
 
     interactive = sys.stdin is not None and sys.stdin.isatty()
     text = "" if interactive else read_stdin_prompt()
@@ -124,8 +127,11 @@ def chat(
                 setattr(session.settings, name, value)
     if not interactive:  # like marco run: the answer alone on stdout
         out = PlainStream()
-        for r in session.send(text):
+        reply = session.send(text)
+        for r in reply:
             out.add(r.text)
         out.finish()
+        if verbose and reply.response is not None:
+            ui.info(ui.stats_line(reply.response) + f" · finish: {reply.response.finish_reason} · {seed_text(reply)}")
         return
-    ChatUI(session, lm=lm, model_name=model, plain=plain).run()
+    ChatUI(session, lm=lm, model_name=model, plain=plain, verbose=verbose).run()

@@ -30,6 +30,7 @@ from rich.markdown import Markdown
 from rich.segment import Segment
 
 from ..errors import MarcoError
+from ..generate import UNTIL_FULL
 from . import ui
 
 COMMANDS = {
@@ -166,10 +167,23 @@ class _Lines:
             yield Segment.line()
 
 
+class KeptBreaksMarkdown(Markdown):
+    """rich's Markdown with the model's line breaks kept: a single newline inside a paragraph is a line break, not a
+    space (markdown-it's `breaks` option, as GitHub comments and Ollama show a reply), so a poem keeps its lines.
+    Block syntax (lists, headers, code fences, tables) is parsed as before; only the soft breaks change."""
+
+    def __init__(self, markup: str, **kwargs) -> None:
+        super().__init__(markup, **kwargs)
+        for token in self.parsed:
+            for child in token.children or ():
+                if child.type == "softbreak":
+                    child.type = "hardbreak"
+
+
 def _markdown_lines(console: Console, text: str, width: int, gap: bool) -> list[list[Segment]]:
     """`text` as markdown lines without rich's blank lines at either end (a list starts with one); `gap` puts one
     blank line on top, the separation between two blocks."""
-    lines = console.render_lines(Markdown(text), console.options.update_width(width), pad=False)
+    lines = console.render_lines(KeptBreaksMarkdown(text), console.options.update_width(width), pad=False)
 
     def blank(line: list[Segment]) -> bool:
         return not "".join(s.text for s in line).strip()
@@ -285,11 +299,28 @@ def typeahead_hidden() -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
+def setting_text(name: str, value) -> str:
+    """A setting's value in words: what an unset seed or repeat penalty means, not Python's None."""
+    if value is None:
+        return {"seed": "random", "repeat_penalty": "off"}.get(name, "default")
+    if name == "max_tokens" and value == UNTIL_FULL:
+        return f"{value} (until the context is full)"
+    return str(value)
+
+
+def seed_text(reply) -> str:
+    """The seed that repeats a sampled reply's session (`--seed N`), or that none is needed."""
+    return "greedy" if reply.seed is None else f"seed {reply.seed}"
+
+
 class ChatUI:
     """The interactive loop: read a line, run a slash command or send it, stream the reply."""
 
-    def __init__(self, session, lm=None, model_name: str = "", plain: bool = False, prompt_session=None) -> None:
+    def __init__(
+        self, session, lm=None, model_name: str = "", plain: bool = False, prompt_session=None, verbose: bool = False
+    ) -> None:
         self.session = session
+        self.verbose = verbose  # each footer also says how the reply ended and the seed that repeats it
         self.lm = lm
         self.model_name = model_name
         self.plain = plain or not sys.stdout.isatty()
@@ -357,7 +388,9 @@ class ChatUI:
             ui.info("New conversation.")
         elif name == "/system":
             if not arg:
-                ui.info(f"System prompt: {s.system}" if s.system else "No system prompt.")
+                default = None if s.system else s.template_system()
+                said = f"No system prompt given; the chat template adds: {default}" if default else "No system prompt."
+                ui.info(f"System prompt: {s.system}" if s.system else said)
             else:
                 had = s.system
                 s.set_system(None if arg == "off" else arg)
@@ -373,9 +406,7 @@ class ChatUI:
                 raise MarcoError("usage: /set NAME VALUE", hint=f"names: {', '.join(SETTINGS)}")
             else:
                 s.set(parts[0], parts[1])
-                value = getattr(s.settings, parts[0])
-                shown = {"seed": "random", "repeat_penalty": "off"}.get(parts[0], "none") if value is None else value
-                ui.info(f"Set {parts[0]} to {shown}.")
+                ui.info(f"Set {parts[0]} to {setting_text(parts[0], getattr(s.settings, parts[0]))}.")
         elif name == "/show":
             self.show()
         elif name == "/stats":
@@ -427,11 +458,23 @@ class ChatUI:
             else:
                 stream.finish()
         if reply.response is not None:
-            ui.console.print(ui.stats_line(reply.response), style="dim", markup=False, highlight=False, soft_wrap=True)
+            footer = ui.stats_line(reply.response) + self.cut_note(reply.response)
+            if self.verbose:
+                footer += f" · finish: {reply.response.finish_reason or 'interrupted'} · {seed_text(reply)}"
+            ui.console.print(footer, style="dim", markup=False, highlight=False, soft_wrap=True)
+
+    def cut_note(self, r) -> str:
+        """Where a reply ended at a limit, not at the model's own end: say which limit, and how to lift it."""
+        if r.finish_reason != "length":
+            return ""
+        wanted = self.session.settings.max_tokens
+        if wanted != UNTIL_FULL and r.generation_tokens >= wanted:
+            return f" · cut at max_tokens {wanted} (/set max_tokens N for longer replies)"
+        return f" · cut: the context window ({self.session.context_length} tokens) is full"
 
     def show_settings(self) -> None:
         for name in SETTINGS:
-            ui.info(f"  {name:<15} {getattr(self.session.settings, name)}")
+            ui.info(f"  {name:<15} {setting_text(name, getattr(self.session.settings, name))}")
 
     def show(self) -> None:
         s = self.session
@@ -456,7 +499,9 @@ class ChatUI:
             ui.info(f"Weights    {n / 1e6:,.1f}M parameters, {ui.human_bytes(nbytes)} in memory")
         kv = s.prompt_cache.cache
         ui.info(f"Context    {s.context_tokens} of {s.context_length} tokens (KV cache {ui.human_bytes(kv.nbytes)})")
-        ui.info(f"System     {s.system or '(none)'}")
+        default = None if s.system else s.template_system()
+        none = f"(none given; the chat template adds: {default})" if default else "(none)"
+        ui.info(f"System     {s.system or none}")
         ui.info("Settings")
         self.show_settings()
 
@@ -468,7 +513,8 @@ class ChatUI:
         if last is None or last.response is None:
             ui.info("No reply yet.")
             return
-        ui.info(ui.stats_line(last.response) + f" · finish: {last.response.finish_reason or 'interrupted'}")
+        finish = last.response.finish_reason or "interrupted"
+        ui.info(ui.stats_line(last.response) + f" · finish: {finish} · {seed_text(last)}")
         st = last.response.stats or {}
         if st.get("experts_total"):
             ui.info(

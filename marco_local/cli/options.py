@@ -1,8 +1,9 @@
 """Option types shared by the commands that load and run a model (run, chat, bench), so they stay identical.
 
 Values are checked as they are parsed (typer callbacks): a bad one is a usage error (exit code 2) before anything is
-loaded, not a failure in the middle of a generation. The sampling ranges are `sampling.setting_error`'s, which the
-chat's /set uses too; torch is imported only when a sampling option is given (`marco list` and `info` stay quick).
+loaded, not a failure in the middle of a generation (offload options: their syntax, and a --profile file's content,
+through the offload package's own parsers). The sampling ranges are `sampling.setting_error`'s, which the chat's /set
+uses too; torch is imported only when a sampling or offload option is given (`marco list` and `info` stay quick).
 """
 
 from __future__ import annotations
@@ -80,6 +81,45 @@ def _not_empty(value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise typer.BadParameter("is empty")
     return value
+
+
+def _usage(check: Callable[[str], object]) -> Callable[[str | None], str | None]:
+    """An offload option checked with the library's own parser (imported only when the option is given): the
+    MarcoError it raises becomes a usage error, before the model loads."""
+
+    def callback(value: str | None) -> str | None:
+        _not_empty(value)
+        if value is not None:
+            try:
+                check(value)
+            except MarcoError as e:
+                raise typer.BadParameter(f"{e.message}; {e.hint}" if e.hint else e.message) from None
+        return value
+
+    return callback
+
+
+def _size(value: str) -> None:
+    from ..offload.budget import parse_size
+
+    parse_size(value)
+
+
+def _gpu_size(value: str) -> None:
+    if value != "auto":
+        _size(value)
+
+
+def _resident(value: str) -> None:
+    from ..offload.budget import read_resident
+
+    read_resident(value)
+
+
+def _profile(value: str) -> None:
+    from ..offload.install import load_profile
+
+    load_profile(value)
 
 
 def output_file(value: Path | None) -> Path | None:
@@ -173,7 +213,7 @@ RamMem = Annotated[
     str | None,
     typer.Option(
         "--ram-mem",
-        callback=_not_empty,
+        callback=_usage(_size),
         help="CPU-only: RAM budget for the model (e.g. 6GiB); experts beyond it stay on disk.",
     ),
 ]
@@ -181,7 +221,7 @@ GpuMem = Annotated[
     str | None,
     typer.Option(
         "--gpu-mem",
-        callback=_not_empty,
+        callback=_usage(_gpu_size),
         help="CUDA: VRAM budget (e.g. 4GiB, or auto); the other experts wait in host RAM.",
     ),
 ]
@@ -189,7 +229,7 @@ ExpertsResident = Annotated[
     str | None,
     typer.Option(
         "--experts-resident",
-        callback=_not_empty,
+        callback=_usage(_resident),
         help="Experts kept in fast memory per layer: a count (16) or a share (25%).",
     ),
 ]
@@ -197,7 +237,7 @@ ExpertProfile = Annotated[
     str | None,
     typer.Option(
         "--profile",
-        callback=_not_empty,
+        callback=_usage(_profile),
         help="Expert profile (marco profile): warms the cache; the static policy's hot set.",
     ),
 ]

@@ -26,10 +26,11 @@ from rich.table import Table
 from ..errors import MarcoError
 from . import ui
 
+# every type quant.convert.PRESETS takes (a test keeps them equal), written out: importing quant costs torch's import
 EPILOG = (
-    "Types: GGUF f16, bf16, q8_0, q4_0, q5_0, q4_k_m, q5_k_m, q6_k (one .gguf file for llama.cpp, Ollama, LM Studio); "
-    "bitsandbytes nf4, fp4, int8 (a checkpoint folder for marco and transformers 4.x; transformers 5, which fuses "
-    "experts, does not load it).\n\n"
+    "Types: GGUF f32, f16, bf16, q8_0, q4_0, q5_0, q4_k_m, q5_k_m, q6_k (one .gguf file for llama.cpp, Ollama, "
+    "LM Studio); bitsandbytes nf4, fp4, int8 (a checkpoint folder for marco and transformers 4.x; transformers 5, "
+    "which fuses experts, does not load it).\n\n"
     "Examples:\n\n  marco quantize nano -o marco-nano-q4_k_m.gguf --to q4_k_m\n\n"
     "  marco quantize ./Marco-Mini-Instruct -o ./marco-mini-nf4 --to nf4"
 )

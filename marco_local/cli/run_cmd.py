@@ -1,4 +1,5 @@
-"""`marco run`: answer one prompt (argument and/or piped stdin) and exit; only the answer goes to stdout."""
+"""`marco run`: answer one prompt (argument and/or piped stdin) and exit; only the answer goes to stdout.
+With no prompt at all and a terminal on stdin it starts `marco chat` with the same options, as `ollama run` does."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ from .options import (
     typed,
 )
 
-EPILOG = "Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano"
+EPILOG = (
+    "Examples:\n\n  marco run demo 'Hello'\n\n  echo 'Translate to French: cat' | marco run nano\n\n"
+    "  marco run nano   (no prompt, in a terminal: a chat, as marco chat nano)"
+)
 
 
 def read_stdin_prompt() -> str:
@@ -77,14 +81,45 @@ def run(
     expert_misses: ExpertMisses = "auto",
     trace: TraceFile = None,
 ) -> None:
-    """Answer one prompt and exit. Only the answer goes to stdout."""
+    """Answer one prompt and exit. Only the answer goes to stdout. Without a prompt, in a terminal: a chat."""
     from ..generate import UNTIL_FULL, PromptCache, stream_generate
     from ..offload import Placement, TraceRecorder, offload_stats
     from ..offload.trace import FORMAT as TRACE_FORMAT
     from ..runtime import load
-    from ..sampling import make_logits_processors, make_sampler
+    from ..sampling import make_logits_processors, make_sampler, new_seed
 
     check_replaceable(trace, TRACE_FORMAT)  # a trace replaces an earlier trace only
+    if prompt is None and sys.stdin is not None and sys.stdin.isatty():
+        # no prompt, typed in a terminal: a conversation, as `ollama run MODEL` starts one
+        if raw or trace is not None:
+            given = "--raw" if raw else "--trace"
+            raise MarcoError(f"{given} needs a prompt", hint="pass one as an argument, or pipe it into marco run")
+        from .chat_cmd import chat
+
+        return chat(
+            context,
+            model,
+            max_tokens=max_tokens if typed(context, "max_tokens") else 1024,  # chat's own default
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            system=system,
+            stop=stop,
+            verbose=verbose,
+            dtype=dtype,
+            device=device,
+            ctx=ctx,
+            ram_mem=ram_mem,
+            gpu_mem=gpu_mem,
+            experts_resident=experts_resident,
+            profile=profile,
+            expert_policy=expert_policy,
+            prefetch=prefetch,
+            expert_misses=expert_misses,
+        )
     text = "\n".join(p for p in (read_stdin_prompt(), prompt) if p)
     if not text.strip():
         raise MarcoError("empty prompt", hint="pass a prompt argument or pipe text into marco run")
@@ -101,6 +136,7 @@ def run(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repeat_penalty
     )
     repetition_penalty = chosen.pop("repetition_penalty")
+    seed = seed if seed is not None else new_seed()  # drawn here, so that -v can say it
     sampler = make_sampler(**chosen, seed=seed)
     ids = lm.tokenizer.encode(prompt_text)
     if len(ids) >= min(ctx, lm.context_length):
@@ -139,4 +175,5 @@ def run(
 
         kernels = kernel_summary(lm.model)
         extra = f" · kernels: {kernels}" if kernels else ""
-        ui.info(ui.stats_line(last, moves=True) + f" · finish: {last.finish_reason}{extra}")
+        seeded = f" · seed {seed}" if chosen["temperature"] > 0 else " · greedy"  # --seed N repeats a sampled run
+        ui.info(ui.stats_line(last, moves=True) + f" · finish: {last.finish_reason}{seeded}{extra}")

@@ -4,13 +4,74 @@ The seam: the runtime swaps expert slots inside the `Experts` module (`Offloaded
 router and attention are untouched. Slow tier: the model file (CPU-only) or pinned host RAM (CUDA).
 """
 
-from .budget import Placement, Plan, parse_resident, parse_size, plan_slots
-from .experts import OffloadedExperts
-from .install import OffloadRuntime, install, load_offloaded, load_profile, offload_stats
-from .policy import LFU, LRU, POLICIES, StaticHotSet, make_policy_factory
-from .slots import SlotTable
-from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore, RepackStore
-from .trace import Event, Trace, TraceRecorder, locality, record_trace, simulate, synthetic_trace
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time `__getattr__` imports on use
+    from .budget import Placement, Plan, parse_resident, parse_size, plan_slots
+    from .experts import OffloadedExperts
+    from .install import OffloadRuntime, install, load_offloaded, load_profile, offload_stats
+    from .policy import LFU, LRU, POLICIES, StaticHotSet, make_policy_factory
+    from .slots import SlotTable
+    from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore, RepackStore
+    from .trace import Event, Trace, TraceRecorder, locality, record_trace, simulate, synthetic_trace
+
+_EXPORTS = {  # name -> submodule: imported on first use, so that `marco info` can read the budget arithmetic
+    # (offload.budget) without importing torch
+    "Placement": "budget",
+    "Plan": "budget",
+    "parse_resident": "budget",
+    "parse_size": "budget",
+    "plan_slots": "budget",
+    "OffloadedExperts": "experts",
+    "OffloadRuntime": "install",
+    "install": "install",
+    "load_offloaded": "install",
+    "load_profile": "install",
+    "offload_stats": "install",
+    "LFU": "policy",
+    "LRU": "policy",
+    "POLICIES": "policy",
+    "StaticHotSet": "policy",
+    "make_policy_factory": "policy",
+    "SlotTable": "slots",
+    "ExpertLayout": "store",
+    "ExpertStore": "store",
+    "FileStore": "store",
+    "MemoryStore": "store",
+    "RepackStore": "store",
+    "Event": "trace",
+    "Trace": "trace",
+    "TraceRecorder": "trace",
+    "locality": "trace",
+    "record_trace": "trace",
+    "simulate": "trace",
+    "synthetic_trace": "trace",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """`marco_local.offload.install` is the function, as it was with eager imports: the import system sets a package
+    attribute for each submodule it loads, and the submodule `install` would otherwise shadow the function."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "LFU",

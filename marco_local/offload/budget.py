@@ -67,20 +67,27 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def read_resident(text: str) -> tuple[float, bool]:
+    """'N' or 'P%' -> (N or P, whether a share): the checks that need no model (a count of at least 1, a share
+    above 0% and at most 100%), so a typo is a usage error before anything loads."""
+    t = text.strip()
+    share = t.endswith("%")
+    hint = "give a count per layer (16) or a percentage (25%)"
+    try:
+        value = float(t[:-1]) if share else int(t)
+    except (ValueError, OverflowError):
+        raise MarcoError(f"cannot read {text!r} as experts per layer", hint=hint, exit_code=2) from None
+    if not (0 < value <= 100 if share else value >= 1):  # NaN fails both comparisons
+        wrong = f"{text} of the experts: a share is above 0% and at most 100%" if share else f"{text} experts: too few"
+        raise MarcoError(wrong, hint=hint, exit_code=2)
+    return value, share
+
+
 def parse_resident(text: str, num_experts: int) -> int:
     """'N' experts per layer or 'P%' of each layer's experts -> slots per layer (at least 1, at most E)."""
-    t = text.strip()
-    try:
-        n = round(float(t[:-1]) / 100 * num_experts) if t.endswith("%") else int(t)
-    except (ValueError, OverflowError):  # OverflowError: inf%
-        raise MarcoError(
-            f"cannot read --experts-resident {text!r}",
-            hint="give a count per layer (16) or a percentage (25%)",
-            exit_code=2,
-        ) from None
-    if n < 1 and t.endswith("%") and float(t[:-1]) > 0:
-        n = 1
-    if not 1 <= n <= num_experts:
+    value, share = read_resident(text)
+    n = max(1, round(value / 100 * num_experts)) if share else int(value)
+    if n > num_experts:
         raise MarcoError(
             f"--experts-resident {text} gives {n} experts per layer; the model has {num_experts}",
             hint=f"use 1..{num_experts} or a percentage",
@@ -107,6 +114,16 @@ class Placement:
     @property
     def active(self) -> bool:
         return any(v is not None for v in (self.ram_mem, self.gpu_mem, self.experts_resident, self.profile))
+
+    def offload_options(self) -> list[str]:
+        """The options given that offload experts (what makes the placement active)."""
+        given = (
+            ("--ram-mem", self.ram_mem),
+            ("--gpu-mem", self.gpu_mem),
+            ("--experts-resident", self.experts_resident),
+            ("--profile", self.profile),
+        )
+        return [name for name, value in given if value is not None]
 
     def idle_options(self) -> list[str]:
         """The options given that only act on offloaded experts: the user is told when nothing is offloaded."""
