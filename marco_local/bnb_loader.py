@@ -70,7 +70,7 @@ def quantization_config(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None  # load_config reports a bad config.json properly
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes":

@@ -359,10 +359,10 @@ def _check_blocks(g: GGUFFile, arch: str, layers: Any) -> None:
     found = {int(m.group(1)) for name in g.tensors if (m := _BLOCK.match(name))}
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
         raise InvalidModelError(g.path, f"{arch}.block_count", layers, "is not a positive integer")
-    if found != set(range(layers)):
+    if len(found) != layers or found != set(range(layers)):  # the length first: range(2^64) is no set to build
         if not found:
             have = "none"
-        elif found == set(range(max(found) + 1)):
+        elif len(found) == max(found) + 1:  # distinct numbers from 0: contiguous
             have = f"blk.0 to blk.{max(found)}"
         else:
             have = f"blk.{', blk.'.join(map(str, sorted(found)[:4]))}{', ...' if len(found) > 4 else ''}"

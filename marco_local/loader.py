@@ -50,8 +50,8 @@ def check_checkpoint(cfg: ModelConfig, ckpt: Checkpoint) -> None:
     (num_hidden_layers = 2^32 would build layers for minutes; fewer than present would drop some silently) and the
     embedding (vocab_size and hidden_size set every other shape)."""
     found = {int(m.group(1)) for name in ckpt.names() if (m := _LAYER.match(name))}
-    if found != set(range(cfg.num_hidden_layers)):
-        have = f"layers 0 to {max(found)}" if found and found == set(range(max(found) + 1)) else f"{len(found)} layers"
+    if len(found) != cfg.num_hidden_layers or found != set(range(cfg.num_hidden_layers)):
+        have = f"layers 0 to {max(found)}" if found and len(found) == max(found) + 1 else f"{len(found)} layers"
         raise InvalidModelError(
             ckpt.folder / "config.json",
             "num_hidden_layers",

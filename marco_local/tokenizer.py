@@ -300,7 +300,7 @@ _TEMPLATE_HINT = "the model's chat template is broken; --raw sends the prompt wi
 
 def _why(e: BaseException) -> str:
     text = str(e)
-    if isinstance(e, jinja2.TemplateError) and not isinstance(e, TemplateLimitError):
+    if isinstance(e, jinja2.TemplateError):  # the template's own words (raise_exception) or a limit's
         return text or type(e).__name__
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 

@@ -196,7 +196,7 @@ TEMPLATE_BOMBS = [
     "{% for e in 'xxxxxxxxxx' %}{% for f in 'xxxxxxxxxx' %}{% for g in 'xxxxxxxxxx' %}{% for h in 'xxxxxxxxxx' %}"
     "{% endfor %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}x",
     "{{ 'x' * 1000000000 }}",
-    "{{ 10 ** 10 ** 10 }}",
+    "{{ 7 ** 100000000 }}",
     "{{ 1 / 0 }}",
     "{{ messages + 1 }}",
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
@@ -277,12 +277,12 @@ def mutate_gguf(doc: GGUFDoc, rng: random.Random) -> tuple[str, bytes]:
             kv[3] = max(kv[3], _elem_type(kv[2])) if kv[3] in (U32, U64) else kv[3]
     elif kind == "template":
         bomb = rng.choice(TEMPLATE_BOMBS)
-        d.kv = [kv for kv in d.kv if kv[0] != "tokenizer.chat_template"] + [["tokenizer.chat_template", STR, bomb, None]]
+        d.kv = [kv for kv in d.kv if kv[0] != "tokenizer.chat_template"] + [
+            ["tokenizer.chat_template", STR, bomb, None]
+        ]
         what = f"template {bomb[:40]!r}"
     elif kind == "token_id":
-        key = rng.choice(
-            ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eot_token_id"]
-        )
+        key = rng.choice(["tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eot_token_id"])
         v = rng.choice([400, 401, 10**6, (1 << 32) - 1, -1])
         d.kv = [kv for kv in d.kv if kv[0] != key] + [[key, _vtype(v), v, None]]
         what = f"{key} := {v}"

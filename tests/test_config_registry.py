@@ -53,7 +53,9 @@ def test_sparse_layer_rule_matches_transformers():
 def test_transformers_rule_agrees():
     from transformers import Qwen3MoeConfig
 
-    ref = Qwen3MoeConfig(num_hidden_layers=8, mlp_only_layers=[0, 5], decoder_sparse_step=2, num_experts=4, num_experts_per_tok=2)
+    ref = Qwen3MoeConfig(
+        num_hidden_layers=8, mlp_only_layers=[0, 5], decoder_sparse_step=2, num_experts=4, num_experts_per_tok=2
+    )
     ours = ModelConfig.from_dict(ref.to_dict())
     expected = [(i not in ref.mlp_only_layers) and (i + 1) % ref.decoder_sparse_step == 0 for i in range(8)]
     assert [ours.is_moe_layer(i) for i in range(8)] == expected
