@@ -190,6 +190,19 @@ def test_tokenizer_panic_is_one_error():
             raise KeyboardInterrupt
 
 
+def test_real_rust_bpe_panic_is_one_error():
+    """These merges make the tokenizers library's BPE builder panic (found by hand): the real PanicException, caught
+    by the guard that wraps every backend call on model data (gguf_tokenizer.build_backend's among them)."""
+    from tokenizers import models
+
+    from marco_local.tokenizer import tokenizer_errors
+
+    vocab = {"l": 0, "o": 1, "lo": 2, "ol": 3}
+    with pytest.raises(MarcoError, match="inconsistent: PanicException: range end index"):
+        with tokenizer_errors("the tokenizer metadata is inconsistent"):
+            models.BPE(vocab=vocab, merges=[("l", "o"), ("o", "l"), ("lo", "l")], fuse_unk=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoint folders
 
