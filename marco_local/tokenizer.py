@@ -12,6 +12,7 @@ import ctypes
 import json
 import operator
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,6 +70,9 @@ TEMPLATE_TIME_LIMIT_S = 10.0
 TEMPLATE_MAX_MEMORY_GROWTH = 512 << 20
 
 
+_HUGE_WIDTH = re.compile(r"%[-+ #0]*(\d{7,})")  # a printf width of a million characters or more
+
+
 class TemplateLimitError(jinja2.exceptions.TemplateError):
     """A chat template exceeded one of the limits above."""
 
@@ -104,8 +108,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         elif op == "**" and isinstance(left, int) and isinstance(right, int):
             if right > 0 and max(abs(left), 2).bit_length() * right > 1 << 16:
                 raise TemplateLimitError(f"computes {short_repr(left)} ** {short_repr(right)}")
-        elif op == "%" and isinstance(left, str) and len(left) + len(repr(right)) > TEMPLATE_MAX_CHARS:
-            raise TemplateLimitError("formats a value too large")
+        elif op == "%" and isinstance(left, str) and _HUGE_WIDTH.search(left):  # "%0999999999d" % 1
+            raise TemplateLimitError(f"formats with a width of {_HUGE_WIDTH.search(left).group(1)}")
         return {"*": operator.mul, "**": operator.pow, "%": operator.mod}[op](left, right)
 
 
