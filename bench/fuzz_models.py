@@ -25,6 +25,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=mf.CASE_TIMEOUT_S, help="seconds per mutant")
+    parser.add_argument("--show-ran", action="store_true", help="list the mutations that ran")
     parser.add_argument("--keep", type=Path, help="write the mutants here and keep them (default: a temp folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="marco-fuzz-") as tmp:
@@ -39,6 +40,8 @@ def main() -> int:
         ran = time.monotonic() - built
     print(f"seed {args.seed}: {report.line()}")
     print(f"built in {built - start:.0f} s, ran in {ran:.0f} s ({ran / max(len(cases), 1) * 1000:.0f} ms a mutant)")
+    for what in report.ran if args.show_ran else ():
+        print(f"  ran: {what}")
     for what, path, detail in report.others:
         print(f"  OTHER {what} ({path}): {detail}")
     return 1 if report.others else 0

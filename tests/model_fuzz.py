@@ -563,7 +563,7 @@ def run_case(model: str, timeout_s: int = CASE_TIMEOUT_S) -> tuple[str, str]:
 class Report:
     counts: Counter = field(default_factory=Counter)
     others: list[tuple[str, str, str]] = field(default_factory=list)  # (mutation, file, detail)
-    by_kind: Counter = field(default_factory=Counter)
+    ran: list[str] = field(default_factory=list)  # the mutations that ran: worth a look, each should be harmless
 
     def line(self) -> str:
         c = self.counts
@@ -594,7 +594,8 @@ def run_mutants(cases: list[tuple[str, str]], workers: int = 2, timeout_s: int =
                 except Exception as e:  # the worker died (memory limit in C code, a crash)
                     verdict, detail = "other", f"worker failed: {type(e).__name__}: {e}"
                 report.counts[verdict] += 1
-                report.by_kind[(what.split(" ")[0], verdict)] += 1
+                if verdict == "ran":
+                    report.ran.append(what)
                 if verdict == "other":
                     report.others.append((what, path, detail))
         finally:
