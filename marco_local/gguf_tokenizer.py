@@ -198,13 +198,19 @@ def load_tokenizer(g: GGUFFile) -> Tokenizer:
         for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
         if isinstance(g.get(k), int)
     ]
-    eos_ids += [i for i in map(backend.token_to_id, END_OF_GENERATION_TEXTS) if i is not None]
+    with tokenizer_errors(f"{g.path}: the tokenizer metadata is inconsistent"):
+        eos_ids += [i for i in map(backend.token_to_id, END_OF_GENERATION_TEXTS) if i is not None]
     template = g.get("tokenizer.chat_template")
+    add_bos = g.get("tokenizer.ggml.add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        raise InvalidModelError(g.path, "tokenizer.ggml.add_bos_token", add_bos, "is not true or false")
+    if template is not None and not isinstance(template, str):
+        raise InvalidModelError(g.path, "tokenizer.chat_template", template, "is not a string")
     return Tokenizer(
         backend,
-        chat_template=template if isinstance(template, str) else None,
+        chat_template=template,
         eos_token_ids=eos_ids,
         bos_token=text("tokenizer.ggml.bos_token_id"),
         eos_token=text("tokenizer.ggml.eos_token_id"),
-        add_bos=bool(g.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos=add_bos,
     )
