@@ -44,7 +44,7 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .config import load_config
 from .errors import MarcoError
-from .loader import _set_param, _stacked_expert_source
+from .loader import _set_param, _stacked_expert_source, check_checkpoint
 from .meta import meta_device
 from .models.qwen3_moe import Experts, Qwen3MoeForCausalLM
 
@@ -70,7 +70,7 @@ def quantization_config(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None  # load_config reports a bad config.json properly
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes":
@@ -389,6 +389,7 @@ def load_bnb_model(
         raise MarcoError(f"{folder} is not a bitsandbytes-quantized checkpoint (no quantization_config)")
     cfg = load_config(folder)
     ckpt = Checkpoint(folder)
+    check_checkpoint(cfg, ckpt)
     cpu_kernel = device.type == "cpu" and dtype == torch.bfloat16 and cpu_kernel_available()
     store = _Store(ckpt, device, float(qc.get("llm_int8_threshold", 6.0)), cpu_kernel)
     with meta_device():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from .errors import MarcoError
+from .errors import InvalidModelError, MarcoError
 
 if TYPE_CHECKING:  # safe_open(framework="pt") imports torch when a tensor is read; `marco info` reads headers only
     import torch
@@ -36,9 +36,11 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise MarcoError(f"{index} is not a valid safetensors index: {e}") from e
-            files = sorted({self.folder / f for f in weight_map.values()})
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+                raise MarcoError(f"{index} is not a valid safetensors index: {e!r}") from e
+            if not isinstance(weight_map, dict):
+                raise InvalidModelError(index, "weight_map", weight_map, "is not an object")
+            files = sorted({self._shard(index, f) for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise MarcoError(
@@ -54,6 +56,28 @@ class Checkpoint:
         for f in files:
             for name in self._open(f).keys():
                 self.file_of[name] = f
+
+    def _shard(self, index: Path, name: object) -> Path:
+        """A shard named by the index, which must be a file inside the model folder: the index is data from the
+        internet, and `../../.ssh/id_rsa` or an absolute path (or a symlink out) must not be read as weights."""
+        if not isinstance(name, str) or not name:
+            raise InvalidModelError(index, "a weight_map file name", name, "is not a file name")
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+            raise InvalidModelError(index, "a weight_map file name", name, "points outside the model folder")
+        path = self.folder / relative
+        # a Hugging Face cache snapshot links each file to ../../blobs/<hash>: that store belongs to the model too
+        roots = [self.folder]
+        if self.folder.parent.name == "snapshots":
+            roots.append(self.folder.parent.parent / "blobs")
+        try:
+            target = path.resolve()
+            inside = any(target.is_relative_to(root.resolve()) for root in roots)
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise InvalidModelError(index, "a weight_map file name", name, f"cannot be resolved ({e})") from e
+        if not inside:
+            raise InvalidModelError(index, "a weight_map file name", name, "links outside the model folder")
+        return path
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -103,22 +127,51 @@ class Checkpoint:
             yield name, self.get(name)
 
 
+MAX_HEADER = 100 << 20  # the safetensors library's own limit on a header
+
+
 def _check_complete(path: Path) -> None:
-    """A truncated download still has a valid header; compare the header's last data offset with the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise MarcoError(f"{path} is truncated (no safetensors header)", hint="re-download the model")
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise MarcoError(f"{path} is truncated (header runs past the end of the file)", hint="re-download it")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MarcoError(f"{path} has a corrupt safetensors header: {e}") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    """A truncated download still has a valid header; compare the header's last data offset with the file size. The
+    header's shape is checked first (JSON of the wrong shape must not become a KeyError); the safetensors library
+    then checks the rest (dtypes, sizes, contiguity) when it opens the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MarcoError(f"{path} is truncated (no safetensors header)", hint="re-download the model")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > MAX_HEADER:
+                raise MarcoError(f"{path} is truncated or corrupt (a header of {n:,} bytes)", hint="re-download it")
+            data = f.read(n)
+    except OSError as e:
+        raise MarcoError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        header = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise MarcoError(f"{path} has a corrupt safetensors header: {str(e) or 'nested too deeply'}") from e
+    if not isinstance(header, dict):
+        raise InvalidModelError(path, "the safetensors header", header, "is not an object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)):
+            raise InvalidModelError(path, f"tensor {name}'s data_offsets", offsets, "is not two byte offsets")
+        if offsets[0] > offsets[1]:
+            raise InvalidModelError(path, f"tensor {name}'s data_offsets", offsets, "end before they start")
+        if not (isinstance(shape, list) and all(_is_size(d) for d in shape)):
+            raise InvalidModelError(path, f"tensor {name}'s shape", shape, "is not a list of sizes")
+        if not isinstance(entry.get("dtype"), str):
+            raise InvalidModelError(path, f"tensor {name}'s dtype", entry.get("dtype"), "is not a type name")
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise MarcoError(
             f"{path} is truncated: {size} bytes, header promises {8 + n + end}", hint="re-download the model"
         )
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -24,3 +24,28 @@ def not_a_number() -> MarcoError:
         "the model computed NaN (not-a-number) values: its weights are probably damaged",
         hint="download or quantize the model again",
     )
+
+
+class InvalidModelError(MarcoError):
+    """A model file's metadata or layout is malformed or inconsistent: `key` names what was read (a GGUF key, a
+    config.json key, a tensor) and `value` what it held, so one line says exactly what to look at."""
+
+    def __init__(self, source: object, key: str, value: object, problem: str, hint: str | None = None) -> None:
+        self.source, self.key, self.value, self.problem = source, key, value, problem
+        super().__init__(
+            f"{source}: {key} = {short_repr(value)} {problem}",
+            hint or "the model file is damaged or was written wrongly: download or convert it again",
+        )
+
+    def renamed(self, source: object, key: str) -> InvalidModelError:
+        """The same error said in another file's terms (a GGUF key for a config field)."""
+        return InvalidModelError(source, key, self.value, self.problem, self.hint)
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr() cut to one short line: a corrupt value may be a megabyte of text."""
+    try:
+        text = repr(value)
+    except Exception:  # a hostile object's __repr__; never mask the real error
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

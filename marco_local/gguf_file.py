@@ -18,6 +18,7 @@ with Hugging Face field names, hard-wiring what llama.cpp hard-wires (qwen3moe: 
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 from quant.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .config import ModelConfig
-from .errors import MarcoError
+from .errors import InvalidModelError, MarcoError
 
 if TYPE_CHECKING:
     import torch
@@ -163,6 +164,8 @@ class GGUFFile:
         self.metadata: dict[str, Any] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
+            if key in self.metadata:  # llama.cpp refuses these too: which of the two values is meant?
+                raise MarcoError(f"{self.path}: metadata key {key} appears twice", _HINT_REFETCH)
             self.metadata[key] = cur.value(cur.scalar("<I", key), key)
         entries = []
         for i in range(n_tensors):
@@ -202,7 +205,14 @@ class GGUFFile:
                     f"the file has {size:,}",
                     _HINT_REFETCH,
                 )
+            if name in self.tensors:
+                raise MarcoError(f"{self.path}: tensor {name} appears twice", _HINT_REFETCH)
             self.tensors[name] = TensorInfo(name, tuple(reversed(ne)), ggml_type, start, nbytes)
+        # two tensors sharing bytes are one corruption away from garbage: each tensor owns its range
+        ranges = sorted(self.tensors.values(), key=lambda t: t.offset)
+        for a, b in zip(ranges, ranges[1:], strict=False):
+            if b.offset < a.offset + a.nbytes:
+                raise MarcoError(f"{self.path}: the data of tensors {a.name} and {b.name} overlap", _HINT_REFETCH)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -240,65 +250,124 @@ def _arch_value(g: GGUFFile, arch: str, key: str, default: Any = None, required:
     full = f"{arch}.{key}"
     value = g.require(full) if required else g.get(full, default)
     if isinstance(value, list):  # per-layer values (some hybrids): ours must be uniform
-        if len(set(value)) != 1:
-            raise MarcoError(f"{g.path}: {full} varies per layer, which marco-local does not support")
+        if not value or any(v != value[0] or isinstance(v, list) for v in value):
+            raise InvalidModelError(g.path, full, value, "is not one value for every layer")
         value = value[0]
     return value
 
 
-def _eos_ids(g: GGUFFile) -> list[int]:
-    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-    return sorted({int(g.metadata[k]) for k in keys if isinstance(g.metadata.get(k), int)})
+def _arch_int(g: GGUFFile, arch: str, key: str, default: Any = None, required: bool = False) -> int:
+    """An integer size the loader computes with before the config is built (and checked as a whole)."""
+    value = _arch_value(g, arch, key, default, required)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
+        raise InvalidModelError(g.path, f"{arch}.{key}", value, f"is not an integer in 1..{MAX_SIZE}")
+    return value
+
+
+def _token_id(g: GGUFFile, key: str, vocab: int) -> int | None:
+    value = g.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab:
+        raise InvalidModelError(g.path, key, value, f"is not a token id below the vocabulary size ({vocab})")
+    return value
+
+
+# model config field -> the GGUF key it comes from (without the architecture prefix), to name a bad value's key
+_GGUF_KEYS = {
+    "hidden_size": "embedding_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "num_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
+    "moe_intermediate_size": "expert_feed_forward_length",
+    "intermediate_size": "feed_forward_length",
+    "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+    "rope_scaling.factor": "rope.scaling.factor",
+    "max_position_embeddings": "context_length",
+}
+MAX_SIZE = 1 << 24  # above any real dimension; bounds arithmetic on a corrupt value before the config checks it
 
 
 def model_config(g: GGUFFile) -> ModelConfig:
-    """The ModelConfig the GGUF's metadata describes (Hugging Face field names and meanings)."""
+    """The ModelConfig the GGUF's metadata describes (Hugging Face field names and meanings), every value checked
+    for type and range, and against the tensors present, before anything is built from it."""
     arch = g.architecture
     if arch not in ARCHITECTURES:
         raise MarcoError(
             f"{g.path}: unsupported architecture {arch!r}",
             hint=f"marco-local runs GGUFs of {', '.join(ARCHITECTURES)}",
         )
-    hidden = int(_arch_value(g, arch, "embedding_length", required=True))
-    heads = int(_arch_value(g, arch, "attention.head_count", required=True))
-    kv_heads = int(_arch_value(g, arch, "attention.head_count_kv", heads))
-    head_dim = int(_arch_value(g, arch, "attention.key_length", hidden // max(heads, 1)))
-    if int(_arch_value(g, arch, "attention.value_length", head_dim)) != head_dim:
+    embd = g.info("token_embd.weight")
+    if len(embd.shape) != 2:
+        raise InvalidModelError(g.path, "tensor token_embd.weight's shape", list(embd.shape), "is not 2-D")
+    vocab = embd.shape[0]
+    hidden = _arch_int(g, arch, "embedding_length", required=True)
+    heads = _arch_int(g, arch, "attention.head_count", required=True)
+    head_dim = _arch_int(g, arch, "attention.key_length", max(hidden // heads, 1))
+    if _arch_int(g, arch, "attention.value_length", head_dim) != head_dim:
         raise MarcoError(f"{g.path}: key and value head sizes differ, which marco-local does not support")
-    if int(_arch_value(g, arch, "rope.dimension_count", head_dim)) != head_dim:
+    if _arch_int(g, arch, "rope.dimension_count", head_dim) != head_dim:
         raise MarcoError(f"{g.path}: partial rotary embeddings are not supported")
     rope_scaling = None
     scaling_type = _arch_value(g, arch, "rope.scaling.type", "none")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(_arch_value(g, arch, "rope.scaling.factor", 1.0))}
+        rope_scaling = {"rope_type": "linear", "factor": _arch_value(g, arch, "rope.scaling.factor", 1.0)}
     elif scaling_type != "none":
-        raise MarcoError(f"{g.path}: rope scaling {scaling_type!r} is not supported", hint="supported: linear")
+        raise InvalidModelError(g.path, f"{arch}.rope.scaling.type", scaling_type, "is not supported (linear is)")
     if "rope_freqs.weight" in g:  # llama 3.1-style per-frequency factors
         raise MarcoError(f"{g.path}: per-frequency rope factors (rope_freqs) are not supported")
     moe = arch == "qwen3moe"
-    n_experts = int(_arch_value(g, arch, "expert_count", 0, required=moe))
+    n_experts = _arch_value(g, arch, "expert_count", 0, required=moe)
     if not moe and n_experts:
         raise MarcoError(f"{g.path}: a {arch} GGUF with experts is not supported")
-    eos = _eos_ids(g)
-    bos = g.get("tokenizer.ggml.bos_token_id")
-    return ModelConfig(
-        model_type=ARCHITECTURES[arch],
-        vocab_size=g.info("token_embd.weight").shape[0],
-        hidden_size=hidden,
-        num_hidden_layers=int(_arch_value(g, arch, "block_count", required=True)),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        num_experts=n_experts,
-        num_experts_per_tok=int(_arch_value(g, arch, "expert_used_count", 0, required=moe)),
-        moe_intermediate_size=int(_arch_value(g, arch, "expert_feed_forward_length", 0, required=moe)),
-        intermediate_size=int(_arch_value(g, arch, "feed_forward_length", 0, required=not moe)),
-        head_dim=head_dim,
-        rms_norm_eps=float(_arch_value(g, arch, "attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(_arch_value(g, arch, "rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        max_position_embeddings=int(_arch_value(g, arch, "context_length", 4096)),
-        norm_topk_prob=moe,  # llama.cpp's qwen3moe graph always renormalises the top-k weights
-        tie_word_embeddings="output.weight" not in g,
-        bos_token_id=int(bos) if isinstance(bos, int) else None,
-        eos_token_id=eos or None,
-    )
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    eos = sorted({i for i in (_token_id(g, k, vocab) for k in keys) if i is not None})
+    layers = _arch_value(g, arch, "block_count", required=True)
+    _check_blocks(g, arch, layers)
+    try:
+        return ModelConfig(
+            model_type=ARCHITECTURES[arch],
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=_arch_value(g, arch, "attention.head_count_kv", heads),
+            num_experts=n_experts,
+            num_experts_per_tok=_arch_value(g, arch, "expert_used_count", 0, required=moe),
+            moe_intermediate_size=_arch_value(g, arch, "expert_feed_forward_length", 0, required=moe),
+            intermediate_size=_arch_value(g, arch, "feed_forward_length", 0, required=not moe),
+            head_dim=head_dim,
+            rms_norm_eps=_arch_value(g, arch, "attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=_arch_value(g, arch, "rope.freq_base", 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=_arch_value(g, arch, "context_length", 4096),
+            norm_topk_prob=moe,  # llama.cpp's qwen3moe graph always renormalises the top-k weights
+            tie_word_embeddings="output.weight" not in g,
+            bos_token_id=_token_id(g, "tokenizer.ggml.bos_token_id", vocab),
+            eos_token_id=eos or None,
+        )
+    except InvalidModelError as e:
+        raise e.renamed(g.path, f"{arch}.{_GGUF_KEYS[e.key]}" if e.key in _GGUF_KEYS else e.key) from None
+
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+def _check_blocks(g: GGUFFile, arch: str, layers: Any) -> None:
+    """block_count must be the number of blk.N the file holds: more would build layers that are not there (2^32 of
+    them: a hang), fewer would drop layers silently."""
+    found = {int(m.group(1)) for name in g.tensors if (m := _BLOCK.match(name))}
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise InvalidModelError(g.path, f"{arch}.block_count", layers, "is not a positive integer")
+    if len(found) != layers or found != set(range(layers)):  # the length first: range(2^64) is no set to build
+        if not found:
+            have = "none"
+        elif len(found) == max(found) + 1:  # distinct numbers from 0: contiguous
+            have = f"blk.0 to blk.{max(found)}"
+        else:
+            have = f"blk.{', blk.'.join(map(str, sorted(found)[:4]))}{', ...' if len(found) > 4 else ''}"
+        raise InvalidModelError(g.path, f"{arch}.block_count", layers, f"does not match the layers present ({have})")

@@ -280,6 +280,8 @@ def build_model(
     offload runtime (`marco_local.offload.install`) that reads them from the file on demand. `dense` (the default off
     the CPU): every weight dequantized into plain modules (`_dense_modules`); `quantized_experts` (dense models): the
     experts kept as the file's blocks on that device (`gguf_experts.StackedGGUFExperts`)."""
+    for info in g.tensors.values():  # a type without a codec is the clearest thing to say about such a file
+        _check_type(g, info)
     cfg = model_config(g)
     if f"blk.0.{_LAYER_NAMES['self_attn.q_proj']}.bias" in g:
         raise MarcoError(f"{g.path}: attention biases are not supported for {g.architecture}")
@@ -306,10 +308,16 @@ def build_model(
     if not dense:
         _use_native_moe_blocks(model, cfg)
 
+    used: set[str] = set()
+
+    def info_of(tensor: str) -> TensorInfo:
+        used.add(tensor)
+        return g.info(tensor)
+
     jobs: list[Callable[[], None]] = []
     for name, module in model.named_modules():
         if isinstance(module, Experts):
-            infos = [g.info(f"{gguf_name(f'{name}.{p}')}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
+            infos = [info_of(f"{gguf_name(f'{name}.{p}')}.weight") for p in ("gate_proj", "up_proj", "down_proj")]
             E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
             for info, shape in zip(infos, ((E, I, D), (E, I, D), (E, D, I)), strict=True):
                 _check_shape(g, info, shape)
@@ -325,9 +333,9 @@ def build_model(
             if name == "lm_head" and cfg.tie_word_embeddings and dense:
                 continue  # tied to the embedding below
             if name == "lm_head" and cfg.tie_word_embeddings:
-                info = g.info("token_embd.weight")
+                info = info_of("token_embd.weight")
             else:
-                info = g.info(f"{gguf_name(name)}.weight")
+                info = info_of(f"{gguf_name(name)}.weight")
             _check_shape(g, info, (module.out_features, module.in_features))
             ggml_type = _check_type(g, info)
             heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}
@@ -339,7 +347,7 @@ def build_model(
 
             jobs.append(job)
         elif isinstance(module, nn.Embedding):
-            info = g.info(f"{gguf_name(name)}.weight")
+            info = info_of(f"{gguf_name(name)}.weight")
             _check_shape(g, info, (cfg.vocab_size, cfg.hidden_size))
             t = _check_type(g, info)
 
@@ -355,7 +363,7 @@ def build_model(
         module = model.get_submodule(owner)
         if isinstance(module, nn.Linear) and not owner.endswith("mlp.gate"):
             continue
-        info = g.info(f"{gguf_name(owner)}.{attr}")
+        info = info_of(f"{gguf_name(owner)}.{attr}")
         _check_shape(g, info, tuple(p.shape))
 
         router = owner.endswith("mlp.gate")
@@ -364,6 +372,13 @@ def build_model(
             module._parameters[attr] = _float_param(g, info, norm_dtype, device, keep_f32=router)
 
         jobs.append(job)
+    unused = sorted(set(g.tensors) - used - {"token_embd.weight"})
+    if unused:  # llama.cpp refuses these too ("wrong number of tensors"): the file is not what its metadata says
+        raise MarcoError(
+            f"{g.path}: tensor {unused[0]} is not part of the model its metadata describes"
+            + (f" ({len(unused) - 1} more)" if len(unused) > 1 else ""),
+            hint="the file's metadata and tensors do not belong together",
+        )
     for i, job in enumerate(jobs):
         job()
         if progress:

@@ -23,10 +23,10 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import MarcoError
+from .errors import InvalidModelError, MarcoError
 from .gguf_file import GGUFFile
 from .native_bpe import NativeBPE
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, tokenizer_errors
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -100,6 +100,21 @@ def _vocabulary(g: GGUFFile) -> tuple[list[str], list[int], list[str], str]:
     merges = _list(g, "tokenizer.ggml.merges")
     if len(types) != len(tokens):
         raise MarcoError(f"{g.path}: {len(tokens)} tokens but {len(types)} token types", hint="the GGUF is corrupt")
+    for key, values, kind in (
+        ("tokenizer.ggml.tokens", tokens, str),
+        ("tokenizer.ggml.merges", merges, str),
+        ("tokenizer.ggml.token_type", types, int),
+    ):
+        bad = next((v for v in values if not isinstance(v, kind) or isinstance(v, bool)), None)
+        if bad is not None:
+            raise InvalidModelError(
+                g.path, f"an element of {key}", bad, f"is not {'a string' if kind is str else 'an integer'}"
+            )
+    rows = g.info("token_embd.weight").shape[0]
+    if len(tokens) != rows:  # llama.cpp's rule too: every id the tokenizer makes must have an embedding row
+        raise InvalidModelError(
+            g.path, "the length of tokenizer.ggml.tokens", len(tokens), f"differs from token_embd's {rows} rows"
+        )
     return tokens, types, merges, pre
 
 
@@ -114,18 +129,19 @@ def build_backend(g: GGUFFile) -> HFTokenizer:
         pairs.append((left, right))
     vocab = {tok: i for i, tok in enumerate(tokens)}
     factory, ignore_merges = PRE_TOKENIZERS[pre]
-    try:
+    # tokenizers raises a bare Exception (a merge of tokens not in the vocabulary) or panics on such metadata
+    with tokenizer_errors(f"{g.path}: the tokenizer metadata is inconsistent"):
         bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
-    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of tokens not in the vocabulary
-        raise MarcoError(f"{g.path}: the tokenizer metadata is inconsistent: {e}", hint="the GGUF is corrupt") from e
-    tok = HFTokenizer(bpe)
-    tok.pre_tokenizer = factory()
-    tok.decoder = decoders.ByteLevel()
-    # the tokens already sit in the vocabulary, so adding them keeps their ids
-    control = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == TOKEN_CONTROL]
-    user = [AddedToken(tokens[i], normalized=False) for i, t in enumerate(types) if t == TOKEN_USER_DEFINED]
-    tok.add_special_tokens(control)
-    tok.add_tokens(user)
+        tok = HFTokenizer(bpe)
+        tok.pre_tokenizer = factory()
+        tok.decoder = decoders.ByteLevel()
+        # the tokens already sit in the vocabulary, so adding them keeps their ids
+        control = [
+            AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == TOKEN_CONTROL
+        ]
+        user = [AddedToken(tokens[i], normalized=False) for i, t in enumerate(types) if t == TOKEN_USER_DEFINED]
+        tok.add_special_tokens(control)
+        tok.add_tokens(user)
     return tok
 
 
@@ -182,13 +198,19 @@ def load_tokenizer(g: GGUFFile) -> Tokenizer:
         for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
         if isinstance(g.get(k), int)
     ]
-    eos_ids += [i for i in map(backend.token_to_id, END_OF_GENERATION_TEXTS) if i is not None]
+    with tokenizer_errors(f"{g.path}: the tokenizer metadata is inconsistent"):
+        eos_ids += [i for i in map(backend.token_to_id, END_OF_GENERATION_TEXTS) if i is not None]
     template = g.get("tokenizer.chat_template")
+    add_bos = g.get("tokenizer.ggml.add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        raise InvalidModelError(g.path, "tokenizer.ggml.add_bos_token", add_bos, "is not true or false")
+    if template is not None and not isinstance(template, str):
+        raise InvalidModelError(g.path, "tokenizer.chat_template", template, "is not a string")
     return Tokenizer(
         backend,
-        chat_template=template if isinstance(template, str) else None,
+        chat_template=template,
         eos_token_ids=eos_ids,
         bos_token=text("tokenizer.ggml.bos_token_id"),
         eos_token=text("tokenizer.ggml.eos_token_id"),
-        add_bos=bool(g.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos=add_bos,
     )

@@ -8,6 +8,7 @@ fused `gate_up_proj`, tied embeddings. Shapes are checked against the config bef
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint
-from .config import load_config
-from .errors import MarcoError
+from .config import ModelConfig, load_config
+from .errors import InvalidModelError, MarcoError
 from .meta import meta_device
 from .models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -41,11 +42,47 @@ def _stacked_expert_source(ckpt: Checkpoint, name: str, num_experts: int) -> Cal
     raise MarcoError(f"tensor {missing} is missing from the checkpoint in {ckpt.folder}")
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_checkpoint(cfg: ModelConfig, ckpt: Checkpoint) -> None:
+    """What the config promises against what the checkpoint holds, before a module is built from it: the layers
+    (num_hidden_layers = 2^32 would build layers for minutes; fewer than present would drop some silently) and the
+    embedding (vocab_size and hidden_size set every other shape)."""
+    found = {int(m.group(1)) for name in ckpt.names() if (m := _LAYER.match(name))}
+    if len(found) != cfg.num_hidden_layers or found != set(range(cfg.num_hidden_layers)):
+        have = f"layers 0 to {max(found)}" if found and len(found) == max(found) + 1 else f"{len(found)} layers"
+        raise InvalidModelError(
+            ckpt.folder / "config.json",
+            "num_hidden_layers",
+            cfg.num_hidden_layers,
+            f"does not match the checkpoint's {have}",
+            hint="config.json and the weights do not belong together",
+        )
+    name = "model.embed_tokens.weight"
+    if name in ckpt:
+        shape = ckpt.shape(name)
+        if tuple(shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise MarcoError(
+                f"tensor {name} has shape {list(shape)} in {ckpt.folder}, "
+                f"config.json implies {[cfg.vocab_size, cfg.hidden_size]} (vocab_size, hidden_size)",
+                hint="config.json and the weights do not belong together",
+            )
+
+
 def _expected_shape(ckpt: Checkpoint, name: str, num_experts: int) -> tuple[int, ...]:
     prefix, proj = name.rsplit(".", 1)
     first = f"{prefix}.0.{proj}.weight"
     if first in ckpt:
-        return (num_experts, *ckpt.shape(first))
+        shape = ckpt.shape(first)
+        for e in range(1, num_experts):  # every expert: one reshaped tensor must not slip through torch.stack
+            other = f"{prefix}.{e}.{proj}.weight"
+            if other in ckpt and ckpt.shape(other) != shape:
+                raise MarcoError(
+                    f"tensor {other} has shape {list(ckpt.shape(other))} in {ckpt.folder}, expert 0's is {list(shape)}",
+                    hint="the checkpoint is damaged: re-download it",
+                )
+        return (num_experts, *shape)
     if f"{prefix}.gate_up_proj" in ckpt and proj != "down_proj":
         e, two_i, d = ckpt.shape(f"{prefix}.gate_up_proj")
         return (e, two_i // 2, d)
@@ -66,6 +103,7 @@ def load_model(
 ) -> Qwen3MoeForCausalLM:
     cfg = load_config(folder)
     ckpt = Checkpoint(folder)
+    check_checkpoint(cfg, ckpt)
     with meta_device():
         model = Qwen3MoeForCausalLM(cfg)
     params = dict(model.named_parameters())  # tied lm_head appears once, as the embedding

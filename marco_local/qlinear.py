@@ -554,8 +554,11 @@ class QExperts(Experts):
         if self.in_file == "int4":
             self.raws = None
         if self.dense:  # float experts: zero-copy views, plain matmuls
+            # per projection: a file may mix a float projection with quantized ones (None: dequantized per call)
             self.views = tuple(
                 _dense_view(r, t, r.shape[-1] // codec_for(t).type_size * codec_for(t).block_size)
+                if t in DENSE
+                else None
                 for r, t in zip(self.raws, self.types, strict=True)
             )
             return
@@ -628,7 +631,10 @@ class QExperts(Experts):
             h = F.silu(h) * native.matmul(xf, u[e], ut, self.hidden)
             return native.matmul(h, d[e], dt, self.intermediate).to(x.dtype)
         if self.dense:
-            g, u, d = (v[e] for v in self.views)
+            g, u, d = (
+                v[e] if v is not None else c.dequantize(r[e])
+                for v, c, r in zip(self.views, self.codecs, self.raws, strict=True)
+            )
             return _dense_mm(F.silu(_dense_mm(x, g)) * _dense_mm(x, u), d)
         gate, up = self._gate_up(x.to(KERNEL_DTYPE), [e])
         b = self.down_bank

@@ -7,7 +7,7 @@ folder today; GGUF and quantized folders plug in here) and the device and dtype.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +19,11 @@ from torch import nn
 
 from .bnb_loader import is_bnb_folder, load_bnb_model  # imports bitsandbytes only when used
 from .cuda_graphs import enable_cuda_graphs
-from .errors import MarcoError
+from .errors import InvalidModelError, MarcoError
 from .loader import load_model
 from .offload import Placement, install, load_offloaded
 from .registry import ResolvedModel, resolve
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, read_json_object
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -76,13 +76,32 @@ def pick_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+# generation_config.json sampling keys -> the range a value must lie in (a wrong one is the file's error, not a
+# TypeError deep in the sampler)
+_SAMPLING_RANGES = {
+    "temperature": (0.0, 1e6),
+    "top_p": (0.0, 1.0),
+    "top_k": (0, 1 << 31),
+    "min_p": (0.0, 1.0),
+    "repetition_penalty": (1e-6, 1e6),
+}
+
+
 def _generation_defaults(folder: Path) -> dict[str, Any]:
     path = folder / "generation_config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raw = {}
-    return {k: raw[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in raw}
+    raw = read_json_object(path)
+    out = {}
+    for key, (lo, hi) in _SAMPLING_RANGES.items():
+        value = raw.get(key)
+        if value is None:
+            continue
+        integral = isinstance(lo, int)
+        if not isinstance(value, int if integral else (int, float)) or isinstance(value, bool):
+            raise InvalidModelError(path, key, value, "is not a number")
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise InvalidModelError(path, key, value, f"is outside {lo:g}..{hi:g}")
+        out[key] = value
+    return out
 
 
 def load(
@@ -141,7 +160,8 @@ def load(
         model = load_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
     if dev.type == "cuda":
         enable_cuda_graphs(model)  # one-token steps replayed from CUDA graphs, where the model qualifies
-    tokenizer = Tokenizer.from_folder(source.path, config_eos=model.config.eos_token_ids)
+    cfg = model.config
+    tokenizer = Tokenizer.from_folder(source.path, config_eos=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
     return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path), notes)
 
 

@@ -32,10 +32,11 @@ ENDLESS_TEMPLATE = (
 def endless_demo(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("endless") / "demo"
     shutil.copytree(ensure_demo_model(), folder)
-    never = 10**6  # no such token: nothing ends a reply but max_tokens or Ctrl+C
+    # no end-of-sequence token at all: nothing ends a reply but max_tokens or Ctrl+C (an id past the vocabulary, the
+    # old way to say so, is now refused as a damaged file)
     for name, update in (
-        ("config.json", {"eos_token_id": never}),
-        ("generation_config.json", {"eos_token_id": [never]}),
+        ("config.json", {"eos_token_id": None}),
+        ("generation_config.json", {"eos_token_id": []}),
         ("tokenizer_config.json", {"eos_token": None, "chat_template": ENDLESS_TEMPLATE}),
     ):
         data = json.loads((folder / name).read_text())

@@ -53,7 +53,9 @@ def test_sparse_layer_rule_matches_transformers():
 def test_transformers_rule_agrees():
     from transformers import Qwen3MoeConfig
 
-    ref = Qwen3MoeConfig(num_hidden_layers=8, mlp_only_layers=[0, 5], decoder_sparse_step=2, num_experts=4)
+    ref = Qwen3MoeConfig(
+        num_hidden_layers=8, mlp_only_layers=[0, 5], decoder_sparse_step=2, num_experts=4, num_experts_per_tok=2
+    )
     ours = ModelConfig.from_dict(ref.to_dict())
     expected = [(i not in ref.mlp_only_layers) and (i + 1) % ref.decoder_sparse_step == 0 for i in range(8)]
     assert [ours.is_moe_layer(i) for i in range(8)] == expected
@@ -65,8 +67,8 @@ def test_transformers_rule_agrees():
     [
         ({"model_type": "llama"}, "unsupported architecture"),
         ({"hidden_size": None}, "hidden_size"),
-        ({"num_key_value_heads": 5}, "multiple"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "rope scaling"),
+        ({"num_key_value_heads": 5}, "num_key_value_heads = 5 does not divide num_attention_heads"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "rope_scaling.rope_type = 'yarn' is not supported"),
     ],
 )
 def test_bad_configs_are_clear_errors(change, message):

@@ -27,6 +27,7 @@ from ..checkpoint import Checkpoint
 from ..config import load_config
 from ..errors import MarcoError
 from ..kv_cache import kv_cache_bytes
+from ..loader import check_checkpoint
 from ..meta import meta_device
 from ..models.qwen3_moe import Qwen3MoeForCausalLM
 from .budget import (
@@ -453,6 +454,7 @@ def load_offloaded(
     device = torch.device(device)
     cfg = load_config(folder)
     ckpt = Checkpoint(folder)
+    check_checkpoint(cfg, ckpt)
     with meta_device():
         model = Qwen3MoeForCausalLM(cfg).to(dtype)
     blocks = _moe_blocks(model)
