@@ -13,11 +13,14 @@ from marco_local import native
 from marco_local.generate import generate
 from marco_local.gguf_loader import load_gguf
 
-PROMPTS = [
-    "What is the capital of France? Answer with the city name.",
-    "List three primary colors.",
-    "How many legs does a spider have? Answer with a number.",
-]
+# each prompt with the word every right answer contains (a 135M model phrases its answers differently on kernels
+# that round differently, so the test asks for the answer, and for logits near the exact model's)
+PROMPTS = {
+    "What is the capital of France? Answer with the city name.": "Paris",
+    "How many legs does a spider have? Answer with a number.": "8",
+    "What is the capital of Japan? Answer with the city name.": "Tokyo",
+    "What is 2 + 2? Answer with a number.": "4",
+}
 TOKENS = 24
 
 
@@ -28,7 +31,8 @@ def main(path: str) -> None:
     for prompt in PROMPTS:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         answers.append(generate(model, tokenizer, text, max_tokens=TOKENS))
-    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}]))])
+    first = next(iter(PROMPTS))
+    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": first}]))])
     with torch.inference_mode():
         logits = model(ids, model.make_cache(ids.shape[1] + 1))[0].float()
     out = {
