@@ -23,6 +23,7 @@ CAPABILITIES = ("avx512", "avx2", "default")
 # the torch int4 path's own tests: every quantized type against float references, chunked repacks, offload slots
 # filled from the file (the int4 cases of the offload tests)
 INT4_TESTS = ["tests/test_qlinear.py", "tests/test_offload_gguf_disk.py"]
+INT4_SELECTION = "int4 or not offload"
 LOGITS_REL_TOL = 0.06  # ||logits - exact|| / ||exact||: int8 activations (native) or bf16 scales (int4) on Q4_1
 
 
