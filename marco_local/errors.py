@@ -24,3 +24,7 @@ def not_a_number() -> MarcoError:
         "the model computed NaN (not-a-number) values: its weights are probably damaged",
         hint="download or quantize the model again",
     )
+
+
+class NativeTierError(MarcoError):
+    """MARCO_NATIVE_ISA (or a test) asked for a kernel tier that does not exist or that this CPU cannot run."""
