@@ -54,6 +54,7 @@ static void cond_init(cond_t *c) { InitializeConditionVariable(c); }
 static void cond_wait(cond_t *c, mutex_t *m) { SleepConditionVariableSRW(c, m, INFINITE, 0); }
 static void cond_broadcast(cond_t *c) { WakeAllConditionVariable(c); }
 static int process_id(void) { return (int)GetCurrentProcessId(); }
+static void yield_thread(void) { SwitchToThread(); }
 static DWORD WINAPI worker_main(LPVOID arg);
 static int start_thread(intptr_t id) {
     HANDLE h = CreateThread(NULL, 0, worker_main, (LPVOID)id, 0, NULL);
@@ -63,6 +64,7 @@ static int start_thread(intptr_t id) {
 }
 #else
 #include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 typedef pthread_mutex_t mutex_t;
 typedef pthread_cond_t cond_t;
@@ -74,6 +76,7 @@ static void cond_init(cond_t *c) { pthread_cond_init(c, NULL); }
 static void cond_wait(cond_t *c, mutex_t *m) { pthread_cond_wait(c, m); }
 static void cond_broadcast(cond_t *c) { pthread_cond_broadcast(c); }
 static int process_id(void) { return (int)getpid(); }
+static void yield_thread(void) { sched_yield(); }
 static void *worker_main(void *arg);
 static int start_thread(intptr_t id) {
     pthread_t t;
@@ -94,7 +97,17 @@ static int start_thread(intptr_t id) {
 #define LOAD(p) __atomic_load_n(p, __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n(p, v, __ATOMIC_RELEASE)
 #define MAX_WORKERS 255
-#define SPINS 20000 /* pause loops before sleeping: some tens of microseconds */
+/* Waiting: a few pause loops, then yielding the core (a waiting thread may share it with the one it waits for, on a
+ * busy machine), then sleeping. */
+#define PAUSES 64
+#define SPINS 2000
+
+static void relax(int spins) {
+    if (spins < PAUSES)
+        cpu_relax();
+    else
+        yield_thread();
+}
 
 static struct {
     int pid;             /* the process that started the workers (0: none yet) */
@@ -127,7 +140,7 @@ static void worker_loop(int id) {
         int g, spins = 0;
         while ((g = LOAD(&pool.generation)) == seen) {
             if (++spins < SPINS) {
-                cpu_relax();
+                relax(spins);
                 continue;
             }
             mutex_lock(&pool.lock);
@@ -204,7 +217,7 @@ void marco_parallel_for(int n, int n_threads, marco_range_fn fn, void *ctx) {
     cond_broadcast(&pool.wake);
     mutex_unlock(&pool.lock);
     run_share(0);
-    for (int spins = 0; LOAD(&pool.pending) && spins < SPINS; spins++) cpu_relax();
+    for (int spins = 0; LOAD(&pool.pending) && spins < SPINS; spins++) relax(spins);
     if (LOAD(&pool.pending)) {
         mutex_lock(&pool.lock);
         while (LOAD(&pool.pending)) cond_wait(&pool.done, &pool.lock);
