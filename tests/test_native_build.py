@@ -8,7 +8,9 @@ build's results bit for bit.
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,3 +250,43 @@ def test_build_in_a_fresh_cache_without_openmp(tmp_path) -> None:
     code = "from marco_local import native; print(native.describe()); print(native.library().marco_threads_used(2))"
     out = _run(code, MARCO_HOME=str(tmp_path), MARCO_NATIVE_OPENMP="0", MARCO_NATIVE_ISA="portable", MARCO_NATIVE=None)
     assert out == ["native portable (forced by MARCO_NATIVE_ISA; without OpenMP)", "2"]
+
+
+def _sources() -> list[str]:
+    return [str(p) for p in native._sources() if p.suffix == ".c"]
+
+
+@pytest.mark.skipif(
+    not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")),
+    reason="an aarch64 cross compiler and qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)",
+)
+@pytest.mark.parametrize("openmp", [True, False])
+def test_the_portable_tier_builds_and_runs_on_arm64(tmp_path, openmp: bool) -> None:
+    """The ARM64 build (portable tier: plain C, the compiler's vectors), with OpenMP and with the thread pool, runs
+    its self-test (tests/native_selftest.c: every type, 1 and 6 tokens, 1-3 threads, against dot_ref.c) under qemu."""
+    exe = tmp_path / "selftest"
+    threads = ["-fopenmp"] if openmp else []
+    selftest = str(native.HERE.parents[1] / "tests" / "native_selftest.c")
+    flags = [f for f in native.FLAGS if f != "-shared"]
+    cmd = ["aarch64-linux-gnu-gcc", *flags, *threads, "-pthread", "-static", "-o", str(exe)]
+    subprocess.run([*cmd, *_sources(), selftest, "-lm"], check=True, capture_output=True)
+    done = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.strip() == f"portable {'openmp' if openmp else 'threads'}: 0 mismatches"
+
+
+@pytest.mark.skipif(shutil.which("x86_64-w64-mingw32-gcc") is None, reason="mingw-w64 (gcc-mingw-w64-x86-64)")
+def test_the_windows_build_compiles_and_exports_what_python_binds(tmp_path, monkeypatch) -> None:
+    """A Windows DLL from mingw with the flags `_build` would pass there (thread pool on Win32 threads, no -fPIC),
+    exporting every function `_bind` binds."""
+    monkeypatch.setattr(native, "_system", lambda: "Windows")
+    cc = ["x86_64-w64-mingw32-gcc"]
+    flags, libs = native._platform_flags(cc)
+    dll = tmp_path / f"libmarco_ggml{native._library_suffix()}"
+    for target in (native._X86_FLAGS["avx2"], native._X86_FLAGS["portable"]):
+        cmd = [*cc, *native.FLAGS, *target, *native._openmp_flags(True)[0], *flags, "-o", str(dll), *_sources(), *libs]
+        subprocess.run(cmd, check=True, capture_output=True)
+        dump = subprocess.run(["x86_64-w64-mingw32-objdump", "-p", str(dll)], capture_output=True, text=True).stdout
+        bound = set(re.findall(r"lib\.(marco_\w+)\.", inspect.getsource(native._bind)))
+        assert bound and all(f"] {name}\n" in dump for name in bound), bound
+        assert "libgcc_s" not in dump and "libgomp" not in dump
