@@ -37,7 +37,13 @@ BASE_CONFIG = dict(
 )
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable"])
+def _tiers_here() -> list[str]:
+    from marco_local import native
+
+    return native.supported_tiers()
+
+
+@pytest.fixture(params=_tiers_here())
 def native_tier(request):
     """Run the test once per native kernel tier (marco_local.native) this CPU can execute: every tier's code paths
     against the same references. Tiers the CPU lacks are skipped; so is everything under MARCO_NATIVE=0."""

@@ -27,6 +27,7 @@ from gguf_fixtures import ids_batch, kl, rel_err, smollm2_path, write_moe_f32
 from offload_gguf_fixtures import q4_path  # noqa: F401
 from tokenizers import Tokenizer as HFTokenizer
 
+from marco_local import native
 from marco_local.errors import MarcoError
 from marco_local.gguf_file import GGUFFile, model_config
 from marco_local.gguf_loader import load_gguf
@@ -165,11 +166,10 @@ def test_runtime_load_runs_a_gguf(moe_f32):
     assert list(steps) == out[0, len(prompt) :].tolist()  # f32 GGUF: the same greedy tokens as transformers
 
 
-@pytest.mark.parametrize("kernels", ["avx512", "avx2", "portable", "torch"])
+@pytest.mark.parametrize("kernels", [*native.supported_tiers(), "torch"])
 def test_a_damaged_file_that_computes_nan_is_said_in_one_line(moe_f32, tmp_path, monkeypatch, marco_main, kernels):
     """A router weight turned NaN (a flipped byte does it) once surfaced as "native kernel: unsupported type or
     shape" or torch.multinomial's internal error, both reported as bugs. Each native tier, and torch."""
-    from marco_local import native
 
     _, _, path = moe_f32
     damaged = tmp_path / "damaged.gguf"

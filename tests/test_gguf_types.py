@@ -16,6 +16,7 @@ import pytest
 import torch
 from gguf_fixtures import dequantized_state_dict, ids_batch, kl, rel_err, requantize, write_moe_f32
 
+from marco_local import native
 from marco_local.gguf_file import GGUFFile
 from marco_local.gguf_loader import build_model, load_gguf
 from marco_local.models.qwen3_moe import Experts
@@ -72,14 +73,12 @@ def moe_typed(moe_f32, tmp_path_factory):
 
 
 # the types the native kernels read run once per kernel tier (marco_local/native), the others once
-TYPE_TIERS = [(t, None) for t in TYPES[:3]] + [(t, tier) for t in TYPES[3:] for tier in ("avx512", "avx2", "portable")]
+TYPE_TIERS = [(t, None) for t in TYPES[:3]] + [(t, tier) for t in TYPES[3:] for tier in native.supported_tiers()]
 
 
 def kernel_tier(tier: str | None):
     """Pin the native tier for a test, or skip it where this CPU cannot run it; without native kernels, one of the
     tiers' runs goes through torch's kernels instead."""
-    from marco_local import native
-
     if tier is None:
         return contextlib.nullcontext()
     if not native.available():

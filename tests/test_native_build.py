@@ -103,6 +103,8 @@ def test_auto_choice_and_its_reason(monkeypatch) -> None:
     monkeypatch.setattr(native, "cpu_features", lambda: None)
     assert native._auto_tier() == ("portable", "this CPU's features could not be read")
     monkeypatch.setattr(native, "_arch", lambda: "arm64")
+    assert native._auto_tier() == ("neon", "") and native.supported_tiers() == ["neon", "portable"]
+    monkeypatch.setattr(native, "_arch", lambda: "riscv64")
     assert native._auto_tier()[0] == "portable" and native.supported_tiers() == ["portable"]
 
 
@@ -128,7 +130,7 @@ def test_a_tier_this_cpu_lacks_or_an_unknown_one_is_refused(monkeypatch) -> None
     monkeypatch.setenv("MARCO_NATIVE_ISA", "sse9")
     with pytest.raises(NativeTierError, match="MARCO_NATIVE_ISA=sse9: 'sse9' is not a kernel tier") as e:
         native.library()
-    assert e.value.hint == "use one of: avx512, avx2, portable"
+    assert e.value.hint == "use one of: avx512, avx2, neon, portable"
     monkeypatch.setattr(native, "_arch", lambda: "x86_64")
     monkeypatch.setattr(native, "cpu_features", lambda: frozenset({"avx2", "fma", "f16c"}))
     monkeypatch.setenv("MARCO_NATIVE_ISA", "AVX512")
@@ -149,7 +151,7 @@ def test_the_cli_says_a_refused_tier_in_one_line(q4_path, monkeypatch, marco_mai
     assert code == 1
     assert err[-2:] == [
         "Error: MARCO_NATIVE_ISA=avx1024: 'avx1024' is not a kernel tier",
-        "Hint: use one of: avx512, avx2, portable",
+        "Hint: use one of: avx512, avx2, neon, portable",
     ]
 
 
@@ -159,7 +161,7 @@ def test_the_compiled_cpu_probe_agrees_with_proc_cpuinfo() -> None:
     probed = native._probe_features(native._compiler())
     assert probed is not None
     cpuinfo = native.cpu_features()
-    for name in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"):
+    for name in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"):
         assert (name in probed) == (name in cpuinfo), name
 
 
@@ -178,6 +180,7 @@ def test_other_systems_get_their_library_and_flags(monkeypatch) -> None:
     assert native._openmp_flags(True) == [["-fopenmp"], []] and native._openmp_flags(False) == [[]]
     monkeypatch.setattr(native, "_arch", lambda: "arm64")
     assert native._tier_flags("portable") == [["-mcpu=native"], []]
+    assert native._tier_flags("neon") == [["-mcpu=native", "-DMARCO_NEON"], ["-DMARCO_NEON"]]
 
 
 def _same_with_and_without_openmp(tier: str) -> None:
@@ -261,18 +264,21 @@ def _sources() -> list[str]:
     reason="an aarch64 cross compiler and qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)",
 )
 @pytest.mark.parametrize("openmp", [True, False])
-def test_the_portable_tier_builds_and_runs_on_arm64(tmp_path, openmp: bool) -> None:
-    """The ARM64 build (portable tier: plain C, the compiler's vectors), with OpenMP and with the thread pool, runs
-    its self-test (tests/native_selftest.c: every type, 1 and 6 tokens, 1-3 threads, against dot_ref.c) under qemu."""
+@pytest.mark.parametrize("tier,extra", [("neon", []), ("neon", ["-march=armv8.2-a+dotprod"]), ("portable", [])])
+def test_the_arm64_tiers_build_and_run(tmp_path, tier: str, extra: list[str], openmp: bool) -> None:
+    """The ARM64 builds (neon: NEON dots, with and without SDOT; portable: plain C), with OpenMP and with the thread
+    pool, run the self-test (tests/native_selftest.c: every type, 1 and 6 tokens, 1-3 threads, bit-identical to
+    dot_ref.c) under qemu."""
     exe = tmp_path / "selftest"
     threads = ["-fopenmp"] if openmp else []
+    target = native._ARM64_FLAGS[tier][-1]  # a cross compiler has no -mcpu=native
     selftest = str(native.HERE.parents[1] / "tests" / "native_selftest.c")
     flags = [f for f in native.FLAGS if f != "-shared"]
-    cmd = ["aarch64-linux-gnu-gcc", *flags, *threads, "-pthread", "-static", "-o", str(exe)]
+    cmd = ["aarch64-linux-gnu-gcc", *flags, *target, *extra, *threads, "-pthread", "-static", "-o", str(exe)]
     subprocess.run([*cmd, *_sources(), selftest, "-lm"], check=True, capture_output=True)
     done = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout
-    assert done.stdout.strip() == f"portable {'openmp' if openmp else 'threads'}: 0 mismatches"
+    assert done.stdout.strip() == f"{tier} {'openmp' if openmp else 'threads'}: 0 mismatches"
 
 
 @pytest.mark.skipif(shutil.which("x86_64-w64-mingw32-gcc") is None, reason="mingw-w64 (gcc-mingw-w64-x86-64)")

@@ -6,10 +6,10 @@ quantize the activations to int8 blocks once per product (as llama.cpp does) and
 directly, so GGUF weights stay zero-copy views of the memory-mapped file.
 
 Files: ggml_dot.h (block and activation layouts), act_quant.c, dot_ref.c (plain-C reference dots), dot_legacy.c and
-dot_kquants.c (vectorised dots), matmul.c (products, one token through a layer's experts), route.c (MoE routing),
-attention.c (one query over a bf16 KV cache), decode.c (the other pieces of a decode step, for native_decode.py),
-dequant.c (rows dequantized to float32, for embedding lookups), bpe.c (the byte-level BPE tokenizer of bpe.py),
-platform.h and parallel.c (symbol export, and the parallel-for every threaded kernel goes through).
+dot_kquants.c (vectorised dots; dot_neon.c on ARM64), matmul.c (products, one token through a layer's experts),
+route.c (MoE routing), attention.c (one query over a bf16 KV cache), decode.c (the other pieces of a decode step, for
+native_decode.py), dequant.c (rows dequantized to float32, for embedding lookups), bpe.c (the byte-level BPE tokenizer
+of bpe.py), platform.h and parallel.c (symbol export, and the parallel-for every threaded kernel goes through).
 
 The C sources next to this file are compiled on first use with the system C compiler ($CC, else cc, gcc or clang)
 into the cache (`~/.cache/marco-local/native/<hash>/`), keyed by the sources, flags, compiler and kernel tier; later
@@ -17,12 +17,13 @@ runs load the cached library. Kernel tiers (the C files pick their code paths fr
 
 - `avx512`: -march=native on an x86-64 CPU with AVX-512 F/BW/VL (the VNNI dots where it has VNNI);
 - `avx2`: -march=haswell (AVX2, FMA, F16C and nothing newer);
+- `neon` (ARM64): NEON dots for Q8_0, Q4_K and Q6_K (dot_neon.c), plain C for the other types;
 - `portable`: the plain-C paths, auto-vectorized for the baseline target (x86-64 without AVX; -mcpu=native on ARM64).
 
-The best tier the CPU has is used; MARCO_NATIVE_ISA=avx512|avx2|portable forces one (one this CPU lacks is an error),
-and `use_tier` switches tiers inside one process (each tier is its own library file). `describe()` says which runs
-and why. Threads: OpenMP where the compiler has it (Linux: the libgomp torch has loaded; macOS: torch's own libomp,
-as a second OpenMP runtime in one process aborts it), else the kernels' own thread pool (parallel.c; always on
+The best tier the CPU has is used; MARCO_NATIVE_ISA=avx512|avx2|neon|portable forces one (one this CPU lacks is an
+error), and `use_tier` switches tiers inside one process (each tier is its own library file). `describe()` says which
+runs and why. Threads: OpenMP where the compiler has it (Linux: the libgomp torch has loaded; macOS: torch's own
+libomp, as a second OpenMP runtime in one process aborts it), else the kernels' own thread pool (parallel.c; always on
 Windows, for the same reason); MARCO_NATIVE_OPENMP=0 forces the pool. Without a compiler, or with MARCO_NATIVE=0,
 `library()` is None and callers keep torch's int4 path.
 """
@@ -52,7 +53,7 @@ HERE = Path(__file__).parent
 FLAGS = ["-O3", "-fno-math-errno", "-std=gnu11", "-shared"]
 # ggml type ids the kernels read (GGUF numbering)
 SUPPORTED_TYPES = frozenset({2, 3, 6, 7, 8, 12, 13, 14})  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K
-TIERS = ("avx512", "avx2", "portable")  # best first
+TIERS = ("avx512", "avx2", "neon", "portable")  # best first
 # CPU features (lower case, no underscores: Linux's avx512_vnni, macOS's AVX512VNNI) each x86 tier's code needs
 _X86_NEEDS = {
     "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"},
@@ -61,6 +62,8 @@ _X86_NEEDS = {
 }
 # Compiler flags per x86 tier: explicit targets, so that each tier defines exactly its ISA macros whatever the CPU
 _X86_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=haswell"], "portable": ["-march=x86-64", "-mtune=generic"]}
+# ARM64: -mcpu=native where the compiler takes it (Apple clang before 15 and cross compilers may not)
+_ARM64_FLAGS = {"neon": [["-mcpu=native", "-DMARCO_NEON"], ["-DMARCO_NEON"]], "portable": [["-mcpu=native"], []]}
 NO_COMPILER = "no C compiler found: install gcc or clang for ~3x faster decode"
 
 
@@ -104,23 +107,32 @@ def _normalize(names: str) -> set[str]:
     return {n.lower().replace("_", "").replace(".", "") for n in names.split()}
 
 
+# cpuid and xgetbv (the OS must save the AVX / AVX-512 registers): gcc and clang on every OS, no runtime library
 _PROBE = r"""
+#include <cpuid.h>
 #include <stdio.h>
 int main(void) {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) printf("avx2 fma f16c ");
-    if (__builtin_cpu_supports("avx512f")) printf("avx512f ");
-    if (__builtin_cpu_supports("avx512bw")) printf("avx512bw ");
-    if (__builtin_cpu_supports("avx512vl")) printf("avx512vl ");
-    if (__builtin_cpu_supports("avx512vnni")) printf("avx512vnni ");
+    unsigned a, b, c, d, lo = 0, hi = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    int fma = c >> 12 & 1, osxsave = c >> 27 & 1, avx = c >> 28 & 1, f16c = c >> 29 & 1;
+    if (osxsave) __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    int ymm = (lo & 0x6) == 0x6, zmm = (lo & 0xE6) == 0xE6;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (avx && ymm && (b >> 5 & 1)) printf("avx2 ");
+    if (avx && ymm && fma) printf("fma ");
+    if (avx && ymm && f16c) printf("f16c ");
+    if (zmm && (b >> 16 & 1)) printf("avx512f ");
+    if (zmm && (b >> 30 & 1)) printf("avx512bw ");
+    if (zmm && (b >> 31 & 1)) printf("avx512vl ");
+    if (zmm && (c >> 11 & 1)) printf("avx512vnni ");
     return 0;
 }
 """
 
 
 def _probe_features(cc: list[str]) -> set[str] | None:
-    """x86 features as the compiler's runtime sees them (cpuid, and whether the OS saves the AVX registers): for
-    systems without /proc/cpuinfo or sysctl. None when the probe cannot be built or run."""
+    """x86 features from a compiled probe, for systems without /proc/cpuinfo or sysctl (Windows). None when the
+    probe cannot be built or run."""
     with tempfile.TemporaryDirectory(prefix="marco-probe-") as tmp:
         src, exe = Path(tmp) / "probe.c", Path(tmp) / ("probe.exe" if os.name == "nt" else "probe")
         src.write_text(_PROBE)
@@ -158,15 +170,19 @@ def cpu_features() -> frozenset[str] | None:
 
 def supported_tiers() -> list[str]:
     """The tiers this CPU can run, best first."""
+    if _arch() == "arm64":
+        return ["neon", "portable"]  # NEON is part of ARMv8-A
     if _arch() != "x86_64":
         return ["portable"]
     features = cpu_features() or frozenset()
-    return [t for t in TIERS if _X86_NEEDS[t] <= features]
+    return [t for t in TIERS if t in _X86_NEEDS and _X86_NEEDS[t] <= features]
 
 
 def _auto_tier() -> tuple[str, str]:
     """(the best tier, why not a better one: "" for the best there is)."""
     tiers = supported_tiers()
+    if _arch() == "arm64":
+        return "neon", ""
     if _arch() != "x86_64":
         return "portable", f"no vector kernels for {platform.machine()} yet"
     if cpu_features() is None:
@@ -216,7 +232,7 @@ def _tier_flags(tier: str) -> list[list[str]]:
     if _arch() == "x86_64":
         return [_X86_FLAGS[tier]]
     if _arch() == "arm64":
-        return [["-mcpu=native"], []]  # Apple clang before 15 and some cross compilers refuse -mcpu=native
+        return _ARM64_FLAGS[tier]
     return [[]]
 
 

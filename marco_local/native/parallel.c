@@ -8,6 +8,7 @@
  */
 #include <stdint.h>
 
+#include "ggml_dot.h"
 #include "platform.h"
 
 /* Thread t's share of [0, n) among nt threads: the first n % nt threads take one more. */
@@ -238,6 +239,8 @@ MARCO_API const char *marco_build_info(void) {
     return "avx512 " MARCO_THREADING;
 #elif defined(__AVX2__)
     return "avx2 " MARCO_THREADING;
+#elif defined(MARCO_NEON_DOTS)
+    return "neon " MARCO_THREADING;
 #else
     return "portable " MARCO_THREADING;
 #endif
