@@ -181,7 +181,7 @@ def test_context_full_is_the_usual_error(q4_path):
 @pytest.mark.parametrize(
     "setting,expected",
     [
-        ("1", "kernels: native {tier} (forced by MARCO_NATIVE_ISA)"),
+        ("1", "kernels: native {tier} (forced by MARCO_NATIVE_ISA"),  # then "; without OpenMP" where so built
         ("0", "kernels: torch int4 (disabled by MARCO_NATIVE=0)"),
     ],
 )

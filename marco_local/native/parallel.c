@@ -55,7 +55,12 @@ static void cond_init(cond_t *c) { InitializeConditionVariable(c); }
 static void cond_wait(cond_t *c, mutex_t *m) { SleepConditionVariableSRW(c, m, INFINITE, 0); }
 static void cond_broadcast(cond_t *c) { WakeAllConditionVariable(c); }
 static int process_id(void) { return (int)GetCurrentProcessId(); }
-static void yield_thread(void) { SwitchToThread(); }
+static int64_t now_us(void) {
+    LARGE_INTEGER t, f;
+    QueryPerformanceCounter(&t);
+    QueryPerformanceFrequency(&f);
+    return (int64_t)((double)t.QuadPart * 1e6 / (double)f.QuadPart);
+}
 static DWORD WINAPI worker_main(LPVOID arg);
 static int start_thread(intptr_t id) {
     HANDLE h = CreateThread(NULL, 0, worker_main, (LPVOID)id, 0, NULL);
@@ -65,7 +70,7 @@ static int start_thread(intptr_t id) {
 }
 #else
 #include <pthread.h>
-#include <sched.h>
+#include <time.h>
 #include <unistd.h>
 typedef pthread_mutex_t mutex_t;
 typedef pthread_cond_t cond_t;
@@ -77,7 +82,11 @@ static void cond_init(cond_t *c) { pthread_cond_init(c, NULL); }
 static void cond_wait(cond_t *c, mutex_t *m) { pthread_cond_wait(c, m); }
 static void cond_broadcast(cond_t *c) { pthread_cond_broadcast(c); }
 static int process_id(void) { return (int)getpid(); }
-static void yield_thread(void) { sched_yield(); }
+static int64_t now_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
+}
 static void *worker_main(void *arg);
 static int start_thread(intptr_t id) {
     pthread_t t;
@@ -98,16 +107,24 @@ static int start_thread(intptr_t id) {
 #define LOAD(p) __atomic_load_n(p, __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n(p, v, __ATOMIC_RELEASE)
 #define MAX_WORKERS 255
-/* Waiting: a few pause loops, then yielding the core (a waiting thread may share it with the one it waits for, on a
- * busy machine), then sleeping. */
-#define PAUSES 64
-#define SPINS 2000
+/* Waiting spins (pause) for up to SPIN_US, then sleeps: a decode step's regions come a few microseconds apart, and a
+ * sleeping worker takes tens of microseconds (far more on a busy machine) to wake. Yielding the core instead would
+ * hand it to another process for a whole time slice. */
+#define SPIN_US 200
 
-static void relax(int spins) {
-    if (spins < PAUSES)
+/* Spins while *p == v (for_zero: while *p != 0), for up to SPIN_US. */
+static void spin(int *p, int v, int for_zero) {
+    int64_t start = 0;
+    for (int i = 1; for_zero ? LOAD(p) != 0 : LOAD(p) == v; i++) {
         cpu_relax();
-    else
-        yield_thread();
+        if ((i & 255) == 0) { /* read the clock now and then */
+            int64_t t = now_us();
+            if (!start)
+                start = t;
+            else if (t - start > SPIN_US)
+                return;
+        }
+    }
 }
 
 static struct {
@@ -138,16 +155,12 @@ static void worker_loop(int id) {
     in_worker = 1;
     int seen = pool.start_generation;
     for (;;) {
-        int g, spins = 0;
-        while ((g = LOAD(&pool.generation)) == seen) {
-            if (++spins < SPINS) {
-                relax(spins);
-                continue;
-            }
+        spin(&pool.generation, seen, 0);
+        int g = LOAD(&pool.generation);
+        if (g == seen) {
             mutex_lock(&pool.lock);
             while ((g = LOAD(&pool.generation)) == seen) cond_wait(&pool.wake, &pool.lock);
             mutex_unlock(&pool.lock);
-            break;
         }
         seen = g;
         run_share(id);
@@ -218,7 +231,7 @@ void marco_parallel_for(int n, int n_threads, marco_range_fn fn, void *ctx) {
     cond_broadcast(&pool.wake);
     mutex_unlock(&pool.lock);
     run_share(0);
-    for (int spins = 0; LOAD(&pool.pending) && spins < SPINS; spins++) relax(spins);
+    spin(&pool.pending, 0, 1);
     if (LOAD(&pool.pending)) {
         mutex_lock(&pool.lock);
         while (LOAD(&pool.pending)) cond_wait(&pool.done, &pool.lock);
