@@ -49,3 +49,7 @@ def short_repr(value: object, limit: int = 60) -> str:
     except Exception:  # a hostile object's __repr__; never mask the real error
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class NativeTierError(MarcoError):
+    """MARCO_NATIVE_ISA (or a test) asked for a kernel tier that does not exist or that this CPU cannot run."""

@@ -767,11 +767,12 @@ def make_embedding(raw: torch.Tensor, ggml_type, num_embeddings: int, dim: int, 
 
 
 def kernel_summary(model: nn.Module) -> str | None:
-    """Which kernels a GGUF model's quantized products run on, for the CLI's verbose output: "native", or "torch int4
-    (why the native kernels are not used)"; None when the model has no GGUF modules."""
+    """Which kernels a GGUF model's quantized products run on, for the CLI's verbose output: `native.describe()`
+    ("native avx2 (no avx512 on this CPU)"), or "torch int4 (why the native kernels are not used)"; None when the
+    model has no GGUF modules."""
     modules = [m for m in model.modules() if isinstance(m, (QLinear, QExperts)) and not getattr(m, "dense", False)]
     if not modules:
         return None
     if any(m.native for m in modules):
-        return "native"
+        return native.describe()
     return f"torch int4 ({native.unavailable_reason() or 'types the native kernels do not read'})"

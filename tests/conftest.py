@@ -37,6 +37,27 @@ BASE_CONFIG = dict(
 )
 
 
+def _tiers_here() -> list[str]:
+    from marco_local import native
+
+    return native.supported_tiers()
+
+
+@pytest.fixture(params=_tiers_here())
+def native_tier(request):
+    """Run the test once per native kernel tier (marco_local.native) this CPU can execute: every tier's code paths
+    against the same references. Tiers the CPU lacks are skipped; so is everything under MARCO_NATIVE=0."""
+    from marco_local import native
+
+    tier = request.param
+    if tier not in native.supported_tiers():
+        pytest.skip(f"this CPU cannot run the {tier} kernels")
+    with native.use_tier(tier):
+        if not native.available():
+            pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+        yield tier
+
+
 @pytest.fixture(scope="session")
 def tokenizer_obj():
     return build_tokenizer(vocab_size=400)

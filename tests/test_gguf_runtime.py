@@ -8,6 +8,7 @@ GGUF (llama.cpp's converter and quantizer wrote it), compared with llama.cpp its
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -26,6 +27,7 @@ from gguf_fixtures import ids_batch, kl, rel_err, smollm2_path, write_moe_f32
 from offload_gguf_fixtures import q4_path  # noqa: F401
 from tokenizers import Tokenizer as HFTokenizer
 
+from marco_local import native
 from marco_local.errors import MarcoError
 from marco_local.gguf_file import GGUFFile, model_config
 from marco_local.gguf_loader import load_gguf
@@ -164,11 +166,10 @@ def test_runtime_load_runs_a_gguf(moe_f32):
     assert list(steps) == out[0, len(prompt) :].tolist()  # f32 GGUF: the same greedy tokens as transformers
 
 
-@pytest.mark.parametrize("kernels", ["native", "torch"])
+@pytest.mark.parametrize("kernels", [*native.supported_tiers(), "torch"])
 def test_a_damaged_file_that_computes_nan_is_said_in_one_line(moe_f32, tmp_path, monkeypatch, marco_main, kernels):
     """A router weight turned NaN (a flipped byte does it) once surfaced as "native kernel: unsupported type or
-    shape" or torch.multinomial's internal error, both reported as bugs."""
-    from marco_local import native
+    shape" or torch.multinomial's internal error, both reported as bugs. Each native tier, and torch."""
 
     _, _, path = moe_f32
     damaged = tmp_path / "damaged.gguf"
@@ -178,23 +179,24 @@ def test_a_damaged_file_that_computes_nan_is_said_in_one_line(moe_f32, tmp_path,
     with open(damaged, "r+b") as f:
         f.seek(router.data_offset)
         f.write(np.full(router.n_elements, np.nan, dtype=np.float32).tobytes())
+    tier = contextlib.nullcontext()
     if kernels == "torch":
         monkeypatch.setattr(native, "available", lambda: False)
-    elif not native.available():
-        pytest.skip("no native kernels")
-    for temperature in (0.0, 0.7):  # greedy (argmax would pick the NaN) and sampling
-        code, err = marco_main("run", str(damaged), "hi", "-n", "3", "--temperature", str(temperature))
-        assert code == 1 and err[0].startswith("Error: the model computed NaN") and len(err) == 2, err
+    elif not native.available() or kernels not in native.supported_tiers():
+        pytest.skip(f"no native {kernels} kernels here")
+    else:
+        tier = native.use_tier(kernels)
+    with tier:
+        for temperature in (0.0, 0.7):  # greedy (argmax would pick the NaN) and sampling
+            code, err = marco_main("run", str(damaged), "hi", "-n", "3", "--temperature", str(temperature))
+            assert code == 1 and err[0].startswith("Error: the model computed NaN") and len(err) == 2, err
 
 
+@pytest.mark.usefixtures("native_tier")
 def test_nan_through_quantized_layers_reaches_the_logits_and_is_said(q4_path, tmp_path, marco_main):
     """Every f16 scale of one attention weight NaN (bytes 0x7E7E): the native kernels quantize the NaN activations
     that follow; their block scale must stay NaN, or the logits come out finite and greedy decoding ends at once on
-    token 0 with exit code 0, saying nothing."""
-    from marco_local import native
-
-    if not native.available():
-        pytest.skip("no native kernels")
+    token 0 with exit code 0, saying nothing. Each tier quantizes in its own code."""
     damaged = tmp_path / "damaged.gguf"
     shutil.copy(q4_path, damaged)
     target = next(t for t in gguf.GGUFReader(q4_path).tensors if t.name == "blk.0.attn_output.weight")

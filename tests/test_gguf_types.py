@@ -6,6 +6,7 @@ qlinear's int4 kernels, stated bounds), and the KL divergence from the unquantiz
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 from gguf_fixtures import dequantized_state_dict, ids_batch, kl, rel_err, requantize, write_moe_f32
 
+from marco_local import native
 from marco_local.gguf_file import GGUFFile
 from marco_local.gguf_loader import build_model, load_gguf
 from marco_local.models.qwen3_moe import Experts
@@ -70,36 +72,74 @@ def moe_typed(moe_f32, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("ggml_type", TYPES)
-def test_moe_type_against_dequantized_reference_and_kl(ggml_type, moe_f32, moe_typed):
+# the types the native kernels read run once per kernel tier (marco_local/native), the others once
+TYPE_TIERS = [(t, None) for t in TYPES[:3]] + [(t, tier) for t in TYPES[3:] for tier in native.supported_tiers()]
+
+
+def kernel_tier(tier: str | None):
+    """Pin the native tier for a test, or skip it where this CPU cannot run it; without native kernels, one of the
+    tiers' runs goes through torch's kernels instead."""
+    if tier is None:
+        return contextlib.nullcontext()
+    if not native.available():
+        if tier != "portable":
+            pytest.skip("no native kernels: run once, on torch's")
+        return contextlib.nullcontext()
+    if tier not in native.supported_tiers():
+        pytest.skip(f"this CPU cannot run the {tier} kernels")
+    return native.use_tier(tier)
+
+
+@pytest.fixture(scope="module")
+def tier_free(moe_f32, moe_typed):
+    """Per type, what does not depend on the kernel tier, computed once: the dequantized reference's and the
+    unquantized model's logits; the dense model (what CUDA runs) is checked here."""
     from transformers import Qwen3MoeForCausalLM
 
-    folder, unquantized, _ = moe_f32
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(ggml_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if ggml_type in cache:
+            return cache[ggml_type]
+        _, unquantized, _ = moe_f32
+        path = moe_typed(ggml_type)
+        g = GGUFFile(path)
+        assert g.tensors["blk.0.ffn_down_exps.weight"].type_name == ggml_type
+        assert g.tensors["blk.0.ffn_gate_inp.weight"].type_name == "F32"
+        reference = copy.deepcopy(unquantized)
+        reference.load_state_dict(dequantized_state_dict(path, unquantized))
+        assert isinstance(reference, Qwen3MoeForCausalLM)
+        ids = ids_batch(unquantized.config.vocab_size)
+        with torch.no_grad():
+            expected = reference(ids).logits
+            exact = unquantized(ids).logits
+            dense = build_model(g, dtype=torch.float32, dense=True)  # dequantized once into plain modules
+            got_dense = dense(ids, dense.make_cache(32, batch_size=2))
+        assert rel_err(got_dense, expected) < F32_REL_TOL
+        assert type(dense.model.layers[0].mlp.experts) is Experts and type(dense.lm_head) is torch.nn.Linear
+        cache[ggml_type] = expected, exact
+        return cache[ggml_type]
+
+    return get
+
+
+@pytest.mark.parametrize("ggml_type,tier", TYPE_TIERS)
+def test_moe_type_against_dequantized_reference_and_kl(ggml_type, tier, moe_f32, moe_typed, tier_free):
+    _, unquantized, _ = moe_f32
     path = moe_typed(ggml_type)
-    g = GGUFFile(path)
-    assert g.tensors["blk.0.ffn_down_exps.weight"].type_name == ggml_type
-    assert g.tensors["blk.0.ffn_gate_inp.weight"].type_name == "F32"
-    reference = copy.deepcopy(unquantized)
-    reference.load_state_dict(dequantized_state_dict(path, unquantized))
+    expected, exact = tier_free(ggml_type)
     ids = ids_batch(unquantized.config.vocab_size)
-    with torch.no_grad():
-        expected = reference(ids).logits
-        exact = unquantized(ids).logits
+    with torch.no_grad(), kernel_tier(tier):
         model, _ = load_gguf(path, dtype=torch.float32)
         got = model(ids, model.make_cache(32, batch_size=2))
         model16, _ = load_gguf(path, dtype=torch.bfloat16)
         got16 = model16(ids, model16.make_cache(32, batch_size=2)).float()
-        dense = build_model(g, dtype=torch.float32, dense=True)  # what CUDA runs: dequantized once into plain modules
-        got_dense = dense(ids, dense.make_cache(32, batch_size=2))
-    assert isinstance(reference, Qwen3MoeForCausalLM)
     assert rel_err(got, expected) < F32_REL_TOL
-    assert rel_err(got_dense, expected) < F32_REL_TOL
-    assert type(dense.model.layers[0].mlp.experts) is Experts and type(dense.lm_head) is torch.nn.Linear
     per_position = (got16 - expected).abs().amax(-1) / expected.abs().amax()
     assert per_position.median() < BF16_MEDIAN_TOL and kl(expected, got16) < BF16_KL_TOL
     divergence = kl(exact, got)
     print(
-        f"\nFIGURES {ggml_type} f32-rel {rel_err(got, expected):.2e} bf16-median {per_position.median():.2e} "
+        f"\nFIGURES {ggml_type} {tier} f32-rel {rel_err(got, expected):.2e} bf16-median {per_position.median():.2e} "
         f"bf16-max {per_position.max():.2e} bf16-KL-vs-dequant {kl(expected, got16):.2e} "
         f"KL-f32 {divergence:.3e} KL-bf16 {kl(exact, got16):.3e}"
     )

@@ -203,6 +203,20 @@ def test_info_on_a_moe_gguf_offers_quantized_experts_and_a_budget(q4_path):
     assert rest < budget.fast_bytes < quant.fast_bytes and "experts per layer resident" in budget.note
 
 
+def test_info_on_a_gguf_says_the_cpu_kernels(q4_path, monkeypatch):
+    """The kernel tier (and why) that a GGUF's products would run on, as `marco run -v` says it."""
+    from marco_local import native
+
+    def kernel_line(out: str) -> str:
+        return next(line for line in out.splitlines() if line.startswith("CPU kernels ")).split(None, 2)[2]
+
+    code, out, err = cli("info", str(q4_path))
+    assert code == 0, err
+    assert kernel_line(out) == native.describe()
+    monkeypatch.setenv("MARCO_NATIVE", "0")
+    assert kernel_line(cli("info", str(q4_path))[1]) == "torch (disabled by MARCO_NATIVE=0)"
+
+
 def test_info_cli_table_and_json(tmp_path):
     folder = header_only_checkpoint(tmp_path / "nano", NANO)
     code, out, err = cli("info", str(folder), "--gpu-mem", "4GiB")

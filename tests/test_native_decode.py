@@ -20,6 +20,7 @@ from marco_local.gguf_loader import load_gguf
 
 if not native.available():
     pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}", allow_module_level=True)
+pytestmark = pytest.mark.usefixtures("native_tier")  # every test once per kernel tier this CPU runs
 
 PROMPT = [5, 17, 42, 99, 3, 250, 61, 7]
 FEED = [11, 140, 23, 7, 300, 19, 88, 2, 45, 61, 130, 9]
@@ -178,16 +179,23 @@ def test_context_full_is_the_usual_error(q4_path):
 
 
 @pytest.mark.parametrize(
-    "setting,expected", [("1", "kernels: native"), ("0", "kernels: torch int4 (disabled by MARCO_NATIVE=0)")]
+    "setting,expected",
+    [
+        ("1", "kernels: native {tier} (forced by MARCO_NATIVE_ISA"),  # then "; without OpenMP" where so built
+        ("0", "kernels: torch int4 (disabled by MARCO_NATIVE=0)"),
+    ],
 )
-def test_verbose_run_names_the_kernels(q4_path, setting, expected):
-    """`marco run -v` says which kernels ran, and why not the native ones (the user's clue to a slow machine)."""
+def test_verbose_run_names_the_kernels(q4_path, setting, expected, native_tier):
+    """`marco run -v` says which kernels ran, which tier and why, and why not the native ones (the user's clue to a
+    slow machine)."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "NO_COLOR": "1", "MARCO_NATIVE": setting}
+    if setting == "0" and native_tier != "portable":
+        pytest.skip("the same run for every tier")
+    env = {**os.environ, "NO_COLOR": "1", "MARCO_NATIVE": setting, "MARCO_NATIVE_ISA": native_tier}
     args = [sys.executable, "-m", "marco_local", "run", str(q4_path), "--raw", "-n", "3", "-v", "--temperature", "0"]
     r = subprocess.run(args, input=b"hello", capture_output=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
-    assert expected in r.stderr.decode().splitlines()[-1]
+    assert expected.format(tier=native_tier) in r.stderr.decode().splitlines()[-1]

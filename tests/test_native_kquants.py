@@ -16,6 +16,7 @@ from quant.ggml_codecs import codec_for
 
 if not native.available():
     pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}", allow_module_level=True)
+pytestmark = pytest.mark.usefixtures("native_tier")  # every test once per kernel tier this CPU runs
 
 TYPES = ["Q4_K", "Q5_K", "Q6_K"]
 ROWS = 12

@@ -15,6 +15,7 @@ from quant.ggml_codecs import codec_for
 
 if not native.available():
     pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}", allow_module_level=True)
+pytestmark = pytest.mark.usefixtures("native_tier")  # every test once per kernel tier this CPU runs
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 ROWS = 24

@@ -126,6 +126,10 @@ def info(
             )
         )
     lines.append(("KV cache", f"{gib(mi.kv_bytes)} at {mi.ctx:,} tokens"))
+    if mi.format == "gguf":  # its quantized products run on the native kernels where they can be had
+        from .. import native
+
+        lines.append(("CPU kernels", native.describe()))
     table = Table(box=None, pad_edge=False, show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column()

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "ggml_dot.h"
+#include "platform.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -45,22 +46,24 @@ static void axpy_bf16(float a, const uint16_t *v, float *out, int hd) {
     for (int d = 0; d < hd; d++) out[d] += a * bf16_to_float(v[d]);
 }
 
-/* out[h, :] = softmax(scale * q_h . K_g) V_g over the first n_pos cached positions, g = h / (n_heads / n_kv).
- * q, out: float32 [n_heads, hd]; keys/values: bf16, kv head g's position p at k + g * head_stride + p * hd.
- * Returns 0, -1 on bad arguments, -2 without memory. */
-int marco_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, int64_t head_stride, int n_pos,
-                      int n_heads, int n_kv, int hd, float scale, float *out, int n_threads) {
-    if (n_pos <= 0 || n_kv <= 0 || n_heads % n_kv || hd <= 0) return -1;
-    float *scores = marco_scratch(sizeof(float) * (size_t)n_heads * n_pos);
-    if (!scores) return -2;
-    int group = n_heads / n_kv;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int h = 0; h < n_heads; h++) {
-        const uint16_t *kh = k + (int64_t)(h / group) * head_stride, *vh = v + (int64_t)(h / group) * head_stride;
-        const float *qh = q + (size_t)h * hd;
-        float *s = scores + (size_t)h * n_pos, *o = out + (size_t)h * hd, m = -INFINITY, sum = 0.0f;
+typedef struct {
+    const float *q;
+    const uint16_t *k, *v;
+    int64_t head_stride;
+    int n_pos, group, hd;
+    float scale, *scores, *out;
+} attend_job;
+
+static void attend_heads(void *ctx, int begin, int end) {
+    const attend_job *j = ctx;
+    int n_pos = j->n_pos, hd = j->hd;
+    for (int h = begin; h < end; h++) {
+        const uint16_t *kh = j->k + (int64_t)(h / j->group) * j->head_stride;
+        const uint16_t *vh = j->v + (int64_t)(h / j->group) * j->head_stride;
+        const float *qh = j->q + (size_t)h * hd;
+        float *s = j->scores + (size_t)h * n_pos, *o = j->out + (size_t)h * hd, m = -INFINITY, sum = 0.0f;
         for (int p = 0; p < n_pos; p++) {
-            s[p] = scale * dot_f32_bf16(qh, kh + (size_t)p * hd, hd);
+            s[p] = j->scale * dot_f32_bf16(qh, kh + (size_t)p * hd, hd);
             m = s[p] > m ? s[p] : m;
         }
         for (int p = 0; p < n_pos; p++) {
@@ -71,5 +74,17 @@ int marco_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, int6
         float inv = 1.0f / sum;
         for (int p = 0; p < n_pos; p++) axpy_bf16(s[p] * inv, vh + (size_t)p * hd, o, hd);
     }
+}
+
+/* out[h, :] = softmax(scale * q_h . K_g) V_g over the first n_pos cached positions, g = h / (n_heads / n_kv).
+ * q, out: float32 [n_heads, hd]; keys/values: bf16, kv head g's position p at k + g * head_stride + p * hd.
+ * Returns 0, -1 on bad arguments, -2 without memory. */
+MARCO_API int marco_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, int64_t head_stride, int n_pos,
+                                int n_heads, int n_kv, int hd, float scale, float *out, int n_threads) {
+    if (n_pos <= 0 || n_kv <= 0 || n_heads % n_kv || hd <= 0) return -1;
+    float *scores = marco_scratch(sizeof(float) * (size_t)n_heads * n_pos);
+    if (!scores) return -2;
+    attend_job j = {q, k, v, head_stride, n_pos, n_heads / n_kv, hd, scale, scores, out};
+    marco_parallel_for(n_heads, n_threads, attend_heads, &j);
     return 0;
 }

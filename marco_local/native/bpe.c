@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "platform.h"
+
 enum { BPE_OK = 0, BPE_NO_MEMORY = 1, BPE_BAD_COUNT = 2, BPE_BAD_MERGE = 3 };
 
 typedef struct {
@@ -128,7 +130,7 @@ static int64_t decode_token(const char *s, int64_t len, uint8_t *out) {
     return n;
 }
 
-void marco_bpe_free(void *handle) {
+MARCO_API void marco_bpe_free(void *handle) {
     marco_bpe *b = handle;
     if (!b) return;
     free(b->text);
@@ -146,6 +148,7 @@ void marco_bpe_free(void *handle) {
 /* tokens: n_tokens NUL-terminated texts back to back; merges: n_merges NUL-terminated "left right" texts. On error
  * returns NULL with *error set (BPE_BAD_COUNT: a text holds a NUL; BPE_BAD_MERGE: a merge without a space, or of
  * tokens that are not in the vocabulary; *bad_merge is its index). */
+MARCO_API
 void *marco_bpe_new(const char *tokens, int64_t tokens_len, int32_t n_tokens, const char *merges, int64_t merges_len,
                     int32_t n_merges, int32_t *error, int32_t *bad_merge) {
     *error = BPE_NO_MEMORY;
@@ -233,12 +236,12 @@ void *marco_bpe_new(const char *tokens, int64_t tokens_len, int32_t n_tokens, co
     return b;
 }
 
-void marco_bpe_set_special(void *handle, int32_t id) {
+MARCO_API void marco_bpe_set_special(void *handle, int32_t id) {
     marco_bpe *b = handle;
     if (id >= 0 && id < b->n_tokens) b->special[id] = 1;
 }
 
-int32_t marco_bpe_lookup(void *handle, const char *s, int64_t len) { return lookup(handle, s, len); }
+MARCO_API int32_t marco_bpe_lookup(void *handle, const char *s, int64_t len) { return lookup(handle, s, len); }
 
 typedef struct {
     int32_t rank, pos;
@@ -333,6 +336,7 @@ static int64_t encode_piece(const marco_bpe *b, const char *s, int64_t len, int 
 
 /* Pieces back to back in text, piece k ending at byte ends[k]. Writes at most text_len ids (a piece yields at most
  * one id per character); returns how many, or -1 when scratch memory cannot be had. */
+MARCO_API
 int64_t marco_bpe_encode(void *handle, const char *text, const int64_t *ends, int64_t n_pieces, int32_t ignore_merges,
                          int32_t *out) {
     const marco_bpe *b = handle;
@@ -362,6 +366,7 @@ int64_t marco_bpe_encode(void *handle, const char *text, const int64_t *ends, in
 
 /* The bytes of ids (those out of range skipped, special ones too when skip_special), written at out when it holds
  * cap bytes; returns the length either way, so a caller can size out with a first call. */
+MARCO_API
 int64_t marco_bpe_decode(void *handle, const int32_t *ids, int64_t n, int32_t skip_special, uint8_t *out, int64_t cap) {
     const marco_bpe *b = handle;
     int64_t len = 0;

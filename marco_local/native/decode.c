@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "ggml_dot.h"
+#include "platform.h"
 
 int marco_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, int64_t head_stride, int n_pos,
                       int n_heads, int n_kv, int hd, float scale, float *out, int n_threads);
@@ -17,7 +18,7 @@ int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, c
                  int n_threads);
 
 /* out[i] = x[i] / rms(x) * w[i], over n values. out may be x. */
-void marco_rms_norm(const float *x, const float *w, int n, float eps, float *out) {
+MARCO_API void marco_rms_norm(const float *x, const float *w, int n, float eps, float *out) {
     double ss = 0.0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
     float r = 1.0f / sqrtf((float)(ss / n) + eps);
@@ -39,6 +40,7 @@ static void rope(float *v, const float *cos_, const float *sin_, int hd) {
  * position. The new key (normed, rotated) and value are stored as bf16 at position `pos` of the layer's cache
  * (kv head g's position p at k_cache + g * head_stride + p * hd), then the query attends over positions 0..pos.
  * out: float32 [n_heads * hd]. */
+MARCO_API
 int marco_attn_decode(float *qkv, int n_heads, int n_kv, int hd, const float *q_norm, const float *k_norm,
                       float eps, const float *cos_, const float *sin_, uint16_t *k_cache, uint16_t *v_cache,
                       int64_t head_stride, int pos, float *out, int n_threads) {
@@ -65,6 +67,7 @@ int marco_attn_decode(float *qkv, int n_heads, int n_kv, int hd, const float *q_
 
 /* y = [W_0 x; W_1 x; ...] for n_mats matrices sharing the input x (k values): types[i], rows[i] rows starting at
  * ptrs[i], row_strides[i] bytes apart. One call instead of one per matrix (q, k and v of a layer). */
+MARCO_API
 int marco_matmul_multi(int n_mats, const int *types, const int64_t *ptrs, const int64_t *row_strides, const int *rows,
                        int k, const float *x, float *y, int n_threads) {
     for (int i = 0; i < n_mats; i++) {

@@ -8,6 +8,7 @@
 #pragma GCC optimize("fp-contract=off")
 
 #include "ggml_dot.h"
+#include "platform.h"
 
 static void row_q4_0(const blk_q4_0 *x, int nb, float *y) {
     for (int b = 0; b < nb; b++, y += 32) {
@@ -104,6 +105,7 @@ static void row_q6_K(const blk_q6_K *x, int nb, float *y) {
 
 /* out[i] = row ids[i] of the matrix at `base` (`rows` rows, `row_stride` bytes apart, k weights each).
  * Returns 0, -1 for a type without a row function, -2 for an id outside [0, rows). */
+MARCO_API
 int marco_dequant_rows(int type, const uint8_t *base, int64_t row_stride, int64_t rows, const int64_t *ids, int n,
                        int k, float *out) {
     for (int i = 0; i < n; i++)

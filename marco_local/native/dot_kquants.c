@@ -473,17 +473,19 @@ float dot_q6_K(int k, const void *w, const act256 *a) {
 
 #else /* no AVX2: the plain-C kernels */
 
+#if !defined(MARCO_NEON_DOTS) /* else in dot_neon.c, bit-identical to the reference */
 float dot_q4_K(int k, const void *w, const act256 *a) { return dot_q4_K_ref(k, w, a); }
+float dot_q6_K(int k, const void *w, const act256 *a) { return dot_q6_K_ref(k, w, a); }
+#endif
 void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
-    for (int t = 0; t < 4; t++) out[t] = dot_q4_K_ref(k, w, a + (size_t)t * (k / 256));
+    for (int t = 0; t < 4; t++) out[t] = dot_q4_K(k, w, a + (size_t)t * (k / 256));
 }
 float dot_q5_K(int k, const void *w, const act256 *a) { return dot_q5_K_ref(k, w, a); }
 void dot_q5_K_x4(int k, const void *w, const act256 *a, float out[4]) {
     for (int t = 0; t < 4; t++) out[t] = dot_q5_K_ref(k, w, a + (size_t)t * (k / 256));
 }
-float dot_q6_K(int k, const void *w, const act256 *a) { return dot_q6_K_ref(k, w, a); }
 void dot_q6_K_x4(int k, const void *w, const act256 *a, float out[4]) {
-    for (int t = 0; t < 4; t++) out[t] = dot_q6_K_ref(k, w, a + (size_t)t * (k / 256));
+    for (int t = 0; t < 4; t++) out[t] = dot_q6_K(k, w, a + (size_t)t * (k / 256));
 }
 
 #endif

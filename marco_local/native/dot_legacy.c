@@ -294,7 +294,9 @@ float dot_q4_0(int k, const void *w, const act32 *a) { return dot_q4_0_ref(k, w,
 float dot_q4_1(int k, const void *w, const act32 *a) { return dot_q4_1_ref(k, w, a); }
 float dot_q5_0(int k, const void *w, const act32 *a) { return dot_q5_0_ref(k, w, a); }
 float dot_q5_1(int k, const void *w, const act32 *a) { return dot_q5_1_ref(k, w, a); }
+#if !defined(MARCO_NEON_DOTS)
 float dot_q8_0(int k, const void *w, const act32 *a) { return dot_q8_0_ref(k, w, a); }
+#endif
 
 #endif
 

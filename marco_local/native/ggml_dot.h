@@ -13,6 +13,11 @@
 #include <stdint.h>
 #include <string.h>
 
+/* the neon tier (-DMARCO_NEON on ARM64): dot_neon.c replaces the plain-C Q8_0, Q4_K and Q6_K dots */
+#if defined(MARCO_NEON) && defined(__aarch64__) && defined(__ARM_NEON)
+#define MARCO_NEON_DOTS 1
+#endif
+
 /* ggml type ids (the GGUF file's numbers) */
 enum {
     T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,

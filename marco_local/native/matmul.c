@@ -1,13 +1,14 @@
 /* Matrix products on ggml blocks: y = x @ W.T for a quantized W, and one token through a layer's selected experts.
  *
- * Threads: OpenMP, in the libgomp that torch already loaded (same soname), with the thread count passed in by the
- * caller (torch.get_num_threads()). Activations are quantized into a per-thread scratch that grows and is reused, so
- * the decode path allocates nothing after its first call.
+ * Threads: marco_parallel_for (platform.h), with the thread count passed in by the caller (torch.get_num_threads()).
+ * Activations are quantized into a per-thread scratch that grows and is reused, so the decode path allocates nothing
+ * after its first call.
  */
 #include <math.h>
 #include <stdlib.h>
 
 #include "ggml_dot.h"
+#include "platform.h"
 
 typedef float (*dot32_fn)(int, const void *, const act32 *);
 typedef float (*dot256_fn)(int, const void *, const act256 *);
@@ -88,8 +89,8 @@ static int x4_tile_rows(const kind *t, int k) {
 }
 
 /* Scratch of the calling thread, grown on demand and kept (shared by the calls of this library: none nests). */
-static __thread void *scratch_ptr;
-static __thread size_t scratch_size;
+static MARCO_THREAD_LOCAL void *scratch_ptr;
+static MARCO_THREAD_LOCAL size_t scratch_size;
 
 void *marco_scratch(size_t bytes) {
     if (bytes > scratch_size) {
@@ -103,51 +104,116 @@ void *marco_scratch(size_t bytes) {
 
 /* Bytes of one row of k inputs of `type`, or -1 when the type is not supported or k is not a whole number of
  * blocks. */
-int64_t marco_row_bytes(int type, int k) {
+MARCO_API int64_t marco_row_bytes(int type, int k) {
     kind t;
     if (kind_of(type, &t) || k <= 0 || k % t.block) return -1;
     return (int64_t)(k / t.block) * t.type_size;
 }
 
+typedef struct {
+    const kind *t;
+    int k, n, m, tile;
+    const uint8_t *w;
+    int64_t row_stride;
+    const float *x;
+    float *y;
+    uint8_t *acts;
+    size_t ab;
+} matmul_job;
+
+static void matmul_quantize(void *p, int begin, int end) {
+    const matmul_job *j = p;
+    for (int i = begin; i < end; i++) {
+        quantize_act(j->t, j->x + (size_t)i * j->k, j->acts + j->ab * i, j->k);
+        /* the tokens x4_tile runs in groups of 4: in the layout the 32-weight x4 kernels read */
+        if (j->t->x4_32 && i < (j->m & ~3)) pack_act32x4((act32 *)(j->acts + j->ab * i), j->k / 32);
+    }
+}
+
+static void matmul_tiles(void *p, int begin, int end) {
+    const matmul_job *j = p;
+    for (int b = begin; b < end; b++) {
+        int r0 = b * j->tile, r1 = r0 + j->tile < j->n ? r0 + j->tile : j->n;
+        x4_tile(j->t, j->k, j->w, j->row_stride, r0, r1, j->acts, j->ab, j->m, j->y, j->n);
+    }
+}
+
+static void matmul_rows(void *p, int begin, int end) {
+    const matmul_job *j = p;
+    for (int r = begin; r < end; r++) {
+        const uint8_t *row = j->w + (size_t)r * j->row_stride;
+        for (int i = 0; i < j->m; i++) j->y[(size_t)i * j->n + r] = dot(j->t, j->k, row, j->acts + j->ab * i);
+    }
+}
+
 /* y[m, n] = x[m, k] @ W.T, W = n rows of ggml blocks, `row_stride` bytes apart. Returns 0, or -1 for an unsupported
  * type or shape, -2 when scratch memory could not be had. */
-int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, const float *x, int m, float *y,
-                 int n_threads) {
+MARCO_API int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, const float *x, int m,
+                           float *y, int n_threads) {
     kind t;
     if (kind_of(type, &t) || k % t.block || n < 0 || m < 0) return -1;
     size_t ab = act_bytes(&t, k);
     uint8_t *acts = marco_scratch(ab * (size_t)m);
     if (!acts && m) return -2;
-    /* Several tokens are quantized by all threads (one token: by this one, sparing a barrier); then rows are split over
-     * threads, and each thread runs every token of its rows (a weight row is read once). */
-    if (m == 1) quantize_act(&t, x, acts, k);
-#pragma omp parallel num_threads(n_threads)
-    {
-        if (m > 1) {
-#pragma omp for schedule(static)
-            for (int i = 0; i < m; i++) {
-                quantize_act(&t, x + (size_t)i * k, acts + ab * i, k);
-                /* the tokens x4_tile runs in groups of 4: in the layout the 32-weight x4 kernels read */
-                if (t.x4_32 && i < (m & ~3)) pack_act32x4((act32 *)(acts + ab * i), k / 32);
-            }
-        }
-        if (has_x4(&t) && m >= 4) { /* several tokens, a type with an x4 kernel: in tiles of rows (x4_tile) */
-            int tile = x4_tile_rows(&t, k);
-#pragma omp for schedule(static)
-            for (int r0 = 0; r0 < n; r0 += tile)
-                x4_tile(&t, k, w, row_stride, r0, r0 + tile < n ? r0 + tile : n, acts, ab, m, y, n);
-        } else {
-#pragma omp for schedule(static)
-            for (int r = 0; r < n; r++) {
-                const uint8_t *row = w + (size_t)r * row_stride;
-                for (int i = 0; i < m; i++) y[(size_t)i * n + r] = dot(&t, k, row, acts + ab * i);
-            }
-        }
+    matmul_job j = {&t, k, n, m, 0, w, row_stride, x, y, acts, ab};
+    /* Several tokens are quantized by all threads (one token: by this one, sparing a handover); then rows are split
+     * over threads, and each thread runs every token of its rows (a weight row is read once). */
+    if (m == 1)
+        quantize_act(&t, x, acts, k);
+    else
+        marco_parallel_for(m, n_threads, matmul_quantize, &j);
+    if (has_x4(&t) && m >= 4) { /* several tokens, a type with an x4 kernel: in tiles of rows (x4_tile) */
+        j.tile = x4_tile_rows(&t, k);
+        marco_parallel_for((n + j.tile - 1) / j.tile, n_threads, matmul_tiles, &j);
+    } else {
+        marco_parallel_for(n, n_threads, matmul_rows, &j);
     }
     return 0;
 }
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+typedef struct {
+    const kind *tg, *tu, *td;
+    int n_sel, hidden, inter, accumulate;
+    const int64_t *gate_ptrs, *up_ptrs, *down_ptrs;
+    const float *route_w;
+    int64_t rg, ru, rd;
+    const uint8_t *xg, *xu;
+    float *h;
+    uint8_t *ad;
+    size_t db;
+    float *y;
+} moe_job;
+
+static void moe_gate_up(void *p, int begin, int end) {
+    const moe_job *j = p;
+    for (int r = begin; r < end; r++) {
+        int e = r / (2 * j->inter), which = (r / j->inter) & 1, i = r % j->inter;
+        const uint8_t *row = which ? (const uint8_t *)j->up_ptrs[e] + (size_t)i * j->ru
+                                   : (const uint8_t *)j->gate_ptrs[e] + (size_t)i * j->rg;
+        j->h[r] = which ? dot(j->tu, j->hidden, row, j->xu) : dot(j->tg, j->hidden, row, j->xg);
+    }
+}
+
+static void moe_act(void *p, int begin, int end) {
+    const moe_job *j = p;
+    for (int e = begin; e < end; e++) {
+        float *g = j->h + (size_t)e * 2 * j->inter, *u = g + j->inter;
+        for (int i = 0; i < j->inter; i++) g[i] = silu(g[i]) * u[i] * j->route_w[e];
+        quantize_act(j->td, g, j->ad + j->db * e, j->inter);
+    }
+}
+
+static void moe_down(void *p, int begin, int end) {
+    const moe_job *j = p;
+    for (int r = begin; r < end; r++) {
+        float acc = j->accumulate ? j->y[r] : 0.0f;
+        for (int e = 0; e < j->n_sel; e++)
+            acc += dot(j->td, j->inter, (const uint8_t *)j->down_ptrs[e] + (size_t)r * j->rd, j->ad + j->db * e);
+        j->y[r] = acc;
+    }
+}
 
 /* One token through `n_sel` experts: y[hidden] = sum_e route_w[e] * down_e(silu(gate_e(x)) * up_e(x)).
  * Expert e's matrices start at gate_ptrs[e] / up_ptrs[e] ([inter] rows of `hidden` inputs) and down_ptrs[e]
@@ -173,32 +239,15 @@ static int moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, cons
         xu = xg;
     else
         quantize_act(&tu, x, xu, hidden);
-    int gate_up_rows = 2 * n_sel * inter;
-#pragma omp parallel num_threads(n_threads)
-    {
-#pragma omp for schedule(static)
-        for (int r = 0; r < gate_up_rows; r++) {
-            int e = r / (2 * inter), which = (r / inter) & 1, i = r % inter;
-            const uint8_t *row = (const uint8_t *)(which ? up_ptrs[e] : gate_ptrs[e]) + (size_t)i * (which ? ru : rg);
-            h[r] = which ? dot(&tu, hidden, row, xu) : dot(&tg, hidden, row, xg);
-        }
-#pragma omp for schedule(static)
-        for (int e = 0; e < n_sel; e++) {
-            float *g = h + (size_t)e * 2 * inter, *u = g + inter;
-            for (int i = 0; i < inter; i++) g[i] = silu(g[i]) * u[i] * route_w[e];
-            quantize_act(&td, g, ad + db * e, inter);
-        }
-#pragma omp for schedule(static)
-        for (int r = 0; r < hidden; r++) {
-            float acc = accumulate ? y[r] : 0.0f;
-            for (int e = 0; e < n_sel; e++) acc += dot(&td, inter, (const uint8_t *)down_ptrs[e] + (size_t)r * rd, ad + db * e);
-            y[r] = acc;
-        }
-    }
+    moe_job j = {&tg, &tu, &td, n_sel, hidden, inter, accumulate, gate_ptrs, up_ptrs, down_ptrs, route_w, rg, ru, rd,
+                 xg, xu, h, ad, db, y};
+    marco_parallel_for(2 * n_sel * inter, n_threads, moe_gate_up, &j);
+    marco_parallel_for(n_sel, n_threads, moe_act, &j);
+    marco_parallel_for(hidden, n_threads, moe_down, &j);
     return 0;
 }
 
-int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
+MARCO_API int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
               const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter, const float *x,
               float *y, int n_threads) {
     return moe(n_sel, gate_ptrs, up_ptrs, down_ptrs, route_w, gate_type, up_type, down_type, hidden, inter, x, y, 0,
@@ -208,7 +257,7 @@ int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const
 /* marco_moe adding onto y instead of overwriting it. Experts run in groups (an offload cache with fewer slots than
  * a token's experts) accumulate into one float32 y, in routing order: the additions are the very ones of a single
  * call over all experts, so the result is bit-identical to it. */
-int marco_moe_acc(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
+MARCO_API int marco_moe_acc(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
                   const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter,
                   const float *x, float *y, int n_threads) {
     return moe(n_sel, gate_ptrs, up_ptrs, down_ptrs, route_w, gate_type, up_type, down_type, hidden, inter, x, y, 1,
@@ -216,7 +265,7 @@ int marco_moe_acc(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, c
 }
 
 /* The plain-C reference kernels by type, for tests: one row dotted with x (quantized here). */
-float marco_dot_ref(int type, const uint8_t *w, int k, const float *x) {
+MARCO_API float marco_dot_ref(int type, const uint8_t *w, int k, const float *x) {
     kind t;
     if (kind_of(type, &t) || k % t.block) return NAN;
     void *a = malloc(act_bytes(&t, k));

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "ggml_dot.h"
+#include "platform.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -33,16 +34,28 @@ static float dot_f32_f32(const float *a, const float *b, int n) {
     return s;
 }
 
+typedef struct {
+    const float *x;
+    const void *w;
+    int w_f32, dim;
+    float *p;
+} logits_job;
+
+static void router_logits(void *ctx, int begin, int end) {
+    const logits_job *j = ctx;
+    for (int e = begin; e < end; e++)
+        j->p[e] = j->w_f32 ? dot_f32_f32(j->x, (const float *)j->w + (size_t)e * j->dim, j->dim)
+                           : dot_f32_bf16(j->x, (const uint16_t *)j->w + (size_t)e * j->dim, j->dim);
+}
+
 /* ids[top_k], weights[top_k] for x[dim] through the router w ([n_experts, dim], float32 when w_f32, else bf16). */
-int marco_route(const float *x, const void *w, int w_f32, int n_experts, int dim, int top_k, int norm_topk,
+MARCO_API int marco_route(const float *x, const void *w, int w_f32, int n_experts, int dim, int top_k, int norm_topk,
                 int32_t *ids, float *weights, int n_threads) {
     if (top_k <= 0 || top_k > n_experts || top_k > 64) return -1;
     float *p = marco_scratch(sizeof(float) * (size_t)n_experts);
     if (!p) return -2;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int e = 0; e < n_experts; e++)
-        p[e] = w_f32 ? dot_f32_f32(x, (const float *)w + (size_t)e * dim, dim)
-                     : dot_f32_bf16(x, (const uint16_t *)w + (size_t)e * dim, dim);
+    logits_job j = {x, w, w_f32, dim, p};
+    marco_parallel_for(n_experts, n_threads, router_logits, &j);
     float m = -INFINITY, sum = 0.0f;
     for (int e = 0; e < n_experts; e++) m = p[e] > m ? p[e] : m;
     for (int e = 0; e < n_experts; e++) sum += (p[e] = expf(p[e] - m));
@@ -64,6 +77,7 @@ int marco_route(const float *x, const void *w, int w_f32, int n_experts, int dim
 
 /* Routing, then the selected experts (marco_moe), for one token. Expert e's gate matrix starts at
  * gate_base + e * gate_stride (likewise up and down). The chosen ids and weights are written out for the caller. */
+MARCO_API
 int marco_moe_routed(const float *x, const void *router, int router_f32, int n_experts, int top_k, int norm_topk,
                      int64_t gate_base, int64_t gate_stride, int64_t up_base, int64_t up_stride, int64_t down_base,
                      int64_t down_stride, int gate_type, int up_type, int down_type, int hidden, int inter, float *y,
