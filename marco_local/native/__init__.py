@@ -42,11 +42,13 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import NativeTierError, not_a_number
 from ..paths import cache_home
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `marco info` names the kernels without it
+    import torch
 
 HERE = Path(__file__).parent
 # -fno-math-errno: lrintf/sqrtf become single instructions instead of libm calls
@@ -240,6 +242,8 @@ def _openmp_flags(openmp: bool) -> list[list[str]]:
     """Alternatives for threading, best first; [] is the kernels' own thread pool."""
     alts: list[list[str]] = []
     if openmp and _system() == "Darwin":
+        import torch
+
         # Apple clang takes OpenMP only through the preprocessor; the runtime must be torch's own libomp
         torch_lib = Path(torch.__file__).parent / "lib"
         if (torch_lib / "libomp.dylib").exists():
@@ -410,6 +414,8 @@ def _check(code: int) -> None:
 
 def matmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
     """float32 x [M, K] @ W.T -> float32 [M, N], W = the ggml rows `raw` [N, row_bytes] (rows may be strided)."""
+    import torch
+
     lib = library()
     x = x.contiguous()
     n, m = raw.shape[0], x.shape[0]
@@ -436,6 +442,8 @@ def moe(
     """One token (float32 x [hidden]) through the selected experts, whose matrices start at the given addresses;
     route_weights float32 [A]. Returns float32 [hidden]: sum_e w_e * down_e(silu(gate_e x) * up_e x), added onto
     `out` (float32 [hidden]) when given, in the same order of additions as one call over all the experts."""
+    import torch
+
     lib = library()
     a = len(gate_ptrs)
     arr = ctypes.c_int64 * a
@@ -463,6 +471,8 @@ def moe(
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One token's routing: float32 x [D], router [E, D] (bf16 or float32) -> (expert ids int64 [top_k], weights
     float32 [top_k], bf16-valued). Same semantics as `SparseMoeBlock.route` (logits accumulated in float32)."""
+    import torch
+
     ids = torch.empty(top_k, dtype=torch.int32)
     weights = torch.empty(top_k, dtype=torch.float32)
     E, D = router.shape
@@ -484,6 +494,8 @@ def moe_routed(
     inter: int,
 ) -> torch.Tensor:
     """`route` and `moe` in one call, for experts stacked as raws (gate/up [E, I, bytes], down [E, D, bytes])."""
+    import torch
+
     E, D = router.shape
     y = torch.empty(D, dtype=torch.float32)
     ids = torch.empty(top_k, dtype=torch.int32)
@@ -519,6 +531,8 @@ def moe_routed(
 def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token over a bf16 cache: q float32 [H, hd]; keys/values bf16 [H_kv, n, hd] views whose positions
     are contiguous rows (a KV cache's layer slice). Returns float32 [H, hd]."""
+    import torch
+
     lib = library()
     n_heads, hd = q.shape
     n_kv, n_pos, _ = keys.shape
@@ -546,6 +560,8 @@ def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale
 def dequant_rows(raw: torch.Tensor, ggml_type: int, ids: torch.Tensor, in_features: int) -> torch.Tensor:
     """Rows `ids` of the ggml matrix `raw` [N, row_bytes] dequantized to float32 [len(ids), in_features], bit-exact
     with ggml (an embedding lookup)."""
+    import torch
+
     ids = ids.reshape(-1).to(device="cpu", dtype=torch.int64).contiguous()
     out = torch.empty(ids.numel(), in_features, dtype=torch.float32)
     stride = raw.stride(0) if raw.shape[0] > 1 else raw.shape[1]
