@@ -298,11 +298,10 @@ def build_model(
     if quantized_experts is not None and not dense:
         raise ValueError("quantized_experts applies to dense models (the CPU kernels keep every weight quantized)")
     makers = _dense_modules(dtype, device, quantized_experts) if dense else _kernels(exact=dtype == torch.float32)
-    # Activations in float32 where the native kernels run (they take float32 inputs): a prompt's residual stream and
-    # products then keep the precision of the native decode step and of llama.cpp; weights, norms and the KV cache
-    # stay `dtype`.
+    # Activations and norms in float32 where the native kernels run (they take float32 inputs): a prompt then keeps
+    # the precision of llama.cpp, which keeps both in F32; the KV cache stays `dtype` (`kv_dtype` below).
     act_dtype = torch.float32 if not dense and _native_available() else dtype
-    norm_dtype = act_dtype  # llama.cpp's F32 norms: in bf16, a Marco-shaped model's prompt KL grew 1.1x
+    norm_dtype = act_dtype
     make_linear, make_experts, make_embedding = makers
     unpermute = cfg.model_type == "llama"
     if not dense:
