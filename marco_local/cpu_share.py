@@ -2,8 +2,8 @@
 
 Why: each native kernel call and torch op splits its work over all threads and ends in a barrier. When a browser or
 a build takes cores, the OS deschedules one of our threads and every other thread waits at the next barrier for a
-whole time slice, so decode collapses (on 2 cores with 4-7 busy processes: 96 -> 4-5 tok/s) far below the CPU share
-we still get. Fewer threads than busy cores have no one to wait for.
+whole time slice, so decode collapses far below the CPU share we still get. Fewer threads than busy cores have no
+one to wait for.
 
 `CpuShare.tick()` is called once per generated token; every `interval` seconds it measures the cores that were idle
 plus the cores this process used, over that interval, and sets torch's thread count (which the native kernels also
@@ -15,12 +15,8 @@ from __future__ import annotations
 import math
 import time
 
+import psutil
 import torch
-
-try:
-    import psutil
-except ImportError:  # pragma: no cover - psutil is a dependency; without it the thread count stays fixed
-    psutil = None
 
 
 class CpuShare:
@@ -30,7 +26,7 @@ class CpuShare:
         self._last = self._sample()
 
     def _sample(self) -> tuple[float, float, float] | None:
-        if psutil is None or self.max_threads <= 1:
+        if self.max_threads <= 1:
             return None
         try:
             system = psutil.cpu_times()
