@@ -137,3 +137,23 @@ def marco_main(monkeypatch, capsys):
         return e.value.code, capsys.readouterr().err.strip().splitlines()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def fuzz_bases(make_checkpoint, tmp_path_factory):
+    """The fuzzer's base models, built by the session's checkpoint fixture (test_model_fuzz, test_model_validation)."""
+    from model_fuzz import TINY
+
+    from marco_local.checkpoint import Checkpoint
+    from marco_local.config import load_config
+    from quant.gguf_writer import write_gguf
+
+    folder, _ = make_checkpoint("fuzz-tiny", seed=1, **TINY)
+    sharded, _ = make_checkpoint("fuzz-sharded", seed=1, max_shard_size="60KB", **TINY)
+    out = tmp_path_factory.mktemp("fuzz-bases")
+    ggufs = []
+    for preset in ("f32", "q8_0"):
+        path = out / f"tiny-{preset}.gguf"
+        write_gguf(Checkpoint(folder), load_config(folder), folder, path, preset)
+        ggufs.append(path)
+    return ggufs, [folder, sharded]

@@ -13,24 +13,6 @@ import model_fuzz as mf
 import pytest
 
 
-@pytest.fixture(scope="module")
-def fuzz_bases(make_checkpoint, tmp_path_factory):
-    """The fuzzer's base models, built by the session's checkpoint fixture (shared with test_model_validation)."""
-    from marco_local.checkpoint import Checkpoint
-    from marco_local.config import load_config
-    from quant.gguf_writer import write_gguf
-
-    folder, _ = make_checkpoint("fuzz-tiny", seed=1, **mf.TINY)
-    sharded, _ = make_checkpoint("fuzz-sharded", seed=1, max_shard_size="60KB", **mf.TINY)
-    out = tmp_path_factory.mktemp("fuzz-bases")
-    ggufs = []
-    for preset in ("f32", "q8_0"):
-        path = out / f"tiny-{preset}.gguf"
-        write_gguf(Checkpoint(folder), load_config(folder), folder, path, preset)
-        ggufs.append(path)
-    return ggufs, [folder, sharded]
-
-
 def fuzz(fuzz_bases, work, count: int, seed: int) -> mf.Report:
     ggufs, folders = fuzz_bases
     cases = [(f"base {p.name}", str(p)) for p in [*ggufs, *folders]]

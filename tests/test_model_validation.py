@@ -22,21 +22,10 @@ RUN = ("hi", "-n", "2", "--device", "cpu")
 
 
 @pytest.fixture(scope="module")
-def bases(make_checkpoint, tmp_path_factory):
+def bases(fuzz_bases):
     """(F32 GGUF, Q8_0 GGUF, checkpoint folder, sharded checkpoint folder) of the fuzzer's tiny model."""
-    from marco_local.checkpoint import Checkpoint
-    from marco_local.config import load_config
-    from quant.gguf_writer import write_gguf
-
-    folder, _ = make_checkpoint("fuzz-tiny", seed=1, **mf.TINY)
-    sharded, _ = make_checkpoint("fuzz-sharded", seed=1, max_shard_size="60KB", **mf.TINY)
-    out = tmp_path_factory.mktemp("fuzz-bases")
-    ggufs = []
-    for preset in ("f32", "q8_0"):
-        path = out / f"tiny-{preset}.gguf"
-        write_gguf(Checkpoint(folder), load_config(folder), folder, path, preset)
-        ggufs.append(path)
-    return (*ggufs, folder, sharded)
+    ggufs, folders = fuzz_bases
+    return (*ggufs, *folders)
 
 
 def one_error(code: int, lines: list[str], *expected: str) -> str:
