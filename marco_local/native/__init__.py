@@ -6,10 +6,11 @@ quantize the activations to int8 blocks once per product (as llama.cpp does) and
 directly, so GGUF weights stay zero-copy views of the memory-mapped file.
 
 Files: ggml_dot.h (block and activation layouts), act_quant.c, dot_ref.c (plain-C reference dots), dot_legacy.c and
-dot_kquants.c (vectorised dots; dot_neon.c on ARM64), matmul.c (products, one token through a layer's experts),
-route.c (MoE routing), attention.c (one query over a bf16 KV cache), decode.c (the other pieces of a decode step, for
-native_decode.py), dequant.c (rows dequantized to float32, for embedding lookups), bpe.c (the byte-level BPE tokenizer
-of bpe.py), platform.h and parallel.c (symbol export, and the parallel-for every threaded kernel goes through).
+dot_kquants.c (vectorised dots, AVX2 and AVX-512), dot_plain.c (without AVX2: C that compilers vectorize), dot_neon.c
+(ARM64), matmul.c (products, one token through a layer's experts), route.c (MoE routing), attention.c (one query over
+a bf16 KV cache), decode.c (the other pieces of a decode step, for native_decode.py), dequant.c (rows dequantized to
+float32, for embedding lookups), bpe.c (the byte-level BPE tokenizer of bpe.py), platform.h and parallel.c (symbol
+export, and the parallel-for every threaded kernel goes through).
 
 The C sources next to this file are compiled on first use with the system C compiler ($CC, else cc, gcc or clang)
 into the cache (`~/.cache/marco-local/native/<hash>/`), keyed by the sources, flags, compiler and kernel tier; later

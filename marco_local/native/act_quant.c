@@ -24,7 +24,7 @@ void quantize_act32(const float *x, act32 *y, int k) {
         int sum = 0;
         for (int i = 0; i < 32; i++) {
             int q = (int)lrintf(x[i] * id);
-            y[b].qs[i] = (int8_t)q;
+            y[b].qs[i] = (act_q)q;
             sum += q;
         }
         y[b].d = d;
@@ -40,7 +40,7 @@ void quantize_act256(const float *x, act256 *y, int k) {
             int sum = 0;
             for (int i = 16 * j; i < 16 * j + 16; i++) {
                 int q = (int)lrintf(x[i] * id);
-                y[b].qs[i] = (int8_t)q;
+                y[b].qs[i] = (act_q)q;
                 sum += q;
             }
             y[b].bsums[j] = (int16_t)sum;

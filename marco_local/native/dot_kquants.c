@@ -10,7 +10,7 @@
  * (one for Q6_K, scale part and mins part for Q4_K/Q5_K); the row is reduced horizontally once.
  *
  * Three builds: 512-bit (AVX512BW + VNNI: 64 weight bytes per instruction; Q6_K's halves line up with the activations,
- * Q4_K/Q5_K pair sub-blocks with one vshufi64x2), 256-bit (AVX2, with vpdpbusd when AVX512VL+VNNI), plain C. What
+ * Q4_K/Q5_K pair sub-blocks with one vshufi64x2), 256-bit (AVX2, with vpdpbusd when AVX512VL+VNNI); without AVX2, dot_plain.c. What
  * bounds these loops (measured on the EPYC here, cpu family 26, whose 512-bit ops run at the 256-bit rate): loads (2
  * per cycle; weight vectors are loaded once, the compiler would fold them into every use), then shuffles. Scales are
  * decoded once per block (next block's one iteration ahead) into a byte vector that vpshufb / vpermw spread; stack
@@ -471,21 +471,4 @@ float dot_q6_K(int k, const void *w, const act256 *a) {
 
 #endif
 
-#else /* no AVX2: the plain-C kernels */
-
-#if !defined(MARCO_NEON_DOTS) /* else in dot_neon.c, bit-identical to the reference */
-float dot_q4_K(int k, const void *w, const act256 *a) { return dot_q4_K_ref(k, w, a); }
-float dot_q6_K(int k, const void *w, const act256 *a) { return dot_q6_K_ref(k, w, a); }
-#endif
-void dot_q4_K_x4(int k, const void *w, const act256 *a, float out[4]) {
-    for (int t = 0; t < 4; t++) out[t] = dot_q4_K(k, w, a + (size_t)t * (k / 256));
-}
-float dot_q5_K(int k, const void *w, const act256 *a) { return dot_q5_K_ref(k, w, a); }
-void dot_q5_K_x4(int k, const void *w, const act256 *a, float out[4]) {
-    for (int t = 0; t < 4; t++) out[t] = dot_q5_K_ref(k, w, a + (size_t)t * (k / 256));
-}
-void dot_q6_K_x4(int k, const void *w, const act256 *a, float out[4]) {
-    for (int t = 0; t < 4; t++) out[t] = dot_q6_K(k, w, a + (size_t)t * (k / 256));
-}
-
-#endif
+#endif /* without AVX2: dot_plain.c */

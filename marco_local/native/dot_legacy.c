@@ -288,20 +288,10 @@ void dot_q8_0_x4(int k, const void *w, const act32 *a, float out[4]) {
 #define HAVE_X4 1
 #endif
 
-#else /* no AVX2: the plain-C reference */
-
-float dot_q4_0(int k, const void *w, const act32 *a) { return dot_q4_0_ref(k, w, a); }
-float dot_q4_1(int k, const void *w, const act32 *a) { return dot_q4_1_ref(k, w, a); }
-float dot_q5_0(int k, const void *w, const act32 *a) { return dot_q5_0_ref(k, w, a); }
-float dot_q5_1(int k, const void *w, const act32 *a) { return dot_q5_1_ref(k, w, a); }
-#if !defined(MARCO_NEON_DOTS)
-float dot_q8_0(int k, const void *w, const act32 *a) { return dot_q8_0_ref(k, w, a); }
 #endif
 
-#endif
-
-#if !defined(HAVE_X4)
-/* builds without the AVX-512 path: the activations stay as they are, and the one-token kernel runs per token */
+#if defined(__AVX2__) && !defined(HAVE_X4)
+/* AVX2 builds without the AVX-512 path: the activations stay as they are, and the one-token kernel runs per token */
 void pack_act32x4(act32 *a, int nb) {
     (void)a;
     (void)nb;

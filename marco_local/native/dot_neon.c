@@ -1,7 +1,7 @@
 /* NEON dots for ARM64 (the `neon` tier, built with -DMARCO_NEON): Q8_0, Q4_K and Q6_K, the types of most weights in
  * Q4_K_M / Q8_0 files. Each computes the integer sums of dot_ref.c with vector instructions (SDOT where the CPU has
  * the dot-product extension) and combines them with the same float operations in the same order, so the results are
- * bit-identical to the plain-C reference. The other types stay on the plain-C kernels. */
+ * bit-identical to the plain-C reference. The other types, and the several-token products, run dot_plain.c's kernels. */
 #include "ggml_dot.h"
 
 #if defined(MARCO_NEON_DOTS)

@@ -24,18 +24,27 @@ enum {
     T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
 };
 
+/* Quantized activation values: int8 for the vector kernels (AVX2, AVX-512, NEON dots), int16 for the plain-C ones
+ * (dot_plain.c): SIMD multiply-adds take int16 operands, and widening the activations once per product beats widening
+ * them for every weight row. The values are the same (-127..127) either way. */
+#if defined(__AVX2__) || defined(MARCO_NEON_DOTS)
+typedef int8_t act_q;
+#else
+typedef int16_t act_q;
+#endif
+
 /* Activations, blocks of 32: x[i] ~= d * qs[i]; s = d * sum(qs) (carries the weight blocks' additive constants). */
 typedef struct {
     float d;
     float s;
-    int8_t qs[32];
+    act_q qs[32];
 } act32;
 
 /* Activations, blocks of 256: x[i] ~= d * qs[i]; bsums[j] = sum(qs[16 j .. 16 j + 15]). */
 typedef struct {
     float d;
     int16_t bsums[16];
-    int8_t qs[256];
+    act_q qs[256];
 } act256;
 
 /* Weight blocks (ggml-common.h). Halves are IEEE binary16 stored as uint16_t. */
