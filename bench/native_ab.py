@@ -23,13 +23,14 @@ from quant.ggml_codecs import codec_for  # noqa: E402
 
 
 def load_old(path: str) -> ctypes.CDLL:
-    """The calls timed here, bound by hand: an older library may lack functions `native._bind` binds."""
+    """The calls timed here, bound by hand: an older library may lack functions `native._bind` binds (these calls
+    must have this checkout's signatures)."""
     p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     lib = ctypes.CDLL(path)
     lib.marco_matmul.argtypes, lib.marco_matmul.restype = [i, p, i64, i, i, p, i, p, i], i
     lib.marco_moe.argtypes, lib.marco_moe.restype = [i, p, p, p, p, i, i, i, i, i, p, p, i], i
-    lib.marco_route.argtypes, lib.marco_route.restype = [p, p, i, i, i, i, i, p, p, i], i
-    lib.marco_attend_bf16.argtypes, lib.marco_attend_bf16.restype = [p, p, p, i64, i, i, i, i, f, p, i], i
+    lib.marco_route.argtypes, lib.marco_route.restype = [p, p, i, i, i, i, i, i, p, p, i], i
+    lib.marco_attend.argtypes, lib.marco_attend.restype = [p, p, p, i64, i, i, i, i, f, i, p, i], i
     return lib
 
 
@@ -50,7 +51,7 @@ def main() -> None:
     cases = {
         f"moe {A} experts Q4_K {D}x{inter}, 1 token": lambda: native.moe(x, *ptrs, rw, (12, 12, 12), D, inter),
         "route 128 experts": lambda: native.route(x, router, 8, True),
-        "attention 32 heads x 512 positions": lambda: native.attend_bf16(q, keys, values, 128**-0.5),
+        "attention 32 heads x 512 positions": lambda: native.attend(q, keys, values, 128**-0.5),
         f"matvec Q4_K 2048x{D}": lambda: native.matmul(x[None], w, 12, D),
         f"matmul Q4_K 2048x{D}, 16 tokens": lambda: native.matmul(x16, w, 12, D),
     }

@@ -299,7 +299,8 @@ def build_model(
         raise ValueError("quantized_experts applies to dense models (the CPU kernels keep every weight quantized)")
     makers = _dense_modules(dtype, device, quantized_experts) if dense else _kernels(exact=dtype == torch.float32)
     # Activations and norms in float32 where the native kernels run (they take float32 inputs): a prompt then keeps
-    # the precision of llama.cpp, which keeps both in F32; the KV cache stays `dtype` (`kv_dtype` below).
+    # the precision of llama.cpp, which keeps both in F32; the KV cache is then float16 like llama.cpp's default
+    # (`kv_dtype` below: the size of bf16, 3 more bits of mantissa).
     act_dtype = torch.float32 if not dense and _native_available() else dtype
     norm_dtype = act_dtype
     make_linear, make_experts, make_embedding = makers
@@ -387,7 +388,7 @@ def build_model(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a bug, not a user error: every meta tensor must have been replaced above
         raise RuntimeError(f"GGUF loader left meta tensors: {left[:5]}")
-    model.kv_dtype = dtype
+    model.kv_dtype = torch.float16 if act_dtype == torch.float32 and dtype != torch.float32 else dtype
     if not dense:
         _attach_native_decoder(model)
     return model.eval()

@@ -50,11 +50,12 @@ class KVCache:
         # and past ~2500 positions those allocations page-fault: Nano-shaped q4_k_m, 2 threads, 46 ms/token at
         # position 2048 but 205 ms at 3000. So a bf16 CPU cache is cast into one preallocated float32 scratch pair,
         # shared by the layers (they attend one after another).
-        # With the native kernels there is no scratch: one new token reads the bf16 cache directly (`update` returns
-        # its views; `models.qwen3_moe.attend` hands them to `native.attend_bf16`), and a multi-token chunk attends
-        # in bf16 with torch's flash kernel.
+        # With the native kernels there is no scratch: one new token reads the 16-bit cache directly (`update`
+        # returns its views; `models.qwen3_moe.attend` hands them to `native.attend`), and a multi-token chunk
+        # attends with torch's flash kernel (bf16, or float32 queries over a float16 cache: a GGUF on the kernels).
         self.float_keys = self.float_values = None
-        self.native_decode = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native.available()
+        cpu16 = torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+        self.native_decode = cpu16 and native.available()
         if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not self.native_decode:
             scratch = (batch_size, num_kv_heads, max_len, head_dim)
             self.float_keys = torch.empty(scratch, dtype=torch.float32, device=device)

@@ -107,7 +107,7 @@ class NativeDecoder:
             return None
         g, u, d = ex.raws
         args = (
-            w.data_ptr(), int(w.dtype == torch.float32), w.shape[0], mlp.top_k, int(mlp.norm_topk_prob),
+            w.data_ptr(), int(w.dtype == torch.float32), w.shape[0], mlp.top_k, int(mlp.norm_topk_prob), 0,
             g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), d.data_ptr(), d.stride(0), *map(int, ex.types),
         )  # fmt: skip
         return ex, mlp, args, ex.intermediate
@@ -148,7 +148,7 @@ class NativeDecoder:
         if (off is None and inner.in_file) or w.dtype not in (torch.bfloat16, torch.float32):
             return None
         E, D = w.shape
-        router = (w.data_ptr(), int(w.dtype == torch.float32), E, D, mlp.top_k, int(mlp.norm_topk_prob))
+        router = (w.data_ptr(), int(w.dtype == torch.float32), E, D, mlp.top_k, int(mlp.norm_topk_prob), 0)
         raws = tuple((r.data_ptr(), r.stride(0)) for r in inner.raws)  # an offload's slots: bound once, never moved
         return mlp.experts, off, router, raws, tuple(map(int, inner.types)), inner.intermediate
 
@@ -228,6 +228,7 @@ class NativeDecoder:
         x.copy_(self.model.model.embed_tokens(tokens).view(D))
         cos, sin = self.model.rotary(pos, 1, torch.float32, x.device)
         head_stride = cache.keys.stride(2)
+        f16 = int(cache.keys.dtype == torch.float16)  # else bf16 (`accepts`)
         # layer i's keys/values ([1, Hkv, T, hd] at [i, 0]) by address, not by indexing a view per layer
         keys, values = cache.keys.data_ptr(), cache.values.data_ptr()
         key_bytes = cache.keys.stride(0) * cache.keys.element_size()
@@ -237,7 +238,7 @@ class NativeDecoder:
             native._check(lib.marco_matmul_multi(3, *L["qkv"], D, h.data_ptr(), qkv.data_ptr(), nt))
             code = lib.marco_attn_decode(
                 qkv.data_ptr(), self.H, self.Hkv, self.hd, L["q_norm"], L["k_norm"], eps, cos.data_ptr(),
-                sin.data_ptr(), keys + i * key_bytes, values + i * value_bytes, head_stride, pos,
+                sin.data_ptr(), keys + i * key_bytes, values + i * value_bytes, head_stride, pos, f16,
                 att.data_ptr(), nt,
             )  # fmt: skip
             native._check(code)

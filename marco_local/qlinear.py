@@ -718,8 +718,9 @@ class NativeMoeBlock(SparseMoeBlock):
         if B * T == 1 and fused and own_route and self._native_route(x) and not observed:
             flat = x.reshape(D).float()
             y = native.moe_routed(
-                flat, self.gate.weight, self.top_k, self.norm_topk_prob, ex.raws, ex.types, ex.intermediate
-            )
+                flat, self.gate.weight, self.top_k, self.norm_topk_prob, ex.raws, ex.types, ex.intermediate,
+                x.dtype == torch.bfloat16,
+            )  # fmt: skip
             return y.view(B, T, D).to(x.dtype)
         return super().forward(x)
 

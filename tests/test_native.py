@@ -124,28 +124,57 @@ def test_bad_type_or_shape_is_an_error() -> None:
         native.matmul(torch.randn(1, 48), raw, 2, 48)  # not a whole number of blocks
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("positions", [1, 7, 300])
-def test_decode_attention_on_the_bf16_cache(positions: int) -> None:
-    """One query over a bf16 cache (GQA 16/8, a layer slice of a longer cache) against float64 attention: the kernel
-    accumulates in float32 (measured 4e-7 at 300 positions)."""
+def test_decode_attention_on_a_16_bit_cache(positions: int, dtype: torch.dtype) -> None:
+    """One query over a bf16 or float16 cache (GQA 16/8, a layer slice of a longer cache) against float64 attention:
+    the kernel accumulates in float32 (measured 4e-7 at 300 positions)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(positions)
     H, Hkv, hd, max_len = 16, 8, 128, 512
-    keys = torch.randn(Hkv, max_len, hd, generator=g).bfloat16()
-    values = torch.randn(Hkv, max_len, hd, generator=g).bfloat16()
+    keys = torch.randn(Hkv, max_len, hd, generator=g).to(dtype)
+    values = torch.randn(Hkv, max_len, hd, generator=g).to(dtype)
+    keys[0, 0, :4] = torch.tensor([1e-6, -3e-8, 6e4, 0.0])  # float16 subnormals and large values are widened right
     q = torch.randn(H, hd, generator=g)
-    got = native.attend_bf16(q, keys[:, :positions], values[:, :positions], hd**-0.5)
+    got = native.attend(q, keys[:, :positions], values[:, :positions], hd**-0.5)
     k64, v64 = keys[:, :positions].double()[None], values[:, :positions].double()[None]
     want = F.scaled_dot_product_attention(q.double().view(1, H, 1, hd), k64, v64, enable_gqa=True).view(H, hd)
     assert _rel(got, want) < 1e-5
 
 
+def test_the_decode_step_stores_keys_as_torch_rounds_them() -> None:
+    """marco_attn_decode writes the new key and value into a float16 cache rounded as torch's .to(float16) rounds
+    (nearest even; overflow to inf; subnormals), and into a bf16 cache as .to(bfloat16)."""
+    import ctypes
+
+    hd = 128
+    values = torch.cat([
+        torch.tensor([0.0, -(2.0**-20), 1.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 7e4, 2.0**-24, 2.0**-25,
+                      1.5 * 2.0**-25, 2.0**-14, 2.0**-14 - 2.0**-25, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11]),
+        torch.randn(hd - 16) * torch.logspace(-9, 5, hd - 16),
+    ])  # fmt: skip
+    for dtype in (torch.float16, torch.bfloat16):
+        k_cache, v_cache = torch.zeros(1, 4, hd, dtype=dtype), torch.zeros(1, 4, hd, dtype=dtype)
+        qkv = torch.cat([torch.randn(hd), values, values.flip(0)])  # one query head, one kv head
+        cos, sin = torch.ones(hd), torch.zeros(hd)  # RoPE at position 0: the identity (finite values only)
+        out = torch.empty(hd)
+        lib = native.library()
+        code = lib.marco_attn_decode(
+            qkv.data_ptr(), 1, 1, hd, None, None, ctypes.c_float(1e-6), cos.data_ptr(), sin.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), 2, int(dtype == torch.float16),
+            out.data_ptr(), 1,
+        )  # fmt: skip
+        assert code == 0
+        assert torch.equal(k_cache[0, 2].view(torch.int16), values.to(dtype).view(torch.int16)), dtype
+        assert torch.equal(v_cache[0, 2].view(torch.int16), values.flip(0).to(dtype).view(torch.int16)), dtype
+
+
 @pytest.mark.parametrize("norm_topk", [True, False])
 @pytest.mark.parametrize("router_dtype", [torch.bfloat16, torch.float32])
 def test_route_matches_the_model_semantics(norm_topk: bool, router_dtype: torch.dtype) -> None:
-    """Router logits in float64 from the same (bf16 or float32) weights, softmax, top-k, renormalised, rounded to
-    bf16."""
+    """Router logits in float64 from the same (bf16 or float32) weights, softmax, top-k, renormalised; float32 weights,
+    not rounded (NativeMoeBlock casts them to a bf16 model's dtype)."""
     g = torch.Generator().manual_seed(6)
     E, D, k = 40, 256, 8
     router = (torch.randn(E, D, generator=g) * 0.1).to(router_dtype)
@@ -157,8 +186,8 @@ def test_route_matches_the_model_semantics(norm_topk: bool, router_dtype: torch.
         if norm_topk:
             want_w = want_w / want_w.sum()
         assert ids.tolist() == want_ids.tolist()
-        assert torch.allclose(weights.double(), want_w.bfloat16().double(), rtol=8e-3, atol=0)
-        assert torch.equal(weights.bfloat16().float(), weights)  # bf16 values, as the torch path hands them on
+        assert weights.dtype == torch.float32
+        assert torch.allclose(weights.double(), want_w, rtol=1e-5, atol=0)
 
 
 def test_fused_moe_block_equals_routing_then_experts() -> None:

@@ -203,7 +203,8 @@ def _same_with_and_without_openmp(tier: str) -> None:
             gate_up, down = [raws["Q4_K"].data_ptr()] * 2, [raws["Q8_0"].data_ptr()] * 2
             out.append(native.moe(x[0], gate_up, gate_up, down, torch.tensor([0.3, 0.7]), (12, 12, 8), k, n))
             out.append(native.route(x[0], router, 4, True)[1])
-            out.append(native.attend_bf16(q, keys, values, 0.125))
+            out.append(native.attend(q, keys, values, 0.125))
+            out.append(native.attend(q, keys.half(), values.half(), 0.125))
             results.append(out)
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)

@@ -49,6 +49,7 @@ def _check(path, name: str) -> None:
     exact, _ = load_gguf(path, dtype=torch.float32)
     model, _ = load_gguf(path, dtype=torch.bfloat16)
     assert model.decode_step is not None and exact.decode_step is None
+    assert model.make_cache(4).keys.dtype == torch.float16  # llama.cpp's default cache type, on the native kernels
     want = _steps(exact, use_native=False)
     fast, slow = _steps(model, use_native=True), _steps(model, use_native=False)
     kl_fast, kl_slow = kl(want[None], fast[None]), kl(want[None], slow[None])

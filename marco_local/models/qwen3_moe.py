@@ -84,22 +84,26 @@ def rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
+NATIVE_KV = (torch.bfloat16, torch.float16)  # the cache dtypes `native.attend` reads
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal attention of T new queries at positions start.. over all cached keys [B, H_kv, start + T, hd] (GQA).
 
-    One bf16 token on the CPU goes to the native kernel, which reads the bf16 cache as it is (13 us at 64 positions,
+    One token on the CPU goes to the native kernel, which reads the 16-bit cache as it is (13 us at 64 positions,
     0.24 ms at 2048, 2 threads); without it, it runs in float32, as torch's CPU bf16 attention for one query is
     several times slower (137 us in bf16, 31 us cast to float32, at 100 positions). Several bf16 tokens stay bf16:
     torch's CPU flash kernel (float32 accumulation) is as fast as on float32 copies (128 queries over 3200 positions:
     21.3 ms both) and needs no float32 copy of the cache per layer (4 MiB at 512 positions, 32 MiB at 4096); on
     SmolLM2 the KL from the float32 model is the same (5.1e-3 against 5.5e-3 with float32 attention, 512 tokens)."""
     T = q.shape[2]
-    if T > 1 and k.dtype != q.dtype:  # float32 queries over a bf16 cache (a GGUF's prompt on the native kernels)
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    if T == 1 and q.device.type == "cpu" and k.dtype == torch.bfloat16 and q.shape[0] == 1 and native.available():
+    native_one = T == 1 and q.device.type == "cpu" and q.shape[0] == 1 and k.dtype in NATIVE_KV and native.available()
+    if native_one:
         B, H, _, hd = q.shape
-        out = native.attend_bf16(q.reshape(H, hd).float(), k[0], v[0], hd**-0.5)
+        out = native.attend(q.reshape(H, hd).float(), k[0], v[0], hd**-0.5)
         return out.view(B, H, 1, hd).to(q.dtype)
+    if k.dtype != q.dtype and (T > 1 or q.dtype == torch.float32):
+        k, v = k.to(q.dtype), v.to(q.dtype)  # e.g. float32 queries over a 16-bit cache (a GGUF on the native kernels)
     if T == 1:
         mask, causal = None, False
     elif start == 0:

@@ -326,16 +326,15 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.marco_moe.restype = i
     lib.marco_moe_acc.argtypes, lib.marco_moe_acc.restype = lib.marco_moe.argtypes, i
     lib.marco_dot_ref.argtypes, lib.marco_dot_ref.restype = [i, p, i, p], f
-    lib.marco_route.argtypes, lib.marco_route.restype = [p, p, i, i, i, i, i, p, p, i], i
-    lib.marco_moe_routed.argtypes = [p, p, i, i, i, i, i64, i64, i64, i64, i64, i64, i, i, i, i, i, p, p, p, i]
+    lib.marco_route.argtypes, lib.marco_route.restype = [p, p, i, i, i, i, i, i, p, p, i], i
+    lib.marco_moe_routed.argtypes = [p, p, i, i, i, i, i, i64, i64, i64, i64, i64, i64, i, i, i, i, i, p, p, p, i]
     lib.marco_moe_routed.restype = i
     lib.marco_rms_norm.argtypes, lib.marco_rms_norm.restype = [p, p, i, f, p], None
-    lib.marco_attn_decode.argtypes = [p, i, i, i, p, p, f, p, p, p, p, i64, i, p, i]
+    lib.marco_attn_decode.argtypes = [p, i, i, i, p, p, f, p, p, p, p, i64, i, i, p, i]
     lib.marco_attn_decode.restype = i
     lib.marco_matmul_multi.argtypes = [i, p, p, p, p, i, p, p, i]
     lib.marco_matmul_multi.restype = i
-    lib.marco_attend_bf16.argtypes = [p, p, p, i64, i, i, i, i, f, p, i]
-    lib.marco_attend_bf16.restype = i
+    lib.marco_attend.argtypes, lib.marco_attend.restype = [p, p, p, i64, i, i, i, i, f, i, p, i], i
     lib.marco_dequant_rows.argtypes, lib.marco_dequant_rows.restype = [i, p, i64, i64, p, i, i, p], i
     lib.marco_bpe_new.argtypes, lib.marco_bpe_new.restype = [p, i64, i, p, i64, i, p, p], p
     lib.marco_bpe_free.argtypes, lib.marco_bpe_free.restype = [p], None
@@ -471,14 +470,15 @@ def moe(
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int, norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One token's routing: float32 x [D], router [E, D] (bf16 or float32) -> (expert ids int64 [top_k], weights
-    float32 [top_k], bf16-valued). Same semantics as `SparseMoeBlock.route` (logits accumulated in float32)."""
+    float32 [top_k]). Same semantics as `SparseMoeBlock.route` (logits accumulated in float32) before the weights
+    are cast to the activations' dtype."""
     import torch
 
     ids = torch.empty(top_k, dtype=torch.int32)
     weights = torch.empty(top_k, dtype=torch.float32)
     E, D = router.shape
     code = library().marco_route(
-        x.data_ptr(), router.data_ptr(), int(router.dtype == torch.float32), E, D, top_k, int(norm_topk),
+        x.data_ptr(), router.data_ptr(), int(router.dtype == torch.float32), E, D, top_k, int(norm_topk), 0,
         ids.data_ptr(), weights.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     _check(code)
@@ -493,8 +493,10 @@ def moe_routed(
     raws: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     types: tuple[int, int, int],
     inter: int,
+    round_bf16: bool,
 ) -> torch.Tensor:
-    """`route` and `moe` in one call, for experts stacked as raws (gate/up [E, I, bytes], down [E, D, bytes])."""
+    """`route` and `moe` in one call, for experts stacked as raws (gate/up [E, I, bytes], down [E, D, bytes]);
+    round_bf16: the routing weights rounded to bf16 first, as a bf16 model's torch path has them."""
     import torch
 
     E, D = router.shape
@@ -509,6 +511,7 @@ def moe_routed(
         E,
         top_k,
         int(norm_topk),
+        int(round_bf16),
         g.data_ptr(),
         g.stride(0),
         u.data_ptr(),
@@ -529,11 +532,13 @@ def moe_routed(
     return y
 
 
-def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token over a bf16 cache: q float32 [H, hd]; keys/values bf16 [H_kv, n, hd] views whose positions
-    are contiguous rows (a KV cache's layer slice). Returns float32 [H, hd]."""
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token over a 16-bit cache: q float32 [H, hd]; keys/values bf16 or float16 [H_kv, n, hd] views whose
+    positions are contiguous rows (a KV cache's layer slice). Returns float32 [H, hd]."""
     import torch
 
+    if keys.dtype not in (torch.bfloat16, torch.float16) or values.dtype != keys.dtype:
+        raise ValueError(f"native attention reads bf16 or float16 caches, not {keys.dtype}")
     lib = library()
     n_heads, hd = q.shape
     n_kv, n_pos, _ = keys.shape
@@ -541,7 +546,7 @@ def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale
         raise ValueError("native attention: keys and values must be [H_kv, n, hd] slices with contiguous positions")
     q = q.contiguous()
     out = torch.empty(n_heads, hd, dtype=torch.float32)
-    code = lib.marco_attend_bf16(
+    code = lib.marco_attend(
         q.data_ptr(),
         keys.data_ptr(),
         values.data_ptr(),
@@ -551,6 +556,7 @@ def attend_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale
         n_kv,
         hd,
         scale,
+        int(keys.dtype == torch.float16),
         out.data_ptr(),
         torch.get_num_threads(),
     )

@@ -3,7 +3,7 @@
  *
  * Why: a decode step of a small model is dozens of tiny torch calls per layer, each costing more than its arithmetic
  * (SmolLM2: 140 us of a layer's 270 us). Each function here replaces a run of them. Everything is float32 except the
- * bf16 KV cache.
+ * 16-bit KV cache (bf16 or IEEE half).
  */
 #include <math.h>
 #include <stdint.h>
@@ -12,8 +12,8 @@
 #include "ggml_dot.h"
 #include "platform.h"
 
-int marco_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, int64_t head_stride, int n_pos,
-                      int n_heads, int n_kv, int hd, float scale, float *out, int n_threads);
+int marco_attend(const float *q, const uint16_t *k, const uint16_t *v, int64_t head_stride, int n_pos, int n_heads,
+                 int n_kv, int hd, float scale, int f16, float *out, int n_threads);
 int marco_matmul(int type, const uint8_t *w, int64_t row_stride, int n, int k, const float *x, int m, float *y,
                  int n_threads);
 
@@ -37,13 +37,14 @@ static void rope(float *v, const float *cos_, const float *sin_, int hd) {
 
 /* One new token's attention block. qkv: float32 [n_heads * hd | n_kv * hd | n_kv * hd] (the projections), changed in
  * place. q_norm / k_norm: float32 [hd] per-head RMSNorm weights, or NULL (llama). cos/sin: float32 [hd] at this
- * position. The new key (normed, rotated) and value are stored as bf16 at position `pos` of the layer's cache
+ * position. The new key (normed, rotated) and value are stored at position `pos` of the layer's cache, as IEEE half
+ * when f16 is set, else bf16
  * (kv head g's position p at k_cache + g * head_stride + p * hd), then the query attends over positions 0..pos.
  * out: float32 [n_heads * hd]. */
 MARCO_API
 int marco_attn_decode(float *qkv, int n_heads, int n_kv, int hd, const float *q_norm, const float *k_norm,
                       float eps, const float *cos_, const float *sin_, uint16_t *k_cache, uint16_t *v_cache,
-                      int64_t head_stride, int pos, float *out, int n_threads) {
+                      int64_t head_stride, int pos, int f16, float *out, int n_threads) {
     if (hd % 2 || n_kv <= 0 || n_heads % n_kv || pos < 0) return -1;
     float *q = qkv, *k = qkv + (size_t)n_heads * hd, *v = k + (size_t)n_kv * hd;
     for (int h = 0; h < n_heads; h++) {
@@ -57,12 +58,12 @@ int marco_attn_decode(float *qkv, int n_heads, int n_kv, int hd, const float *q_
         rope(kg, cos_, sin_, hd);
         uint16_t *kd = k_cache + g * head_stride + (int64_t)pos * hd, *vd = v_cache + g * head_stride + (int64_t)pos * hd;
         for (int i = 0; i < hd; i++) {
-            kd[i] = float_to_bf16(kg[i]);
-            vd[i] = float_to_bf16(vg[i]);
+            kd[i] = f16 ? float_to_half(kg[i]) : float_to_bf16(kg[i]);
+            vd[i] = f16 ? float_to_half(vg[i]) : float_to_bf16(vg[i]);
         }
     }
-    return marco_attend_bf16(q, k_cache, v_cache, head_stride, pos + 1, n_heads, n_kv, hd, 1.0f / sqrtf((float)hd),
-                             out, n_threads);
+    return marco_attend(q, k_cache, v_cache, head_stride, pos + 1, n_heads, n_kv, hd, 1.0f / sqrtf((float)hd), f16, out,
+                        n_threads);
 }
 
 /* y = [W_0 x; W_1 x; ...] for n_mats matrices sharing the input x (k values): types[i], rows[i] rows starting at

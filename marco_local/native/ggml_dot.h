@@ -104,6 +104,31 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
 }
 
+/* float32 -> IEEE half, round to nearest even (as torch's .to(torch.float16)): what falls past the largest half
+ * (65504, halfway to 65536 included) becomes inf, NaN stays NaN, below 2^-14 is a subnormal half. */
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t ax = x & 0x7FFFFFFFu, h, rem, tie;
+    if (ax > 0x7F800000u) return sign | 0x7E00;
+    if (ax >= 0x477FF000u) return sign | 0x7C00; /* >= 65520 */
+    if (ax >= 0x38800000u) {                     /* >= 2^-14: a normal half; rebias 127 -> 15, 23 -> 10 bits */
+        h = (ax - (112u << 23)) >> 13;
+        rem = ax & 0x1FFF;
+        tie = 0x1000;
+    } else {                                     /* a subnormal half, in units of 2^-24 */
+        uint32_t e = ax >> 23, m = (ax & 0x7FFFFFu) | 0x800000u;
+        if (e < 102) return sign;                /* below 2^-25: rounds to zero */
+        uint32_t shift = 126 - e;                /* 14..24 */
+        h = m >> shift;
+        rem = m & ((1u << shift) - 1);
+        tie = 1u << (shift - 1);
+    }
+    h += rem > tie || (rem == tie && (h & 1)); /* a carry into the exponent is the right result */
+    return (uint16_t)(sign | h);
+}
+
 /* float32 . bf16 over n values (attention.c). */
 float dot_f32_bf16(const float *q, const uint16_t *k, int n);
 

@@ -3,8 +3,9 @@
  * Why: on the decode path the router is a small product followed by softmax, top-k and a renormalisation: in torch
  * that is half a dozen calls per layer, each costing more than its arithmetic. Semantics are the model's
  * (`SparseMoeBlock.route`): logits from the router weights (bf16 or float32, accumulated in float32), softmax in float32, the
- * top_k largest (ties: the lower expert id first), renormalised when norm_topk is set, then rounded to bf16 as the
- * torch path hands the routing weights on in the activation dtype.
+ * top_k largest (ties: the lower expert id first), renormalised when norm_topk is set, then rounded to bf16 when
+ * round_bf16 is set: the torch path hands the routing weights on in the activation dtype, bf16 in a bf16 model and
+ * float32 where the activations are float32 (GGUF files on these kernels).
  */
 #include <math.h>
 #include <stdint.h>
@@ -19,8 +20,6 @@
 int marco_moe(int n_sel, const int64_t *gate_ptrs, const int64_t *up_ptrs, const int64_t *down_ptrs,
               const float *route_w, int gate_type, int up_type, int down_type, int hidden, int inter, const float *x,
               float *y, int n_threads);
-
-static float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 static float dot_f32_f32(const float *a, const float *b, int n) {
     int i = 0;
@@ -50,7 +49,7 @@ static void router_logits(void *ctx, int begin, int end) {
 
 /* ids[top_k], weights[top_k] for x[dim] through the router w ([n_experts, dim], float32 when w_f32, else bf16). */
 MARCO_API int marco_route(const float *x, const void *w, int w_f32, int n_experts, int dim, int top_k, int norm_topk,
-                int32_t *ids, float *weights, int n_threads) {
+                          int round_bf16, int32_t *ids, float *weights, int n_threads) {
     if (top_k <= 0 || top_k > n_experts || top_k > 64) return -1;
     float *p = marco_scratch(sizeof(float) * (size_t)n_experts);
     if (!p) return -2;
@@ -71,7 +70,10 @@ MARCO_API int marco_route(const float *x, const void *w, int w_f32, int n_expert
         picked += weights[j];
         p[best] = -1.0f; /* taken */
     }
-    for (int j = 0; j < top_k; j++) weights[j] = round_bf16(norm_topk ? weights[j] / picked : weights[j]);
+    for (int j = 0; j < top_k; j++) {
+        float wj = norm_topk ? weights[j] / picked : weights[j];
+        weights[j] = round_bf16 ? bf16_to_float(float_to_bf16(wj)) : wj;
+    }
     return 0;
 }
 
@@ -79,10 +81,11 @@ MARCO_API int marco_route(const float *x, const void *w, int w_f32, int n_expert
  * gate_base + e * gate_stride (likewise up and down). The chosen ids and weights are written out for the caller. */
 MARCO_API
 int marco_moe_routed(const float *x, const void *router, int router_f32, int n_experts, int top_k, int norm_topk,
-                     int64_t gate_base, int64_t gate_stride, int64_t up_base, int64_t up_stride, int64_t down_base,
+                     int round_bf16, int64_t gate_base, int64_t gate_stride, int64_t up_base, int64_t up_stride, int64_t down_base,
                      int64_t down_stride, int gate_type, int up_type, int down_type, int hidden, int inter, float *y,
                      int32_t *ids, float *weights, int n_threads) {
-    int code = marco_route(x, router, router_f32, n_experts, hidden, top_k, norm_topk, ids, weights, n_threads);
+    int code =
+        marco_route(x, router, router_f32, n_experts, hidden, top_k, norm_topk, round_bf16, ids, weights, n_threads);
     if (code) return code;
     int64_t g[64], u[64], d[64];
     for (int j = 0; j < top_k; j++) {
