@@ -1,7 +1,7 @@
 """Greedy token ids and a hash of every logit, per model and kernel path: the before/after check of a refactoring
 that must not change a single output bit.
 
-    python bench/fingerprint.py [--out FILE] [--compare FILE] [--cases demo,smollm2,smollm2-torch,nano,nano-offload]
+    python bench/fingerprint.py [--out FILE] [--compare FILE] [--cases demo,demo-offload,smollm2,smollm2-torch,nano,nano-offload]
 
 Each case runs in its own subprocess (the kernel path is chosen by environment variables at import): load the model
 through `runtime.load`, prefill a fixed prompt in the generator's chunks, then feed 24 greedy tokens one at a time.
@@ -27,6 +27,7 @@ NANO = "/tmp/marco-bench-nano/nano-q4_k_m.gguf"  # bench/bench_vs_llamacpp.py bu
 # case -> (model spec, extra environment, runtime.load keyword arguments as JSON-able values)
 CASES: dict[str, tuple[str, dict[str, str], dict]] = {
     "demo": ("demo", {}, {}),
+    "demo-offload": ("demo", {}, {"experts_resident": "50%"}),
     "smollm2": ("smollm2", {}, {}),
     "smollm2-torch": ("smollm2", {"MARCO_NATIVE": "0"}, {}),
     "nano": (NANO, {}, {}),
@@ -49,10 +50,10 @@ def run_case(name: str) -> dict:
 
         spec = str(smollm2_path())
     placement = None
-    if "ram_mem" in kwargs:
+    if kwargs:
         from marco_local.offload import Placement
 
-        placement = Placement(ram_mem=kwargs["ram_mem"])
+        placement = Placement(**kwargs)
     torch.manual_seed(0)
     loaded = runtime.load(spec, placement=placement)
     model, tok = loaded.model, loaded.tokenizer
