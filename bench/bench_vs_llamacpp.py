@@ -328,7 +328,7 @@ def _runnable_engines(names: list[str]) -> list[str]:
     keep = []
     for name in names:
         env = {**os.environ, **OURS.get(name, {})}
-        code = "from marco_local import native; native.library()"
+        code = "from marco_local.kernels import native; native.library()"
         if name in OURS and OURS[name].get("MARCO_NATIVE_ISA"):
             done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
             if done.returncode != 0:

@@ -10,7 +10,7 @@ Measures, in one process:
   ceiling    device-to-device copy bandwidth (bytes read + written) and pinned host-to-device bandwidth
   resident   prefill tok/s (512-token prompt) and decode tok/s (fixed random token ids fed one per step): eager with
              the gathered single-token experts (default on CUDA), eager with the grouped loop (one host sync per
-             layer), and replayed from CUDA graphs (marco_local/cuda_graphs.py, what `marco run` uses);
+             layer), and replayed from CUDA graphs (marco_local/decode/cuda_graphs.py, what `marco run` uses);
              the bandwidth bound = measured copy bandwidth / bytes a decode step must read (non-expert weights,
              8 experts per layer, the KV cache at the mean position); ratio = ours / bound
   offloaded  the same model under --gpu-mem budgets (8, 4, 2 GiB by default) and --experts-resident 50%: the slow
@@ -56,10 +56,10 @@ from offload_speed import use_trace_routing  # noqa: E402
 from quantize_nano import NANO  # noqa: E402
 
 from marco_local.config import ModelConfig  # noqa: E402
-from marco_local.cuda_graphs import GraphedDecoder  # noqa: E402
+from marco_local.decode.cuda_graphs import GraphedDecoder  # noqa: E402
 from marco_local.generate import prefill  # noqa: E402
-from marco_local.gguf_loader import load_gguf  # noqa: E402
-from marco_local.meta import meta_device  # noqa: E402
+from marco_local.load.gguf import load_gguf  # noqa: E402
+from marco_local.load.meta import meta_device  # noqa: E402
 from marco_local.models import qwen3_moe  # noqa: E402
 from marco_local.offload import Placement, install, offload_stats, synthetic_trace  # noqa: E402
 from marco_local.offload.store import tensor_bytes  # noqa: E402
@@ -135,7 +135,7 @@ def to_nf4(model: qwen3_moe.Qwen3MoeForCausalLM) -> qwen3_moe.Qwen3MoeForCausalL
     `marco quantize --to nf4` writes), as the bnb loader holds them; embeddings, norms and routers stay bf16."""
     import bitsandbytes.functional as bnbF
 
-    from marco_local.bnb_loader import Linear4bit, QuantizedExperts, prepare_for_cuda_graphs
+    from marco_local.load.bnb import Linear4bit, QuantizedExperts, prepare_for_cuda_graphs
 
     def q(w: torch.Tensor) -> Linear4bit:
         packed, state = bnbF.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)

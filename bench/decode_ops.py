@@ -2,7 +2,7 @@
 
 Replayed from a CUDA graph, a Marco-Nano-shaped step costs about 2.5-3 us per kernel node whatever the kernel does
 (they are tiny: one token), so the step's time is close to its node count times that. This script runs the graphed
-decoder's segment (marco_local/cuda_graphs.py) eagerly on a small random qwen3_moe model on the CPU, with the
+decoder's segment (marco_local/decode/cuda_graphs.py) eagerly on a small random qwen3_moe model on the CPU, with the
 experts on the single-token gathered path a CUDA step takes, and counts the aten ops that launch a kernel (view ops
 excluded), per layer and in all, grouped by op. An RMSNorm counts as one kernel (F.rms_norm's fused kernel on
 CUDA; on the CPU it decomposes into eight). SDPA counts as one (on CUDA the step's call takes the memory-efficient
@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from marco_local.config import ModelConfig  # noqa: E402
-from marco_local.cuda_graphs import GraphedDecoder  # noqa: E402
+from marco_local.decode.cuda_graphs import GraphedDecoder  # noqa: E402
 from marco_local.models.qwen3_moe import Experts, Qwen3MoeForCausalLM, RMSNorm  # noqa: E402
 
 VIEWS = {

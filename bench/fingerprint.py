@@ -1,7 +1,7 @@
 """Greedy token ids and a hash of every logit, per model and kernel path: the before/after check of a refactoring
 that must not change a single output bit.
 
-    python bench/fingerprint.py [--out FILE] [--compare FILE] [--cases demo,demo-offload,smollm2,smollm2-torch,nano,nano-offload]
+    python bench/fingerprint.py [--out FILE] [--compare FILE] [--cases demo,smollm2,...]
 
 Each case runs in its own subprocess (the kernel path is chosen by environment variables at import): load the model
 through `runtime.load`, prefill a fixed prompt in the generator's chunks, then feed 24 greedy tokens one at a time.

@@ -1,4 +1,4 @@
-"""One decode token's experts on CUDA, Nano-shaped: the triton kernels (marco_local/gguf_triton.py) against the
+"""One decode token's experts on CUDA, Nano-shaped: the triton kernels (marco_local/kernels/triton_gguf.py) against the
 dequantizing torch path, and the kernels' block sizes swept.
 
 Layers of StackedGGUFExperts (232 experts, hidden 1024, width 384; gate/up Q4_K, down Q5_0 or Q8_0 as llama.cpp's
@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from marco_local import gguf_triton  # noqa: E402
-from marco_local.gguf_experts import StackedGGUFExperts  # noqa: E402
+from marco_local.kernels import triton_gguf  # noqa: E402
+from marco_local.layers.gguf_cuda import StackedGGUFExperts  # noqa: E402
 from quant.ggml_codecs import codec_for  # noqa: E402
 
 E, A, D, I = 232, 8, 1024, 384
@@ -89,7 +89,7 @@ def main() -> None:
     if args.sweep:
         for block_n in (8, 16, 32, 64):
             for warps in (2, 4, 8):
-                gguf_triton.BLOCK_N, gguf_triton.NUM_WARPS = block_n, warps
+                triton_gguf.BLOCK_N, triton_gguf.NUM_WARPS = block_n, warps
                 t = step_us(layers, x, ids, w, triton_on=True)
                 print(f"  BLOCK_N {block_n:3d} num_warps {warps}: {t:7.1f} us/layer")
 

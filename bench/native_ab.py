@@ -4,7 +4,7 @@ see the same machine noise; prints the best of 40 runs of 5 calls each, in us, a
 
 Usage: python3 bench/native_ab.py OLD_LIBRARY [threads] [small]
   OLD_LIBRARY: another build's libmarco_ggml.so, e.g. from a checkout of main:
-    PYTHONPATH=../main python3 -c "from marco_local import native; print(native.library()._name)"
+    PYTHONPATH=../main python3 -c "from marco_local.kernels import native; print(native.library()._name)"
   small: shapes that stay in cache (hidden 512, 4 experts of 256), where per-call overheads show.
 The new library is this checkout's, for the tier `native.describe()` names (MARCO_NATIVE_ISA picks another).
 """
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from marco_local import native  # noqa: E402
+from marco_local.kernels import native  # noqa: E402
 from quant.ggml_codecs import codec_for  # noqa: E402
 
 

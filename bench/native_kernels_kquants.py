@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from marco_local import native  # noqa: E402
+from marco_local.kernels import native  # noqa: E402
 from quant.ggml_codecs import codec_for  # noqa: E402
 
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantize_nano  # noqa: E402
 
 from marco_local.generate import prefill  # noqa: E402
-from marco_local.loader import load_model  # noqa: E402
+from marco_local.load.checkpoint import load_model  # noqa: E402
 from marco_local.offload import Placement, install, load_offloaded, offload_stats, synthetic_trace  # noqa: E402
 
 
@@ -108,8 +108,8 @@ def rss(key: str = "VmRSS:") -> int:
 
 
 def gguf_main(args) -> None:
-    from marco_local.gguf_loader import load_gguf
-    from marco_local.qlinear import trim_heap
+    from marco_local.layers.gguf import trim_heap
+    from marco_local.load.gguf import load_gguf
 
     path = args.gguf
     g = torch.Generator().manual_seed(0)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from marco_local import native
 from marco_local.generate import prefill
+from marco_local.kernels import native
 from marco_local.runtime import load
 
 # native entry point -> the stage it is in a decode step (marco_matmul is told apart by its row count)

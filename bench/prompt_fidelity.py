@@ -75,8 +75,8 @@ def dequantize_f32(src: Path, dst: Path, threads: int) -> None:
 def token_ids(name: str, path: Path, n: int) -> list[int]:
     if name != "smollm2":
         return prompt_ids(n, MOE_SHAPE["vocab"])
-    from marco_local.gguf_file import GGUFFile
-    from marco_local.gguf_tokenizer import load_tokenizer
+    from marco_local.formats.gguf import GGUFFile
+    from marco_local.formats.gguf_tokenizer import load_tokenizer
 
     return load_tokenizer(GGUFFile(path)).encode(TEXT)[:n]
 
@@ -109,7 +109,7 @@ def llama_logits(path: Path, ids: list[int], threads: int, f32_kv: bool, one_by_
 def our_logits(path: Path, ids: list[int], threads: int, one_by_one: bool) -> np.ndarray:
     import torch
 
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
 
     torch.set_num_threads(threads)
     model, _ = load_gguf(path, dtype=torch.bfloat16)

@@ -118,8 +118,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from marco_local.checkpoint import Checkpoint
     from marco_local.config import load_config
+    from marco_local.formats.checkpoint import Checkpoint
     from quant.bnb_writer import write_bnb
 
     with tempfile.TemporaryDirectory(prefix="nano-bnb-") as tmp:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .cpu_share import CpuShare
-from .kv_cache import KVCache
+from .models.kv_cache import KVCache
 from .sampling import LogitsProcessor, Sampler, make_sampler
 from .tokenizer import Tokenizer
 

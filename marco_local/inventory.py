@@ -105,7 +105,7 @@ def formats_of(path: Path) -> list[str]:
 def _gguf_type(path: Path) -> str:
     """The dominant tensor type by bytes (llama.cpp's `general.file_type` names a recipe, not always the bulk)."""
     try:
-        from .gguf_file import GGUFFile
+        from .formats.gguf import GGUFFile
 
         g = GGUFFile(path)
     except MarcoError:
@@ -346,7 +346,7 @@ def _is_expert(name: str) -> bool:
 
 def _safetensors_tensors(folder: Path) -> list[tuple[str, str, int]]:
     """(name, dtype, bytes) from the shards' JSON headers; nothing else is read."""
-    from .checkpoint import _check_complete
+    from .formats.checkpoint import _check_complete
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -398,7 +398,7 @@ def model_info(spec: str, ctx: int = 4096, gpu_mem: int | None = None) -> ModelI
 
     source = resolve(spec)
     if source.format == "gguf":
-        from .gguf_file import GGUFFile, model_config
+        from .formats.gguf import GGUFFile, model_config
 
         g = GGUFFile(source.path)
         cfg = model_config(g)

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bnb_loader import is_bnb_folder, load_bnb_model  # imports bitsandbytes only when used
-from .cuda_graphs import enable_cuda_graphs
+from .decode.cuda_graphs import enable_cuda_graphs
 from .errors import InvalidModelError, MarcoError
-from .loader import load_model
+from .load.bnb import is_bnb_folder, load_bnb_model  # imports bitsandbytes only when used
+from .load.checkpoint import load_model
 from .offload import Placement, install, load_offloaded
 from .registry import ResolvedModel, resolve
 from .tokenizer import Tokenizer, read_json_object
@@ -126,10 +126,10 @@ def load(
             "(offloading starts with --ram-mem, --gpu-mem or --experts-resident)"
         )
     if source.format == "gguf":
-        from .gguf_loader import load_gguf  # imported here: only GGUF runs need the block codecs
+        from .load.gguf import load_gguf  # imported here: only GGUF runs need the block codecs
 
         if device == "auto":
-            dev = torch.device("cpu")  # the GGUF kernels are CPU kernels (marco_local/qlinear.py)
+            dev = torch.device("cpu")  # the GGUF kernels are CPU kernels (marco_local/layers/gguf.py)
         on_cpu = dev.type == "cpu"
         # CUDA: experts dense when they fit, else kept quantized; offloaded, their blocks go to pinned host RAM
         cuda_experts = "host" if offload else "auto"

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from .errors import InvalidModelError, MarcoError, short_repr
 
 if TYPE_CHECKING:
-    from .native_bpe import NativeBPE
+    from .formats.native_bpe import NativeBPE
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

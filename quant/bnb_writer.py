@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from marco_local.checkpoint import RECOMPUTED, Checkpoint
 from marco_local.config import ModelConfig
 from marco_local.errors import MarcoError
+from marco_local.formats.checkpoint import RECOMPUTED, Checkpoint
 
 # bitsandbytes logs a warning on import when its optional CPU kernel package is absent; a library must not print.
 logging.getLogger("bitsandbytes").addHandler(logging.NullHandler())

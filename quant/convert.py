@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from marco_local.checkpoint import Checkpoint
 from marco_local.config import load_config
 from marco_local.errors import MarcoError
+from marco_local.formats.checkpoint import Checkpoint
 
 from .gguf_writer import GGUF_PRESETS, plan_gguf, read_vocab, write_gguf
 

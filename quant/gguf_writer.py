@@ -35,10 +35,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
-from marco_local.checkpoint import RECOMPUTED, Checkpoint
 from marco_local.config import ModelConfig
 from marco_local.demo import QWEN2_SPLIT
 from marco_local.errors import MarcoError
+from marco_local.formats.checkpoint import RECOMPUTED, Checkpoint
 
 from .ggml_codecs import codec_for
 from .gguf_names import ARCH, GLOBAL_NAMES, LAYER_NAMES, tensor_class

@@ -38,16 +38,16 @@ BASE_CONFIG = dict(
 
 
 def _tiers_here() -> list[str]:
-    from marco_local import native
+    from marco_local.kernels import native
 
     return native.supported_tiers()
 
 
 @pytest.fixture(params=_tiers_here())
 def native_tier(request):
-    """Run the test once per native kernel tier (marco_local.native) this CPU can execute: every tier's code paths
+    """Run the test once per native kernel tier (kernels.native) this CPU can execute: every tier's code paths
     against the same references. Tiers the CPU lacks are skipped; so is everything under MARCO_NATIVE=0."""
-    from marco_local import native
+    from marco_local.kernels import native
 
     tier = request.param
     if tier not in native.supported_tiers():
@@ -144,8 +144,8 @@ def fuzz_bases(make_checkpoint, tmp_path_factory):
     """The fuzzer's base models, built by the session's checkpoint fixture (test_model_fuzz, test_model_validation)."""
     from model_fuzz import TINY
 
-    from marco_local.checkpoint import Checkpoint
     from marco_local.config import load_config
+    from marco_local.formats.checkpoint import Checkpoint
     from quant.gguf_writer import write_gguf
 
     folder, _ = make_checkpoint("fuzz-tiny", seed=1, **TINY)

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from marco_local import native
 from marco_local.generate import generate
-from marco_local.gguf_loader import load_gguf
+from marco_local.kernels import native
+from marco_local.load.gguf import load_gguf
 
 # each prompt with the word every right answer contains (a 135M model phrases its answers differently on kernels
 # that round differently, so the test asks for the answer, and for logits near the exact model's)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from marco_local.gguf_file import GGUFFile
+from marco_local.formats.gguf import GGUFFile
 from quant.ggml_codecs import codec_for
 
 # K-quants need rows that are multiples of 256: hidden 256, expert width 256, heads * head_dim 256.
@@ -128,8 +128,8 @@ def dequantized_state_dict(path: Path, hf_model: torch.nn.Module) -> dict[str, t
 
 def write_moe_f32(make_checkpoint, tmp_path_factory) -> tuple[Path, torch.nn.Module, Path]:
     """(checkpoint folder, unquantized transformers model, F32 GGUF written by our quantizer)."""
-    from marco_local.checkpoint import Checkpoint
     from marco_local.config import load_config
+    from marco_local.formats.checkpoint import Checkpoint
     from quant.gguf_writer import write_gguf
 
     folder, ref = make_checkpoint("gguf256", seed=7, **MOE_FIXTURE)

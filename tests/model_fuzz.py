@@ -644,9 +644,9 @@ def build_bases(work: Path) -> tuple[list[Path], list[Path]]:
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import build_checkpoint
 
-    from marco_local.checkpoint import Checkpoint
     from marco_local.config import load_config
     from marco_local.demo import build_tokenizer
+    from marco_local.formats.checkpoint import Checkpoint
     from quant.gguf_writer import write_gguf
 
     tok = build_tokenizer(vocab_size=400)

@@ -39,8 +39,8 @@ def decode_logits(model, steps: int = 4) -> torch.Tensor:
 
 
 def write_q4(make_checkpoint, tmp_path_factory, name: str, **overrides):
-    from marco_local.checkpoint import Checkpoint
     from marco_local.config import load_config
+    from marco_local.formats.checkpoint import Checkpoint
     from quant.gguf_writer import write_gguf
 
     shape = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=512, num_hidden_layers=2)
@@ -64,13 +64,13 @@ def q4_top4_path(make_checkpoint, tmp_path_factory):
 @pytest.fixture
 def int4_kernels(monkeypatch):
     """Pin qlinear's torch int4 path (the one used without the native kernels)."""
-    from marco_local import native
+    from marco_local.kernels import native
 
     monkeypatch.setattr(native, "supports", lambda ggml_type: False)
 
 
 def native_or_skip():
-    from marco_local import native
+    from marco_local.kernels import native
 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")

@@ -96,7 +96,7 @@ def exact_logits() -> torch.Tensor:
     """The file's exact model: weights dequantized, float32 throughout."""
     from cpu_path_child import PROMPTS
 
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
 
     model, tokenizer = load_gguf(smollm2_path(), dtype=torch.float32)
     first = next(iter(PROMPTS))

@@ -1,4 +1,4 @@
-"""The captured CUDA decode step (marco_local/cuda_graphs.py).
+"""The captured CUDA decode step (marco_local/decode/cuda_graphs.py).
 
 On the CPU the decoder's segments run eagerly: the fixed-shape step (one segment for a resident model, cut at each
 offloaded MoE layer otherwise) is checked against `forward` in float32 (1e-5), with the "gqa4-denselayer" fixture
@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marco_local.cuda_graphs import GraphedDecoder, window_for
+from marco_local.decode.cuda_graphs import GraphedDecoder, window_for
 from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
-from marco_local.loader import load_model
+from marco_local.load.checkpoint import load_model
 from marco_local.offload import Placement, load_offloaded
 from marco_local.sampling import make_sampler
 

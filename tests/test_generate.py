@@ -14,7 +14,7 @@ from marco_local.generate import (
     prefill_chunk,
     stream_generate,
 )
-from marco_local.loader import load_model
+from marco_local.load.checkpoint import load_model
 from marco_local.sampling import make_logits_processors, make_sampler
 from marco_local.tokenizer import Tokenizer
 

@@ -1,4 +1,4 @@
-"""A GGUF's experts kept as the file's blocks off the CPU (marco_local/gguf_experts.py), checked on the CPU.
+"""A GGUF's experts kept as the file's blocks off the CPU (marco_local/layers/gguf_cuda.py), checked on the CPU.
 
 The module is what CUDA runs (`load_gguf(..., cuda_experts="quantized" | "host")`); its code is plain torch ops on any
 device, so the CPU checks its numbers: the experts' weights equal the dense load's bit for bit (same dequantization,
@@ -13,9 +13,9 @@ import pytest
 import torch
 from offload_gguf_fixtures import greedy, one_thread, prefill_logits  # noqa: F401 (one_thread: autouse)
 
-from marco_local.gguf_experts import StackedGGUFExperts
-from marco_local.gguf_file import GGUFFile
-from marco_local.gguf_loader import build_model, load_gguf
+from marco_local.formats.gguf import GGUFFile
+from marco_local.layers.gguf_cuda import StackedGGUFExperts
+from marco_local.load.gguf import build_model, load_gguf
 from marco_local.offload import Placement, install, offload_stats
 from quant.ggml_codecs import CODECS
 

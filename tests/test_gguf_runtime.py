@@ -27,11 +27,11 @@ from gguf_fixtures import ids_batch, kl, rel_err, smollm2_path, write_moe_f32
 from offload_gguf_fixtures import q4_path  # noqa: F401
 from tokenizers import Tokenizer as HFTokenizer
 
-from marco_local import native
 from marco_local.errors import MarcoError
-from marco_local.gguf_file import GGUFFile, model_config
-from marco_local.gguf_loader import load_gguf
-from marco_local.gguf_tokenizer import load_tokenizer
+from marco_local.formats.gguf import GGUFFile, model_config
+from marco_local.formats.gguf_tokenizer import load_tokenizer
+from marco_local.kernels import native
+from marco_local.load.gguf import load_gguf
 from quant.ggml_codecs import codec_for
 
 F32_REL_TOL = 1e-4  # max |ours - ref| / max |ref| over all logits, float32 activations (the exact path)
@@ -372,7 +372,7 @@ def test_smollm2_continuation_is_sensible(smollm2):
 def test_smollm2_dense_as_on_cuda(smollm2):
     """The llama path of the dense build (what CUDA runs): Q/K rows unpermuted, the output tied to the embedding;
     logits equal the float32 exact path of the quantized runtime (1e-4), and it still knows Paris."""
-    from marco_local.gguf_loader import build_model
+    from marco_local.load.gguf import build_model
 
     _, tok = smollm2
     g = GGUFFile(smollm2_path())
@@ -526,7 +526,7 @@ def test_type_without_codec(tmp_path):
     w.close()
     g = GGUFFile(path)
     assert g.tensors["token_embd.weight"].type_name == "IQ2_XXS"
-    from marco_local.gguf_loader import build_model
+    from marco_local.load.gguf import build_model
 
     with pytest.raises(MarcoError, match="IQ2_XXS"):
         build_model(g)
@@ -552,7 +552,7 @@ def test_cli_one_line_error(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gguf_on_cuda_without_a_gpu_is_refused_with_a_hint():
-    from marco_local.gguf_loader import build_model
+    from marco_local.load.gguf import build_model
 
     with pytest.raises(MarcoError, match="no CUDA device") as e:
         build_model(GGUFFile(smollm2_path()), device="cuda")
@@ -561,14 +561,14 @@ def test_gguf_on_cuda_without_a_gpu_is_refused_with_a_hint():
 
 def test_gguf_experts_stay_in_the_file_only_on_the_cpu(moe_f32):
     """Off the CPU an offloaded GGUF's experts go to a memory store (gguf_experts.py), never read from the file."""
-    from marco_local.gguf_loader import build_model
+    from marco_local.load.gguf import build_model
 
     with pytest.raises(MarcoError, match="stay in the file only on the CPU"):
         build_model(GGUFFile(moe_f32[2]), dense=True, experts_in_file=True)
 
 
 def test_inconsistent_or_unknown_tokenizer_metadata():
-    from marco_local.gguf_tokenizer import build_backend
+    from marco_local.formats.gguf_tokenizer import build_backend
 
     g = GGUFFile(smollm2_path())
     merges = g.metadata["tokenizer.ggml.merges"]

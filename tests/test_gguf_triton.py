@@ -1,4 +1,4 @@
-"""The quantized mat-vec kernels (marco_local/gguf_triton.py), on the CPU.
+"""The quantized mat-vec kernels (marco_local/kernels/triton_gguf.py), on the CPU.
 
 Where triton is installed, its interpreter runs the kernels against the specification, the codecs' dequantization
 (quant/ggml_codecs.py) followed by a float64 product, and its compiler builds them for an H100 (no GPU needed); each in
@@ -33,7 +33,7 @@ KERNEL_CHECK = """
 import torch
 import torch.nn.functional as F
 
-from marco_local.gguf_triton import BLOCK_N, expert_matvec
+from marco_local.kernels.triton_gguf import BLOCK_N, expert_matvec
 from quant.ggml_codecs import codec_for
 
 
@@ -86,7 +86,7 @@ import copy
 
 import torch
 
-from marco_local.gguf_experts import StackedGGUFExperts
+from marco_local.layers.gguf_cuda import StackedGGUFExperts
 from marco_local.models.qwen3_moe import Experts
 from marco_local.offload.store import ExpertLayout, MemoryStore
 from quant.ggml_codecs import codec_for
@@ -139,7 +139,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from marco_local.gguf_triton import BLOCK_N, K_QUANTS, LEGACY, NUM_WARPS, _expert_matvec
+from marco_local.kernels.triton_gguf import BLOCK_N, K_QUANTS, LEGACY, NUM_WARPS, _expert_matvec
 from quant.ggml_codecs import codec_for
 
 target = GPUTarget("cuda", 90, 32)

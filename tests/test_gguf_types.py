@@ -16,9 +16,9 @@ import pytest
 import torch
 from gguf_fixtures import dequantized_state_dict, ids_batch, kl, rel_err, requantize, write_moe_f32
 
-from marco_local import native
-from marco_local.gguf_file import GGUFFile
-from marco_local.gguf_loader import build_model, load_gguf
+from marco_local.formats.gguf import GGUFFile
+from marco_local.kernels import native
+from marco_local.load.gguf import build_model, load_gguf
 from marco_local.models.qwen3_moe import Experts
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
@@ -162,7 +162,7 @@ def greedy_tokens(model, ids: torch.Tensor, steps: int = 16) -> list[int]:
 def test_gguf_on_cuda(ggml_type, moe_f32, moe_typed):
     """A GGUF on CUDA: dequantized once into plain modules, decoded from CUDA graphs; the dense CPU model's logits
     (float32, on the GPU's kernels: 1e-4) and its greedy tokens."""
-    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.decode.cuda_graphs import GraphedDecoder
     from marco_local.runtime import load
 
     path = moe_typed(ggml_type)
@@ -185,8 +185,8 @@ def test_gguf_experts_kept_quantized_on_cuda(ggml_type, experts, moe_f32, moe_ty
     """A GGUF on CUDA with its experts as the file's blocks (gguf_experts.py): on the GPU, or offloaded (blocks in
     pinned host RAM, 2 slots per layer; "direct": misses read in place, no cut). Decoded from CUDA graphs; the dense
     CPU model's logits (float32, 1e-4) and greedy tokens."""
-    from marco_local.cuda_graphs import GraphedDecoder
-    from marco_local.gguf_experts import StackedGGUFExperts
+    from marco_local.decode.cuda_graphs import GraphedDecoder
+    from marco_local.layers.gguf_cuda import StackedGGUFExperts
     from marco_local.offload import Placement, install
 
     path = moe_typed(ggml_type)
@@ -239,7 +239,7 @@ def test_llama_quantize_q4_k_m_mix(moe_f32, tmp_path):
 @pytest.mark.parametrize("ggml_type", ["Q5_0", "Q4_K"])
 def test_dequantize_per_call_fallback_matches(ggml_type, moe_f32, moe_typed, monkeypatch):
     """The loader's stand-ins for qlinear (used where qlinear.py is absent) compute the same model."""
-    import marco_local.gguf_loader as gl
+    import marco_local.load.gguf as gl
 
     _, unquantized, _ = moe_f32
     path = moe_typed(ggml_type)

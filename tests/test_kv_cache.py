@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from marco_local.kv_cache import KVCache, kv_cache_bytes
+from marco_local.models.kv_cache import KVCache, kv_cache_bytes
 
 
 def test_update_returns_everything_cached_and_trim_forgets():
@@ -27,7 +27,7 @@ def test_update_returns_everything_cached_and_trim_forgets():
 
 def test_bf16_cpu_cache_attends_through_a_float32_scratch(monkeypatch):
     """Without the native kernels (with them, there is no scratch: see the next test)."""
-    from marco_local import native
+    from marco_local.kernels import native
 
     monkeypatch.setattr(native, "available", lambda: False)
     cache = KVCache(3, 2, 4, 16, dtype=torch.bfloat16)
@@ -42,7 +42,7 @@ def test_bf16_cpu_cache_attends_through_a_float32_scratch(monkeypatch):
 
 
 def test_bf16_cpu_cache_with_native_kernels_has_no_scratch():
-    from marco_local import native
+    from marco_local.kernels import native
 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")

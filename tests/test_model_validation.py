@@ -322,7 +322,7 @@ def test_shard_paths_stay_inside_the_folder(bases, tmp_path, marco_main, how):
 
 def test_hf_cache_snapshot_links_are_inside(tmp_path):
     """A Hugging Face cache snapshot's files link to ../../blobs: that is the model's own store, not an escape."""
-    from marco_local.checkpoint import Checkpoint
+    from marco_local.formats.checkpoint import Checkpoint
 
     snap = tmp_path / "models--a--b" / "snapshots" / "rev"
     blobs = tmp_path / "models--a--b" / "blobs"
@@ -384,8 +384,8 @@ MIXES = [
 
 @pytest.mark.parametrize("mix", MIXES, ids=["/".join(m.values()) for m in MIXES])
 def test_mixed_expert_types_match_a_float_reference(bases, tmp_path, mix):
-    from marco_local.gguf_file import GGUFFile
-    from marco_local.gguf_loader import build_model
+    from marco_local.formats.gguf import GGUFFile
+    from marco_local.load.gguf import build_model
 
     mixed = _mixed_file(bases[0], tmp_path / "mixed.gguf", mix)
     ref_path = _mixed_file(bases[0], tmp_path / "ref.gguf", mix, reference=True)

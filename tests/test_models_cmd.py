@@ -154,7 +154,7 @@ def test_info_plans_a_gpu_budget_as_run_does(checkpoint, gpu_mem):
     is stored in float32, the precision info plans for."""
     import torch
 
-    from marco_local.loader import load_model
+    from marco_local.load.checkpoint import load_model
     from marco_local.offload.budget import plan_slots
     from marco_local.offload.install import _kv_bytes, _non_expert_bytes
 
@@ -205,7 +205,7 @@ def test_info_on_a_moe_gguf_offers_quantized_experts_and_a_budget(q4_path):
 
 def test_info_on_a_gguf_says_the_cpu_kernels(q4_path, monkeypatch):
     """The kernel tier (and why) that a GGUF's products would run on, as `marco run -v` says it."""
-    from marco_local import native
+    from marco_local.kernels import native
 
     def kernel_line(out: str) -> str:
         return next(line for line in out.splitlines() if line.startswith("CPU kernels ")).split(None, 2)[2]

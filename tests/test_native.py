@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marco_local import native
-from marco_local.qlinear import make_embedding, make_experts, make_linear
+from marco_local.kernels import native
+from marco_local.layers.gguf import make_embedding, make_experts, make_linear
 from quant.ggml_codecs import codec_for
 
 if not native.available():
@@ -194,7 +194,7 @@ def test_fused_moe_block_equals_routing_then_experts() -> None:
     """`NativeMoeBlock`'s one-call path equals its two-step path (native routing, then the experts), bit for bit:
     the offloaded model relies on it (it routes, then runs experts from its slots)."""
     from marco_local.config import ModelConfig
-    from marco_local.qlinear import NativeMoeBlock
+    from marco_local.layers.gguf import NativeMoeBlock
 
     experts, _ = _experts(("Q4_K", "Q4_K", "Q5_0"), E=12)
     cfg = ModelConfig.from_dict(

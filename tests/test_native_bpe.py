@@ -13,16 +13,16 @@ import random
 import pytest
 from gguf_fixtures import smollm2_path, write_moe_f32
 
-from marco_local import native
-from marco_local.gguf_file import GGUFFile
-from marco_local.gguf_tokenizer import (
+from marco_local.formats.gguf import GGUFFile
+from marco_local.formats.gguf_tokenizer import (
     TOKEN_CONTROL,
     TOKEN_USER_DEFINED,
     build_backend,
     build_native_backend,
     load_tokenizer,
 )
-from marco_local.native_bpe import NativeBPE
+from marco_local.formats.native_bpe import NativeBPE
+from marco_local.kernels import native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
 

@@ -1,5 +1,5 @@
-"""How the native kernels are built and chosen (marco_local/native/__init__.py): kernel tiers and their ISA macros,
-the forced tier and its errors, the reason line the CLI prints, the build without OpenMP, and the fallbacks.
+"""How the native kernels are built and chosen (marco_local/kernels/native/__init__.py): kernel tiers and their ISA
+macros, the forced tier and its errors, the reason line the CLI prints, the build without OpenMP, and the fallbacks.
 
 The kernels' numbers are tested per tier in tests/test_native*.py (the `native_tier` fixture); here, that each tier's
 library really is compiled for its instruction set, and that the thread pool of no-OpenMP builds gives the OpenMP
@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 
-from marco_local import native
 from marco_local.errors import NativeTierError
+from marco_local.kernels import native
 from quant.ggml_codecs import codec_for
 
 X86 = native._arch() == "x86_64"
@@ -44,21 +44,23 @@ def _macros(flags: list[str]) -> set[str]:
 
 
 def test_disabled_by_environment() -> None:
-    code = "from marco_local import native as n; print(n.available(), n.unavailable_reason()); print(n.describe())"
+    code = (
+        "from marco_local.kernels import native as n; print(n.available(), n.unavailable_reason()); print(n.describe())"
+    )
     out = _run(code, MARCO_NATIVE="0")
     assert out == ["False disabled by MARCO_NATIVE=0", "torch (disabled by MARCO_NATIVE=0)"]
 
 
 def test_a_failing_compiler_falls_back_with_a_reason(tmp_path) -> None:
     """No usable compiler: the kernels are unavailable, with the reason; nothing half-built is left in the cache."""
-    code = "from marco_local import native; print(native.available()); print(native.unavailable_reason())"
+    code = "from marco_local.kernels import native; print(native.available()); print(native.unavailable_reason())"
     available, reason = _run(code, CC="false", MARCO_HOME=str(tmp_path), MARCO_NATIVE=None)
     assert available == "False" and reason.startswith("compiling the native kernels failed")
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # no library, no temporary file
 
 
 def test_no_compiler_is_said_with_what_to_install(tmp_path) -> None:
-    code = "from marco_local import native; print(native.describe())"
+    code = "from marco_local.kernels import native; print(native.describe())"
     out = _run(code, CC=None, PATH=str(tmp_path), MARCO_HOME=str(tmp_path), MARCO_NATIVE=None)
     assert out == ["torch (no C compiler found: install gcc or clang for ~3x faster decode)"]
 
@@ -251,7 +253,7 @@ def test_the_thread_pool_survives_concurrent_callers() -> None:
 @pytest.mark.skipif(shutil.which("cc") is None, reason="a C compiler")
 def test_build_in_a_fresh_cache_without_openmp(tmp_path) -> None:
     """A cold build without OpenMP in a new process (as on a compiler without it) loads and reports itself."""
-    code = "from marco_local import native; print(native.describe()); print(native.library().marco_threads_used(2))"
+    code = "from marco_local.kernels import native as n; print(n.describe()); print(n.library().marco_threads_used(2))"
     out = _run(code, MARCO_HOME=str(tmp_path), MARCO_NATIVE_OPENMP="0", MARCO_NATIVE_ISA="portable", MARCO_NATIVE=None)
     assert out == ["native portable (forced by MARCO_NATIVE_ISA; without OpenMP)", "2"]
 
@@ -273,7 +275,7 @@ def test_the_arm64_tiers_build_and_run(tmp_path, tier: str, extra: list[str], op
     exe = tmp_path / "selftest"
     threads = ["-fopenmp"] if openmp else []
     target = native._ARM64_FLAGS[tier][-1]  # a cross compiler has no -mcpu=native
-    selftest = str(native.HERE.parents[1] / "tests" / "native_selftest.c")
+    selftest = str(native.HERE.parents[2] / "tests" / "native_selftest.c")
     flags = [f for f in native.FLAGS if f != "-shared"]
     cmd = ["aarch64-linux-gnu-gcc", *flags, *target, *extra, *threads, "-pthread", "-static", "-o", str(exe)]
     subprocess.run([*cmd, *_sources(), selftest, "-lm"], check=True, capture_output=True)
@@ -289,7 +291,7 @@ def test_the_portable_x86_build_is_bit_identical_to_the_reference(tmp_path, open
     finds no result that differs from dot_ref.c's in a single bit, for every type, 1 and 6 tokens, 1-3 threads."""
     exe = tmp_path / "selftest"
     threads = ["-fopenmp"] if openmp else []
-    selftest = str(native.HERE.parents[1] / "tests" / "native_selftest.c")
+    selftest = str(native.HERE.parents[2] / "tests" / "native_selftest.c")
     flags = [f for f in native.FLAGS if f != "-shared"]
     cmd = [*native._compiler(), *flags, *native._X86_FLAGS["portable"], *threads, "-pthread", "-o", str(exe)]
     subprocess.run([*cmd, *_sources(), selftest, "-lm"], check=True, capture_output=True)

@@ -15,8 +15,8 @@ import torch
 from gguf_fixtures import kl, rel_err
 from offload_gguf_fixtures import q4_path  # noqa: F401
 
-from marco_local import native
-from marco_local.gguf_loader import load_gguf
+from marco_local.kernels import native
+from marco_local.load.gguf import load_gguf
 
 if not native.available():
     pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}", allow_module_level=True)

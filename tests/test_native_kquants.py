@@ -1,4 +1,4 @@
-"""The vectorised native kernels for the K-quants (marco_local/native/dot_kquants.c) against exact sums.
+"""The vectorised native kernels for the K-quants (marco_local/kernels/native/dot_kquants.c) against exact sums.
 
 The kernels quantize the activations to int8 blocks of 256 (act_quant.c: d = amax / 127, q = lrintf(x * (1 / d)),
 bsums = sums of 16) and dot them with the Q4_K / Q5_K / Q6_K super-blocks in integers, one float scale per
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marco_local import native
+from marco_local.kernels import native
 from quant.ggml_codecs import codec_for
 
 if not native.available():

@@ -1,4 +1,4 @@
-"""The vectorised native kernels for the 32-weight ggml types (marco_local/native/dot_legacy.c) against exact sums.
+"""The vectorised native kernels for the 32-weight ggml types (kernels/native/dot_legacy.c) against exact sums.
 
 The kernels quantize the activations to int8 blocks of 32 (act_quant.c) and dot them with the weight blocks. The
 activation quantization is reproduced here in float32 torch ops (d = amax / 127, q = round-half-to-even(x * (1 / d)),
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marco_local import native
+from marco_local.kernels import native
 from quant.ggml_codecs import codec_for
 
 if not native.available():

@@ -10,7 +10,7 @@ import torch
 
 from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
-from marco_local.loader import load_model
+from marco_local.load.checkpoint import load_model
 from marco_local.offload import (
     OffloadedExperts,
     Placement,
@@ -206,7 +206,7 @@ def test_misses_computed_on_the_cpu_where_they_lie(ref, slots):
     store (on the CPU here, where both tiers are RAM; on CUDA while the GPU computes the resident ones), nothing
     copied: the same logits as the resident model (float32, another summation order), and the decoder's segments
     (what CUDA graphs replay, split at each cut) agree with that forward."""
-    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.decode.cuda_graphs import GraphedDecoder
 
     folder, _, tokens, _ = ref
     want = decode_logits(load_model(folder, dtype=torch.float32))
@@ -352,7 +352,7 @@ def test_tensor_bytes_counts_each_byte_once():
 
 @torch.no_grad()
 def test_fusing_for_cuda_graphs_adds_only_the_norm_tables(checkpoint):
-    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.decode.cuda_graphs import GraphedDecoder
     from marco_local.offload.store import tensor_bytes
 
     model = load_model(checkpoint[0], dtype=torch.float32)

@@ -19,9 +19,9 @@ import sys
 import pytest
 import torch
 
-from marco_local.cuda_graphs import GraphedDecoder
+from marco_local.decode.cuda_graphs import GraphedDecoder
 from marco_local.errors import MarcoError
-from marco_local.loader import load_model
+from marco_local.load.checkpoint import load_model
 from marco_local.offload import Event, Placement, Trace, install
 from marco_local.offload.direct import EMPTY, gather_rows, route_reference
 from marco_local.offload.install import enable_direct

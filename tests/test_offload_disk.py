@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from marco_local.demo import write_tokenizer_files
 from marco_local.generate import PromptCache, generate_step
-from marco_local.loader import load_model
+from marco_local.load.checkpoint import load_model
 from marco_local.sampling import make_sampler
 
 MARGIN = 1 << 20

@@ -26,7 +26,7 @@ from marco_local.offload import Placement, install, offload_stats
 def test_quantized_gguf_experts_offload_identically(q4_top4_path, dtype, kernels, request):
     """With fewer slots than a token's experts too: the int4 kernels (no C compiler, MARCO_NATIVE=0) once summed
     such a token in another order than the resident model and chose other tokens."""
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
 
     if kernels == "int4":
         request.getfixturevalue("int4_kernels")
@@ -44,7 +44,7 @@ def test_quantized_gguf_experts_offload_identically(q4_top4_path, dtype, kernels
 
 def test_ram_budget_with_experts_held_in_ram_is_refused_clearly(q4_path, int4_kernels):
     from marco_local.errors import MarcoError
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
 
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16, device=torch.device("cpu"))
     with pytest.raises(MarcoError, match="cannot be kept with this model: its experts are held in RAM"):
@@ -54,7 +54,7 @@ def test_ram_budget_with_experts_held_in_ram_is_refused_clearly(q4_path, int4_ke
 def test_ram_budget_with_native_experts_reads_the_file(q4_path):
     """Native kernels keep a loaded GGUF's experts as views of the file: a RAM budget then reads them from there."""
     native_or_skip()
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
 
     plain, _ = load_gguf(q4_path, dtype=torch.bfloat16)
     want = greedy(plain)

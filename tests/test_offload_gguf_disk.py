@@ -35,7 +35,7 @@ MARGIN = 2 << 20
 
 
 def test_experts_in_file_are_not_repacked_at_load(q4_path, int4_kernels):
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
 
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16, experts_in_file=True)
     experts = model.model.layers[0].mlp.experts
@@ -45,7 +45,7 @@ def test_experts_in_file_are_not_repacked_at_load(q4_path, int4_kernels):
 
 def test_native_experts_in_file_keep_raw_blocks(q4_path):
     native_or_skip()
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
 
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16, experts_in_file=True)
     experts = model.model.layers[0].mlp.experts
@@ -64,7 +64,7 @@ def test_native_experts_in_file_keep_raw_blocks(q4_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_repack_on_read_matches_the_resident_model(q4_path, dtype, tmp_path):
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
 
     plain, _ = load_gguf(q4_path, dtype=dtype)
     want, logits = greedy(plain), prefill_logits(plain)
@@ -86,7 +86,7 @@ def test_repack_on_read_matches_the_resident_model(q4_path, dtype, tmp_path):
 
 
 def test_slot_bytes_equal_the_load_time_repack(q4_path, int4_kernels):
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
 
     plain, _ = load_gguf(q4_path, dtype=torch.bfloat16)
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16, experts_in_file=True)
@@ -114,9 +114,9 @@ MEASURE = textwrap.dedent(
     import gc, json, sys, torch
     torch.set_num_threads(1)
     from marco_local.generate import PromptCache, generate_step
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.load.gguf import load_gguf
     from marco_local.offload import Placement, install, offload_stats
-    from marco_local.qlinear import trim_heap
+    from marco_local.layers.gguf import trim_heap
     from marco_local.sampling import make_sampler
 
     def rss(key):
@@ -151,8 +151,8 @@ MEASURE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def big_gguf(tmp_path_factory, tokenizer_obj):
-    from marco_local.checkpoint import Checkpoint
     from marco_local.config import load_config
+    from marco_local.formats.checkpoint import Checkpoint
     from quant.gguf_writer import write_gguf
 
     folder = tmp_path_factory.mktemp("offload-gguf-disk")
@@ -164,8 +164,8 @@ def big_gguf(tmp_path_factory, tokenizer_obj):
 
 @pytest.mark.parametrize("kernels", ["native", "int4"])
 def test_ram_budget_holds_with_experts_in_the_gguf(big_gguf, kernels, monkeypatch):
-    from marco_local import native
-    from marco_local.gguf_loader import load_gguf
+    from marco_local.kernels import native
+    from marco_local.load.gguf import load_gguf
 
     if kernels == "native":
         native_or_skip()

@@ -12,7 +12,7 @@ import torch
 
 from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
-from marco_local.loader import load_model
+from marco_local.load.checkpoint import load_model
 from marco_local.offload import Placement, install, load_offloaded, offload_stats
 from marco_local.sampling import make_sampler
 
@@ -87,7 +87,7 @@ def test_cuda_install_on_a_loaded_model(ref):
 def test_cuda_misses_computed_on_the_cpu(ref, graphs):
     """`--expert-misses cpu` on CUDA: resident experts on the GPU, the missing ones on the CPU from pinned RAM
     meanwhile; same tokens as the resident model, eager and from CUDA graphs (split at each MoE layer)."""
-    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.decode.cuda_graphs import GraphedDecoder
 
     folder, tokens, _ = ref
     model = load_offloaded(folder, Placement(experts_resident="1", misses="cpu"), torch.float32, "cuda")
@@ -108,7 +108,7 @@ def test_cuda_direct_reads(ref, slots, graphs):
     """`--expert-misses direct`: a token's missing experts gathered by the GPU from pinned host RAM and kept in the
     least recently used slot by the device itself (offload/direct.py); the graphed step has no cut. Same tokens and
     logits as the resident model; the device's cache stays consistent."""
-    from marco_local.cuda_graphs import GraphedDecoder
+    from marco_local.decode.cuda_graphs import GraphedDecoder
 
     folder, tokens, want = ref
     model = load_offloaded(folder, Placement(experts_resident=str(slots), misses="direct"), torch.float32, "cuda")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from offload_gguf_fixtures import native_or_skip, one_thread  # noqa: F401 (autouse: one intra-op thread)
 
-from marco_local.gguf_loader import load_gguf
-from marco_local.loader import load_model
+from marco_local.load.checkpoint import load_model
+from marco_local.load.gguf import load_gguf
 from marco_local.offload import Placement, install, load_offloaded
 
 PROMPT = [5, 17, 33, 2, 91, 120, 7, 64]

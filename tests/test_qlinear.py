@@ -1,6 +1,6 @@
 """Quantized linears and experts against `x @ codec.dequantize(raw).T` in float32, for every GGUF type.
 
-Tolerances (see marco_local/qlinear.py): bf16 activations run the int4 kernel with bf16 group scales: each represented
+Tolerances (see layers/gguf.py): bf16 activations run the int4 kernel with bf16 group scales: each represented
 weight within 2^-6.5 of its block's largest |w| (measured worst 2^-6.75, Q5_1/Q5_K), and a relative output error
 below 6e-3 (measured 2.4e-3 for the 4-bit types and Q8_0, up to 3.9e-3 for the 5-bit ones); float32 activations take
 the exact path (1e-5). These tests pin the int4 path (the one used without the native kernels); the native kernels'
@@ -13,9 +13,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as GT
 
-from marco_local import native
-from marco_local.models.qwen3_moe import Experts
-from marco_local.qlinear import (
+from marco_local.kernels import native
+from marco_local.layers.gguf import (
     CHUNK_ROWS,
     DENSE,
     LAYOUTS,
@@ -25,6 +24,7 @@ from marco_local.qlinear import (
     make_experts,
     make_linear,
 )
+from marco_local.models.qwen3_moe import Experts
 from quant.ggml_codecs import codec_for
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
@@ -91,7 +91,7 @@ def test_chunked_packing_is_checked_on_this_cpu() -> None:
 
 
 def test_linear_chunked_repack(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("marco_local.qlinear.CHUNK_ROWS", 64)
+    monkeypatch.setattr("marco_local.layers.gguf.CHUNK_ROWS", 64)
     raw, w = _quantized("Q4_K", (200, 256), seed=4)
     x = torch.randn(3, 256).bfloat16()
     assert _rel(make_linear(raw, GT.Q4_K, 200, 256)(x), x.float() @ w.T) < BF16_REL_TOL

@@ -22,10 +22,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from typer.testing import CliRunner
 
-from marco_local.checkpoint import Checkpoint
 from marco_local.cli.main import app
 from marco_local.config import load_config
 from marco_local.errors import MarcoError
+from marco_local.formats.checkpoint import Checkpoint
 from quant import convert, gguf_writer
 from quant.gguf_names import GLOBAL_NAMES, LAYER_NAMES, gguf_name
 from quant.gguf_writer import GGUF_PRESETS, plan_gguf, read_vocab, tensor_type

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from marco_local.generate import PromptCache, generate_step
-from marco_local.loader import load_model
+from marco_local.load.checkpoint import load_model
 from marco_local.sampling import make_sampler
 
 REL_TOL = 1e-4  # max |ours - ref| / max |ref| over all logits, float32
@@ -185,9 +185,9 @@ def test_fused_gate_up_keeps_the_numbers_and_the_bytes():
 
 
 def test_only_plain_experts_fuse_gate_up(q4_path):
-    from marco_local.gguf_experts import StackedGGUFExperts
-    from marco_local.gguf_file import GGUFFile
-    from marco_local.gguf_loader import build_model
+    from marco_local.formats.gguf import GGUFFile
+    from marco_local.layers.gguf_cuda import StackedGGUFExperts
+    from marco_local.load.gguf import build_model
 
     model = build_model(GGUFFile(q4_path), dense=True, quantized_experts=torch.device("cpu"))
     experts = model.model.layers[0].mlp.experts

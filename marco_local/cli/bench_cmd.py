@@ -64,8 +64,8 @@ def bench(
     import torch
 
     from ..benchmark import run_benchmark
+    from ..layers.gguf import kernel_summary
     from ..offload import Placement, offload_stats
-    from ..qlinear import kernel_summary
     from ..runtime import load
 
     if threads and threads > (os.cpu_count() or threads):

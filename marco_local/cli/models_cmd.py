@@ -127,7 +127,7 @@ def info(
         )
     lines.append(("KV cache", f"{gib(mi.kv_bytes)} at {mi.ctx:,} tokens"))
     if mi.format == "gguf":  # its quantized products run on the native kernels where they can be had
-        from .. import native
+        from ..kernels import native
 
         lines.append(("CPU kernels", native.describe()))
     table = Table(box=None, pad_edge=False, show_header=False)

@@ -171,7 +171,7 @@ def run(
         sys.stdout.write("\n")
     sys.stdout.flush()
     if verbose and last is not None:
-        from ..qlinear import kernel_summary
+        from ..layers.gguf import kernel_summary
 
         kernels = kernel_summary(lm.model)
         extra = f" · kernels: {kernels}" if kernels else ""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kv_cache import KVCache
+from .kv_cache import KVCache
 from .qwen3_moe import MLP, DecodeStep, RMSNorm, RotaryEmbedding, attend, rotate_half
 
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import native
 from ..config import ModelConfig
-from ..kv_cache import KVCache
+from ..kernels import native
+from .kv_cache import KVCache
 
 
 class DecodeStep(Protocol):
@@ -198,7 +198,7 @@ class Attention(nn.Module):
         """One token (x [1, 1, D]) at the position held in the device tensor `pos` [1]: its key and value are
         written there, and it attends over the first W cache positions under the additive `mask` [1, 1, 1, W] (0 at
         positions <= pos, -inf beyond). Shapes are fixed by W and nothing is read back to the host: the form a CUDA
-        graph captures (marco_local/cuda_graphs.py). RoPE takes the sign-folded sin table (`rope_signed`). The
+        graph captures (marco_local/decode/cuda_graphs.py). RoPE takes the sign-folded sin table (`rope_signed`). The
         G = H / H_kv query heads of a key head are attention's G queries over that head's keys, so the step is one
         plain attention call (no GQA expansion, which would copy the window). Same numbers as `forward` up to kernel
         rounding; `cache.offset` is the caller's to advance."""

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint
 from ..config import load_config
 from ..errors import MarcoError
-from ..kv_cache import kv_cache_bytes
-from ..loader import check_checkpoint
-from ..meta import meta_device
+from ..formats.checkpoint import Checkpoint
+from ..load.checkpoint import check_checkpoint
+from ..load.meta import meta_device
+from ..models.kv_cache import kv_cache_bytes
 from ..models.qwen3_moe import Qwen3MoeForCausalLM
 from .budget import (
     AUTO_GPU_MARGIN,

@@ -1,6 +1,6 @@
 """Linear layers, experts and embeddings that keep GGUF weights quantized and compute on them.
 
-Two kernel families. When the native kernels can be had (`marco_local.native`: C, compiled on first use), every
+Two kernel families. When the native kernels can be had (`marco_local.kernels.native`: C, compiled on first use), every
 quantized type they read (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) runs on the file's blocks as they lie:
 nothing is repacked, the weights stay zero-copy views of the memory-mapped GGUF (prefaulted at load, see `prefault`),
 and a layer's routing and selected experts run in one call per token (`NativeMoeBlock`, `native.moe_routed`). The
@@ -73,8 +73,8 @@ from torch import nn
 from quant.ggml_codecs import Codec, codec_for
 from quant.ggml_types import GGMLQuantizationType as GT
 
-from . import native
-from .models.qwen3_moe import Experts, SparseMoeBlock
+from ..kernels import native
+from ..models.qwen3_moe import Experts, SparseMoeBlock
 
 KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the CPU int4 kernel vectorises
 ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu refuses a row count that is not a multiple of 16

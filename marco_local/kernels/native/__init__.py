@@ -45,8 +45,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import NativeTierError, not_a_number
-from ..paths import cache_home
+from ...errors import NativeTierError, not_a_number
+from ...paths import cache_home
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: `marco info` names the kernels without it
     import torch

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint
-from .config import ModelConfig, load_config
-from .errors import InvalidModelError, MarcoError
+from ..config import ModelConfig, load_config
+from ..errors import InvalidModelError, MarcoError
+from ..formats.checkpoint import Checkpoint
+from ..models.qwen3_moe import Qwen3MoeForCausalLM
 from .meta import meta_device
-from .models.qwen3_moe import Qwen3MoeForCausalLM
 
 ProgressFn = Callable[[int, int], None]
 

@@ -23,9 +23,9 @@ import ctypes
 import torch
 from torch import nn
 
-from . import native
-from .kv_cache import KVCache
-from .qlinear import QLinear
+from ..kernels import native
+from ..layers.gguf import QLinear
+from ..models.kv_cache import KVCache
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -96,7 +96,7 @@ class NativeDecoder:
         """A MoE block whose token path is one `marco_moe_routed` call (`NativeMoeBlock.forward`'s fused case): its
         experts module, then the call's arguments from the router to the types, called here directly (the module
         call, its checks and five small tensors cost ~40 us a layer). None otherwise."""
-        from .qlinear import NativeMoeBlock, QExperts
+        from ..layers.gguf import NativeMoeBlock, QExperts
 
         if not isinstance(mlp, NativeMoeBlock):
             return None
@@ -135,8 +135,8 @@ class NativeDecoder:
         and a routing replaced on the block (a bench's synthetic trace). Returns (the experts module as installed,
         the offload wrapper or None, the router's arguments, the raws' (address, stride) pairs, the types, the
         width); None for a block that is not native."""
-        from .offload.experts import OffloadedExperts
-        from .qlinear import NativeMoeBlock, QExperts
+        from ..layers.gguf import NativeMoeBlock, QExperts
+        from ..offload.experts import OffloadedExperts
 
         if not isinstance(mlp, NativeMoeBlock):
             return None

@@ -42,11 +42,11 @@ import os
 import torch
 from torch import nn
 
-from .errors import MarcoError
-from .kv_cache import KVCache
-from .models import qwen3_moe
-from .models.qwen3_moe import Qwen3MoeForCausalLM
-from .offload.experts import OffloadedExperts
+from ..errors import MarcoError
+from ..models import qwen3_moe
+from ..models.kv_cache import KVCache
+from ..models.qwen3_moe import Qwen3MoeForCausalLM
+from ..offload.experts import OffloadedExperts
 
 MIN_WINDOW = 256
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

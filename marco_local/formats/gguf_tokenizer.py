@@ -23,10 +23,10 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .errors import InvalidModelError, MarcoError
-from .gguf_file import GGUFFile
+from ..errors import InvalidModelError, MarcoError
+from ..tokenizer import Tokenizer, tokenizer_errors
+from .gguf import GGUFFile
 from .native_bpe import NativeBPE
-from .tokenizer import Tokenizer, tokenizer_errors
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 

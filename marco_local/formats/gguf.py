@@ -28,8 +28,8 @@ import numpy as np
 
 from quant.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .config import ModelConfig
-from .errors import InvalidModelError, MarcoError
+from ..config import ModelConfig
+from ..errors import InvalidModelError, MarcoError
 
 if TYPE_CHECKING:
     import torch

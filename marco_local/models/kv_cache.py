@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import native
-from .errors import MarcoError
+from ..errors import MarcoError
+from ..kernels import native
 
 
 def kv_cache_bytes(

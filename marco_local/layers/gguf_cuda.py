@@ -12,7 +12,7 @@ each expert's rows like any stacked experts (offload/store.py). Numbers: the wei
 (`gguf_loader._dense_modules`: the same float32 dequantization, then the same cast), so the logits match a dense load
 up to the order of floating-point sums. A prompt on CUDA takes the padded batch with the experts dequantized a group
 at a time (`Experts.forward_padded_gathered`). A decode token on CUDA, where triton is installed, dequantizes no
-matrix: triton kernels (gguf_triton.py) multiply straight from the blocks (gate and up in one kernel) with float32
+matrix: triton kernels (triton_gguf.py) multiply straight from the blocks (gate and up in one kernel) with float32
 weights and sums, not the model dtype's, so a bf16 model's token differs from the dense path's by that rounding
 (MARCO_GGUF_TRITON=0 keeps the dequantizing path, to compare).
 """
@@ -25,8 +25,8 @@ from torch import nn
 
 from quant.ggml_codecs import Codec, codec_for
 
-from . import gguf_triton
-from .models.qwen3_moe import Experts
+from ..kernels import triton_gguf
+from ..models.qwen3_moe import Experts
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -62,7 +62,7 @@ class StackedGGUFExperts(Experts):
         """Once an offload store holds a copy of the experts (`offload.install`), hand the file pages they were read
         from back to the kernel: touched pages of a memory-mapped file count as resident, so RAM would otherwise hold
         the experts twice (Nano Q4_K_M: 4.8 GB) until the file is unmapped."""
-        from .qlinear import release_pages
+        from .gguf import release_pages
 
         for name in PROJECTIONS:
             release_pages(getattr(self, f"{name}_raw"))
@@ -84,7 +84,7 @@ class StackedGGUFExperts(Experts):
         """x [1, D] through the experts `ids` [A] (or a slice of the stack: offload/direct.py's gather buffer),
         weighted [1, A]: with the kernels, the blocks are read where they lie (the raw buffers are looked up per call,
         so an offload runtime's rebound views are the ones read)."""
-        if not (gguf_triton.runs_on(x.device) and all(gguf_triton.supports(c) for c in self.codecs.values())):
+        if not (triton_gguf.runs_on(x.device) and all(triton_gguf.supports(c) for c in self.codecs.values())):
             return super()._one_token(x, ids, weights)
         gate_raw, up_raw, down_raw = (getattr(self, f"{name}_raw") for name in PROJECTIONS)
         if isinstance(ids, slice):  # the stack's rows in order: no id tensor (none to build inside a graph)
@@ -92,11 +92,11 @@ class StackedGGUFExperts(Experts):
             ids = None
         (I, D), gate, up = self.shapes["gate_proj"], self.codecs["gate_proj"], self.codecs["up_proj"]
         if gate.ggml_type == up.ggml_type:  # one kernel: silu(gate) * up
-            h = gguf_triton.expert_matvec(gate_raw, gate, ids, x, I, D, up=up_raw)  # [A, I] float32
+            h = triton_gguf.expert_matvec(gate_raw, gate, ids, x, I, D, up=up_raw)  # [A, I] float32
         else:
-            g = gguf_triton.expert_matvec(gate_raw, gate, ids, x, I, D)
-            h = F.silu(g) * gguf_triton.expert_matvec(up_raw, up, ids, x, I, D)
-        y = gguf_triton.expert_matvec(down_raw, self.codecs["down_proj"], ids, h, D, I)  # [A, D], row a from h[a]
+            g = triton_gguf.expert_matvec(gate_raw, gate, ids, x, I, D)
+            h = F.silu(g) * triton_gguf.expert_matvec(up_raw, up, ids, x, I, D)
+        y = triton_gguf.expert_matvec(down_raw, self.codecs["down_proj"], ids, h, D, I)  # [A, D], row a from h[a]
         return torch.mm(weights.to(y.dtype), y).to(x.dtype)  # the routing-weighted sum [1, D]
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from .errors import InvalidModelError, MarcoError
+from ..errors import InvalidModelError, MarcoError
 
 if TYPE_CHECKING:  # safe_open(framework="pt") imports torch when a tensor is read; `marco info` reads headers only
     import torch

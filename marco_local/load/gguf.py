@@ -1,18 +1,18 @@
 """Build a model from a GGUF file with its weights left quantized, plus the tokenizer the file carries.
 
 The model (qwen3_moe, qwen3 or llama, chosen by `general.architecture`) is created on the meta device; then every
-projection is replaced by a module that runs on the file's own bytes: `qlinear.make_linear` for linears (attention,
-dense FFN, lm_head) and `qlinear.make_experts` for a layer's stacked experts, both handed zero-copy views of the
+projection is replaced by a module that runs on the file's own bytes: `gguf_layers.make_linear` for linears (attention,
+dense FFN, lm_head) and `gguf_layers.make_experts` for a layer's stacked experts, both handed zero-copy views of the
 memory-mapped file. Norms, q/k norms and the router are small and F32 in every llama.cpp file: they become ordinary
 parameters. The token embedding stays quantized too: a lookup dequantizes only the rows it reads, and a tied lm_head
 runs on the same bytes through `make_linear`.
 
-Interface with `marco_local/qlinear.py` (the fast kernels):
+Interface with `marco_local/layers/gguf.py` (the fast kernels):
     make_linear(raw, ggml_type, out_features, in_features) -> nn.Module computing x @ W.T
     make_experts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate) -> Experts subclass
     make_embedding(raw, ggml_type, num_embeddings, dim, dtype) -> nn.Module mapping ids to `dtype` rows
 `raw` is uint8 [rows, row_bytes] for a matrix and [E, rows, row_bytes] for stacked experts, GGML block layout. Where
-qlinear.py is absent, `DequantLinear` / `DequantExperts` / `QuantEmbedding` below (dequantize per call with
+gguf_layers.py is absent, `DequantLinear` / `DequantExperts` / `QuantEmbedding` below (dequantize per call with
 quant/ggml_codecs.py: exact and slow) stand in; they are also the readable reference of what the fast modules compute.
 
 File quirks handled here and nowhere else (the `sanitize` step): llama.cpp stores llama's Q/K rows permuted for its
@@ -34,15 +34,15 @@ from torch import nn
 
 from quant.ggml_codecs import codec_for
 
-from .config import ModelConfig
-from .errors import MarcoError
-from .gguf_file import GGUFFile, TensorInfo, model_config
-from .gguf_tokenizer import load_tokenizer
+from ..config import ModelConfig
+from ..errors import MarcoError
+from ..formats.gguf import GGUFFile, TensorInfo, model_config
+from ..formats.gguf_tokenizer import load_tokenizer
+from ..models.llama import LlamaForCausalLM
+from ..models.qwen3 import Qwen3ForCausalLM
+from ..models.qwen3_moe import Experts, Qwen3MoeForCausalLM, SparseMoeBlock
+from ..tokenizer import Tokenizer
 from .meta import meta_device
-from .models.llama import LlamaForCausalLM
-from .models.qwen3 import Qwen3ForCausalLM
-from .models.qwen3_moe import Experts, Qwen3MoeForCausalLM, SparseMoeBlock
-from .tokenizer import Tokenizer
 
 ProgressFn = Callable[[int, int], None]
 
@@ -142,11 +142,11 @@ def _kernels(exact: bool) -> tuple[Callable[..., nn.Module], Callable[..., nn.Mo
     """qlinear's fast modules (make_linear, make_experts, make_embedding), else the dequantize-per-call references.
     `exact`: qlinear's modules are the float32 reference (dequantize on every call)."""
     try:
-        from . import qlinear
+        from ..layers import gguf as gguf_layers
     except ImportError:
         return DequantLinear, DequantExperts, QuantEmbedding
-    make_linear = functools.partial(qlinear.make_linear, exact=exact)
-    return make_linear, functools.partial(qlinear.make_experts, exact=exact), qlinear.make_embedding
+    make_linear = functools.partial(gguf_layers.make_linear, exact=exact)
+    return make_linear, functools.partial(gguf_layers.make_experts, exact=exact), gguf_layers.make_embedding
 
 
 def _dense_modules(
@@ -156,7 +156,7 @@ def _dense_modules(
     `dtype`: a GGUF on CUDA, where the GGUF kernels (CPU kernels) do not run. Costs the dense size in memory (a 4-bit
     file takes 4x its size in bf16); in return the model is the plain one, so CUDA graphs apply. With
     `quantized_experts`, experts stay the file's blocks on that device instead (`gguf_experts.StackedGGUFExperts`)."""
-    from .qlinear import dequantize_rows
+    from ..layers.gguf import dequantize_rows
 
     def param(raw: torch.Tensor, ggml_type: int) -> nn.Parameter:
         return nn.Parameter(dequantize_rows(raw, ggml_type).to(device=device, dtype=dtype), requires_grad=False)
@@ -169,7 +169,7 @@ def _dense_modules(
 
     def make_experts(gate_raw, up_raw, down_raw, ggml_types, num_experts: int, hidden: int, intermediate: int):
         if quantized_experts is not None:
-            from .gguf_experts import StackedGGUFExperts
+            from ..layers.gguf_cuda import StackedGGUFExperts
 
             raws = (gate_raw, up_raw, down_raw)
             return StackedGGUFExperts(raws, ggml_types, hidden, intermediate, dtype, quantized_experts)
@@ -202,7 +202,7 @@ def _unpermute_rows(raw: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _native_available() -> bool:
     try:
-        from . import native
+        from ..kernels import native
     except ImportError:
         return False
     return native.available()
@@ -211,8 +211,8 @@ def _native_available() -> bool:
 def _use_native_moe_blocks(model: nn.Module, cfg: ModelConfig) -> None:
     """Swap each (still meta) `SparseMoeBlock` for qlinear's `NativeMoeBlock` when the native kernels are there."""
     try:
-        from . import native
-        from .qlinear import NativeMoeBlock
+        from ..kernels import native
+        from ..layers.gguf import NativeMoeBlock
     except ImportError:
         return
     if not native.available():
@@ -397,7 +397,7 @@ def build_model(
 def _attach_native_decoder(model: nn.Module) -> None:
     """One-token steps through `native_decode.NativeDecoder` when the model qualifies (bf16, native projections)."""
     try:
-        from .native_decode import NativeDecoder
+        from ..decode.native import NativeDecoder
     except ImportError:
         return
     if NativeDecoder.supports(model):
@@ -438,7 +438,7 @@ def load_gguf(
     # prompt's activations and the KV cache arrive (2 MiB less peak RSS on Nano).
     del g
     gc.collect()
-    from .qlinear import trim_heap
+    from ..layers.gguf import trim_heap
 
     trim_heap()
     return model, tokenizer
@@ -447,7 +447,7 @@ def load_gguf(
 def _dense_fits(g: GGUFFile, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether every weight of `g` dequantized to `dtype` fits in the device's free memory, leaving the margin
     `--gpu-mem auto` leaves (the KV cache and activations come on top: a tight fit takes the quantized experts)."""
-    from .offload.budget import AUTO_GPU_MARGIN
+    from ..offload.budget import AUTO_GPU_MARGIN
 
     need = sum(math.prod(info.shape) for info in g.tensors.values()) * torch.finfo(dtype).bits // 8
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0

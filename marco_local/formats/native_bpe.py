@@ -20,7 +20,7 @@ from itertools import accumulate
 
 from tokenizers import pre_tokenizers
 
-from . import native
+from ..kernels import native
 
 
 @dataclass

@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint
-from .config import load_config
-from .errors import MarcoError
-from .loader import _set_param, _stacked_expert_source, check_checkpoint
+from ..config import load_config
+from ..errors import MarcoError
+from ..formats.checkpoint import Checkpoint
+from ..models.qwen3_moe import Experts, Qwen3MoeForCausalLM
+from .checkpoint import _set_param, _stacked_expert_source, check_checkpoint
 from .meta import meta_device
-from .models.qwen3_moe import Experts, Qwen3MoeForCausalLM
 
 ProgressFn = Callable[[int, int], None]
 
