@@ -56,8 +56,10 @@ from offload_speed import use_trace_routing  # noqa: E402
 from quantize_nano import NANO  # noqa: E402
 
 from marco_local.config import ModelConfig  # noqa: E402
+from marco_local.decode import decode_step, set_decode_step
 from marco_local.decode.cuda_graphs import GraphedDecoder  # noqa: E402
 from marco_local.generate import prefill  # noqa: E402
+from marco_local.layers.kv_cache import make_cache  # noqa: E402
 from marco_local.load.gguf import load_gguf  # noqa: E402
 from marco_local.load.meta import meta_device  # noqa: E402
 from marco_local.models import qwen3_moe  # noqa: E402
@@ -192,7 +194,7 @@ def timed_run(model, prompt: list[int], stream: list[int], repeats: int = 2) -> 
     best_p = best_d = 0.0
     device = model.model.norm.weight.device
     for _ in range(repeats):
-        cache = model.make_cache(len(prompt) + len(stream))
+        cache = make_cache(model, len(prompt) + len(stream))
         sync()
         t0 = time.perf_counter()
         prefill(model, torch.tensor([prompt], device=device), cache)
@@ -302,7 +304,8 @@ def main() -> None:
         p2, d2 = timed_run(model, prompt, stream)
         qwen3_moe.Experts.stacked = orig
         rows.append({"config": "resident, grouped loop", "prefill_tps": p2, "decode_tps": d2})
-    model.decode_step = decoder = GraphedDecoder(model) if graphable(model) else None
+    decoder = GraphedDecoder(model) if graphable(model) else None
+    set_decode_step(model, decoder)
     try:
         p3, d_tps = timed_run(model, prompt, stream)
         graphed = decoder is not None and not decoder.failed
@@ -310,7 +313,7 @@ def main() -> None:
         rows.append({"config": config, "prefill_tps": p3, "decode_tps": d_tps})
     except Exception as e:  # an error in the graphed step must not cost the other measurements
         print(f"CUDA graphs failed: {type(e).__name__}: {e}", flush=True)
-    model.decode_step = None
+    set_decode_step(model, None)
     del decoder  # it holds the model: the offloaded rows' VRAM must not count this one
     resident_tps = d_tps
     out.update(decode_bytes=need, bandwidth_bound_tps=bound, resident_decode_tps=d_tps, resident_prefill_tps=p_tps)
@@ -355,18 +358,18 @@ def main() -> None:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated() if cuda else 0
-            model.decode_step = None
+            set_decode_step(model, None)
             if mode == "graphs":
                 if not graphable(model):
                     print(f"{label}: not graphed (bnb linears, or fewer slots than experts per token)", flush=True)
                     continue
-                model.decode_step = GraphedDecoder(model)
+                set_decode_step(model, GraphedDecoder(model))
                 if routing == "synthetic":
                     use_trace_slots(model, args.layers, 4 * (args.tokens + 8))
             elif routing == "synthetic":
                 use_trace_routing(model, args.layers, 4 * (args.tokens + 8))
             p_tps, d_tps = timed_run(model, prompt, stream)
-            if mode == "graphs" and model.decode_step.failed:
+            if mode == "graphs" and decode_step(model).failed:
                 mode = "graphs FAILED (eager)"
             st = offload_stats(model)
             plan = model.offload.plan

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from marco_local.config import ModelConfig  # noqa: E402
 from marco_local.decode.cuda_graphs import GraphedDecoder  # noqa: E402
+from marco_local.layers.kv_cache import make_cache  # noqa: E402
 from marco_local.models.qwen3_moe import Experts, Qwen3MoeForCausalLM, RMSNorm  # noqa: E402
 
 VIEWS = {
@@ -100,7 +101,7 @@ def count(layers: int) -> collections.Counter[str]:
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     decoder = GraphedDecoder(model, min_window=16)
-    cache = model.make_cache(64)
+    cache = make_cache(model, 64)
     cache.keys.zero_(), cache.values.zero_()
     model(torch.tensor([[1, 2, 3]]), cache)
     # the CUDA choice for one token (Experts.forward: the grouped loop reads back to the host)

@@ -41,7 +41,9 @@ def run_case(name: str) -> dict:
     import torch
 
     from marco_local import runtime
+    from marco_local.decode import forward
     from marco_local.generate import prefill, prefill_chunk
+    from marco_local.layers.kv_cache import make_cache
 
     spec, _, kwargs = CASES[name]
     if spec == "smollm2":
@@ -58,7 +60,7 @@ def run_case(name: str) -> dict:
     loaded = runtime.load(spec, placement=placement)
     model, tok = loaded.model, loaded.tokenizer
     ids = tok.encode(PROMPT)
-    cache = model.make_cache(len(ids) + STEPS + 1)
+    cache = make_cache(model, len(ids) + STEPS + 1)
     h = hashlib.sha256()
     tokens = []
     with torch.inference_mode():
@@ -67,7 +69,7 @@ def run_case(name: str) -> dict:
             last = logits[0, -1].float().contiguous()
             h.update(last.numpy().tobytes())
             tokens.append(int(last.argmax()))
-            logits = model(torch.tensor([[tokens[-1]]]), cache)
+            logits = forward(model, torch.tensor([[tokens[-1]]]), cache)
     return {"tokens": tokens, "logits_sha256": h.hexdigest()}
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from marco_local.decode import forward  # noqa: E402
+from marco_local.layers.kv_cache import make_cache  # noqa: E402
 from marco_local.offload import Trace, locality, record_trace, simulate, synthetic_trace  # noqa: E402
 from marco_local.offload.profile import counts_from_trace  # noqa: E402
 from marco_local.offload.trace import simulate_direct  # noqa: E402
@@ -43,10 +45,10 @@ def demo_trace(tokens: int) -> Trace:
 
     lm = load("demo", dtype="f32", device="cpu")
     ids = (lm.tokenizer.encode(TEXT) * (tokens // 20 + 2))[: tokens + 1]
-    cache = lm.model.make_cache(len(ids))
+    cache = make_cache(lm.model, len(ids))
     with record_trace(lm.model) as trace:
         for t in ids:  # one token per call: decode-shaped events
-            lm.model(torch.tensor([[t]]), cache)
+            forward(lm.model, torch.tensor([[t]]), cache)
     return trace
 
 

@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantize_nano  # noqa: E402
 
+from marco_local.decode import forward  # noqa: E402
 from marco_local.generate import prefill  # noqa: E402
+from marco_local.layers.kv_cache import make_cache  # noqa: E402
 from marco_local.load.checkpoint import load_model  # noqa: E402
 from marco_local.offload import Placement, install, load_offloaded, offload_stats, synthetic_trace  # noqa: E402
 
@@ -86,7 +88,7 @@ def timed(
     for _ in range(repeats):
         if cold is not None:
             evict_file_pages(cold)
-        cache = model.make_cache(len(prompt) + len(stream))
+        cache = make_cache(model, len(prompt) + len(stream))
         t0 = time.perf_counter()
         prefill(model, torch.tensor([prompt], device=device), cache)
         best_p = max(best_p, len(prompt) / (time.perf_counter() - t0))
@@ -95,7 +97,7 @@ def timed(
             rt.reset_stats()  # decode only
         t0 = time.perf_counter()
         for token in stream:
-            model(torch.tensor([[token]], device=device), cache)
+            forward(model, torch.tensor([[token]], device=device), cache)
         best_d = max(best_d, len(stream) / (time.perf_counter() - t0))
     return best_p, best_d
 

@@ -19,6 +19,7 @@ import torch
 
 from marco_local.generate import prefill
 from marco_local.kernels import native
+from marco_local.layers.kv_cache import make_cache
 from marco_local.runtime import load
 
 # native entry point -> the stage it is in a decode step (marco_matmul is told apart by its row count)
@@ -74,7 +75,7 @@ def main() -> None:
     decoder = getattr(model, "decode_step", None)
     if decoder is None:
         raise SystemExit("this model has no native decode step (bf16 GGUF on the CPU with native kernels)")
-    cache = model.make_cache(args.context + args.tokens + 8)  # + the warm-up tokens
+    cache = make_cache(model, args.context + args.tokens + 8)  # + the warm-up tokens
     prompt = torch.randint(0, vocab, (1, args.context), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         logits = prefill(model, prompt, cache)

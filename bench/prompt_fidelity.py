@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_vs_llamacpp import NANO, llama_quantize, prompt_ids, smollm2_path, write_marco_gguf  # noqa: E402
 
+from marco_local.layers.kv_cache import make_cache  # noqa: E402
+
 OUT = Path(os.environ.get("MARCO_BENCH_DIR", "/tmp/marco-fidelity"))
 MOE_SHAPE = dict(NANO, layers=4, experts=32, vocab=32768)
 TEXT = (
@@ -113,7 +115,7 @@ def our_logits(path: Path, ids: list[int], threads: int, one_by_one: bool) -> np
 
     torch.set_num_threads(threads)
     model, _ = load_gguf(path, dtype=torch.bfloat16)
-    cache = model.make_cache(len(ids) + 8)
+    cache = make_cache(model, len(ids) + 8)
     x = torch.tensor([ids])
     with torch.inference_mode():
         if one_by_one:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .cpu_share import CpuShare
 from .generate import peak_memory_bytes, prefill, prefill_chunk
+from .layers.kv_cache import make_cache
 
 ProgressFn = Callable[[int, int], None]
 
@@ -76,7 +77,7 @@ def run_benchmark(
     vocab = int(model.config.vocab_size)
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=g).to(device)
-    cache = model.make_cache(max(prompt_tokens, decode_tokens + 1))
+    cache = make_cache(model, max(prompt_tokens, decode_tokens + 1))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -84,7 +85,7 @@ def run_benchmark(
 
     def decode(n: int) -> float:
         cache.reset()
-        logits = model(prompt[:, :1], cache)
+        logits = decode.forward(model, prompt[:, :1], cache)
         _sync(device)
         start = time.perf_counter()
         for _ in range(n):
@@ -92,7 +93,7 @@ def run_benchmark(
             token = logits[:, -1].float().argmax(-1, keepdim=True)
             if share:
                 share.tick()
-            logits = model(token, cache)
+            logits = decode.forward(model, token, cache)
         _sync(device)
         return n / (time.perf_counter() - start)
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import MarcoError
 from .generate import UNTIL_FULL, GenerationResponse, PromptCache, stream_generate
+from .layers.kv_cache import make_cache
 from .sampling import RANDOM_SEED, Sampler, make_logits_processors, make_sampler, new_seed, setting_error
 from .tokenizer import Tokenizer
 
@@ -154,7 +155,7 @@ class ChatSession:
         self.messages: list[dict[str, Any]] = []
         self.last_reply: Reply | None = None
         # Allocated once for the whole context window: every turn reuses it (KVCache never grows).
-        self.prompt_cache = PromptCache(model.make_cache(context_length))
+        self.prompt_cache = PromptCache(make_cache(model, context_length))
         self._sampler: Sampler | None = None
         self._sampler_key: tuple | None = None
         self.seed: int | None = None  # the sampler's seed: the one set, else one drawn for it (to repeat a session)

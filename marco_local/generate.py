@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import decode
 from .cpu_share import CpuShare
+from .layers.kv_cache import make_cache
 from .models.kv_cache import KVCache
 from .sampling import LogitsProcessor, Sampler, make_sampler
 from .tokenizer import Tokenizer
@@ -92,7 +94,7 @@ def prefill(model: nn.Module, tokens: torch.Tensor, cache: KVCache, chunk: int |
     """Run the prompt `tokens` [1, T] into `cache` in chunks; logits [1, 1, V] of its last token."""
     step = chunk or prefill_chunk(tokens.device)
     for start in range(0, tokens.shape[1], step):
-        logits = model(tokens[:, start : start + step], cache, last_only=True)
+        logits = decode.forward(model, tokens[:, start : start + step], cache, last_only=True)
     return logits
 
 
@@ -125,7 +127,7 @@ def generate_step(
     try:
         while True:
             chunk, todo = todo[:step], todo[step:]
-            logits = model(torch.tensor([chunk], device=device), prompt_cache.cache, last_only=True)
+            logits = decode.forward(model, torch.tensor([chunk], device=device), prompt_cache.cache, last_only=True)
             prompt_cache.add(chunk)
             if progress:
                 progress(len(prompt) - len(todo), len(prompt))
@@ -144,7 +146,7 @@ def generate_step(
                 break
             if share:
                 share.tick()
-            logits = model(torch.tensor([[token]], device=device), prompt_cache.cache)
+            logits = decode.forward(model, torch.tensor([[token]], device=device), prompt_cache.cache)
             prompt_cache.add([token])
     finally:
         if share:
@@ -178,7 +180,7 @@ def stream_generate(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if prompt_cache is None:
         wanted = max_context if max_tokens == UNTIL_FULL else len(ids) + max_tokens
-        prompt_cache = PromptCache(model.make_cache(min(max_context, wanted)))
+        prompt_cache = PromptCache(make_cache(model, min(max_context, wanted)))
     room = prompt_cache.cache.max_len - len(ids)
     max_tokens = room if max_tokens == UNTIL_FULL else min(max_tokens, room)
     sampler = sampler or make_sampler()

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .decode.cuda_graphs import enable_cuda_graphs
 from .errors import InvalidModelError, MarcoError
 from .load.bnb import is_bnb_folder, load_bnb_model  # imports bitsandbytes only when used
 from .load.checkpoint import load_model
@@ -147,8 +146,6 @@ def load(
             notes.append(f"{listed}: no effect, the model is dense (it has no experts to offload)")
         elif offload:
             install(model, placement, files=[source.path] if on_cpu else [])
-        if dev.type == "cuda":
-            enable_cuda_graphs(model)
         return LoadedModel(source, model, tokenizer, dev, {}, notes)
     if is_bnb_folder(source.path):  # quantization_config.quant_method == "bitsandbytes" in config.json
         model = load_bnb_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
@@ -158,8 +155,6 @@ def load(
         model = load_offloaded(source.path, placement, dtype=pick_dtype(dtype), device=dev, progress=progress)
     else:
         model = load_model(source.path, dtype=pick_dtype(dtype), device=dev, progress=progress)
-    if dev.type == "cuda":
-        enable_cuda_graphs(model)  # one-token steps replayed from CUDA graphs, where the model qualifies
     cfg = model.config
     tokenizer = Tokenizer.from_folder(source.path, config_eos=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
     return LoadedModel(source, model, tokenizer, dev, _generation_defaults(source.path), notes)

@@ -11,6 +11,7 @@ import torch
 
 from marco_local.generate import generate
 from marco_local.kernels import native
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.gguf import load_gguf
 
 # each prompt with the word every right answer contains (a 135M model phrases its answers differently on kernels
@@ -34,7 +35,7 @@ def main(path: str) -> None:
     first = next(iter(PROMPTS))
     ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": first}]))])
     with torch.inference_mode():
-        logits = model(ids, model.make_cache(ids.shape[1] + 1))[0].float()
+        logits = model(ids, make_cache(model, ids.shape[1] + 1))[0].float()
     out = {
         "capability": torch.backends.cpu.get_cpu_capability(),
         "native": native.available(),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from marco_local.decode import forward
 from marco_local.generate import PromptCache, generate_step
+from marco_local.layers.kv_cache import make_cache
 from marco_local.sampling import make_sampler
 
 PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19, 8, 77, 150, 31, 200, 11, 96, 42]
@@ -21,21 +23,21 @@ def one_thread():
 
 
 def greedy(model, prompt=PROMPT, steps: int = 10) -> list[int]:
-    cache = PromptCache(model.make_cache(len(prompt) + steps))
+    cache = PromptCache(make_cache(model, len(prompt) + steps))
     return list(generate_step(model, prompt, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=8))
 
 
 @torch.inference_mode()
 def prefill_logits(model) -> torch.Tensor:
-    return model(torch.tensor([PROMPT]), model.make_cache(len(PROMPT)))
+    return model(torch.tensor([PROMPT]), make_cache(model, len(PROMPT)))
 
 
 @torch.inference_mode()
 def decode_logits(model, steps: int = 4) -> torch.Tensor:
     """The logits of single-token steps after the prompt (the decode path, which a prefill does not take)."""
-    cache = model.make_cache(len(PROMPT) + steps)
+    cache = make_cache(model, len(PROMPT) + steps)
     model(torch.tensor([PROMPT]), cache)
-    return torch.cat([model(torch.tensor([[PROMPT[i]]]), cache) for i in range(steps)])
+    return torch.cat([forward(model, torch.tensor([[PROMPT[i]]]), cache) for i in range(steps)])
 
 
 def write_q4(make_checkpoint, tmp_path_factory, name: str, **overrides):

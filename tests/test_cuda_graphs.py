@@ -11,9 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from marco_local.decode import decode_step, set_decode_step
 from marco_local.decode.cuda_graphs import GraphedDecoder, window_for
 from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.offload import Placement, load_offloaded
 from marco_local.sampling import make_sampler
@@ -35,13 +37,13 @@ def lockstep(model, decoder: GraphedDecoder, steps: list[int], tol: float = 1e-5
     """Feed the same tokens to the eager forward and to the decoder's step (on the CPU its segments run eagerly),
     each on its own cache: logits agree at every step (float32) and so do the caches."""
     device = model.model.norm.weight.device
-    eager, static = model.make_cache(48), model.make_cache(48)
+    eager, static = make_cache(model, 48), make_cache(model, 48)
     static.keys.zero_(), static.values.zero_()  # masked positions must be finite (KVCache zero-fills on CUDA)
     model(torch.tensor([PROMPT], device=device), eager)
     model(torch.tensor([PROMPT], device=device), static)
     for token in steps:
         t = torch.tensor([[token]], device=device)
-        model.decode_step = None
+        set_decode_step(model, None)
         want = model(t, eager)  # the eager forward
         got = decoder(t, static)
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
@@ -99,7 +101,7 @@ def test_the_decoder_prefetches_from_guesses_made_in_its_segments(checkpoint):
         model = load_offloaded(folder, Placement(experts_resident="2", prefetch=True), torch.float32, "cpu")
         decoder = GraphedDecoder(model, min_window=8)
         assert all(decoder.speculates[:-1]) and not decoder.speculates[-1]  # the last MoE layer has no next
-        cache = model.make_cache(len(PROMPT) + len(STREAM))
+        cache = make_cache(model, len(PROMPT) + len(STREAM))
         cache.keys.zero_(), cache.values.zero_()
         model(torch.tensor([PROMPT]), cache)
         model.offload.reset_stats()
@@ -129,7 +131,7 @@ def test_layers_holding_every_expert_are_not_cut(checkpoint, full):
     assert GraphedDecoder.capturable(model)
     lockstep(model, decoder, STREAM)
     model.offload.reset_stats()
-    cache = model.make_cache(8)
+    cache = make_cache(model, 8)
     cache.keys.zero_(), cache.values.zero_()
     for token in (5, 9, 13):
         decoder(torch.tensor([[token]]), cache)
@@ -146,7 +148,7 @@ def test_a_decoder_used_in_and_out_of_inference_mode(checkpoint):
     folder, _ = checkpoint
     model = load_model(folder, dtype=torch.float32)
     decoder = GraphedDecoder(model, min_window=8)
-    cache = model.make_cache(16)
+    cache = make_cache(model, 16)
     cache.keys.zero_(), cache.values.zero_()
     with torch.no_grad():
         model(torch.tensor([PROMPT[:3]]), cache)
@@ -165,7 +167,7 @@ def test_a_chat_that_trims_and_refills_the_cache(checkpoint):
     folder, _ = checkpoint
     model = load_model(folder, dtype=torch.float32)
     decoder = GraphedDecoder(model, min_window=8)
-    eager, static = model.make_cache(32), model.make_cache(32)
+    eager, static = make_cache(model, 32), make_cache(model, 32)
     static.keys.zero_(), static.values.zero_()
     for cache in (eager, static):
         model(torch.tensor([PROMPT]), cache)
@@ -192,7 +194,7 @@ def test_cpu_models_are_not_graphed(checkpoint):
 
 
 def greedy(model, steps: int) -> list[int]:
-    cache = PromptCache(model.make_cache(len(PROMPT) + steps))
+    cache = PromptCache(make_cache(model, len(PROMPT) + steps))
     return list(generate_step(model, PROMPT, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=8))
 
 
@@ -208,7 +210,7 @@ def test_graphed_decode_matches_eager_on_cuda(checkpoint):
     assert GraphedDecoder.supports(model)
     want = greedy(model, 40)  # eager
     decoder = GraphedDecoder(model, min_window=16)
-    model.decode_step = decoder
+    set_decode_step(model, decoder)
     assert greedy(model, 40) == want
     assert decoder.captures >= 3 and not decoder.failed  # windows 16 (first steps), 32, 52 (= the cache length)
     lockstep(model, decoder, STREAM, tol=1e-4)
@@ -224,7 +226,7 @@ def test_graphed_offloaded_decode_matches_eager_on_cuda(checkpoint, slots):
     assert GraphedDecoder.supports(model)
     want = greedy(model, 40)
     decoder = GraphedDecoder(model, min_window=16)
-    model.decode_step = decoder
+    set_decode_step(model, decoder)
     assert greedy(model, 40) == want
     full = slots == "8"  # every expert fits: loaded at install, no cut (and no miss after it)
     assert decoder.captures >= 3 and not decoder.failed and len(decoder.cuts) == (0 if full else 3)
@@ -244,8 +246,8 @@ def test_runtime_attaches_the_graphed_decoder_on_cuda(checkpoint):
 
     folder, _ = checkpoint
     loaded = load(str(folder), dtype="f32", device="cuda")
-    assert isinstance(loaded.model.decode_step, GraphedDecoder) and loaded.model.decode_step.cuts == []
+    assert isinstance(decode_step(loaded.model), GraphedDecoder) and decode_step(loaded.model).cuts == []
     loaded = load(str(folder), dtype="f32", device="cuda", placement=Placement(experts_resident="2"))
-    assert isinstance(loaded.model.decode_step, GraphedDecoder) and loaded.model.decode_step.cuts == []  # direct
+    assert isinstance(decode_step(loaded.model), GraphedDecoder) and decode_step(loaded.model).cuts == []  # direct
     loaded = load(str(folder), dtype="f32", device="cuda", placement=Placement(experts_resident="2", misses="copy"))
-    assert isinstance(loaded.model.decode_step, GraphedDecoder) and len(loaded.model.decode_step.cuts) == 3
+    assert isinstance(decode_step(loaded.model), GraphedDecoder) and len(decode_step(loaded.model).cuts) == 3

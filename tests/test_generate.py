@@ -14,6 +14,7 @@ from marco_local.generate import (
     prefill_chunk,
     stream_generate,
 )
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.sampling import make_logits_processors, make_sampler
 from marco_local.tokenizer import Tokenizer
@@ -73,7 +74,7 @@ def test_chunked_prefill_matches_one_forward(lm):
     """Chunks see the same keys as one forward (each chunk attends to the cached prefix and causally to itself)."""
     model, _ = lm
     tokens = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(1))
-    whole_cache, chunked_cache = model.make_cache(32), model.make_cache(32)
+    whole_cache, chunked_cache = make_cache(model, 32), make_cache(model, 32)
     with torch.inference_mode():
         whole = model(tokens, whole_cache, last_only=True)
         chunked = prefill(model, tokens, chunked_cache, chunk=5)  # 5+5+5+5+3: a ragged last chunk
@@ -86,8 +87,8 @@ def test_chunked_prefill_matches_one_forward(lm):
 def test_prompt_cache_reuse_gives_the_same_tokens(lm):
     model, tok = lm
     prompt = tok.encode("The capital of France is Paris. The capital of Spain is")
-    fresh = list(generate_step(model, prompt, PromptCache(model.make_cache(128)), make_sampler(0.0), max_tokens=12))
-    cache = PromptCache(model.make_cache(128))
+    fresh = list(generate_step(model, prompt, PromptCache(make_cache(model, 128)), make_sampler(0.0), max_tokens=12))
+    cache = PromptCache(make_cache(model, 128))
     list(generate_step(model, prompt[:8] + [5, 6, 7], cache, make_sampler(0.0), max_tokens=3, prefill_step_size=4))
     assert cache.reuse(prompt) == 8  # the shared prefix stays (forwards began at 0, 4, 8), the rest is dropped
     reused = list(generate_step(model, prompt, cache, make_sampler(0.0), max_tokens=12))
@@ -120,7 +121,7 @@ def test_until_full_generates_until_the_context_window_is_full(lm):
     model, tok = lm
     never_ends = lambda logits: next(i for i in range(100) if i not in tok.eos_token_ids)  # noqa: E731
     ids = tok.encode("Hello there")
-    for cache in (None, PromptCache(model.make_cache(40))):  # sized here, or by the caller
+    for cache in (None, PromptCache(make_cache(model, 40))):  # sized here, or by the caller
         responses = list(
             stream_generate(
                 model, tok, ids, max_tokens=UNTIL_FULL, sampler=never_ends, prompt_cache=cache, max_context=40

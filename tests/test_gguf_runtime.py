@@ -31,6 +31,7 @@ from marco_local.errors import MarcoError
 from marco_local.formats.gguf import GGUFFile, model_config
 from marco_local.formats.gguf_tokenizer import load_tokenizer
 from marco_local.kernels import native
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.gguf import load_gguf
 from quant.ggml_codecs import codec_for
 
@@ -162,7 +163,7 @@ def test_runtime_load_runs_a_gguf(moe_f32):
     model = loaded.model
     prompt = loaded.tokenizer.encode("The capital of France is")
     out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
-    steps = generate_step(model, prompt, PromptCache(model.make_cache(64)), make_sampler(0.0), max_tokens=12)
+    steps = generate_step(model, prompt, PromptCache(make_cache(model, 64)), make_sampler(0.0), max_tokens=12)
     assert list(steps) == out[0, len(prompt) :].tolist()  # f32 GGUF: the same greedy tokens as transformers
 
 
@@ -336,7 +337,7 @@ def test_dense_architectures_against_transformers(arch, checkpoint, tmp_path):
     ids = ids_batch(vocab, seed=5, shape=(2, 17))
     with torch.no_grad():
         expected = ref(ids).logits
-        got = model(ids, model.make_cache(32, batch_size=2))
+        got = model(ids, make_cache(model, 32, batch_size=2))
     assert rel_err(got, expected) < F32_REL_TOL
 
 
@@ -353,7 +354,7 @@ def greedy(model, tok, prompt_ids: list[int], n: int) -> str:
     from marco_local.generate import PromptCache, generate_step
     from marco_local.sampling import make_sampler
 
-    cache = PromptCache(model.make_cache(len(prompt_ids) + n + 1))
+    cache = PromptCache(make_cache(model, len(prompt_ids) + n + 1))
     out = []
     for t in generate_step(model, prompt_ids, cache, make_sampler(0.0), max_tokens=n):
         if t in tok.eos_token_ids:
@@ -380,7 +381,7 @@ def test_smollm2_dense_as_on_cuda(smollm2):
     exact, _ = load_gguf(smollm2_path(), dtype=torch.float32)
     assert dense.lm_head.weight is dense.model.embed_tokens.weight
     ids = torch.tensor([tok.encode(PROMPT)])
-    got, want = dense(ids, dense.make_cache(32)), exact(ids, exact.make_cache(32))
+    got, want = dense(ids, make_cache(dense, 32)), exact(ids, make_cache(exact, 32))
     assert rel_err(got, want) < F32_REL_TOL
     assert "Paris" in greedy(dense, tok, tok.encode("The capital of France is"), 8)
 
@@ -417,7 +418,7 @@ def test_smollm2_logits_match_llama_cpp(smollm2):
     ids = tok.encode(PROMPT)
     expected = llama_cpp_logits(smollm2_path(), ids)
     with torch.no_grad():
-        got = model(torch.tensor([ids]), model.make_cache(64))[0].float()
+        got = model(torch.tensor([ids]), make_cache(model, 64))[0].float()
     assert rel_err(got, expected) < LLAMA_CPP_REL_TOL
     assert kl(expected, got) < LLAMA_CPP_KL
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
@@ -434,7 +435,7 @@ def test_smollm2_f32_matches_llama_cpp(tmp_path):
     model, tok = load_gguf(path, dtype=torch.float32)
     ids = tok.encode(PROMPT)
     with torch.no_grad():
-        got = model(torch.tensor([ids]), model.make_cache(64))[0]
+        got = model(torch.tensor([ids]), make_cache(model, 64))[0]
     assert rel_err(got, llama_cpp_logits(path, ids)) < F32_REL_TOL
 
 
@@ -445,7 +446,7 @@ def test_moe_fixture_matches_llama_cpp(moe_f32):
     model, tok = load_gguf(path, dtype=torch.float32)
     ids = tok.encode(PROMPT)
     with torch.no_grad():
-        got = model(torch.tensor([ids]), model.make_cache(64))[0]
+        got = model(torch.tensor([ids]), make_cache(model, 64))[0]
     assert rel_err(got, llama_cpp_logits(path, ids)) < F32_REL_TOL
 
 

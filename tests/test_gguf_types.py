@@ -16,8 +16,10 @@ import pytest
 import torch
 from gguf_fixtures import dequantized_state_dict, ids_batch, kl, rel_err, requantize, write_moe_f32
 
+from marco_local.decode import decode_step, set_decode_step
 from marco_local.formats.gguf import GGUFFile
 from marco_local.kernels import native
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.gguf import build_model, load_gguf
 from marco_local.models.qwen3_moe import Experts
 
@@ -114,7 +116,7 @@ def tier_free(moe_f32, moe_typed):
             expected = reference(ids).logits
             exact = unquantized(ids).logits
             dense = build_model(g, dtype=torch.float32, dense=True)  # dequantized once into plain modules
-            got_dense = dense(ids, dense.make_cache(32, batch_size=2))
+            got_dense = dense(ids, make_cache(dense, 32, batch_size=2))
         assert rel_err(got_dense, expected) < F32_REL_TOL
         assert type(dense.model.layers[0].mlp.experts) is Experts and type(dense.lm_head) is torch.nn.Linear
         cache[ggml_type] = expected, exact
@@ -131,9 +133,9 @@ def test_moe_type_against_dequantized_reference_and_kl(ggml_type, tier, moe_f32,
     ids = ids_batch(unquantized.config.vocab_size)
     with torch.no_grad(), kernel_tier(tier):
         model, _ = load_gguf(path, dtype=torch.float32)
-        got = model(ids, model.make_cache(32, batch_size=2))
+        got = model(ids, make_cache(model, 32, batch_size=2))
         model16, _ = load_gguf(path, dtype=torch.bfloat16)
-        got16 = model16(ids, model16.make_cache(32, batch_size=2)).float()
+        got16 = model16(ids, make_cache(model16, 32, batch_size=2)).float()
     assert rel_err(got, expected) < F32_REL_TOL
     per_position = (got16 - expected).abs().amax(-1) / expected.abs().amax()
     assert per_position.median() < BF16_MEDIAN_TOL and kl(expected, got16) < BF16_KL_TOL
@@ -148,7 +150,7 @@ def test_moe_type_against_dequantized_reference_and_kl(ggml_type, tier, moe_f32,
 
 def greedy_tokens(model, ids: torch.Tensor, steps: int = 16) -> list[int]:
     """Greedy continuation of `ids` (on the model's device), one token per step."""
-    cache, out, x = model.make_cache(ids.shape[1] + steps + 12), [], ids
+    cache, out, x = make_cache(model, ids.shape[1] + steps + 12), [], ids
     for _ in range(steps):
         x = model(x, cache)[:, -1:].argmax(-1)
         out.append(int(x))
@@ -168,10 +170,10 @@ def test_gguf_on_cuda(ggml_type, moe_f32, moe_typed):
     path = moe_typed(ggml_type)
     cpu = build_model(GGUFFile(path), dtype=torch.float32, dense=True)
     loaded = load(str(path), dtype="f32", device="cuda")
-    assert isinstance(loaded.model.decode_step, GraphedDecoder)
+    assert isinstance(decode_step(loaded.model), GraphedDecoder)
     ids = ids_batch(cpu.config.vocab_size, shape=(1, 12))
-    want = cpu(ids, cpu.make_cache(32))
-    got = loaded.model(ids.cuda(), loaded.model.make_cache(32)).cpu()
+    want = cpu(ids, make_cache(cpu, 32))
+    got = loaded.model(ids.cuda(), make_cache(loaded.model, 32)).cpu()
     assert rel_err(got, want) < 1e-4
     assert greedy_tokens(cpu, ids) == greedy_tokens(loaded.model, ids.cuda())
 
@@ -202,15 +204,15 @@ def test_gguf_experts_kept_quantized_on_cuda(ggml_type, experts, moe_f32, moe_ty
     else:
         assert inner[0].gate_proj_raw.is_cuda
     assert GraphedDecoder.supports(model)
-    model.decode_step = GraphedDecoder(model, min_window=16)
+    set_decode_step(model, GraphedDecoder(model, min_window=16))
     ids = ids_batch(cpu.config.vocab_size, shape=(1, 12))
-    want = cpu(ids, cpu.make_cache(32))
-    got = model(ids.cuda(), model.make_cache(32)).cpu()
+    want = cpu(ids, make_cache(cpu, 32))
+    got = model(ids.cuda(), make_cache(model, 32)).cpu()
     assert rel_err(got, want) < 1e-4
     assert greedy_tokens(cpu, ids) == greedy_tokens(model, ids.cuda())
-    assert not model.decode_step.failed
+    assert not decode_step(model).failed
     if experts == "direct":
-        assert model.decode_step.cuts == [] and model.offload.stats()["expert_misses"] > 0
+        assert decode_step(model).cuts == [] and model.offload.stats()["expert_misses"] > 0
 
 
 def test_llama_quantize_q4_k_m_mix(moe_f32, tmp_path):
@@ -231,7 +233,7 @@ def test_llama_quantize_q4_k_m_mix(moe_f32, tmp_path):
     with torch.no_grad():
         expected = reference(ids).logits
         model, _ = load_gguf(path, dtype=torch.float32)
-        got = model(ids, model.make_cache(32, batch_size=2))
+        got = model(ids, make_cache(model, 32, batch_size=2))
     assert rel_err(got, expected) < F32_REL_TOL
     assert kl(unquantized(ids).logits, got) < KL_BOUND["Q4_K"]
 
@@ -246,9 +248,9 @@ def test_dequantize_per_call_fallback_matches(ggml_type, moe_f32, moe_typed, mon
     ids = ids_batch(unquantized.config.vocab_size)
     with torch.no_grad():
         model, _ = load_gguf(path, dtype=torch.float32)
-        expected = model(ids, model.make_cache(32, batch_size=2))
+        expected = model(ids, make_cache(model, 32, batch_size=2))
         monkeypatch.setattr(gl, "_kernels", lambda exact: (gl.DequantLinear, gl.DequantExperts, gl.QuantEmbedding))
         fallback, _ = load_gguf(path, dtype=torch.float32)
         assert isinstance(fallback.model.layers[0].mlp.experts, gl.DequantExperts)
-        got = fallback(ids, fallback.make_cache(32, batch_size=2))
+        got = fallback(ids, make_cache(fallback, 32, batch_size=2))
     assert rel_err(got, expected) < F32_REL_TOL

@@ -1,15 +1,17 @@
-"""KVCache protocol: update/advance/trim, the float32 scratch of a bf16 CPU cache (without the native kernels), and
-its byte count."""
+"""KVCache protocol: update/advance/trim, the cache `make_cache` picks (native attention, or the float32 scratch of a
+bf16 CPU cache without the native kernels), and its byte count."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from marco_local.models.kv_cache import KVCache, kv_cache_bytes
+from marco_local.layers.kv_cache import NativeKVCache, kv_cache_bytes, make_cache
+from marco_local.models.kv_cache import KVCache, attend
 
 
 def test_update_returns_everything_cached_and_trim_forgets():
@@ -25,32 +27,44 @@ def test_update_returns_everything_cached_and_trim_forgets():
     assert cache.offset == 1
 
 
+def _model(dtype: torch.dtype) -> SimpleNamespace:
+    """What `make_cache` reads of a model: its config's cache shape and its norms' dtype and device."""
+    cfg = SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_dim=4)
+    return SimpleNamespace(config=cfg, model=SimpleNamespace(norm=SimpleNamespace(weight=torch.ones(4, dtype=dtype))))
+
+
 def test_bf16_cpu_cache_attends_through_a_float32_scratch(monkeypatch):
     """Without the native kernels (with them, there is no scratch: see the next test)."""
     from marco_local.kernels import native
 
     monkeypatch.setattr(native, "available", lambda: False)
-    cache = KVCache(3, 2, 4, 16, dtype=torch.bfloat16)
+    cache = make_cache(_model(torch.bfloat16), 16)
+    assert type(cache) is KVCache
     x = torch.randn(1, 2, 5, 4).bfloat16()
     k, v = cache.update(2, x, x * 2)
     assert k.dtype == v.dtype == torch.float32 and k.shape == (1, 2, 5, 4)
     assert torch.equal(k, x.float()) and torch.equal(v, (x * 2).float())
     assert cache.keys.dtype == torch.bfloat16  # the cache itself stays bf16
     assert cache.nbytes == kv_cache_bytes(3, 2, 4, 16, torch.bfloat16, "cpu")
-    f32 = KVCache(3, 2, 4, 16, dtype=torch.float32)
+    f32 = make_cache(_model(torch.float32), 16)
     assert f32.float_keys is None and f32.nbytes == kv_cache_bytes(3, 2, 4, 16, torch.float32, "cpu")
 
 
-def test_bf16_cpu_cache_with_native_kernels_has_no_scratch():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_cpu_cache_with_native_kernels_has_no_scratch_and_attends_natively(dtype):
     from marco_local.kernels import native
 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
-    cache = KVCache(3, 2, 4, 16, dtype=torch.bfloat16)
-    x = torch.randn(1, 2, 5, 4).bfloat16()
+    cache = make_cache(_model(dtype), 16)
+    assert isinstance(cache, NativeKVCache)
+    x = torch.randn(1, 2, 5, 4).to(dtype)
     k, v = cache.update(2, x, x * 2)
-    assert cache.float_keys is None and k.dtype == torch.bfloat16 and torch.equal(k, x) and torch.equal(v, x * 2)
-    assert cache.nbytes == kv_cache_bytes(3, 2, 4, 16, torch.bfloat16, "cpu") == 2 * 3 * 2 * 16 * 4 * 2
+    assert cache.float_keys is None and k.dtype == dtype and torch.equal(k, x) and torch.equal(v, x * 2)
+    assert cache.nbytes == kv_cache_bytes(3, 2, 4, 16, dtype, "cpu") == 2 * 3 * 2 * 16 * 4 * 2
+    q = torch.randn(1, 4, 1, 4)  # 4 query heads over 2 kv heads, one new token
+    want = attend(q, k.float(), v.float(), 4)
+    assert torch.allclose(cache.attend(q, k, v, 4), want, atol=1e-5)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

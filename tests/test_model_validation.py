@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from marco_local.errors import MarcoError
+from marco_local.layers.kv_cache import make_cache
 
 RUN = ("hi", "-n", "2", "--device", "cpu")
 
@@ -392,12 +393,12 @@ def test_mixed_expert_types_match_a_float_reference(bases, tmp_path, mix):
     ids = torch.tensor([[5, 17, 33, 2, 91, 120, 7, 64]])
     with torch.inference_mode():
         ref_model = build_model(GGUFFile(ref_path), dtype=torch.float32)
-        ref = ref_model(ids, ref_model.make_cache(16))
+        ref = ref_model(ids, make_cache(ref_model, 16))
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.05)):
             model = build_model(GGUFFile(mixed), dtype=dtype)
-            ours = model(ids, model.make_cache(16)).float()
+            ours = model(ids, make_cache(model, 16)).float()
             err = ((ours - ref).abs().max() / ref.abs().max()).item()
             assert err < tol, (dtype, err)
-            one = model(ids[:, :1], model.make_cache(4)).float()  # the single-token (decode) path too
-            ref_one = ref_model(ids[:, :1], ref_model.make_cache(4))
+            one = model(ids[:, :1], make_cache(model, 4)).float()  # the single-token (decode) path too
+            ref_one = ref_model(ids[:, :1], make_cache(ref_model, 4))
             assert ((one - ref_one).abs().max() / ref_one.abs().max()).item() < tol

@@ -15,7 +15,9 @@ import torch
 from gguf_fixtures import kl, rel_err
 from offload_gguf_fixtures import q4_path  # noqa: F401
 
+from marco_local.decode import decode_step, forward, set_decode_step
 from marco_local.kernels import native
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.gguf import load_gguf
 
 if not native.available():
@@ -30,26 +32,26 @@ KL_VS_TORCH_BF16 = 2.0  # the native step may not be more than twice as far from
 
 def _steps(model, use_native: bool) -> torch.Tensor:
     """Logits [len(FEED), V] of the teacher-forced decode steps."""
-    saved = model.decode_step
+    saved = decode_step(model)
     if not use_native:
-        model.decode_step = None
+        set_decode_step(model, None)
     try:
-        cache = model.make_cache(len(PROMPT) + len(FEED))
+        cache = make_cache(model, len(PROMPT) + len(FEED))
         out = []
         with torch.inference_mode():
             model(torch.tensor([PROMPT]), cache, last_only=True)
             for t in FEED:
-                out.append(model(torch.tensor([[t]]), cache)[0, -1].float())
+                out.append(forward(model, torch.tensor([[t]]), cache)[0, -1].float())
         return torch.stack(out)
     finally:
-        model.decode_step = saved
+        set_decode_step(model, saved)
 
 
 def _check(path, name: str) -> None:
     exact, _ = load_gguf(path, dtype=torch.float32)
     model, _ = load_gguf(path, dtype=torch.bfloat16)
-    assert model.decode_step is not None and exact.decode_step is None
-    assert model.make_cache(4).keys.dtype == torch.float16  # llama.cpp's default cache type, on the native kernels
+    assert decode_step(model) is not None and decode_step(exact) is None
+    assert make_cache(model, 4).keys.dtype == torch.float16  # llama.cpp's default cache type, on the native kernels
     want = _steps(exact, use_native=False)
     fast, slow = _steps(model, use_native=True), _steps(model, use_native=False)
     kl_fast, kl_slow = kl(want[None], fast[None]), kl(want[None], slow[None])
@@ -79,7 +81,7 @@ def test_direct_moe_call_equals_the_module_call(q4_path):
     """The decoder calls a fused MoE block's kernel itself; the logits are bit-identical to calling the block, and a
     hook on the experts (a trace recorder) still sees every token."""
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16)
-    decoder = model.decode_step
+    decoder = decode_step(model)
     assert all(L["moe"] is not None for L in decoder.layers)
     direct = _steps(model, use_native=True)
     fused = [L["moe"] for L in decoder.layers]
@@ -159,11 +161,11 @@ def test_native_steps_leave_a_cache_the_torch_path_continues(q4_path):
     exact, _ = load_gguf(q4_path, dtype=torch.float32)
     got = []
     for m in (model, exact):
-        cache = m.make_cache(32)
+        cache = make_cache(m, 32)
         with torch.inference_mode():
             m(torch.tensor([PROMPT]), cache, last_only=True)
             for t in FEED[:4]:
-                m(torch.tensor([[t]]), cache)
+                forward(m, torch.tensor([[t]]), cache)
             got.append(m(torch.tensor([FEED[4:9]]), cache).float())
     assert kl(got[1], got[0]) < KL_BOUND
 
@@ -172,11 +174,11 @@ def test_context_full_is_the_usual_error(q4_path):
     from marco_local.errors import MarcoError
 
     model, _ = load_gguf(q4_path, dtype=torch.bfloat16)
-    cache = model.make_cache(3)
+    cache = make_cache(model, 3)
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]), cache, last_only=True)
         with pytest.raises(MarcoError, match="context window full"):
-            model(torch.tensor([[4]]), cache)
+            forward(model, torch.tensor([[4]]), cache)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import torch
 
 from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.offload import (
     OffloadedExperts,
@@ -39,13 +40,13 @@ def one_thread():
 
 
 def greedy(model, prompt=PROMPT, steps=STEPS, chunk=8) -> list[int]:
-    cache = PromptCache(model.make_cache(len(prompt) + steps))
+    cache = PromptCache(make_cache(model, len(prompt) + steps))
     return list(generate_step(model, prompt, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=chunk))
 
 
 @torch.inference_mode()
 def prefill_logits(model) -> torch.Tensor:
-    return model(torch.tensor([PROMPT]), model.make_cache(len(PROMPT)))
+    return model(torch.tensor([PROMPT]), make_cache(model, len(PROMPT)))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
 
 def decode_logits(model, tokens=(9, 100, 3, 77, 250, 1, 42, 8)) -> list[torch.Tensor]:
     """Logits of single-token steps after the prompt (fixed tokens: the comparison needs no sampling)."""
-    cache = model.make_cache(len(PROMPT) + len(tokens))
+    cache = make_cache(model, len(PROMPT) + len(tokens))
     model(torch.tensor([PROMPT]), cache)
     return [model(torch.tensor([[t]]), cache) for t in tokens]
 
@@ -221,7 +222,7 @@ def test_misses_computed_on_the_cpu_where_they_lie(ref, slots):
     assert greedy(model) == tokens
     decoder = GraphedDecoder(model, min_window=8)
     assert all(decoder.split)
-    eager, static = model.make_cache(32), model.make_cache(32)
+    eager, static = make_cache(model, 32), make_cache(model, 32)
     static.keys.zero_(), static.values.zero_()
     model(torch.tensor([PROMPT]), eager)
     model(torch.tensor([PROMPT]), static)

@@ -19,8 +19,10 @@ import sys
 import pytest
 import torch
 
+from marco_local.decode import forward
 from marco_local.decode.cuda_graphs import GraphedDecoder
 from marco_local.errors import MarcoError
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.offload import Event, Placement, Trace, install
 from marco_local.offload.direct import EMPTY, gather_rows, route_reference
@@ -40,7 +42,7 @@ def direct_model(folder, slots: str, **placement):
 
 @torch.no_grad()
 def teacher_forced(model, decode=None) -> torch.Tensor:
-    cache = model.make_cache(len(PROMPT) + len(STREAM))
+    cache = make_cache(model, len(PROMPT) + len(STREAM))
     cache.keys.zero_(), cache.values.zero_()
     model(torch.tensor([PROMPT]), cache)
     step = decode or model
@@ -126,7 +128,7 @@ def test_a_step_stopped_between_route_and_gather_leaves_no_stale_slot(checkpoint
         real(out, slots, host_rows, src, ids, dst)
 
     monkeypatch.setattr(offloaded, "gather_rows", gather_or_stop)
-    cache = model.make_cache(len(PROMPT) + len(STREAM))
+    cache = make_cache(model, len(PROMPT) + len(STREAM))
     got = []
     with torch.no_grad():
         model(torch.tensor([PROMPT]), cache)
@@ -135,10 +137,10 @@ def test_a_step_stopped_between_route_and_gather_leaves_no_stale_slot(checkpoint
             if i == 2:
                 armed.append(True)  # the first fill from the third decode token on
             try:
-                got.append(model(torch.tensor([[t]]), cache)[0, -1])
+                got.append(forward(model, torch.tensor([[t]]), cache)[0, -1])
             except KeyboardInterrupt:
                 stopped.append(i)
-                got.append(model(torch.tensor([[t]]), cache)[0, -1])
+                got.append(forward(model, torch.tensor([[t]]), cache)[0, -1])
     assert len(stopped) == 1
     torch.testing.assert_close(torch.stack(got), want, rtol=1e-5, atol=1e-5)
     for x in model.offload.layers:
@@ -172,14 +174,14 @@ def test_hits_counted_on_the_device_are_exact(checkpoint):
             dmap = module.lru.dmap.tolist()
             want[module.layer] += sum(dmap[e] >= 0 for e in args[1].reshape(-1).tolist())
 
-    cache = model.make_cache(len(PROMPT) + len(STREAM))
+    cache = make_cache(model, len(PROMPT) + len(STREAM))
     with torch.no_grad():
         model(torch.tensor([PROMPT]), cache)
         for x in model.offload.layers:
             x.reset_stats()
         handles = [x.register_forward_pre_hook(count) for x in model.offload.layers]
         for t in STREAM:
-            model(torch.tensor([[t]]), cache)
+            forward(model, torch.tensor([[t]]), cache)
     for h in handles:
         h.remove()
     got = {x.layer: x.stats()["hits"] for x in model.offload.layers}
@@ -192,10 +194,10 @@ def test_hits_counted_on_the_device_are_exact(checkpoint):
 def test_a_prompt_goes_through_the_hosts_table_and_back(checkpoint):
     folder, _ = checkpoint
     model = direct_model(folder, "3")
-    cache = model.make_cache(len(PROMPT) + 8)
+    cache = make_cache(model, len(PROMPT) + 8)
     with torch.no_grad():
         for t in (7, 9, 11):
-            model(torch.tensor([[t]]), cache)
+            forward(model, torch.tensor([[t]]), cache)
         device_before = [x.lru.owner.tolist() for x in model.offload.layers]
         x0 = model.offload.layers[0]
         x0.lru.to_table(x0.table)
@@ -204,7 +206,7 @@ def test_a_prompt_goes_through_the_hosts_table_and_back(checkpoint):
         for x in model.offload.layers:
             assert x.lru.dmap.tolist() == x.table.slot_of and x.lru.owner.tolist() == x.table.expert_in
             assert_consistent(x)
-        model(torch.tensor([[3]]), cache)
+        forward(model, torch.tensor([[3]]), cache)
     model.offload.close()
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from marco_local.demo import write_tokenizer_files
 from marco_local.generate import PromptCache, generate_step
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.sampling import make_sampler
 
@@ -92,6 +93,7 @@ MEASURE = textwrap.dedent(
     from marco_local.config import ModelConfig
     from marco_local.models.qwen3_moe import Qwen3MoeForCausalLM
     from marco_local.generate import PromptCache, generate_step
+    from marco_local.layers.kv_cache import make_cache
     from marco_local.offload import Placement, load_offloaded, offload_stats
     from marco_local.sampling import make_sampler
 
@@ -101,7 +103,7 @@ MEASURE = textwrap.dedent(
                 return int(line.split()[1]) * 1024
 
     def greedy(model):
-        cache = PromptCache(model.make_cache(len(prompt) + steps))
+        cache = PromptCache(make_cache(model, len(prompt) + steps))
         return list(generate_step(model, prompt, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=16))
 
     folder, budget, prompt, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
@@ -142,7 +144,7 @@ def test_experts_larger_than_the_budget_run_from_disk_within_it(big):
     torch.set_num_threads(1)
     try:
         plain = load_model(big, dtype=torch.bfloat16)
-        cache = PromptCache(plain.make_cache(len(PROMPT) + STEPS))
+        cache = PromptCache(make_cache(plain, len(PROMPT) + STEPS))
         want = list(generate_step(plain, PROMPT, cache, make_sampler(0.0), max_tokens=STEPS, prefill_step_size=16))
         del plain
     finally:

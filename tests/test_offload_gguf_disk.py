@@ -114,6 +114,7 @@ MEASURE = textwrap.dedent(
     import gc, json, sys, torch
     torch.set_num_threads(1)
     from marco_local.generate import PromptCache, generate_step
+    from marco_local.layers.kv_cache import make_cache
     from marco_local.load.gguf import load_gguf
     from marco_local.offload import Placement, install, offload_stats
     from marco_local.layers.gguf import trim_heap
@@ -125,7 +126,7 @@ MEASURE = textwrap.dedent(
                 return int(line.split()[1]) * 1024
 
     def greedy(model):
-        cache = PromptCache(model.make_cache(len(prompt) + steps))
+        cache = PromptCache(make_cache(model, len(prompt) + steps))
         return list(generate_step(model, prompt, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=16))
 
     path, budget, prompt, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])

@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from marco_local.decode import decode_step, forward, set_decode_step
 from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.offload import Placement, install, load_offloaded, offload_stats
 from marco_local.sampling import make_sampler
@@ -24,13 +26,13 @@ PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19, 8, 77, 150, 31, 200, 11,
 
 
 def greedy(model, steps: int = 12) -> list[int]:
-    cache = PromptCache(model.make_cache(len(PROMPT) + steps))
+    cache = PromptCache(make_cache(model, len(PROMPT) + steps))
     return list(generate_step(model, PROMPT, cache, make_sampler(0.0), max_tokens=steps, prefill_step_size=8))
 
 
 @torch.inference_mode()
 def logits(model) -> torch.Tensor:
-    return model(torch.tensor([PROMPT], device="cuda"), model.make_cache(len(PROMPT))).float().cpu()
+    return model(torch.tensor([PROMPT], device="cuda"), make_cache(model, len(PROMPT))).float().cpu()
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +96,11 @@ def test_cuda_misses_computed_on_the_cpu(ref, graphs):
     assert all(x.misses_on_cpu for x in model.offload.layers)
     if graphs:
         assert GraphedDecoder.supports(model)
-        model.decode_step = GraphedDecoder(model, min_window=16)
+        set_decode_step(model, GraphedDecoder(model, min_window=16))
     assert greedy(model) == tokens
     assert offload_stats(model)["expert_cpu_computed"] > 0
     if graphs:
-        assert model.decode_step.captures >= 1 and not model.decode_step.failed
+        assert decode_step(model).captures >= 1 and not decode_step(model).failed
     model.offload.close()
 
 
@@ -115,14 +117,14 @@ def test_cuda_direct_reads(ref, slots, graphs):
     assert all(x.direct for x in model.offload.layers)
     if graphs:
         assert GraphedDecoder.supports(model)
-        model.decode_step = GraphedDecoder(model, min_window=16)
-        assert model.decode_step.cuts == []
+        set_decode_step(model, GraphedDecoder(model, min_window=16))
+        assert decode_step(model).cuts == []
     assert greedy(model) == tokens
     torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
     st = offload_stats(model)
     assert st["expert_misses"] > 0 and st["expert_hits"] > 0
     if graphs:
-        assert model.decode_step.captures >= 1 and not model.decode_step.failed
+        assert decode_step(model).captures >= 1 and not decode_step(model).failed
     for x in model.offload.layers:  # the slots hold the experts the device's map says
         for e, s in enumerate(x.lru.dmap.tolist()):
             if s >= 0:
@@ -155,7 +157,7 @@ def test_cuda_step_stopped_midway_leaves_no_stale_slot(ref, misses, monkeypatch)
 
     @torch.inference_mode()
     def teacher_forced(model, armed: list | None = None) -> tuple[torch.Tensor, int]:
-        cache = model.make_cache(len(PROMPT) + len(feed))
+        cache = make_cache(model, len(PROMPT) + len(feed))
         model(torch.tensor([PROMPT], device="cuda"), cache)
         if armed is not None:  # the first expert copy (or fill) of the decode steps stops
             armed.append(True)
@@ -163,10 +165,10 @@ def test_cuda_step_stopped_midway_leaves_no_stale_slot(ref, misses, monkeypatch)
         for t in feed:
             tok = torch.tensor([[t]], device="cuda")
             try:
-                out.append(model(tok, cache)[0, -1].float().cpu())
+                out.append(forward(model, tok, cache)[0, -1].float().cpu())
             except KeyboardInterrupt:
                 stopped += 1
-                out.append(model(tok, cache)[0, -1].float().cpu())
+                out.append(forward(model, tok, cache)[0, -1].float().cpu())
         return torch.stack(out), stopped
 
     want, _ = teacher_forced(load_model(folder, dtype=torch.float32, device="cuda"))

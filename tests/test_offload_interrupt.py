@@ -13,6 +13,8 @@ import pytest
 import torch
 from offload_gguf_fixtures import native_or_skip, one_thread  # noqa: F401 (autouse: one intra-op thread)
 
+from marco_local.decode import forward
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.load.gguf import load_gguf
 from marco_local.offload import Placement, install, load_offloaded
@@ -25,15 +27,15 @@ FEED = [11, 140, 23, 7, 300, 19, 88, 2, 45, 61, 130, 9]
 def steps(model, interrupt_at: int | None = None) -> torch.Tensor:
     """Teacher-forced logits [len(FEED), V]; with `interrupt_at`, that step's first expert copy raises
     KeyboardInterrupt once and the step is run again."""
-    cache = model.make_cache(len(PROMPT) + len(FEED))
+    cache = make_cache(model, len(PROMPT) + len(FEED))
     model(torch.tensor([PROMPT]), cache)
     out = []
     for i, t in enumerate(FEED):
         if i == interrupt_at:
             interrupt_next_copy(model)
             with pytest.raises(KeyboardInterrupt):
-                model(torch.tensor([[t]]), cache)
-        out.append(model(torch.tensor([[t]]), cache)[0, -1].float())
+                forward(model, torch.tensor([[t]]), cache)
+        out.append(forward(model, torch.tensor([[t]]), cache)[0, -1].float())
     return torch.stack(out)
 
 

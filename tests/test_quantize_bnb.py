@@ -20,9 +20,11 @@ import pytest
 import torch
 
 from marco_local.config import load_config
+from marco_local.decode import forward, set_decode_step
 from marco_local.errors import MarcoError
 from marco_local.formats.checkpoint import Checkpoint
 from marco_local.generate import generate
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.bnb import (
     Linear4bit,
     Linear8bit,
@@ -265,16 +267,16 @@ def test_logits_match_dequantized_reference_and_stay_near_original(written, sour
     assert isinstance(ours.model.layers[1].mlp.gate_proj, Linear8bit if preset == "int8" else Linear4bit)
     assert isinstance(layer0.mlp.gate, torch.nn.Linear)  # router stays float
     ids = torch.randint(0, ours.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
-    got = ours(ids, ours.make_cache(16, batch_size=2))
+    got = ours(ids, make_cache(ours, 16, batch_size=2))
     ref = dequantized_reference(ours)
-    expected = ref(ids, ref.make_cache(16, batch_size=2))
+    expected = ref(ids, make_cache(ref, 16, batch_size=2))
     assert ((got - expected).abs().max() / expected.abs().max()).item() < TIGHT
     logp = torch.log_softmax(got, -1)
     logq = torch.log_softmax(original(ids).logits, -1)
     kl = (logq.exp() * (logq - logp)).sum(-1).mean().item()
     assert kl < LOGIT_KL[preset], (preset, kl)
     # decoding token by token through the cache gives the same logits as the full forward
-    cache = ours.make_cache(16, batch_size=2)
+    cache = make_cache(ours, 16, batch_size=2)
     steps = torch.cat([ours(ids[:, :5], cache)] + [ours(ids[:, t : t + 1], cache) for t in range(5, 13)], dim=1)
     assert ((steps - got).abs().max() / got.abs().max()).item() < TIGHT
 
@@ -285,7 +287,7 @@ def test_bf16_runs_close_to_float32(written):
     f32 = load_bnb_model(folder, dtype=torch.float32)
     bf16 = load_bnb_model(folder)  # the default dtype; int8 runs torch's int8 x bf16 kernel
     ids = torch.randint(0, f32.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
-    a, b = f32(ids, f32.make_cache(16)), bf16(ids, bf16.make_cache(16)).float()
+    a, b = f32(ids, make_cache(f32, 16)), bf16(ids, make_cache(bf16, 16)).float()
     assert median_position_rel_rmse(b, a) < 0.05
 
 
@@ -302,8 +304,8 @@ def test_bf16_cpu_kernel_close_to_dequantized_reference(written, preset):
     ours = load_bnb_model(folder)  # bf16 on the CPU
     assert all(m.cpu_kernel for m in ours.modules() if isinstance(m, Linear4bit))
     ids = torch.randint(0, ours.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(6))
-    expected = ref(ids, ref.make_cache(16, batch_size=2))
-    got = ours(ids, ours.make_cache(16, batch_size=2)).float()
+    expected = ref(ids, make_cache(ref, 16, batch_size=2))
+    got = ours(ids, make_cache(ours, 16, batch_size=2)).float()
     assert median_position_rel_rmse(got, expected) < 0.04
     q = ours.model.layers[0].self_attn.q_proj
     assert q.quant_state.packing_format_for_cpu  # repacked on first use
@@ -322,7 +324,7 @@ def test_without_double_quant(source, tmp_path):
     ours = load_bnb_model(tmp_path, dtype=torch.float32)
     ref = dequantized_reference(ours)
     ids = torch.randint(0, ours.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(8))
-    got, expected = ours(ids, ours.make_cache(8)), ref(ids, ref.make_cache(8))
+    got, expected = ours(ids, make_cache(ours, 8)), ref(ids, make_cache(ref, 8))
     assert ((got - expected).abs().max() / expected.abs().max()).item() < TIGHT
 
 
@@ -349,7 +351,7 @@ def test_loads_attention_only_folder_like_transformers_5_writes(source, tmp_path
     assert isinstance(ours.model.layers[1].mlp.gate_proj, torch.nn.Linear)  # dense layer left float
     ref = dequantized_reference(ours)
     ids = torch.randint(0, ours.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(9))
-    got, expected = ours(ids, ours.make_cache(8)), ref(ids, ref.make_cache(8))
+    got, expected = ours(ids, make_cache(ours, 8)), ref(ids, make_cache(ref, 8))
     assert ((got - expected).abs().max() / expected.abs().max()).item() < TIGHT
 
 
@@ -421,9 +423,11 @@ def test_marco_run_end_to_end(written):
 def steps(model, ids: torch.Tensor, n: int = 6) -> list[torch.Tensor]:
     """Logits of a prefill of `ids`, then of n tokens fed one at a time (fixed ids: no sampling in the comparison)."""
     device = model.model.norm.weight.device
-    cache = model.make_cache(ids.shape[1] + n)
+    cache = make_cache(model, ids.shape[1] + n)
     out = [model(ids.to(device), cache)]
-    out += [model(torch.tensor([[(7 * k + 3) % model.config.vocab_size]], device=device), cache) for k in range(n)]
+    out += [
+        forward(model, torch.tensor([[(7 * k + 3) % model.config.vocab_size]], device=device), cache) for k in range(n)
+    ]
     return [t.float().cpu() for t in out]
 
 
@@ -542,7 +546,7 @@ def test_cuda_preparation_keeps_the_numbers(written, preset):
             install(model, placement)
         assert GraphedDecoder.capturable(model)
         decoder = GraphedDecoder(model, min_window=8)  # on the CPU its segments run eagerly
-        eager, static = model.make_cache(24), model.make_cache(24)
+        eager, static = make_cache(model, 24), make_cache(model, 24)
         static.keys.zero_(), static.values.zero_()
         model(ids, eager)
         model(ids, static)
@@ -622,11 +626,12 @@ def test_4bit_decode_from_cuda_graphs(written, preset, slots):
     assert GraphedDecoder.supports(model)
 
     def greedy() -> list[int]:
-        cache = PromptCache(model.make_cache(40))
+        cache = PromptCache(make_cache(model, 40))
         return list(generate_step(model, list(range(5, 17)), cache, make_sampler(0.0), max_tokens=24))
 
     want = greedy()
-    model.decode_step = decoder = GraphedDecoder(model, min_window=16)
+    decoder = GraphedDecoder(model, min_window=16)
+    set_decode_step(model, decoder)
     assert greedy() == want and decoder.captures >= 2 and not decoder.failed
 
 
@@ -641,8 +646,8 @@ def test_cuda_kernels_match_cpu(written, preset):
     cpu = load_bnb_model(folder, dtype=torch.float32)
     gpu = load_bnb_model(folder, dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(0, cpu.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(5))
-    a = cpu(ids, cpu.make_cache(16))
-    b = gpu(ids.cuda(), gpu.make_cache(16)).float().cpu()
+    a = cpu(ids, make_cache(cpu, 16))
+    b = gpu(ids.cuda(), make_cache(gpu, 16)).float().cpu()
     assert rel_rmse(b, a) < (0.1 if preset == "int8" else 0.05)
-    one = gpu(ids[:, :1].cuda(), gpu.make_cache(4)).float().cpu()  # single token: gathered experts (4-bit)
+    one = gpu(ids[:, :1].cuda(), make_cache(gpu, 4)).float().cpu()  # single token: gathered experts (4-bit)
     assert rel_rmse(one, a[:, :1]) < (0.1 if preset == "int8" else 0.05)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from marco_local.generate import PromptCache, generate_step
+from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.sampling import make_sampler
 
@@ -42,7 +43,7 @@ def test_full_forward_matches_transformers(pair):
     _, ref, ours = pair
     ids = torch.randint(0, ours.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
     expected = ref(ids).logits
-    got = ours(ids, ours.make_cache(32, batch_size=3))
+    got = ours(ids, make_cache(ours, 32, batch_size=3))
     assert rel_err(got, expected) < REL_TOL
 
 
@@ -51,7 +52,7 @@ def test_incremental_decoding_matches_transformers(pair):
     _, ref, ours = pair
     ids = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
     expected = ref(ids).logits
-    cache = ours.make_cache(32, batch_size=2)
+    cache = make_cache(ours, 32, batch_size=2)
     pieces = [ours(ids[:, :5], cache)]  # prefill, then token by token
     pieces += [ours(ids[:, t : t + 1], cache) for t in range(5, 12)]
     pieces.append(ours(ids[:, 12:], cache))  # a chunk after a cached prefix (the chat-continuation path)
@@ -65,7 +66,7 @@ def test_greedy_generation_matches_transformers(pair):
     prompt = torch.randint(0, ours.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
     out = ref.generate(prompt, do_sample=False, max_new_tokens=64, min_new_tokens=64, eos_token_id=None, pad_token_id=0)
     expected = out[0, 7:].tolist()
-    steps = generate_step(ours, prompt[0].tolist(), PromptCache(ours.make_cache(80)), make_sampler(0.0), max_tokens=64)
+    steps = generate_step(ours, prompt[0].tolist(), PromptCache(make_cache(ours, 80)), make_sampler(0.0), max_tokens=64)
     assert list(steps) == expected
 
 
@@ -75,7 +76,7 @@ def test_bf16_close_to_float32(checkpoint):
     assert ours.model.embed_tokens.weight.dtype == torch.bfloat16
     ids = torch.randint(0, ours.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        got = ours(ids, ours.make_cache(16)).float()
+        got = ours(ids, make_cache(ours, 16)).float()
         expected = ref(ids).logits
     assert rel_err(got, expected) < 0.1  # bf16 keeps ~3 significant digits through 3 layers
 
@@ -140,7 +141,7 @@ def test_fused_qkv_projection_keeps_the_numbers_and_the_bytes(checkpoint):
     folder, _ = checkpoint
     model = load_model(folder, dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
-    want = model(ids, model.make_cache(8))
+    want = model(ids, make_cache(model, 8))
     numel = sum(p.numel() for p in model.parameters())
     for layer in model.model.layers:
         attn = layer.self_attn
@@ -150,7 +151,7 @@ def test_fused_qkv_projection_keeps_the_numbers_and_the_bytes(checkpoint):
             attn.qkv_weight[-1:].nbytes
         )
     assert sum(p.numel() for p in model.parameters()) == numel
-    torch.testing.assert_close(model(ids, model.make_cache(8)), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(ids, make_cache(model, 8)), want, rtol=1e-6, atol=1e-6)
 
 
 def test_only_plain_linears_of_one_dtype_fuse(checkpoint):

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import MarcoError
+from ..layers.kv_cache import make_cache
 from . import ui
 from .options import (
     Ctx,
@@ -145,7 +146,7 @@ def run(
             hint="shorten it or raise --ctx" if ctx < lm.context_length else "shorten it: that is the model's longest",
         )
     ctx = min(ctx, lm.context_length)
-    cache = PromptCache(lm.model.make_cache(ctx if max_tokens == UNTIL_FULL else min(ctx, len(ids) + max_tokens)))
+    cache = PromptCache(make_cache(lm.model, ctx if max_tokens == UNTIL_FULL else min(ctx, len(ids) + max_tokens)))
     last = None
     ended_with_newline = True
     recorder = TraceRecorder(lm.model) if trace else None

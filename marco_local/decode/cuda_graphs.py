@@ -296,11 +296,3 @@ class GraphedDecoder:
             self._step(cache, window, None)
         cache.advance(1)
         return self.logits.clone()  # the static buffer is overwritten by the next step
-
-
-def enable_cuda_graphs(model: nn.Module) -> bool:
-    """Attach a `GraphedDecoder` as the model's decode step when it qualifies; True when attached."""
-    if not GraphedDecoder.supports(model):
-        return False
-    model.decode_step = GraphedDecoder(model)
-    return True

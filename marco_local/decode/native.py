@@ -25,6 +25,7 @@ from torch import nn
 
 from ..kernels import native
 from ..layers.gguf import QLinear
+from ..layers.kv_cache import NativeKVCache
 from ..models.kv_cache import KVCache
 
 
@@ -215,7 +216,7 @@ class NativeDecoder:
         return bool(experts._forward_hooks or experts._forward_pre_hooks)
 
     def accepts(self, cache: KVCache) -> bool:
-        return cache.native_decode
+        return isinstance(cache, NativeKVCache)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens [1, 1] at position cache.offset -> float32 logits [1, 1, V]; advances the cache."""

@@ -389,19 +389,7 @@ def build_model(
     if left:  # a bug, not a user error: every meta tensor must have been replaced above
         raise RuntimeError(f"GGUF loader left meta tensors: {left[:5]}")
     model.kv_dtype = torch.float16 if act_dtype == torch.float32 and dtype != torch.float32 else dtype
-    if not dense:
-        _attach_native_decoder(model)
     return model.eval()
-
-
-def _attach_native_decoder(model: nn.Module) -> None:
-    """One-token steps through `native_decode.NativeDecoder` when the model qualifies (bf16, native projections)."""
-    try:
-        from ..decode.native import NativeDecoder
-    except ImportError:
-        return
-    if NativeDecoder.supports(model):
-        model.decode_step = NativeDecoder(model)
 
 
 CUDA_EXPERTS = ("auto", "dense", "quantized", "host")

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .kv_cache import KVCache
-from .qwen3_moe import MLP, DecodeStep, RMSNorm, RotaryEmbedding, attend, rotate_half
+from .qwen3_moe import MLP, RMSNorm, RotaryEmbedding, rotate_half
 
 
 class Attention(nn.Module):
@@ -42,7 +42,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         start = cache.offset
         k, v = cache.update(self.layer, k, v)  # [B, H_kv, start + T, hd]
-        out = attend(q, k, v, start)
+        out = cache.attend(q, k, v, start)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -82,22 +82,11 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        # an optional fast path for one new token (set by the GGUF loader: native_decode.NativeDecoder)
-        self.decode_step: DecodeStep | None = None
         # the KV cache's dtype where it is not the norms' (a GGUF on the CPU: float32 norms, a bf16 cache)
         self.kv_dtype: torch.dtype | None = None
 
-    def make_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
-        cfg, p = self.config, self.model.norm.weight
-        dtype = self.kv_dtype or p.dtype
-        return KVCache(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_len, batch_size, dtype, p.device
-        )
-
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] (positions cache.offset ...) -> logits [B, T, V], or [B, 1, V] with last_only."""
-        if self.decode_step is not None and tokens.shape == (1, 1) and self.decode_step.accepts(cache):
-            return self.decode_step(tokens, cache)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(cache.offset, tokens.shape[1], x.dtype, x.device)
         for layer in self.model.layers:

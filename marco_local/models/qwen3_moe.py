@@ -9,23 +9,12 @@ quantized or offloaded variants replace `nn.Linear`s and `Experts` with modules 
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels import native
 from .kv_cache import KVCache
-
-
-class DecodeStep(Protocol):
-    """A fast path for one new token: called instead of the layer loop when it accepts the cache."""
-
-    def accepts(self, cache: KVCache) -> bool: ...
-
-    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -82,42 +71,6 @@ def rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) ->
     negation, the negation being in the table): the decode step is bound by its kernel count. The same products; the
     sum may round once instead of twice (addcmul can fuse the multiply-add)."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
-
-
-NATIVE_KV = (torch.bfloat16, torch.float16)  # the cache dtypes `native.attend` reads
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of T new queries at positions start.. over all cached keys [B, H_kv, start + T, hd] (GQA).
-
-    One token on the CPU goes to the native kernel, which reads the 16-bit cache as it is (13 us at 64 positions,
-    0.24 ms at 2048, 2 threads); without it, it runs in float32, as torch's CPU bf16 attention for one query is
-    several times slower (137 us in bf16, 31 us cast to float32, at 100 positions). Several bf16 tokens stay bf16:
-    torch's CPU flash kernel (float32 accumulation) is as fast as on float32 copies (128 queries over 3200 positions:
-    21.3 ms both) and needs no float32 copy of the cache per layer (4 MiB at 512 positions, 32 MiB at 4096); on
-    SmolLM2 the KL from the float32 model is the same (5.1e-3 against 5.5e-3 with float32 attention, 512 tokens)."""
-    T = q.shape[2]
-    native_one = T == 1 and q.device.type == "cpu" and q.shape[0] == 1 and k.dtype in NATIVE_KV and native.available()
-    if native_one:
-        B, H, _, hd = q.shape
-        out = native.attend(q.reshape(H, hd).float(), k[0], v[0], hd**-0.5)
-        return out.view(B, H, 1, hd).to(q.dtype)
-    if k.dtype != q.dtype and (T > 1 or q.dtype == torch.float32):
-        k, v = k.to(q.dtype), v.to(q.dtype)  # e.g. float32 queries over a 16-bit cache (a GGUF on the native kernels)
-    if T == 1:
-        mask, causal = None, False
-    elif start == 0:
-        mask, causal = None, True
-    else:  # new tokens after a cached prefix: token i sees the prefix and new tokens up to i
-        rows = torch.arange(start, start + T, device=q.device)[:, None]
-        mask, causal = torch.arange(start + T, device=q.device)[None, :] <= rows, False
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and (T == 1 or k.dtype == torch.float32):
-        # one query, or a cache that hands out its float32 scratch (kv_cache.py, without the native kernels)
-        out = F.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, enable_gqa=True
-        )
-        return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -183,7 +136,7 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         start = cache.offset
         k, v = cache.update(self.layer, k, v)  # [B, H_kv, start + T, hd]
-        out = attend(q, k, v, start)
+        out = cache.attend(q, k, v, start)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_at(
@@ -476,28 +429,11 @@ class Qwen3MoeForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        # an optional fast path for one new token: native_decode.NativeDecoder (GGUF on the CPU, set by the GGUF
-        # loader) or cuda_graphs.GraphedDecoder (a resident model on CUDA, set by runtime.load)
-        self.decode_step: DecodeStep | None = None
         # the KV cache's dtype where it is not the norms' (a GGUF on the CPU: float32 norms, a bf16 cache)
         self.kv_dtype: torch.dtype | None = None
 
-    def make_cache(self, max_len: int, batch_size: int = 1) -> KVCache:
-        cfg, p = self.config, self.model.norm.weight
-        return KVCache(
-            cfg.num_hidden_layers,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            max_len,
-            batch_size,
-            dtype=self.kv_dtype or p.dtype,
-            device=p.device,
-        )
-
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] (positions cache.offset ...) -> logits [B, T, V], or [B, 1, V] with last_only."""
-        if self.decode_step is not None and tokens.shape == (1, 1) and self.decode_step.accepts(cache):
-            return self.decode_step(tokens, cache)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(cache.offset, tokens.shape[1], x.dtype, x.device)
         for layer in self.model.layers:

@@ -26,9 +26,9 @@ from torch import nn
 from ..config import load_config
 from ..errors import MarcoError
 from ..formats.checkpoint import Checkpoint
+from ..layers.kv_cache import kv_cache_bytes
 from ..load.checkpoint import check_checkpoint
 from ..load.meta import meta_device
-from ..models.kv_cache import kv_cache_bytes
 from ..models.qwen3_moe import Qwen3MoeForCausalLM
 from .budget import (
     AUTO_GPU_MARGIN,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..layers.kv_cache import make_cache
 from .trace import Trace, record_trace
 
 FORMAT = "marco-expert-profile"
@@ -42,7 +43,7 @@ def record_profile(
     with record_trace(model) as trace:
         for start in range(0, len(ids), chunk):
             part = list(ids[start : start + chunk])
-            model(torch.tensor([part], device=device), model.make_cache(len(part)), last_only=True)
+            model(torch.tensor([part], device=device), make_cache(model, len(part)), last_only=True)
             if progress:
                 progress(min(start + chunk, len(ids)), len(ids))
     return counts_from_trace(trace), trace
