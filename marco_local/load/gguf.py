@@ -93,7 +93,7 @@ def _dense_modules(
     """make_linear, make_experts and make_embedding that dequantize once, exactly, into plain modules on `device` in
     `dtype`: a GGUF on CUDA, where the GGUF kernels (CPU kernels) do not run. Costs the dense size in memory (a 4-bit
     file takes 4x its size in bf16); in return the model is the plain one, so CUDA graphs apply. With
-    `quantized_experts`, experts stay the file's blocks on that device instead (`gguf_experts.StackedGGUFExperts`)."""
+    `quantized_experts`, experts stay the file's blocks on that device instead (layers/gguf_cuda.py)."""
     from ..layers.gguf import dequantize_rows
 
     def param(raw: torch.Tensor, ggml_type: int) -> nn.Parameter:
@@ -217,7 +217,7 @@ def build_model(
     `experts_in_file`: the quantized experts are neither repacked nor read (their pages stay untouched), for an
     offload runtime (`marco_local.offload.install`) that reads them from the file on demand. `dense` (the default off
     the CPU): every weight dequantized into plain modules (`_dense_modules`); `quantized_experts` (dense models): the
-    experts kept as the file's blocks on that device (`gguf_experts.StackedGGUFExperts`)."""
+    experts kept as the file's blocks on that device (`layers.gguf_cuda.StackedGGUFExperts`)."""
     for info in g.tensors.values():  # a type without a codec is the clearest thing to say about such a file
         _check_type(g, info)
     cfg = model_config(g)
@@ -333,7 +333,7 @@ def build_model(
 
 
 def _attach_native_decoder(model: nn.Module) -> None:
-    """One-token steps through `native_decode.NativeDecoder` when the model qualifies (bf16, native projections)."""
+    """One-token steps through `decode.native.NativeDecoder` when the model qualifies (bf16, native projections)."""
     try:
         from ..decode.native import NativeDecoder
     except ImportError:
@@ -372,8 +372,8 @@ def load_gguf(
     model = build_model(
         g, dtype=dtype, device=device, progress=progress, experts_in_file=experts_in_file, quantized_experts=quantized
     )
-    # The tokenizer's build made ~300k Python strings and ~20 MB of temporaries; hand the freed memory back before the
-    # prompt's activations and the KV cache arrive (2 MiB less peak RSS on Nano).
+    # The metadata and the tokenizer's build leave many Python strings and temporaries behind; hand the freed memory
+    # back before the prompt's activations and the KV cache arrive, which lowers the peak RSS.
     del g
     gc.collect()
     from ..layers.gguf import trim_heap
