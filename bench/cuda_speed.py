@@ -137,7 +137,8 @@ def to_nf4(model: qwen3_moe.Qwen3MoeForCausalLM) -> qwen3_moe.Qwen3MoeForCausalL
     `marco quantize --to nf4` writes), as the bnb loader holds them; embeddings, norms and routers stay bf16."""
     import bitsandbytes.functional as bnbF
 
-    from marco_local.load.bnb import Linear4bit, QuantizedExperts, prepare_for_cuda_graphs
+    from marco_local.layers.bnb import Linear4bit, QuantizedExperts
+    from marco_local.load.bnb import prepare_for_cuda_graphs
 
     def q(w: torch.Tensor) -> Linear4bit:
         packed, state = bnbF.quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)

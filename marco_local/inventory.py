@@ -26,20 +26,6 @@ ProgressFn = Callable[[int, int], None]
 # What a checkpoint folder needs; skips duplicate .bin/.pt weights, ONNX exports, GGUF variants and images.
 PULL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "LICENSE*", "README*"]
 RUNTIME_MARGIN = 256 << 20  # activations, logits and allocator slack on top of weights + KV cache (an estimate)
-SAFETENSORS_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 
 
 # -- what is on disk ----------------------------------------------------------------------------------------------

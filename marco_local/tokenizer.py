@@ -19,16 +19,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import InvalidModelError, MarcoError, short_repr
-
-if TYPE_CHECKING:
-    from .formats.native_bpe import NativeBPE
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -176,7 +173,7 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 class Tokenizer:
     def __init__(
         self,
-        backend: HFTokenizer | NativeBPE,
+        backend: HFTokenizer,
         chat_template: str | None = None,
         eos_token_ids: list[int] | None = None,
         bos_token: str | None = None,

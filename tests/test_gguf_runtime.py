@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -114,6 +115,26 @@ def test_tokenizer_from_gguf_matches_tokenizer_json(moe_f32):
     messages = [{"role": "user", "content": "Bonjour 😀"}]
     assert ours.apply_chat_template(messages) == folder_tok.apply_chat_template(messages)
     assert set(folder_tok.eos_token_ids) <= set(ours.eos_token_ids)  # the GGUF adds llama.cpp's end tokens
+
+
+def test_tokenizer_from_gguf_matches_tokenizer_json_on_random_text(moe_f32):
+    """Scripts, whitespace runs, digits, contractions, emoji and the added tokens, mixed at random; random ids
+    (special ones, lone UTF-8 bytes) decode alike too."""
+    folder, _, path = moe_f32
+    ours = load_tokenizer(GGUFFile(path))
+    ref = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    words = [w for text in MULTILINGUAL for w in text.split(" ")] + [" ", "  ", "\t", "\n\n", "\r\n", "\x00", "\u00ad"]
+    rng = random.Random(0)
+    for _ in range(200):
+        text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randint(1, 30)))
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, repr(text)
+        assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False)
+    n = ref.get_vocab_size()
+    for _ in range(100):
+        ids = [rng.randrange(n) for _ in range(rng.randint(0, 12))]
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), ids
 
 
 def llama_cpp_end_of_generation(path: Path) -> list[int]:

@@ -236,21 +236,3 @@ def test_llama_quantize_q4_k_m_mix(moe_f32, tmp_path):
         got = model(ids, make_cache(model, 32, batch_size=2))
     assert rel_err(got, expected) < F32_REL_TOL
     assert kl(unquantized(ids).logits, got) < KL_BOUND["Q4_K"]
-
-
-@pytest.mark.parametrize("ggml_type", ["Q5_0", "Q4_K"])
-def test_dequantize_per_call_fallback_matches(ggml_type, moe_f32, moe_typed, monkeypatch):
-    """The loader's stand-ins for qlinear (used where qlinear.py is absent) compute the same model."""
-    import marco_local.load.gguf as gl
-
-    _, unquantized, _ = moe_f32
-    path = moe_typed(ggml_type)
-    ids = ids_batch(unquantized.config.vocab_size)
-    with torch.no_grad():
-        model, _ = load_gguf(path, dtype=torch.float32)
-        expected = model(ids, make_cache(model, 32, batch_size=2))
-        monkeypatch.setattr(gl, "_kernels", lambda exact: (gl.DequantLinear, gl.DequantExperts, gl.QuantEmbedding))
-        fallback, _ = load_gguf(path, dtype=torch.float32)
-        assert isinstance(fallback.model.layers[0].mlp.experts, gl.DequantExperts)
-        got = fallback(ids, make_cache(fallback, 32, batch_size=2))
-    assert rel_err(got, expected) < F32_REL_TOL

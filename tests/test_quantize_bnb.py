@@ -24,15 +24,9 @@ from marco_local.decode import forward, set_decode_step
 from marco_local.errors import MarcoError
 from marco_local.formats.checkpoint import Checkpoint
 from marco_local.generate import generate
+from marco_local.layers.bnb import Linear4bit, Linear8bit, QuantizedExperts, cpu_kernel_available
 from marco_local.layers.kv_cache import make_cache
-from marco_local.load.bnb import (
-    Linear4bit,
-    Linear8bit,
-    QuantizedExperts,
-    cpu_kernel_available,
-    is_bnb_folder,
-    load_bnb_model,
-)
+from marco_local.load.bnb import is_bnb_folder, load_bnb_model
 from marco_local.models.qwen3_moe import Qwen3MoeForCausalLM
 from marco_local.sampling import make_sampler
 from marco_local.tokenizer import Tokenizer
@@ -462,7 +456,7 @@ def test_offloaded_experts_compute_what_resident_ones_do(written, preset):
 def test_stacked_4bit_experts_dequantize_as_bitsandbytes_does(written, preset):
     """StackedExperts4bit (CUDA's graph-capturable experts) dequantizes in plain torch: bit-equal to bitsandbytes'
     own dequantization of each expert linear; its gathered, padded and grouped paths agree (float32)."""
-    from marco_local.load.bnb import QuantizedExperts, StackedExperts4bit
+    from marco_local.layers.bnb import QuantizedExperts, StackedExperts4bit
 
     model = load_bnb_model(written[preset][0], dtype=torch.float32)
     experts = model.model.layers[0].mlp.experts
@@ -495,7 +489,7 @@ def test_stacked_4bit_from_any_bitsandbytes_state(quant_type, nested, blocksize)
     sizes): the stacked dequantization equals bitsandbytes' for every expert. (Rows a whole number of blocks long, as
     in the Marco models: where a block spans rows, bitsandbytes 0.50's CPU kernel disagrees with its own reference
     implementation and round-trips 3x worse; ours equals the reference there.)"""
-    from marco_local.load.bnb import Linear4bit, StackedExperts4bit
+    from marco_local.layers.bnb import Linear4bit, StackedExperts4bit
 
     g = torch.Generator().manual_seed(blocksize + nested)
 
@@ -522,7 +516,8 @@ def test_cuda_preparation_keeps_the_numbers(written, preset):
     the CPU: same logits as the loaded model; the decoder's fixed-shape segments (what CUDA graphs replay) agree with
     the forward, resident and offloaded (misses copied, or computed from the store). int8 layers are left alone."""
     from marco_local.decode.cuda_graphs import GraphedDecoder
-    from marco_local.load.bnb import StackedExperts4bit, prepare_for_cuda_graphs
+    from marco_local.layers.bnb import StackedExperts4bit
+    from marco_local.load.bnb import prepare_for_cuda_graphs
     from marco_local.offload import Placement, install
 
     folder, _ = written[preset]
@@ -559,7 +554,8 @@ def test_experts_that_cannot_be_stacked_stay_quantized(written):
     """A layer whose 4-bit experts cannot be stacked keeps them as bitsandbytes linears (dequantizing them all would
     cost the dense size); the rest of the model is still prepared, and the model is then not graph-capturable."""
     from marco_local.decode.cuda_graphs import GraphedDecoder
-    from marco_local.load.bnb import QuantizedExperts, StackedExperts4bit, prepare_for_cuda_graphs
+    from marco_local.layers.bnb import QuantizedExperts, StackedExperts4bit
+    from marco_local.load.bnb import prepare_for_cuda_graphs
 
     model = load_bnb_model(written["nf4"][0], dtype=torch.float32)
     odd = model.model.layers[0].mlp.experts
@@ -616,7 +612,7 @@ def test_4bit_decode_from_cuda_graphs(written, preset, slots):
     eager decode's greedy tokens, resident and offloaded."""
     from marco_local.decode.cuda_graphs import GraphedDecoder
     from marco_local.generate import PromptCache, generate_step
-    from marco_local.load.bnb import StackedExperts4bit
+    from marco_local.layers.bnb import StackedExperts4bit
     from marco_local.offload import Placement, install
 
     model = load_bnb_model(written[preset][0], dtype=torch.float32, device="cuda")

@@ -5,7 +5,7 @@ The file is memory-mapped once (copy-on-write, so nothing is ever written back a
 a few MB of RAM and the pages are read when a matmul first touches them, as in llama.cpp.
 
 The header is parsed here rather than by gguf-py's `GGUFReader` for two reasons: GGUFReader builds a numpy view per
-array element (3.5 s for SmolLM2's 49k-token vocabulary, ~10 s for Qwen's 152k), and every count and offset read from
+array element (seconds for a 50k-150k-token vocabulary), and every count and offset read from
 the file must be bounds-checked before it is trusted. Invariants: a malformed file (bad magic, unsupported version,
 truncated header or tensor data, unknown tensor type, out-of-range counts) raises a one-line `MarcoError` and never
 makes the parser allocate or loop on an untrusted count; the layout follows gguf-py's `constants.py` (GGUF v2/v3,

@@ -1,8 +1,5 @@
 """Rebuild the tokenizer (our `Tokenizer`) from a GGUF's `tokenizer.ggml.*` metadata.
 
-The vocabulary and merges go into native tables (native_bpe.py, a third of the memory) where the native library is
-available, else into a `tokenizers.Tokenizer`; both split and merge the same way (tests compare them).
-
 Only gpt2-style byte-level BPE (`tokenizer.ggml.model = gpt2`) is supported; that is what Qwen, SmolLM2 and Llama 3
 GGUFs carry. The tokens are already in byte-level form (`Ġ` for a space), the merges are "left right" strings, and
 the pre-tokenizer is named by `tokenizer.ggml.pre`: `PRE_TOKENIZERS` maps each supported name to the split that
@@ -26,7 +23,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..errors import InvalidModelError, MarcoError
 from ..tokenizer import Tokenizer, tokenizer_errors
 from .gguf import GGUFFile
-from .native_bpe import NativeBPE
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -145,16 +141,6 @@ def build_backend(g: GGUFFile) -> HFTokenizer:
     return tok
 
 
-def build_native_backend(g: GGUFFile) -> NativeBPE | None:
-    """The same tokenizer as `build_backend`'s in a third of the memory (native_bpe.py), or None where the native
-    library is unavailable or cannot hold this vocabulary."""
-    tokens, types, merges, pre = _vocabulary(g)
-    factory, ignore_merges = PRE_TOKENIZERS[pre]
-    control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL]
-    user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED]
-    return NativeBPE.build(tokens, merges, factory(), ignore_merges, special=control, user_defined=user)
-
-
 # Tokens that end a generation by their text whatever the metadata says, as llama.cpp decides (llama-vocab.cpp; its
 # model-specific exceptions left out): converters write one eos id, yet a Qwen3 GGUF names <|im_end|> and the model may
 # end with <|endoftext|>. The same rule keeps marco, llama.cpp, Ollama and LM Studio stopping on the same tokens.
@@ -186,7 +172,7 @@ END_OF_GENERATION_TEXTS = (
 def load_tokenizer(g: GGUFFile) -> Tokenizer:
     """Our Tokenizer for a GGUF: the rebuilt backend, `tokenizer.chat_template`, eos/bos from metadata, and the
     end-of-generation tokens llama.cpp recognises by their text."""
-    backend = build_native_backend(g) or build_backend(g)
+    backend = build_backend(g)
     tokens = g.get("tokenizer.ggml.tokens")
 
     def text(key: str) -> str | None:

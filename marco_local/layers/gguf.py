@@ -1,24 +1,17 @@
-"""Linear layers, experts and embeddings that keep GGUF weights quantized and compute on them.
+"""Linear layers, experts and embeddings that keep GGUF weights quantized and compute on them, so that a model takes
+the memory of its file, not of its float weights. The loader builds them with `make_linear`, `make_experts` and
+`make_embedding` from zero-copy uint8 views `[rows, row_bytes]` of the memory-mapped file; no forward materialises a
+float W.
 
-Two kernel families. When the native kernels can be had (`marco_local.kernels.native`: C, compiled on first use), every
-quantized type they read (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) runs on the file's blocks as they lie:
-nothing is repacked, the weights stay zero-copy views of the memory-mapped GGUF (prefaulted at load, see `prefault`),
-and a layer's routing and selected experts run in one call per token (`NativeMoeBlock`, `native.moe_routed`). The
-activations are quantized to int8 blocks for that (llama.cpp's numerics): relative output error against
-`x @ dequantize(W).T` ~0.5-0.7% (tests/test_native.py); the KL from the unquantized model is that of the int4 path
-(tests/test_gguf_types.py). Speed, Nano-shaped Q4_K_M, 2 threads: decode 1.34x llama.cpp's on the same file
-(bench/bench_vs_llamacpp.py), with `native_decode.NativeDecoder` running the rest of the step. Without them (no C
-compiler, or MARCO_NATIVE=0), the torch int4 path below is used (0.69x llama.cpp); its description follows.
+Native kernels (`marco_local.kernels.native`, C compiled on first use), for every type they read (Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): the blocks are used as they lie in the file (prefaulted at load, see `prefault`), the
+activations are quantized to int8 blocks as llama.cpp does (so its numerics; tests/test_native.py bounds the error),
+and a layer's routing and selected experts run in one call per token (`NativeMoeBlock`).
 
-Job: turn the raw ggml blocks of a tensor (a zero-copy uint8 view `[rows, row_bytes]` of the GGUF file) into modules
-whose forward computes `x @ W.T` without ever materialising W in float. The loader builds them with `make_linear`,
-`make_experts` and `make_embedding`.
-
-Kernel choice (CPU, measured on this 2-core machine, one token through a 768x1024 matrix, 1 thread): torch's
-`_weight_int4pack_mm_for_cpu` 21 us with bf16 activations (1.1 ms with f16 or f32: no vectorised path), dense bf16
-55 us, dense f32 39 us, `_weight_int8pack_mm` 18 us but with one scale per row, which cannot carry ggml's per-block
-scales. So every quantized type is repacked once, at load, into that int4 kernel's group-wise asymmetric form
-`w = (n - 8) * S + Z` (n a 4-bit value, S and Z per group of `group` consecutive inputs):
+Without them (no C compiler, or MARCO_NATIVE=0), torch's `_weight_int4pack_mm_for_cpu`: the one torch CPU kernel
+that both carries ggml's per-block scales (`_weight_int8pack_mm` has one scale per row) and beats a dense matmul; it
+is vectorised for bf16 activations only (float32 ones are cast). Every quantized type is repacked once, at load,
+into its group-wise asymmetric form `w = (n - 8) * S + Z` (n a 4-bit value, S and Z per group of `group` inputs):
 
 - Q4_0, Q4_1, Q4_K are group-32 int4 as they are (Q4_K: S = d * sc_j, Z = 8 S - dmin * m_j).
 - Q5_0, Q5_1, Q5_K, Q8_0 (blocks of 32) and Q6_K (sub-blocks of 16) split each stored value into nibbles,
@@ -26,34 +19,23 @@ scales. So every quantized type is repacked once, at load, into that int4 kernel
   16 x (for hi; a power of two, so exact in floating point), both halves in one group of `2 * split`. The high nibble
   is stored as hi + o (o centres its range on 8) and Z = (C + 8 S - 16 (o - 8) S) / 17 makes the group sum
   reproduce the block's additive constant C (Q5_0: -16 d, Q5_1: m, Q5_K: -dmin * m_j, Q6_K: -32 S, Q8_0: -128 d).
-- F32, F16, BF16 stay as zero-copy views of the file and run a plain matmul.
+- F32, F16, BF16 stay zero-copy views of the file and run a plain matmul.
 
-Error (bf16 or f16 activations): the kernel takes S and Z in bf16 and rounds its output to bf16, so each represented
-weight is within 2^-6.5 of the largest |w| of its block (measured worst 2^-6.75 for Q5_1/Q5_K, 2^-7.0 to 2^-7.3 for
-the others: the size of rounding the weights to bf16). Relative output error ||y - y_ref|| / ||y_ref|| against
-`x @ codec.dequantize(raw).T` in float32 on random blocks, K = 1024: Q4_0 2.4e-3, Q4_1 2.4e-3, Q4_K 2.4e-3, Q8_0 2.5e-3,
-Q6_K 2.8e-3, Q5_K 3.3e-3, Q5_1 3.4e-3, Q5_0 3.9e-3 (tests/test_qlinear.py asserts the block bound and 6e-3).
-Float32 activations run on the same kernels (the native ones take float32; the int4 one gets them as bf16). Modules
-built with `exact=True` (the loader's float32 models) take an exact path instead: the block bytes are dequantized with
-the codec on each call and multiplied in float32 (a reference path for checks: slow, allocates, touches the raw file
-pages).
+The kernel takes S and Z in bf16 and rounds its output to bf16, so each represented weight is within 2^-6.5 of its
+block's largest |w| (tests/test_qlinear.py). The weights stay quantized (0.625 to 1.25 bytes per weight; the file's
+pages are released after repacking, see `release_pages`), and on the one-token path `QExperts` makes a fixed number
+of torch calls per layer, whatever the number of experts. CPU only: the packing is the CPU kernel's.
 
-Speed (Marco-Nano-shaped Q4_K_M, one decode token, kernels only, 1 thread / 2 threads): attention projections
-6.4 / 3.6 ms, the 8 selected experts of 28 layers 14.5 / 9.5 ms, the Q6_K lm_head 8.9 / 4.7 ms.
-
-Invariants (int4 path): the weights stay quantized in memory (bytes per weight: 0.625 for the 4-bit types, 1.125
-for Q5_0, Q5_1, Q5_K and Q8_0, 1.25 for Q6_K; a GGUF file's pages are released after repacking, see
-`release_pages`); no float copy of a quantized tensor is ever kept. On the bf16 decode path (one token) `QExperts`
-does a fixed number of torch calls per layer (one int4 matmul per selected expert and projection, a few batched
-elementwise ops), no Python work that grows with the number of experts and no buffer allocation beyond the ops' own
-outputs.
-Modules are CPU-only (the int4 packing is the CPU kernel's); a CUDA placement needs another packing.
+`exact=True` (the loader's float32 models): the blocks are dequantized with the codec on each call and multiplied in
+float32, the reference path for checks (slow, allocates, touches the raw file pages).
 
 Offloading (`make_experts(..., in_file="int4" | "raw")`): `QExperts` repacks nothing and touches no expert page at
 load. With the native kernels its slots hold the raw blocks ("raw"), read straight from the file on a miss. Else its
 per-expert tensors are shape-only placeholders that the offload runtime rebinds to its slots, and a miss fills a
 slot through `fill_expert` (the load-time routine `_fill_int4`, so a slot's bytes equal the resident model's). The
 kernel's padding rows of a slot are never written: they only feed output rows that are sliced off.
+
+Speed: bench/bench_vs_llamacpp.py (whole model, against llama.cpp), bench/native_kernels_*.py (one kernel).
 """
 
 from __future__ import annotations
@@ -346,9 +328,9 @@ def prefault(t: torch.Tensor) -> None:
     """Map the pages behind `t` (a view of a memory-mapped file) into the process now, at load, as llama.cpp does.
 
     Why: the native kernels read the file's pages in place, and each first touch of a page costs a page fault; left
-    to decode, those faults land in whichever token first routes to an expert (a Nano Q4_K_M bench had decode steps
-    of 130 ms instead of 18 ms until every page had been touched). Without MADV_POPULATE_READ (older kernels, other
-    platforms) every page is touched by a strided read instead."""
+    to decode, those faults land in whichever token first routes to an expert, a step several times slower than the
+    others. Without MADV_POPULATE_READ (older kernels, other platforms) every page is touched by a strided read
+    instead."""
     if t.device.type != "cpu" or not t.nbytes:
         return
     if sys.platform.startswith("linux") and t.is_contiguous():
@@ -363,8 +345,7 @@ def prefault(t: torch.Tensor) -> None:
 
 def trim_heap() -> None:
     """Return freed heap memory to the OS (glibc `malloc_trim`). Repacking frees many MiB-sized temporaries on worker
-    threads, whose malloc arenas keep them: on a Nano Q4_K_M load that was 1.7 GiB of RSS above the 5.9 GiB of
-    repacked weights. A no-op elsewhere."""
+    threads, whose malloc arenas would keep them as resident memory (GiBs on a Nano-sized load). A no-op elsewhere."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -377,9 +358,9 @@ def _as_type(ggml_type: GT | int | str) -> GT:
 
 
 def _lookup(codec: Codec, raw: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` of `raw` dequantized exactly to float32 [n, row length]: by the native kernels (bit-exact; a decode
-    step's Q6_K embedding lookup takes 9 us, call included, against 49 us of torch ops), else by the codec's block
-    function (`Codec.dequantize` hands work to a thread pool, which costs more than a few rows take)."""
+    """Rows `ids` of `raw` dequantized exactly to float32 [n, row length]: by the native kernels (bit-exact, one call
+    instead of a dozen torch ops per lookup), else by the codec's block function (`Codec.dequantize` hands work to a
+    thread pool, which costs more than a few rows take)."""
     if native.supports(codec.ggml_type):
         return native.dequant_rows(raw, codec.ggml_type, ids, raw.shape[1] // codec.type_size * codec.block_size)
     rows = raw[ids.reshape(-1).cpu()]

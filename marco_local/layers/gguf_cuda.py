@@ -1,18 +1,18 @@
 """A GGUF's experts on CUDA kept as the file's quantized blocks, dequantized for the experts a token uses.
 
-Why: the GGUF kernels (marco_local/native, qlinear.py) are CPU kernels, so on CUDA a GGUF was dequantized whole, and a
+Why: the GGUF kernels (kernels/native, layers/gguf.py) are CPU kernels, so on CUDA a GGUF was dequantized whole, and a
 4-bit Marco-Nano file (5 GB) took 16 GB of VRAM. Experts are ~93% of its weights but a token uses 8 of 232 per layer:
 kept quantized, the model fits a consumer card, and its experts can be offloaded with 3.5x more of them per byte of
 VRAM budget than in bf16. Attention, embeddings and norms stay dense (they run on every token).
 
 `StackedGGUFExperts` holds each projection's raw blocks stacked per expert ([E, bytes per expert], the file's layout)
-and dequantizes the gathered experts with the codecs' block functions (quant/ggml_codecs.py), which are plain torch
-ops on any device: a decode step has no host sync and CUDA graphs can hold it (cuda_graphs.py), and offloading packs
+and dequantizes the gathered experts with the codecs' block functions (quant/ggml_codecs.py), which are plain torch ops
+on any device: a decode step has no host sync and CUDA graphs can hold it (decode/cuda_graphs.py), and offloading packs
 each expert's rows like any stacked experts (offload/store.py). Numbers: the weights equal the dense path's
-(`gguf_loader._dense_modules`: the same float32 dequantization, then the same cast), so the logits match a dense load
-up to the order of floating-point sums. A prompt on CUDA takes the padded batch with the experts dequantized a group
-at a time (`Experts.forward_padded_gathered`). A decode token on CUDA, where triton is installed, dequantizes no
-matrix: triton kernels (triton_gguf.py) multiply straight from the blocks (gate and up in one kernel) with float32
+(`load.gguf._dense_modules`: the same float32 dequantization, then the same cast), so the logits match a dense load up
+to the order of floating-point sums. A prompt on CUDA takes the padded batch with the experts dequantized a group at a
+time (`Experts.forward_padded_gathered`). A decode token on CUDA, where triton is installed, dequantizes no matrix:
+triton kernels (kernels/triton_gguf.py) multiply straight from the blocks (gate and up in one kernel) with float32
 weights and sums, not the model dtype's, so a bf16 model's token differs from the dense path's by that rounding
 (MARCO_GGUF_TRITON=0 keeps the dequantizing path, to compare).
 """

@@ -11,9 +11,7 @@ Interface with `marco_local/layers/gguf.py` (the fast kernels):
     make_linear(raw, ggml_type, out_features, in_features) -> nn.Module computing x @ W.T
     make_experts(gate_raw, up_raw, down_raw, ggml_types, num_experts, hidden, intermediate) -> Experts subclass
     make_embedding(raw, ggml_type, num_embeddings, dim, dtype) -> nn.Module mapping ids to `dtype` rows
-`raw` is uint8 [rows, row_bytes] for a matrix and [E, rows, row_bytes] for stacked experts, GGML block layout. Where
-gguf_layers.py is absent, `DequantLinear` / `DequantExperts` / `QuantEmbedding` below (dequantize per call with
-quant/ggml_codecs.py: exact and slow) stand in; they are also the readable reference of what the fast modules compute.
+`raw` is uint8 [rows, row_bytes] for a matrix and [E, rows, row_bytes] for stacked experts, GGML block layout.
 
 File quirks handled here and nowhere else (the `sanitize` step): llama.cpp stores llama's Q/K rows permuted for its
 interleaved RoPE (convert_hf_to_gguf.py, `LlamaModel.permute`); we undo it by reordering whole rows, which is exact
@@ -29,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quant.ggml_codecs import codec_for
@@ -81,70 +78,11 @@ def gguf_name(module_name: str) -> str:
     return f"blk.{layer}.{_LAYER_NAMES[rest]}"
 
 
-class DequantLinear(nn.Module):
-    """Reference quantized linear: dequantizes the whole matrix on every call (exact, slow)."""
-
-    def __init__(self, raw: torch.Tensor, ggml_type: int, out_features: int, in_features: int) -> None:
-        super().__init__()
-        self.codec = codec_for(ggml_type)
-        self.out_features, self.in_features = out_features, in_features
-        self.register_buffer("raw", raw, persistent=False)
-
-    def weight_float(self) -> torch.Tensor:
-        return self.codec.dequantize(self.raw).view(self.out_features, self.in_features).to(self.raw.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_float().to(x.dtype))
-
-
-class DequantExperts(Experts):
-    """Reference quantized experts: dequantizes the selected expert's three matrices per call (exact, slow)."""
-
-    def __init__(
-        self,
-        gate_raw: torch.Tensor,
-        up_raw: torch.Tensor,
-        down_raw: torch.Tensor,
-        ggml_types: tuple[int, int, int],
-        num_experts: int,
-        hidden: int,
-        intermediate: int,
-    ) -> None:
-        nn.Module.__init__(self)  # not Experts.__init__: it would allocate the float [E, out, in] stacks
-        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
-        self.codecs = tuple(codec_for(t) for t in ggml_types)
-        self.register_buffer("gate_raw", gate_raw, persistent=False)
-        self.register_buffer("up_raw", up_raw, persistent=False)
-        self.register_buffer("down_raw", down_raw, persistent=False)
-
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate_c, up_c, down_c = self.codecs
-        gate = gate_c.dequantize(self.gate_raw[e]).to(device=x.device, dtype=x.dtype)  # [I, D]
-        up = up_c.dequantize(self.up_raw[e]).to(device=x.device, dtype=x.dtype)  # [I, D]
-        down = down_c.dequantize(self.down_raw[e]).to(device=x.device, dtype=x.dtype)  # [D, I]
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-
-
-class QuantEmbedding(nn.Module):
-    """Token embedding on quantized rows: a lookup dequantizes only the rows it reads."""
-
-    def __init__(self, raw: torch.Tensor, ggml_type: int, num_embeddings: int, dim: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.codec, self.dim, self.dtype = codec_for(ggml_type), dim, dtype
-        self.register_buffer("raw", raw, persistent=False)  # [V, row_bytes]
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = self.codec.dequantize(self.raw[tokens.reshape(-1)])  # [N, D] float32
-        return rows.to(device=tokens.device, dtype=self.dtype).view(*tokens.shape, self.dim)
-
-
 def _kernels(exact: bool) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module], Callable[..., nn.Module]]:
-    """qlinear's fast modules (make_linear, make_experts, make_embedding), else the dequantize-per-call references.
-    `exact`: qlinear's modules are the float32 reference (dequantize on every call)."""
-    try:
-        from ..layers import gguf as gguf_layers
-    except ImportError:
-        return DequantLinear, DequantExperts, QuantEmbedding
+    """layers/gguf.py's make_linear, make_experts and make_embedding. `exact`: its modules are the float32 reference
+    (dequantize on every call)."""
+    from ..layers import gguf as gguf_layers
+
     make_linear = functools.partial(gguf_layers.make_linear, exact=exact)
     return make_linear, functools.partial(gguf_layers.make_experts, exact=exact), gguf_layers.make_embedding
 
@@ -155,7 +93,7 @@ def _dense_modules(
     """make_linear, make_experts and make_embedding that dequantize once, exactly, into plain modules on `device` in
     `dtype`: a GGUF on CUDA, where the GGUF kernels (CPU kernels) do not run. Costs the dense size in memory (a 4-bit
     file takes 4x its size in bf16); in return the model is the plain one, so CUDA graphs apply. With
-    `quantized_experts`, experts stay the file's blocks on that device instead (`gguf_experts.StackedGGUFExperts`)."""
+    `quantized_experts`, experts stay the file's blocks on that device instead (layers/gguf_cuda.py)."""
     from ..layers.gguf import dequantize_rows
 
     def param(raw: torch.Tensor, ggml_type: int) -> nn.Parameter:
@@ -279,7 +217,7 @@ def build_model(
     `experts_in_file`: the quantized experts are neither repacked nor read (their pages stay untouched), for an
     offload runtime (`marco_local.offload.install`) that reads them from the file on demand. `dense` (the default off
     the CPU): every weight dequantized into plain modules (`_dense_modules`); `quantized_experts` (dense models): the
-    experts kept as the file's blocks on that device (`gguf_experts.StackedGGUFExperts`)."""
+    experts kept as the file's blocks on that device (`layers.gguf_cuda.StackedGGUFExperts`)."""
     for info in g.tensors.values():  # a type without a codec is the clearest thing to say about such a file
         _check_type(g, info)
     cfg = model_config(g)
@@ -422,8 +360,8 @@ def load_gguf(
     model = build_model(
         g, dtype=dtype, device=device, progress=progress, experts_in_file=experts_in_file, quantized_experts=quantized
     )
-    # The tokenizer's build made ~300k Python strings and ~20 MB of temporaries; hand the freed memory back before the
-    # prompt's activations and the KV cache arrive (2 MiB less peak RSS on Nano).
+    # The metadata and the tokenizer's build leave many Python strings and temporaries behind; hand the freed memory
+    # back before the prompt's activations and the KV cache arrive, which lowers the peak RSS.
     del g
     gc.collect()
     from ..layers.gguf import trim_heap

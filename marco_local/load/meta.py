@@ -17,8 +17,9 @@ def meta_device() -> Iterator[None]:
 
     Why: nn.Linear and nn.Embedding initialise their weights in their constructors; on the meta device that work is
     pointless, and its first call goes through torch's reference decompositions, which import torch._dynamo, sympy
-    and mpmath (about 800 modules: ~1 s and ~40 MiB of resident memory for nothing). Loaders replace every parameter
-    afterwards. Not thread-safe (it swaps functions of torch.nn.init): call it from the loading thread only.
+    and mpmath (hundreds of modules: a second and tens of MiB of resident memory, for nothing). Loaders replace
+    every parameter afterwards. Not thread-safe (it swaps functions of torch.nn.init): call it from the loading
+    thread only.
     """
     saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
     for name in _INITIALISERS:

@@ -8,9 +8,9 @@ directly, so GGUF weights stay zero-copy views of the memory-mapped file.
 Files: ggml_dot.h (block and activation layouts), act_quant.c, dot_ref.c (plain-C reference dots), dot_legacy.c and
 dot_kquants.c (vectorised dots, AVX2 and AVX-512), dot_plain.c (without AVX2: C that compilers vectorize), dot_neon.c
 (ARM64), matmul.c (products, one token through a layer's experts), route.c (MoE routing), attention.c (one query over
-a bf16 KV cache), decode.c (the other pieces of a decode step, for native_decode.py), dequant.c (rows dequantized to
-float32, for embedding lookups), bpe.c (the byte-level BPE tokenizer of bpe.py), platform.h and parallel.c (symbol
-export, and the parallel-for every threaded kernel goes through).
+a bf16 KV cache), decode.c (the other pieces of a decode step, for decode/native.py), dequant.c (rows dequantized to
+float32, for embedding lookups), platform.h and parallel.c (symbol export, and the parallel-for every threaded kernel
+goes through).
 
 The C sources next to this file are compiled on first use with the system C compiler ($CC, else cc, gcc or clang)
 into the cache (`~/.cache/marco-local/native/<hash>/`), keyed by the sources, flags, compiler and kernel tier; later
@@ -336,12 +336,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.marco_matmul_multi.restype = i
     lib.marco_attend.argtypes, lib.marco_attend.restype = [p, p, p, i64, i, i, i, i, f, i, p, i], i
     lib.marco_dequant_rows.argtypes, lib.marco_dequant_rows.restype = [i, p, i64, i64, p, i, i, p], i
-    lib.marco_bpe_new.argtypes, lib.marco_bpe_new.restype = [p, i64, i, p, i64, i, p, p], p
-    lib.marco_bpe_free.argtypes, lib.marco_bpe_free.restype = [p], None
-    lib.marco_bpe_set_special.argtypes, lib.marco_bpe_set_special.restype = [p, i], None
-    lib.marco_bpe_lookup.argtypes, lib.marco_bpe_lookup.restype = [p, p, i64], i
-    lib.marco_bpe_encode.argtypes, lib.marco_bpe_encode.restype = [p, p, p, i64, i, p], i64
-    lib.marco_bpe_decode.argtypes, lib.marco_bpe_decode.restype = [p, p, i64, i, p, i64], i64
     lib.marco_build_info.argtypes, lib.marco_build_info.restype = [], ctypes.c_char_p
     lib.marco_threads_used.argtypes, lib.marco_threads_used.restype = [i], i
     return lib

@@ -1,4 +1,4 @@
-/* Pieces of one decode step for the native decoder (marco_local/native_decode.py): RMSNorm, the attention block of
+/* Pieces of one decode step for the native decoder (marco_local/decode/native.py): RMSNorm, the attention block of
  * one new token (q/k norm, rotate-half RoPE, cache write, attention) and several products sharing one input.
  *
  * Why: a decode step of a small model is dozens of tiny torch calls per layer, each costing more than its arithmetic
