@@ -39,7 +39,8 @@ import quantize_nano  # noqa: E402
 
 from marco_local.generate import prefill  # noqa: E402
 from marco_local.load.checkpoint import load_model  # noqa: E402
-from marco_local.offload import Placement, install, load_offloaded, offload_stats, synthetic_trace  # noqa: E402
+from marco_local.load.offloaded import load_offloaded  # noqa: E402
+from marco_local.offload import Placement, install, offload_stats, synthetic_trace  # noqa: E402
 
 
 def use_trace_routing(model, layers: int, tokens: int, seed: int = 0) -> None:

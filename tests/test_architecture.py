@@ -41,8 +41,6 @@ KNOWN = {
     ("marco_local.models.qwen3_moe", "marco_local.kernels.native"),
     ("marco_local.models.kv_cache", "marco_local.kernels.native"),
     ("marco_local.tokenizer", "marco_local.formats.native_bpe"),
-    ("marco_local.offload.install", "marco_local.load.checkpoint"),
-    ("marco_local.offload.install", "marco_local.load.meta"),
     ("marco_local.load.gguf", "marco_local.decode.native"),
     ("quant.bnb_writer", "marco_local.formats.checkpoint"),
     ("quant.convert", "marco_local.formats.checkpoint"),

@@ -15,7 +15,8 @@ from marco_local.decode.cuda_graphs import GraphedDecoder, window_for
 from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
 from marco_local.load.checkpoint import load_model
-from marco_local.offload import Placement, load_offloaded
+from marco_local.load.offloaded import load_offloaded
+from marco_local.offload import Placement
 from marco_local.sampling import make_sampler
 
 PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19]

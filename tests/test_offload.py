@@ -11,11 +11,11 @@ import torch
 from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
 from marco_local.load.checkpoint import load_model
+from marco_local.load.offloaded import load_offloaded
 from marco_local.offload import (
     OffloadedExperts,
     Placement,
     install,
-    load_offloaded,
     offload_stats,
     parse_resident,
     parse_size,
@@ -152,11 +152,11 @@ def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
     the graphs' pool come from the same allocator: the plan counts them before sizing the slots (H200 runs overshot
     the budget without them)."""
     from marco_local.offload.budget import CUDA_GRAPH_POOL_RESERVE, CUDA_LIBRARY_RESERVE
-    from marco_local.offload.install import _make_plan, _moe_blocks
+    from marco_local.offload.install import make_plan, moe_blocks
     from marco_local.offload.store import ExpertLayout
 
     model = load_model(ref[0], dtype=torch.float32)
-    cfg, blocks = model.config, _moe_blocks(model)
+    cfg, blocks = model.config, moe_blocks(model)
     layout = ExpertLayout(blocks[0][1].experts, cfg.num_experts)
     per_slot = layout.expert_bytes * len(blocks)
     dense = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # float32 temporaries of a gathered expert
@@ -164,10 +164,10 @@ def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
     direct = cfg.num_experts_per_tok * layout.expert_bytes
     scratch = 2 * gathered + direct + CUDA_LIBRARY_RESERVE + CUDA_GRAPH_POOL_RESERVE
     fixed, cuda = 1 << 20, torch.device("cuda")
-    plan = _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + 3 * per_slot)), cuda, fixed)
+    plan = make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + 3 * per_slot)), cuda, fixed)
     assert plan.scratch_bytes == scratch and plan.slots == 3
     with pytest.raises(MarcoError, match="too small"):
-        _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + per_slot - 1)), cuda, fixed)
+        make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + per_slot - 1)), cuda, fixed)
 
 
 def decode_logits(model, tokens=(9, 100, 3, 77, 250, 1, 42, 8)) -> list[torch.Tensor]:

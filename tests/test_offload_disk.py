@@ -92,7 +92,8 @@ MEASURE = textwrap.dedent(
     from marco_local.config import ModelConfig
     from marco_local.models.qwen3_moe import Qwen3MoeForCausalLM
     from marco_local.generate import PromptCache, generate_step
-    from marco_local.offload import Placement, load_offloaded, offload_stats
+    from marco_local.load.offloaded import load_offloaded
+    from marco_local.offload import Placement, offload_stats
     from marco_local.sampling import make_sampler
 
     def rss(key):

@@ -13,7 +13,8 @@ import torch
 from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
 from marco_local.load.checkpoint import load_model
-from marco_local.offload import Placement, install, load_offloaded, offload_stats
+from marco_local.load.offloaded import load_offloaded
+from marco_local.offload import Placement, install, offload_stats
 from marco_local.sampling import make_sampler
 
 pytestmark = [

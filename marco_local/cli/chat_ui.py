@@ -480,7 +480,7 @@ class ChatUI:
         s = self.session
         ui.info(f"Model      {self.model_name}")
         if self.lm is not None:
-            from ..inventory import param_counts
+            from ..offload.memory import param_counts
             from ..offload.store import tensor_bytes
 
             p = next(self.lm.model.parameters())

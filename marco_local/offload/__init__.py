@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # for type checkers and editors; at run time `__getattr__` imports on use
     from .budget import Placement, Plan, parse_resident, parse_size, plan_slots
     from .experts import OffloadedExperts
-    from .install import OffloadRuntime, install, load_offloaded, load_profile, offload_stats
+    from .install import OffloadRuntime, install, load_profile, offload_stats
     from .policy import LFU, LRU, POLICIES, StaticHotSet, make_policy_factory
     from .slots import SlotTable
     from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore, RepackStore
@@ -28,7 +28,6 @@ _EXPORTS = {  # name -> submodule: imported on first use, so that `marco info` c
     "OffloadedExperts": "experts",
     "OffloadRuntime": "install",
     "install": "install",
-    "load_offloaded": "install",
     "load_profile": "install",
     "offload_stats": "install",
     "LFU": "policy",
@@ -92,7 +91,6 @@ __all__ = [
     "Trace",
     "TraceRecorder",
     "install",
-    "load_offloaded",
     "load_profile",
     "locality",
     "make_policy_factory",

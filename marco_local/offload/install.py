@@ -1,11 +1,10 @@
 """Put a model's experts under offloading: build the stores, size the slots from the budget, swap `mlp.experts`.
 
-Two entry points: `load_offloaded` builds a model from a Hugging Face folder without ever materialising its experts
-(non-expert weights are read as usual; experts stay in the file and are read with positional reads, or are copied
-once into pinned host RAM on CUDA); `install` wraps the experts of a model that is already loaded (in RAM, or as
-zero-copy views of a memory-mapped GGUF, which become a file store; quantized GGUF experts loaded with
-`experts_in_file` become a file store too when their slots hold raw blocks (native kernels, float32), else a
-`RepackStore` that repacks an expert's raw blocks into the int4 form on a miss).
+`install` wraps the experts of a model that is already loaded (in RAM, or as zero-copy views of a memory-mapped GGUF,
+which become a file store; quantized GGUF experts loaded with `experts_in_file` become a file store too when their
+slots hold raw blocks (native kernels, float32), else a `RepackStore` that repacks an expert's raw blocks into the
+int4 form on a miss). The loader that builds a model with its experts left in a safetensors checkpoint
+(load/offloaded.py) uses the same steps: `make_plan` before any expert byte is read, then `wrap`.
 Both attach an `OffloadRuntime` as `model.offload`, which owns the prefetch thread and reports the stats
 (`offload_stats(model)`).
 Invariant: the plan is computed and checked against the budget before any expert byte is read.
@@ -23,19 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import load_config
 from ..errors import MarcoError
-from ..formats.checkpoint import Checkpoint
-from ..load.checkpoint import check_checkpoint
-from ..load.meta import meta_device
 from ..models.kv_cache import kv_cache_bytes
-from ..models.qwen3_moe import Qwen3MoeForCausalLM
+from . import memory
 from .budget import (
     AUTO_GPU_MARGIN,
-    WORKING_RESERVE,
     Placement,
     Plan,
-    cuda_scratch_bytes,
     format_bytes,
     parse_size,
     plan_slots,
@@ -53,11 +46,8 @@ from .store import (
     mapped_segments,
     raw_segments,
     raw_tensors,
-    safetensors_segments,
     tensor_bytes,
 )
-
-ProgressFn = Callable[[int, int], None]
 
 
 class OffloadRuntime:
@@ -164,13 +154,13 @@ def _spans(layers: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
-def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
 
 
-def _non_expert_bytes(model: nn.Module) -> int:
+def non_expert_bytes(model: nn.Module) -> int:
     """Everything but the experts: weights (however a quantized module keeps them), norms, rotary tables."""
-    return tensor_bytes(model, skip={id(b.experts) for _, b in _moe_blocks(model)})
+    return tensor_bytes(model, skip={id(b.experts) for _, b in moe_blocks(model)})
 
 
 def file_mappings(paths: list[Path]) -> list[tuple[Path, int, int]]:
@@ -190,10 +180,12 @@ def file_mappings(paths: list[Path]) -> list[tuple[Path, int, int]]:
     return found
 
 
-def _kv_bytes(cfg, ctx: int, dtype: torch.dtype, device: torch.device) -> int:
-    """The KV cache for `ctx` tokens plus the working reserve: what the budget sets aside besides weights."""
+def fixed_bytes(model: nn.Module, ctx: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The budget's fixed part for this model (the planner's `fixed_bytes`): its non-expert tensors, the KV cache
+    for `ctx` tokens in the activation dtype, and the working reserve."""
+    cfg = model.config
     kv = kv_cache_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx, dtype, device)
-    return kv + WORKING_RESERVE
+    return memory.fixed_bytes(non_expert_bytes(model), kv)
 
 
 def _budget(placement: Placement, device: torch.device) -> tuple[int | None, str]:
@@ -213,17 +205,19 @@ def _budget(placement: Placement, device: torch.device) -> tuple[int | None, str
     return (parse_size(placement.ram_mem) if placement.ram_mem else None), "--ram-mem"
 
 
-def _make_plan(
+def make_plan(
     model: nn.Module,
     layout: ExpertLayout,
     in_ram: int,
     scratch: int,
     placement: Placement,
     device: torch.device,
-    fixed_bytes: int,
+    fixed: int,
 ) -> Plan:
+    """Slots per layer for `placement` (the planner's `plan_slots`), refused before any expert byte is read when the
+    budget cannot hold `fixed` bytes and one expert per layer. `scratch`: the stores' own buffers (CPU)."""
     cfg = model.config
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     if not blocks:
         raise MarcoError("this model has no MoE layers to offload")
     budget, what = _budget(placement, device)
@@ -233,15 +227,12 @@ def _make_plan(
             f"({format_bytes(in_ram)}), and a RAM budget needs experts that can stay in their file",
             hint="bound the fast slots with --experts-resident, or use a bf16 checkpoint folder or a GGUF file",
         )
+    scratch = memory.expert_scratch(cfg, layout.expert_bytes, device.type == "cuda", scratch)
     resident = placement.experts_resident
-    if device.type == "cuda":
-        scratch = cuda_scratch_bytes(
-            cfg.num_experts_per_tok, layout.expert_bytes, cfg.hidden_size, cfg.moe_intermediate_size
-        )
-    return plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, scratch, what)
+    return plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed, budget, resident, scratch, what)
 
 
-def _wrap(
+def wrap(
     model: nn.Module,
     layouts: dict[int, ExpertLayout],
     make_store: Callable[[int, ExpertLayout], ExpertStore],
@@ -252,7 +243,7 @@ def _wrap(
     """Per layer, build its store and swap in the OffloadedExperts (so a store that copies the experts into RAM frees
     the layer's original tensors before the next layer is copied); then prefetch links and profile warm-up."""
     cfg = model.config
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     profile = load_profile(placement.profile) if placement.profile else None
     if profile is not None:
         _check_profile(profile, placement.profile, cfg, [i for i, _ in blocks])
@@ -398,7 +389,7 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
     layouts: dict[int, ExpertLayout] = {}
     segments: dict[int, list | None] = {}
     raws: dict[int, list] = {}  # GGUF experts loaded with experts_in_file: repacked from the file on a miss
-    for i, block in _moe_blocks(model):
+    for i, block in moe_blocks(model):
         if hasattr(block.experts, "use_slots"):  # per-expert modules that would keep private copies (bitsandbytes)
             block.experts.use_slots()
         layouts[i] = ExpertLayout(block.experts, cfg.num_experts)
@@ -423,9 +414,9 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
         shared = ThreadScratch(max(RepackStore.raw_bytes(r) for r in raws.values()))
         work = max(RepackStore.work_bytes(layouts[i]) for i in raws)
         scratch += ThreadScratch.THREADS * (shared.nbytes + work)
-        blocks = dict(_moe_blocks(model))
+        blocks = dict(moe_blocks(model))
         stores |= {i: RepackStore(layouts[i], blocks[i].experts, r, shared) for i, r in raws.items()}
-    blocks = dict(_moe_blocks(model))
+    blocks = dict(moe_blocks(model))
 
     def make_store(i: int, layout: ExpertLayout) -> ExpertStore:
         if i in stores:
@@ -437,61 +428,7 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
         return store
 
     dtype = model.model.norm.weight.dtype  # the activation dtype: the KV cache is allocated in it
-    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype, device)
+    fixed = fixed_bytes(model, placement.ctx, dtype, device)
     largest = max(layouts.values(), key=lambda lay: lay.expert_bytes)  # layers may mix types (Q4_K_M: Q4_K/Q6_K)
-    plan = _make_plan(model, largest, in_ram if device.type == "cpu" else 0, scratch, placement, device, fixed)
-    return _wrap(model, layouts, make_store, plan, placement, device)
-
-
-def load_offloaded(
-    folder: str | Path,
-    placement: Placement,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    progress: ProgressFn | None = None,
-) -> Qwen3MoeForCausalLM:
-    """A Hugging Face checkpoint with its experts left in the file (CPU) or in pinned host RAM (CUDA)."""
-    device = torch.device(device)
-    cfg = load_config(folder)
-    ckpt = Checkpoint(folder)
-    check_checkpoint(cfg, ckpt)
-    with meta_device():
-        model = Qwen3MoeForCausalLM(cfg).to(dtype)
-    blocks = _moe_blocks(model)
-    expert_params = {id(p) for _, b in blocks for p in b.experts.parameters()}
-    params = [(n, p) for n, p in model.named_parameters() if id(p) not in expert_params]
-    stores: dict[int, ExpertStore] = {}
-    for i, block in blocks:  # headers only: fail on a bad checkpoint before reading weights
-        layout = ExpertLayout(block.experts, cfg.num_experts)
-        stores[i] = FileStore(layout, safetensors_segments(ckpt.file_of, f"model.layers.{i}.mlp.experts", layout))
-    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype, device)
-    scratch = sum(st.resident_bytes for st in stores.values())
-    plan = _make_plan(model, stores[blocks[0][0]].layout, 0, scratch, placement, device, fixed)  # before any read
-    total = len(params)
-    for k, (name, p) in enumerate(params):
-        if name not in ckpt:
-            raise MarcoError(f"tensor {name} is missing from the checkpoint in {ckpt.folder}")
-        found = list(ckpt.shape(name))
-        if found != list(p.shape):
-            raise MarcoError(
-                f"tensor {name} has shape {found} in {ckpt.folder}, the config implies {list(p.shape)}",
-                hint="config.json and the weights do not belong together",
-            )
-        owner_name, attr = name.rsplit(".", 1)
-        value = ckpt.get(name).to(device=device, dtype=dtype)
-        model.get_submodule(owner_name)._parameters[attr] = nn.Parameter(value, requires_grad=False)
-        if progress:
-            progress(k + 1, total)
-    del ckpt  # drop the safetensors mappings: their touched pages would otherwise count toward RSS
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-
-    def make_store(i: int, layout: ExpertLayout) -> ExpertStore:
-        if device.type != "cuda":
-            return stores[i]
-        pinned = MemoryStore.from_store(stores[i], pin=True)  # slow tier = pinned host RAM, filled once from the file
-        stores[i].close()
-        return pinned
-
-    _wrap(model, {i: st.layout for i, st in stores.items()}, make_store, plan, placement, device)
-    return model.eval()
+    plan = make_plan(model, largest, in_ram if device.type == "cpu" else 0, scratch, placement, device, fixed)
+    return wrap(model, layouts, make_store, plan, placement, device)
