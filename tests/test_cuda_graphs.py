@@ -86,7 +86,7 @@ def test_offloaded_step_matches_forward(make_checkpoint, shape, slots):
     lockstep(model, decoder, STREAM)
     assert placed == {i: len(STREAM) for i in moe_layers}  # the host's part ran once per cut per step
     stats = model.offload.stats()
-    assert stats["expert_misses"] > 0 and stats["prefetch_precision"] is not None
+    assert stats.misses > 0 and stats.prefetch_precision is not None
     model.offload.close()
 
 
@@ -137,7 +137,7 @@ def test_layers_holding_every_expert_are_not_cut(checkpoint, full):
     A = model.config.num_experts_per_tok
     for x in layers:  # every layer counts each token's experts once, the full ones as hits
         st = x.stats()
-        assert st["hits"] + st["misses"] == 3 * A and (st["misses"] == 0 or x not in decoder.full)
+        assert st.hits + st.misses == 3 * A and (st.misses == 0 or x not in decoder.full)
     model.offload.close()
 
 
@@ -230,7 +230,7 @@ def test_graphed_offloaded_decode_matches_eager_on_cuda(checkpoint, slots):
     full = slots == "8"  # every expert fits: loaded at install, no cut (and no miss after it)
     assert decoder.captures >= 3 and not decoder.failed and len(decoder.cuts) == (0 if full else 3)
     lockstep(model, decoder, STREAM, tol=1e-4)
-    assert (model.offload.stats()["expert_misses"] == 0) == full
+    assert (model.offload.stats().misses == 0) == full
     model.offload.close()
     fewer = load_offloaded(folder, Placement(experts_resident="1", misses="copy"), torch.float32, "cuda")
     assert not GraphedDecoder.supports(fewer)  # a token's experts do not fit its slots: the eager streaming path

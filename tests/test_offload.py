@@ -81,16 +81,16 @@ def test_identical_output_for_every_budget_policy_and_prefetch(ref, profile_path
         with record_trace(model) as trace:
             assert greedy(model) == tokens
         stats = offload_stats(model)
-        assert stats["expert_slots_per_layer"] == slots
-        assert stats["experts_resident_fraction"] == slots / 8
-        assert 0.0 <= stats["expert_hit_rate"] <= 1.0
+        assert stats.slots_per_layer == slots
+        assert stats.resident_fraction == slots / 8
+        assert 0.0 <= stats.hit_rate <= 1.0
         if prefetch:
-            assert 0.0 <= stats["prefetch_precision"] <= 1.0 and 0.0 <= stats["prefetch_recall"] <= 1.0
+            assert 0.0 <= stats.prefetch_precision <= 1.0 and 0.0 <= stats.prefetch_recall <= 1.0
         else:
             prof = json.loads(profile_path.read_text())["layers"] if profile else None
             sim = simulate(trace, policy, slots, profile={int(k): v for k, v in prof.items()} if prof else None)
-            assert (sim.hits, sim.misses) == (stats["expert_hits"], stats["expert_misses"])
-            assert {x["layer"]: (x["hits"], x["misses"]) for x in stats["expert_layers"]} == sim.per_layer
+            assert (sim.hits, sim.misses) == (stats.hits, stats.misses)
+            assert {x.layer: (x.hits, x.misses) for x in stats.layers} == sim.per_layer
         assert torch.equal(prefill_logits(model), logits)  # bit-identical: same kernels, same summation order
     finally:
         model.offload.close()
@@ -186,11 +186,11 @@ def test_load_all_when_the_slots_hold_every_expert(ref):
     model = load_offloaded(ref[0], Placement(experts_resident="100%"), torch.float32, "cpu")
     for x in model.offload.layers:
         x.load_all()
-        assert x.slot_map is not None and x.table.resident == x.num_experts and x.stats()["hits"] == 0
+        assert x.slot_map is not None and x.table.resident == x.num_experts and x.stats().hits == 0
     for got, ref_logits in zip(decode_logits(model), want, strict=True):
         torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
     stats = model.offload.stats()
-    assert stats["expert_misses"] == 0 and stats["expert_hit_rate"] == 1.0
+    assert stats.misses == 0 and stats.hit_rate == 1.0
     model.offload.close()
     fewer = load_offloaded(ref[0], Placement(experts_resident="3"), torch.float32, "cpu")
     for x in fewer.offload.layers:
@@ -217,7 +217,7 @@ def test_misses_computed_on_the_cpu_where_they_lie(ref, slots):
     for got, ref_logits in zip(decode_logits(model), want, strict=True):
         torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
     stats = model.offload.stats()
-    assert stats["expert_cpu_computed"] > 0 and stats["expert_misses_on_cpu"]
+    assert stats.cpu_experts > 0 and stats.misses_on_cpu
     assert greedy(model) == tokens
     decoder = GraphedDecoder(model, min_window=8)
     assert all(decoder.split)
@@ -370,14 +370,18 @@ def test_verbose_stats_count_experts_read_in_place():
     from types import SimpleNamespace
 
     from marco_local.cli.ui import stats_line
+    from marco_local.offload import LayerStats, OffloadStats
 
-    stats = {"experts_resident_fraction": 0.5, "expert_hit_rate": 0.9, "expert_bytes_moved": 0}
+    def stats(moved: int, in_place: int, stall_s: float) -> OffloadStats:
+        layer = LayerStats(0, 4, 8, 4, 9, 1, moved, in_place, 0, stall_s, 0, 0.0)
+        return OffloadStats([layer], slots_per_layer=4)
+
     reply = SimpleNamespace(
         prompt_tokens=4, prompt_tps=10.0, generation_tokens=8, generation_tps=5.0, time_to_first_token=0.1,
-        peak_memory=1 << 20, cached_prompt_tokens=0, stats=dict(stats, expert_bytes_read_in_place=3 << 20,
-                                                                expert_stall_s=0.0),
+        peak_memory=1 << 20, cached_prompt_tokens=0, stats=stats(0, 3 << 20, 0.0),
     )  # fmt: skip
-    assert "0 B moved, 3.0 MiB read in place, stalled 0.00 s" in stats_line(reply, moves=True)
-    reply.stats = dict(stats, expert_bytes_read_in_place=0, expert_stall_s=0.25, expert_bytes_moved=2 << 20)
+    line = stats_line(reply, moves=True)
+    assert "50% of experts resident · expert hits 90% · 0 B moved, 3.0 MiB read in place, stalled 0.00 s" in line
+    reply.stats = stats(2 << 20, 0, 0.25)
     line = stats_line(reply, moves=True)
     assert "2.0 MiB moved, stalled 0.25 s" in line and "in place" not in line

@@ -99,7 +99,7 @@ def test_direct_decode_matches_the_resident_model(checkpoint, slots):
         assert_consistent(x)
         assert x.lru.counts()[0] == len(STREAM)  # the device routed every decode token
     st = model.offload.stats()
-    assert st["expert_misses"] > 0 and st["expert_hits"] > 0 and st["expert_bytes_read_in_place"] > 0
+    assert st.misses > 0 and st.hits > 0 and st.bytes_read_in_place > 0
     model.offload.close()
 
 
@@ -182,10 +182,10 @@ def test_hits_counted_on_the_device_are_exact(checkpoint):
             model(torch.tensor([[t]]), cache)
     for h in handles:
         h.remove()
-    got = {x.layer: x.stats()["hits"] for x in model.offload.layers}
+    got = {x.layer: x.stats().hits for x in model.offload.layers}
     assert got == want and sum(want.values()) > 0
     A = model.config.num_experts_per_tok
-    assert all(x.stats()["hits"] + x.stats()["misses"] == len(STREAM) * A for x in model.offload.layers)
+    assert all(x.stats().hits + x.stats().misses == len(STREAM) * A for x in model.offload.layers)
     model.offload.close()
 
 
@@ -279,7 +279,7 @@ def check_direct_layer(inner, top_k: int, tokens: int = 8) -> None:
         w = torch.rand(1, top_k, generator=g)
         torch.testing.assert_close(x(h, idx, w), reference.forward_gathered(h, idx, w), rtol=1e-6, atol=1e-6)
         assert_consistent(x)
-    assert x.stats()["hits"] > 0
+    assert x.stats().hits > 0
 
 
 def test_direct_reads_of_stacked_float_experts(checkpoint):

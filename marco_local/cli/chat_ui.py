@@ -515,9 +515,9 @@ class ChatUI:
             return
         finish = last.response.finish_reason or "interrupted"
         ui.info(ui.stats_line(last.response) + f" · finish: {finish} · {seed_text(last)}")
-        st = last.response.stats or {}
-        if st.get("experts_total"):
+        st = last.response.stats
+        if st is not None and st.experts:
             ui.info(
-                f"experts: {st.get('experts_resident')} of {st['experts_total']} resident, "
-                f"{st.get('expert_hits', 0)} hits / {st.get('expert_misses', 0)} misses, {ui.expert_traffic(st)}"
+                f"experts: {st.resident} of {st.experts} resident, "
+                f"{st.hits} hits / {st.misses} misses, {ui.expert_traffic(st)}"
             )

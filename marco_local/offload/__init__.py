@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time `__getattr__` im
     from .install import OffloadRuntime, install, load_profile, offload_stats
     from .policy import LFU, LRU, POLICIES, StaticHotSet, make_policy_factory
     from .slots import SlotTable
+    from .stats import LayerStats, OffloadStats
     from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore, RepackStore
     from .trace import Event, Trace, TraceRecorder, locality, record_trace, simulate, synthetic_trace
 
@@ -36,6 +37,8 @@ _EXPORTS = {  # name -> submodule: imported on first use, so that `marco info` c
     "StaticHotSet": "policy",
     "make_policy_factory": "policy",
     "SlotTable": "slots",
+    "LayerStats": "stats",
+    "OffloadStats": "stats",
     "ExpertLayout": "store",
     "ExpertStore": "store",
     "FileStore": "store",
@@ -80,7 +83,9 @@ __all__ = [
     "ExpertLayout",
     "ExpertStore",
     "FileStore",
+    "LayerStats",
     "MemoryStore",
+    "OffloadStats",
     "OffloadRuntime",
     "OffloadedExperts",
     "Placement",

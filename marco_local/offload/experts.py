@@ -45,6 +45,7 @@ from ..models.qwen3_moe import Experts
 from .direct import DeviceLRU, gather_rows
 from .policy import Policy
 from .slots import SlotTable
+from .stats import LayerStats
 from .store import ExpertLayout, ExpertStore, MemoryStore
 
 
@@ -457,7 +458,7 @@ class OffloadedExperts(nn.Module):
         self.table.hits += experts
         self.table.calls += 1
 
-    def stats(self) -> dict:
+    def stats(self) -> LayerStats:
         t = self.table
         hits, misses, read_in_place = t.hits, t.misses, 0
         if self.lru is not None:  # the device counted its tokens and hits; each miss read an expert across the bus
@@ -466,23 +467,23 @@ class OffloadedExperts(nn.Module):
             direct_misses = (tokens - tokens0) * self.top_k - direct_hits
             hits, misses = hits + direct_hits, misses + direct_misses
             read_in_place = direct_misses * self.layout.expert_bytes
-        return {
-            "layer": self.layer,
-            "slots": t.num_slots,
-            "experts": t.num_experts,
-            "resident": t.resident,
-            "hits": hits,
-            "misses": misses,
-            "hit_rate": hits / max(hits + misses, 1),
-            "bytes_moved": self.bytes_moved,
-            "bytes_read_in_place": read_in_place,
-            "prefetch_bytes": self.prefetch_bytes,
-            "stall_s": self.stall_s,
-            "cpu_experts": self.cpu_experts,
-            "cpu_s": self.cpu_s,
-            "prefetch_precision": self.pred_hit / self.pred_total if self.pred_total else None,
-            "prefetch_recall": self.pred_hit / self.actual_total if self.actual_total else None,
-        }
+        return LayerStats(
+            layer=self.layer,
+            slots=t.num_slots,
+            experts=t.num_experts,
+            resident=t.resident,
+            hits=hits,
+            misses=misses,
+            bytes_moved=self.bytes_moved,
+            bytes_read_in_place=read_in_place,
+            prefetch_bytes=self.prefetch_bytes,
+            stall_s=self.stall_s,
+            cpu_experts=self.cpu_experts,
+            cpu_s=self.cpu_s,
+            guessed=self.pred_total,
+            guessed_right=self.pred_hit,
+            routed=self.actual_total,
+        )
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, slots={self.table.num_slots}/{self.num_experts}"

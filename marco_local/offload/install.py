@@ -36,6 +36,7 @@ from .budget import (
 from .direct import unavailable_reason as direct_unavailable
 from .experts import OffloadedExperts
 from .policy import LFU, StaticHotSet, make_policy_factory
+from .stats import OffloadStats
 from .store import (
     ExpertLayout,
     ExpertStore,
@@ -66,37 +67,19 @@ class OffloadRuntime:
         for x in self.layers:
             x.reset_stats()
 
-    def stats(self) -> dict:
-        per_layer = [x.stats() for x in self.layers]
-        hits = sum(s["hits"] for s in per_layer)
-        misses = sum(s["misses"] for s in per_layer)
-        pred = sum(x.pred_total for x in self.layers)
-        pred_hit = sum(x.pred_hit for x in self.layers)
-        actual = sum(x.actual_total for x in self.layers)
-        return {
-            "expert_hit_rate": hits / (hits + misses) if hits + misses else None,
-            "expert_hits": hits,
-            "expert_misses": misses,
-            "experts_resident": sum(s["resident"] for s in per_layer),
-            "experts_total": sum(s["experts"] for s in per_layer),
-            "experts_resident_fraction": sum(s["slots"] for s in per_layer) / sum(s["experts"] for s in per_layer),
-            "expert_slots_per_layer": self.plan.slots,
-            "expert_bytes_moved": sum(s["bytes_moved"] for s in per_layer),
-            "expert_stall_s": sum(s["stall_s"] for s in per_layer),
-            "prefetch_precision": pred_hit / pred if pred else None,
-            "prefetch_recall": pred_hit / actual if actual else None,
-            "expert_misses_on_cpu": any(x.misses_on_cpu for x in self.layers),
-            "expert_misses_direct": any(x.direct for x in self.layers),
-            "expert_bytes_read_in_place": sum(s["bytes_read_in_place"] for s in per_layer),
-            "expert_cpu_computed": sum(s["cpu_experts"] for s in per_layer),
-            "expert_cpu_s": sum(s["cpu_s"] for s in per_layer),
-            "miss_copy_us": None if self.miss_costs is None else 1e6 * self.miss_costs[0],
-            "miss_cpu_us": None if self.miss_costs is None else 1e6 * self.miss_costs[1],
-            "offload_budget_bytes": self.plan.budget,
-            "offload_fixed_bytes": self.plan.fixed_bytes,
-            "offload_fast_bytes": self.fast_bytes,
-            "expert_layers": per_layer,
-        }
+    def stats(self) -> OffloadStats:
+        costs = self.miss_costs
+        return OffloadStats(
+            layers=[x.stats() for x in self.layers],
+            slots_per_layer=self.plan.slots,
+            misses_on_cpu=any(x.misses_on_cpu for x in self.layers),
+            misses_direct=any(x.direct for x in self.layers),
+            miss_copy_s=None if costs is None else costs[0],
+            miss_cpu_s=None if costs is None else costs[1],
+            budget_bytes=self.plan.budget,
+            fixed_bytes=self.plan.fixed_bytes,
+            fast_bytes=self.fast_bytes,
+        )
 
     def close(self) -> None:
         for x in self.layers:
@@ -110,10 +93,10 @@ class OffloadRuntime:
             x.store.close()
 
 
-def offload_stats(model: nn.Module) -> dict:
-    """The expert-cache stats of a model (empty for a model that is not offloaded): feeds GenerationResponse.stats."""
+def offload_stats(model: nn.Module) -> OffloadStats | None:
+    """The expert-cache stats of a model (None for a model that is not offloaded): feeds GenerationResponse.stats."""
     rt = getattr(model, "offload", None)
-    return rt.stats() if isinstance(rt, OffloadRuntime) else {}
+    return rt.stats() if isinstance(rt, OffloadRuntime) else None
 
 
 def load_profile(path: str | Path) -> dict[int, list[float]]:
