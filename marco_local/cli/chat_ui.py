@@ -480,6 +480,7 @@ class ChatUI:
         s = self.session
         ui.info(f"Model      {self.model_name}")
         if self.lm is not None:
+            from ..offload import fast_memory
             from ..offload.memory import param_counts
             from ..offload.store import tensor_bytes
 
@@ -488,11 +489,11 @@ class ChatUI:
             n, nbytes = param_counts(self.lm.model.config).total, tensor_bytes(self.lm.model)
             ui.info(f"Path       {self.lm.source.path} ({self.lm.source.format})")
             where = f"{self.lm.device}, computing in {str(p.dtype).removeprefix('torch.')}"
-            rt = getattr(self.lm.model, "offload", None)
-            if rt is not None and hasattr(rt, "plan"):
+            fast = fast_memory(self.lm.model)
+            if fast is not None:
                 ui.info(
-                    f"Placement  non-expert weights on {where}; {rt.plan.slots} experts per layer in fast memory "
-                    f"({ui.human_bytes(rt.fast_bytes)}), the rest offloaded"
+                    f"Placement  non-expert weights on {where}; {fast.experts_per_layer} experts per layer in fast "
+                    f"memory ({ui.human_bytes(fast.nbytes)}), the rest offloaded"
                 )
             else:
                 ui.info(f"Placement  all weights on {where}")

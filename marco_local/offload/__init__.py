@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # for type checkers and editors; at run time `__getattr__` imports on use
     from .budget import Placement, Plan, parse_resident, parse_size, plan_slots
     from .experts import OffloadedExperts
-    from .install import OffloadRuntime, install, load_profile, offload_stats
+    from .install import FastMemory, OffloadRuntime, fast_memory, install, load_profile, offload_stats
     from .policy import LFU, LRU, POLICIES, StaticHotSet, make_policy_factory
     from .slots import SlotTable
     from .stats import LayerStats, OffloadStats
@@ -27,7 +27,9 @@ _EXPORTS = {  # name -> submodule: imported on first use, so that `marco info` c
     "parse_size": "budget",
     "plan_slots": "budget",
     "OffloadedExperts": "experts",
+    "FastMemory": "install",
     "OffloadRuntime": "install",
+    "fast_memory": "install",
     "install": "install",
     "load_profile": "install",
     "offload_stats": "install",
@@ -82,6 +84,7 @@ __all__ = [
     "Event",
     "ExpertLayout",
     "ExpertStore",
+    "FastMemory",
     "FileStore",
     "LayerStats",
     "MemoryStore",
@@ -95,6 +98,7 @@ __all__ = [
     "StaticHotSet",
     "Trace",
     "TraceRecorder",
+    "fast_memory",
     "install",
     "load_profile",
     "locality",

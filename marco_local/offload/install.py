@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -97,6 +98,19 @@ def offload_stats(model: nn.Module) -> OffloadStats | None:
     """The expert-cache stats of a model (None for a model that is not offloaded): feeds GenerationResponse.stats."""
     rt = getattr(model, "offload", None)
     return rt.stats() if isinstance(rt, OffloadRuntime) else None
+
+
+class FastMemory(NamedTuple):
+    """What an offloaded model keeps of its experts in fast memory."""
+
+    experts_per_layer: int
+    nbytes: int  # the slots and the stores' working buffers
+
+
+def fast_memory(model: nn.Module) -> FastMemory | None:
+    """The experts an offloaded model keeps in fast memory (what the chat's /info shows); None when not offloaded."""
+    rt = getattr(model, "offload", None)
+    return FastMemory(rt.plan.slots, rt.fast_bytes) if isinstance(rt, OffloadRuntime) else None
 
 
 def load_profile(path: str | Path) -> dict[int, list[float]]:
