@@ -235,9 +235,9 @@ def test_miss_handling_choices(ref):
     model = load_model(folder, dtype=torch.float32)
     install(model, Placement(experts_resident="2"))  # auto on the CPU: copies (the cost model runs on CUDA)
     assert not any(x.misses_on_cpu for x in model.offload.layers) and model.offload.miss_costs is None
-    from marco_local.offload.install import _miss_costs
+    from marco_local.offload.misses import miss_costs
 
-    copy_s, cpu_s = _miss_costs(model.offload.layers[0], model.config.hidden_size, torch.float32)
+    copy_s, cpu_s = miss_costs(model.offload.layers[0], model.config.hidden_size, torch.float32)
     assert copy_s > 0 and cpu_s > 0
     with pytest.raises(MarcoError, match="expert-misses cpu is for CUDA"):  # on the CPU every expert is computed there
         offloaded(folder, experts_resident="2", misses="cpu")

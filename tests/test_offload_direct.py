@@ -24,7 +24,7 @@ from marco_local.errors import MarcoError
 from marco_local.load.checkpoint import load_model
 from marco_local.offload import Event, Placement, Trace, install
 from marco_local.offload.direct import EMPTY, gather_rows, route_reference
-from marco_local.offload.install import enable_direct
+from marco_local.offload.misses import enable_direct
 from marco_local.offload.trace import simulate_direct
 
 PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19]
@@ -34,7 +34,7 @@ STREAM = [9, 100, 3, 77, 250, 1, 42, 8, 19, 64, 5, 200, 31, 6, 90, 11, 2, 150, 7
 def direct_model(folder, slots: str, **placement):
     model = load_model(folder, dtype=torch.float32)
     install(model, Placement(experts_resident=slots, **placement))
-    enable_direct(model.offload, model.config.num_experts_per_tok)
+    enable_direct(model.offload.layers, model.config.num_experts_per_tok)
     return model
 
 
@@ -108,7 +108,7 @@ def test_a_step_stopped_between_route_and_gather_leaves_no_stale_slot(checkpoint
     """Ctrl-C between a token's route (the device's map already names the new slots) and its gather (their bytes):
     the next call empties the cache, a static profile's pinned experts come back, and the step run again gives the
     resident model's logits, as do the steps after it."""
-    from marco_local.offload import experts as offloaded
+    from marco_local.offload import misses as offloaded
 
     folder, _ = checkpoint
     resident = load_model(folder, dtype=torch.float32)
@@ -224,7 +224,7 @@ def assert_hot_set_pinned(model, freq: dict[str, list[float]], hot: int) -> None
     """Each layer's `hot` most frequent profile experts are pinned and resident on the device."""
     for x in model.offload.layers:
         ranked = sorted(range(x.num_experts), key=lambda e: -freq[str(x.layer)][e])
-        assert sorted(x.pinned_experts) == sorted(ranked[:hot])
+        assert sorted(x.misses.pinned) == sorted(ranked[:hot])
         dmap, pinned = x.lru.dmap.tolist(), x.lru.pinned.tolist()
         assert all(dmap[e] >= 0 and pinned[dmap[e]] for e in ranked[:hot])
         assert_consistent(x)

@@ -149,7 +149,7 @@ def test_cuda_step_stopped_midway_leaves_no_stale_slot(ref, misses, monkeypatch)
     """Ctrl-C after the cache names an expert's new slot and before its bytes are queued (a copy, or the direct
     gather): the step run again, and the steps after it, give the resident model's logits (tests/
     test_offload_interrupt.py on the CPU)."""
-    from marco_local.offload import experts as offloaded
+    from marco_local.offload import misses as offloaded
 
     folder, _, _ = ref
     feed = [11, 140, 23, 7, 300, 19, 88, 2]

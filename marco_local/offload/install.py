@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 from ..errors import MarcoError
 from ..models.kv_cache import kv_cache_bytes
-from . import memory
+from . import memory, misses
 from .budget import (
     AUTO_GPU_MARGIN,
     Placement,
@@ -34,9 +33,8 @@ from .budget import (
     parse_size,
     plan_slots,
 )
-from .direct import unavailable_reason as direct_unavailable
 from .experts import OffloadedExperts
-from .policy import LFU, StaticHotSet, make_policy_factory
+from .policy import make_policy_factory
 from .stats import OffloadStats
 from .store import (
     ExpertLayout,
@@ -270,110 +268,12 @@ def wrap(
         for x in layers:
             x.reset_stats()
     rt = OffloadRuntime(layers, plan, executor)
-    _choose_miss_handling(rt, placement, cfg, model.model.norm.weight.dtype)
+    rt.miss_costs = misses.choose(layers, placement, cfg, model.model.norm.weight.dtype)
     if device.type == "cuda":  # a budget that holds every expert: load them now, decode then needs no host step
         for x in layers:
             x.load_all()
     model.offload = rt
     return rt
-
-
-MISS_HANDLING = ("auto", "copy", "cpu", "direct")
-CPU_MISS_MARGIN = 0.8  # auto computes misses on the CPU only when that is clearly cheaper than a copy
-
-
-def _miss_costs(x: OffloadedExperts, hidden: int, dtype: torch.dtype) -> tuple[float, float]:
-    """Seconds (medians of 5) to copy one expert into a slot, and to compute one expert for one token on the CPU."""
-    cuda = x.device.type == "cuda"
-
-    def median_time(fn: Callable[[], object]) -> float:
-        times = []
-        for _ in range(5):
-            if cuda:
-                torch.cuda.synchronize(x.device)
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(x.device)
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[2]
-
-    twin, token, row = x.twin(), torch.randn(1, hidden).to(dtype), torch.empty_like(x.slots[0])
-    copy_s = median_time(lambda: x.store.read_into(0, row))  # into a row of its own: the slots keep their experts
-    cpu_s = median_time(lambda: twin.expert_forward(0, token))
-    return copy_s, cpu_s
-
-
-def _lfu_refusal() -> MarcoError:
-    return MarcoError(
-        "--expert-misses direct evicts the least recently used expert", hint="use --expert-policy lru or static with it"
-    )
-
-
-def _direct_refusal(rt: OffloadRuntime) -> MarcoError | None:
-    """Why missing experts cannot be read in place here (offload/direct.py), or None when they can."""
-    device = rt.layers[0].device
-    if device.type == "cuda":
-        if not all(isinstance(x.store, MemoryStore) and getattr(x.inner, "gathers", False) for x in rt.layers):
-            return MarcoError("reading missing experts in place needs stacked experts in host RAM")
-        if isinstance(rt.layers[0].table.policy, LFU):
-            return _lfu_refusal()
-    reason = direct_unavailable(device)
-    return MarcoError(reason, hint="use --expert-misses copy") if reason else None
-
-
-def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: torch.dtype) -> None:
-    """Read a missing expert in place, copy it into a slot, or compute it on the CPU where it lies (pinned host RAM)
-    while the GPU computes the resident ones. `auto` on CUDA reads in place wherever that works and no --prefetch
-    was asked for: the decode step stays one CUDA graph, where a copy cuts it at every layer (H100, Nano-shaped nf4,
-    50% of the experts resident: 0.88 of the resident speed, copies 0.72). Else it measures a copy against the CPU
-    and takes the CPU when it is clearly cheaper (on an H200: copy 42 us, CPU 100-120 us per bf16 Nano expert)."""
-    if placement.misses not in MISS_HANDLING:
-        raise MarcoError(f"unknown --expert-misses {placement.misses!r}", hint="use auto, copy, cpu or direct")
-    on_cuda = rt.layers[0].device.type == "cuda"
-    if placement.misses == "direct" or (placement.misses == "auto" and on_cuda and not placement.prefetch):
-        refusal = _direct_refusal(rt)
-        if refusal is None:
-            enable_direct(rt, cfg.num_experts_per_tok)
-            return
-        if placement.misses == "direct":
-            raise refusal
-    able = all(x.can_compute_on_cpu() for x in rt.layers)
-    on_cpu = False
-    if placement.misses == "cpu":
-        if not able and rt.layers[0].device.type == "cpu":
-            raise MarcoError(
-                "--expert-misses cpu is for CUDA (the CPU computes the missing experts while the GPU computes the "
-                "others); on a CPU-only run every expert is computed on the CPU already",
-                hint="leave --expert-misses out",
-            )
-        if not able:
-            raise MarcoError(
-                "--expert-misses cpu needs the experts in host RAM as plain tensors (a checkpoint folder on CUDA)",
-                hint="use --expert-misses copy",
-            )
-        on_cpu = True
-    elif placement.misses == "auto" and able and on_cuda:
-        rt.miss_costs = _miss_costs(rt.layers[0], cfg.hidden_size, dtype)
-        on_cpu = rt.miss_costs[1] < CPU_MISS_MARGIN * rt.miss_costs[0]
-    for x in rt.layers:
-        x.misses_on_cpu = on_cpu
-
-
-def enable_direct(rt: OffloadRuntime, top_k: int) -> None:
-    """Every layer reads its missing experts where they lie and keeps its slot map on the device
-    (offload/direct.py), through one gather buffer the layers share (they run one after another on one stream).
-    LRU eviction; a static profile's top experts (all but top_k of the slots) are pinned."""
-    first = rt.layers[0]
-    if isinstance(first.table.policy, LFU):
-        raise _lfu_refusal()
-    width = max(x.layout.expert_bytes for x in rt.layers)
-    scratch = torch.zeros(top_k * width, dtype=torch.uint8, device=first.device)
-    for x in rt.layers:
-        policy, keep = x.table.policy, max(0, x.table.num_slots - top_k)
-        static = isinstance(policy, StaticHotSet) and keep
-        pinned = sorted(range(x.num_experts), key=lambda e: -policy.freq[e])[:keep] if static else []
-        x.enable_direct(scratch, top_k, pinned)
 
 
 def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> OffloadRuntime:
