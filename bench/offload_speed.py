@@ -41,7 +41,8 @@ from marco_local.decode import forward  # noqa: E402
 from marco_local.generate import prefill  # noqa: E402
 from marco_local.layers.kv_cache import make_cache  # noqa: E402
 from marco_local.load.checkpoint import load_model  # noqa: E402
-from marco_local.offload import Placement, install, load_offloaded, offload_stats, synthetic_trace  # noqa: E402
+from marco_local.load.offloaded import load_offloaded  # noqa: E402
+from marco_local.offload import Placement, install, offload_stats, synthetic_trace  # noqa: E402
 
 
 def use_trace_routing(model, layers: int, tokens: int, seed: int = 0) -> None:
@@ -168,11 +169,11 @@ def gguf_main(args) -> None:
             if (routing, name) not in results:
                 continue
             load_s, prefill, tps, st, grown, peak = results[(routing, name)]
-            hit = f"{st['expert_hit_rate']:.0%}" if st else "-"
-            mib = f"{st['expert_bytes_moved'] / args.tokens / 2**20:.1f}" if st else "-"
-            stall = f"{st['expert_stall_s'] / args.tokens * 1000:.1f}" if st else "-"
-            pf = st.get("prefetch_precision") if st else None
-            extra = f" (prefetch precision {pf:.0%}, recall {st['prefetch_recall']:.0%})" if pf is not None else ""
+            hit = f"{st.hit_rate:.0%}" if st else "-"
+            mib = f"{st.bytes_moved / args.tokens / 2**20:.1f}" if st else "-"
+            stall = f"{st.stall_s / args.tokens * 1000:.1f}" if st else "-"
+            pf = st.prefetch_precision if st else None
+            extra = f" (prefetch precision {pf:.0%}, recall {st.prefetch_recall:.0%})" if pf is not None else ""
             mem = f"{peak / 2**30:.2f} (+{grown / 2**30:.2f})"
             speeds = f"{prefill:.1f} | {prefill / base[1]:.2f} | {tps:.2f} | {tps / base[2]:.2f}"
             print(f"| {routing} | {name}{extra} | {load_s:.1f} | {mem} | {speeds} | {hit} | {mib} | {stall} |")
@@ -237,11 +238,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for routing, name, prefill, p_ratio, tps, ratio, st, n in rows:
-        hit = f"{st['expert_hit_rate']:.0%}" if st else "-"
-        mib = f"{st['expert_bytes_moved'] / n / 2**20:.1f}" if st else "-"
-        stall = f"{st['expert_stall_s'] / n * 1000:.1f}" if st else "-"
-        pf = st.get("prefetch_precision") if st else None
-        extra = f" (prefetch precision {pf:.0%}, recall {st['prefetch_recall']:.0%})" if pf is not None else ""
+        hit = f"{st.hit_rate:.0%}" if st else "-"
+        mib = f"{st.bytes_moved / n / 2**20:.1f}" if st else "-"
+        stall = f"{st.stall_s / n * 1000:.1f}" if st else "-"
+        pf = st.prefetch_precision if st else None
+        extra = f" (prefetch precision {pf:.0%}, recall {st.prefetch_recall:.0%})" if pf is not None else ""
         speeds = f"{prefill:.1f} | {p_ratio:.2f} | {tps:.2f} | {ratio:.2f}"
         print(f"| {routing} | {name}{extra} | {speeds} | {hit} | {mib} | {stall} |")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from marco_local.decode import decode_step
 from marco_local.generate import prefill
 from marco_local.kernels import native
 from marco_local.layers.kv_cache import make_cache
@@ -72,7 +73,7 @@ def main() -> None:
     loaded = load(str(args.model), device="cpu")
     model = loaded.model
     vocab = model.config.vocab_size
-    decoder = getattr(model, "decode_step", None)
+    decoder = decode_step(model)
     if decoder is None:
         raise SystemExit("this model has no native decode step (bf16 GGUF on the CPU with native kernels)")
     cache = make_cache(model, args.context + args.tokens + 8)  # + the warm-up tokens

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -26,6 +26,9 @@ from .generate import UNTIL_FULL, GenerationResponse, PromptCache, stream_genera
 from .layers.kv_cache import make_cache
 from .sampling import RANDOM_SEED, Sampler, make_logits_processors, make_sampler, new_seed, setting_error
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .offload.stats import OffloadStats
 
 SAVE_FORMAT = "marco-chat"
 SAVE_VERSION = 1
@@ -143,7 +146,7 @@ class ChatSession:
         system: str | None = None,
         context_length: int = 4096,
         stop_strings: tuple[str, ...] = (),
-        stats_fn: Callable[[], dict] | None = None,
+        stats_fn: Callable[[], OffloadStats | None] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer

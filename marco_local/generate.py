@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from .layers.kv_cache import make_cache
 from .models.kv_cache import KVCache
 from .sampling import LogitsProcessor, Sampler, make_sampler
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .offload.stats import OffloadStats
 
 ProgressFn = Callable[[int, int], None]
 
@@ -73,7 +77,7 @@ class GenerationResponse:
     peak_memory: int
     cached_prompt_tokens: int = 0
     finish_reason: str | None = None  # "stop", "length", or None while running
-    stats: dict = field(default_factory=dict)  # runtime extras (expert cache hit rate, ...)
+    stats: OffloadStats | None = None  # the expert cache of an offloaded model
 
 
 UNTIL_FULL = -1  # max_tokens meaning "until the context window is full" (llama.cpp's -n -1)
@@ -175,7 +179,7 @@ def stream_generate(
     prompt_cache: PromptCache | None = None,
     max_context: int = 4096,
     progress: ProgressFn | None = None,
-    stats_fn: Callable[[], dict] | None = None,
+    stats_fn: Callable[[], OffloadStats | None] | None = None,
 ) -> Iterator[GenerationResponse]:
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if prompt_cache is None:
@@ -206,7 +210,7 @@ def stream_generate(
             peak_memory=peak_memory_bytes(device),
             cached_prompt_tokens=cached,
             finish_reason=finish,
-            stats=stats_fn() if stats_fn else {},
+            stats=stats_fn() if stats_fn else None,
         )
 
     finish = "length"

@@ -9,16 +9,14 @@ tensors actually stored, so a quantized file reports its real bits per weight. N
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
 from .errors import MarcoError
+from .offload.memory import Footprint, ParamCounts, StoredModel, footprints
 from .registry import ModelEntry, known_models, local_snapshot, resolve
 
 ProgressFn = Callable[[int, int], None]
@@ -252,51 +250,10 @@ def pull(spec: str, offline: bool = False, progress: ProgressFn | None = None) -
 
 
 @dataclass
-class ParamCounts:
-    total: int
-    active: int  # per token: embeddings, attention, norms, routers, top-k experts (tied embeddings counted once)
-    experts: int  # all routed-expert parameters
-    per_expert: int  # one expert of one layer (gate + up + down)
-    moe_layers: int
-
-
-def param_counts(cfg: ModelConfig) -> ParamCounts:
-    D, hd = cfg.hidden_size, cfg.head_dim
-    attn = D * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 2 * hd + 2 * D  # + q/k/layer norms
-    if cfg.attention_bias:
-        attn += hd * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + D
-    per_expert = 3 * D * cfg.moe_intermediate_size
-    embed = cfg.vocab_size * D * (1 if cfg.tie_word_embeddings else 2) + D  # + final norm
-    total = active = embed
-    experts = moe_layers = 0
-    for layer in range(cfg.num_hidden_layers):
-        if cfg.is_moe_layer(layer):
-            moe_layers += 1
-            router = cfg.num_experts * D
-            experts += cfg.num_experts * per_expert
-            total += attn + router + cfg.num_experts * per_expert
-            active += attn + router + cfg.num_experts_per_tok * per_expert
-        else:
-            dense = 3 * D * cfg.intermediate_size
-            total += attn + dense
-            active += attn + dense
-    return ParamCounts(total, active, experts, per_expert if moe_layers else 0, moe_layers)
-
-
-@dataclass
 class TensorGroup:
     dtype: str
     count: int
     nbytes: int
-
-
-@dataclass
-class Placement:
-    name: str
-    budget_bytes: int | None  # the GPU budget this row plans for, None for the fixed placements
-    fast_bytes: int | None  # GPU memory (or process RAM when that is the fast tier); None: does not fit
-    ram_bytes: int  # host RAM (or the memory-mapped file) for what is not in fast memory
-    note: str = ""
 
 
 @dataclass
@@ -313,7 +270,7 @@ class ModelInfo:
     bits_per_weight: float
     kv_bytes: int
     ctx: int
-    placements: list[Placement]
+    placements: list[Footprint]
 
     @property
     def one_expert_bytes(self) -> int:
@@ -326,105 +283,18 @@ class ModelInfo:
         return d
 
 
-def _is_expert(name: str) -> bool:
-    return ".mlp.experts." in name or "_exps" in name
-
-
-def _safetensors_tensors(folder: Path) -> list[tuple[str, str, int]]:
-    """(name, dtype, bytes) from the shards' JSON headers; nothing else is read."""
-    from .formats.checkpoint import _check_complete
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise MarcoError(f"no .safetensors weights in {folder}")
-    out = []
-    for f in files:
-        _check_complete(f)  # validates the header and that the data is all there
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                start, end = meta["data_offsets"]
-                out.append((name, meta["dtype"], end - start))
-    return out
-
-
-def _gpu_budget_row(
-    cfg: ModelConfig, params: ParamCounts, tensors: list[tuple[str, str, int]], non_experts: int, gpu_mem: int | None
-) -> Placement:
-    """The `--gpu-mem` row as `marco run` plans it (offload/install.py): non-expert weights and KV cache on CUDA plus
-    the working reserve, the CUDA scratch, and slots of the largest layer's expert size (a file may mix types).
-    `gpu_mem` None: a budget that holds half of each layer's experts."""
-    from .offload.budget import WORKING_RESERVE, cuda_scratch_bytes, format_bytes, plan_slots
-
-    per_layer: dict[int, int] = {}
-    for name, _, nbytes in tensors:
-        if _is_expert(name) and (m := re.search(r"(?:^blk|\.layers)\.(\d+)\.", name)):
-            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + nbytes
-    one = max(per_layer.values()) // cfg.num_experts
-    layers = params.moe_layers
-    fixed = non_experts + WORKING_RESERVE
-    scratch = cuda_scratch_bytes(cfg.num_experts_per_tok, one, cfg.hidden_size, cfg.moe_intermediate_size)
-    if gpu_mem is None:
-        half = fixed + scratch + math.ceil(cfg.num_experts / 2) * one * layers
-        step = 1 << 28 if half >= 1 << 30 else 1 << 10  # a round figure: 0.25 GiB (a small model: 1 KiB)
-        gpu_mem = math.ceil(half / step) * step
-    try:
-        plan = plan_slots(cfg.num_experts, layers, one, fixed, gpu_mem, None, scratch, what="--gpu-mem")
-    except MarcoError:
-        note = f"too small: needs at least {format_bytes(fixed + scratch + one * layers, up=True)}"
-        return Placement("GPU budget", gpu_mem, None, sum(per_layer.values()), note)
-    rest = (cfg.num_experts - plan.slots) * one * layers
-    note = f"{plan.slots} of {cfg.num_experts} experts per layer resident ({plan.slots / cfg.num_experts:.0%})"
-    return Placement("GPU budget", gpu_mem, fixed + scratch + plan.slot_bytes, rest, note)
-
-
 def model_info(spec: str, ctx: int = 4096, gpu_mem: int | None = None) -> ModelInfo:
     """Architecture, parameters, stored tensor types and the memory each placement needs, from headers only."""
 
     source = resolve(spec)
-    if source.format == "gguf":
-        from .formats.gguf import GGUFFile, model_config
-
-        g = GGUFFile(source.path)
-        cfg = model_config(g)
-        tensors = [(t.name, t.type_name, t.nbytes) for t in g.tensors.values()]
-        kv_itemsize = 2  # the GGUF runtime keeps its KV cache in 16 bits
-    else:
-        from .config import load_config
-
-        cfg = load_config(source.path)
-        tensors = _safetensors_tensors(source.path)
-        if cfg.tie_word_embeddings:  # a copy some writers store anyway: the model holds the embeddings once
-            tensors = [t for t in tensors if t[0] != "lm_head.weight"]
-        dtypes = {dt for name, dt, _ in tensors if not _is_expert(name)}
-        kv_itemsize = 4 if dtypes == {"F32"} else 2
-    params = param_counts(cfg)
+    stored = StoredModel.read(source.path, gguf=source.format == "gguf")
+    cfg, params, tensors = stored.config, stored.params, stored.tensors
     groups: dict[str, TensorGroup] = {}
-    for _, dtype, nbytes in tensors:
-        g_ = groups.setdefault(dtype, TensorGroup(dtype, 0, 0))
-        g_.count += 1
-        g_.nbytes += nbytes
-    weight_bytes = sum(n for _, _, n in tensors)
-    expert_bytes = sum(n for name, _, n in tensors if _is_expert(name))
-    ctx = min(ctx, cfg.max_position_embeddings)  # as run clamps --ctx
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * kv_itemsize
-    non_experts_on_gpu = weight_bytes - expert_bytes + kv  # besides the experts, on CUDA
-    placements = [
-        Placement("all on GPU", None, weight_bytes + kv + RUNTIME_MARGIN, 0),
-    ]
-    n_experts = params.moe_layers * cfg.num_experts
-    if source.format == "gguf":  # on CUDA: all but the experts dequantized to bf16 (gguf_loader); experts either way
-        dense = params.total * 2 + kv + RUNTIME_MARGIN
-        placements = [Placement("all on GPU", None, dense, 0, "dequantized to bf16: GGUF kernels run on the CPU")]
-        non_experts_on_gpu = (params.total - params.experts) * 2 + kv
-        if n_experts:
-            note = "experts kept as the file's blocks, dequantized per token"
-            need = non_experts_on_gpu + expert_bytes + RUNTIME_MARGIN
-            placements.append(Placement("all on GPU, experts quantized", None, need, 0, note))
-    if n_experts:
-        placements.append(_gpu_budget_row(cfg, params, tensors, non_experts_on_gpu, gpu_mem))
-    placements.append(Placement("CPU only", None, None, weight_bytes + kv + RUNTIME_MARGIN, "everything in RAM"))
+    for t in tensors:
+        group = groups.setdefault(t.dtype, TensorGroup(t.dtype, 0, 0))
+        group.count += 1
+        group.nbytes += t.nbytes
+    weight_bytes = stored.weight_bytes
     return ModelInfo(
         name=spec,
         path=str(source.path),
@@ -446,9 +316,9 @@ def model_info(spec: str, ctx: int = 4096, gpu_mem: int | None = None) -> ModelI
         params=params,
         tensor_types=sorted(groups.values(), key=lambda t: -t.nbytes),
         weight_bytes=weight_bytes,
-        expert_bytes=expert_bytes,
+        expert_bytes=stored.expert_bytes,
         bits_per_weight=weight_bytes * 8 / params.total if params.total else 0.0,
-        kv_bytes=kv,
-        ctx=ctx,
-        placements=placements,
+        kv_bytes=stored.kv_bytes(ctx),
+        ctx=stored.plan_ctx(ctx),
+        placements=footprints(stored, ctx, gpu_mem),
     )

@@ -20,7 +20,8 @@ from torch import nn
 from .errors import InvalidModelError, MarcoError
 from .load.bnb import is_bnb_folder, load_bnb_model  # imports bitsandbytes only when used
 from .load.checkpoint import load_model
-from .offload import Placement, install, load_offloaded
+from .load.offloaded import load_offloaded
+from .offload import Placement, install
 from .registry import ResolvedModel, resolve
 from .tokenizer import Tokenizer, read_json_object
 
@@ -167,13 +168,14 @@ def has_experts(model: nn.Module) -> bool:
 
 def fit_to_free_vram(spec: str, placement: Placement, device: torch.device) -> tuple[Placement, str | None]:
     """What Ollama does when a model is bigger than the card, for MoE models: keep only the hot experts on the GPU.
-    The need is the smallest all-on-GPU placement `marco info` computes (weights as they load, KV cache, margin)."""
-    from .inventory import model_info
+    The need is the smallest all-on-GPU placement the memory planner computes from the file's headers (weights as
+    they load, KV cache, margin), as `marco info` shows it."""
+    from .offload.memory import StoredModel, gpu_need
 
-    info = model_info(spec, ctx=placement.ctx)
-    if not info.params.moe_layers:
+    source = resolve(spec)
+    need = gpu_need(StoredModel.read(source.path, gguf=source.format == "gguf"), placement.ctx)
+    if need is None:
         return placement, None
-    need = min(p.fast_bytes for p in info.placements if p.budget_bytes is None and p.fast_bytes and not p.ram_bytes)
     return fit_placement(placement, need, torch.cuda.mem_get_info(device)[0])
 
 

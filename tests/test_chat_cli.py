@@ -93,7 +93,7 @@ def test_slash_commands_settings_save_load_and_unknown_command(lm, tmp_path, cap
     assert "New conversation." in err and "0 turn(s), 0 of 512 context tokens in use" in err  # not the cached ones
     assert "Loaded 2 messages" in err
     assert "temperature     0.0" in err and "Model      demo" in err  # /show
-    from marco_local.inventory import param_counts
+    from marco_local.offload.memory import param_counts
 
     assert f"Weights    {param_counts(lm.model.config).total / 1e6:,.1f}M parameters, " in err
     assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[0]["content"] == "hello"

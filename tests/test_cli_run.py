@@ -241,7 +241,7 @@ def test_option_choices_are_the_librarys():
     from marco_local import runtime
     from marco_local.cli import options
     from marco_local.offload import POLICIES
-    from marco_local.offload.install import MISS_HANDLING
+    from marco_local.offload.misses import MISS_HANDLING
 
     assert options.DTYPES == tuple(runtime.DTYPES)
     assert options.EXPERT_POLICIES == POLICIES and options.MISS_HANDLING == MISS_HANDLING

@@ -17,7 +17,8 @@ from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
 from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
-from marco_local.offload import Placement, load_offloaded
+from marco_local.load.offloaded import load_offloaded
+from marco_local.offload import Placement
 from marco_local.sampling import make_sampler
 
 PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19]
@@ -87,7 +88,7 @@ def test_offloaded_step_matches_forward(make_checkpoint, shape, slots):
     lockstep(model, decoder, STREAM)
     assert placed == {i: len(STREAM) for i in moe_layers}  # the host's part ran once per cut per step
     stats = model.offload.stats()
-    assert stats["expert_misses"] > 0 and stats["prefetch_precision"] is not None
+    assert stats.misses > 0 and stats.prefetch_precision is not None
     model.offload.close()
 
 
@@ -109,9 +110,10 @@ def test_the_decoder_prefetches_from_guesses_made_in_its_segments(checkpoint):
             t = torch.tensor([[token]])
             decoder(t, cache) if use_decoder else model(t, cache)
         st = model.offload.stats()
-        stats.append({k: st[k] for k in ("expert_hits", "expert_misses", "prefetch_precision", "prefetch_recall")})
+        stats.append({"hits": st.hits, "misses": st.misses, "precision": st.prefetch_precision,
+                      "recall": st.prefetch_recall})  # fmt: skip
         model.offload.close()
-    assert stats[0] == stats[1] and stats[0]["prefetch_precision"] is not None
+    assert stats[0] == stats[1] and stats[0]["precision"] is not None
 
 
 @pytest.mark.parametrize("full", ["all", "first"])
@@ -138,7 +140,7 @@ def test_layers_holding_every_expert_are_not_cut(checkpoint, full):
     A = model.config.num_experts_per_tok
     for x in layers:  # every layer counts each token's experts once, the full ones as hits
         st = x.stats()
-        assert st["hits"] + st["misses"] == 3 * A and (st["misses"] == 0 or x not in decoder.full)
+        assert st.hits + st.misses == 3 * A and (st.misses == 0 or x not in decoder.full)
     model.offload.close()
 
 
@@ -231,7 +233,7 @@ def test_graphed_offloaded_decode_matches_eager_on_cuda(checkpoint, slots):
     full = slots == "8"  # every expert fits: loaded at install, no cut (and no miss after it)
     assert decoder.captures >= 3 and not decoder.failed and len(decoder.cuts) == (0 if full else 3)
     lockstep(model, decoder, STREAM, tol=1e-4)
-    assert (model.offload.stats()["expert_misses"] == 0) == full
+    assert (model.offload.stats().misses == 0) == full
     model.offload.close()
     fewer = load_offloaded(folder, Placement(experts_resident="1", misses="copy"), torch.float32, "cuda")
     assert not GraphedDecoder.supports(fewer)  # a token's experts do not fit its slots: the eager streaming path

@@ -122,7 +122,7 @@ def test_host_experts_offload_to_the_resident_models_tokens(q4_path, slots):
         block.release_file_pages = lambda block=block: released.append(block)
     install(model, Placement(experts_resident=slots))
     assert len(released) == len(experts_of(resident))
-    assert offload_stats(model)["expert_slots_per_layer"] == int(slots)
+    assert offload_stats(model).slots_per_layer == int(slots)
     layer = model.offload.layers[0]
     assert layer.layout.expert_bytes < 3 * 4 * layer.inner.shapes["gate_proj"][0] * layer.inner.shapes["gate_proj"][1]
     assert greedy(model) == want

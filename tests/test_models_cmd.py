@@ -16,8 +16,9 @@ from marco_local.cli.main import app
 from marco_local.config import ModelConfig
 from marco_local.demo import ensure_demo_model
 from marco_local.errors import MarcoError
-from marco_local.inventory import model_info, param_counts
+from marco_local.inventory import model_info
 from marco_local.offload.budget import WORKING_RESERVE, cuda_scratch_bytes
+from marco_local.offload.memory import param_counts
 
 ENV = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
 ENV.pop("MARCO_DEBUG", None)
@@ -156,14 +157,14 @@ def test_info_plans_a_gpu_budget_as_run_does(checkpoint, gpu_mem):
 
     from marco_local.load.checkpoint import load_model
     from marco_local.offload.budget import plan_slots
-    from marco_local.offload.install import _kv_bytes, _non_expert_bytes
+    from marco_local.offload.install import fixed_bytes
 
     folder, _ = checkpoint
     row = next(pl for pl in model_info(str(folder), ctx=512, gpu_mem=gpu_mem).placements if pl.name == "GPU budget")
     model = load_model(folder, dtype=torch.float32)
     cfg = model.config
     one = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
-    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, 512, torch.float32, torch.device("cuda"))
+    fixed = fixed_bytes(model, 512, torch.float32, torch.device("cuda"))
     scratch = cuda_scratch_bytes(cfg.num_experts_per_tok, one, cfg.hidden_size, cfg.moe_intermediate_size)
     layers = cfg.num_hidden_layers
     try:

@@ -126,7 +126,7 @@ def test_offloaded_experts_in_two_native_calls_equal_the_module_call(q4_path):
     assert torch.equal(got, want) and torch.equal(_steps(module, use_native=True), want)
     assert len(placed) == len(FEED) * len(split.model.layers)
     a, b = offload_stats(split), offload_stats(module)
-    assert (a["expert_hits"], a["expert_misses"]) == (b["expert_hits"], b["expert_misses"]) and a["expert_misses"] > 0
+    assert (a.hits, a.misses) == (b.hits, b.misses) and a.misses > 0
     for h in handles:
         h.remove()
 

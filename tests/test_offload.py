@@ -12,11 +12,11 @@ from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
 from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
+from marco_local.load.offloaded import load_offloaded
 from marco_local.offload import (
     OffloadedExperts,
     Placement,
     install,
-    load_offloaded,
     offload_stats,
     parse_resident,
     parse_size,
@@ -82,16 +82,16 @@ def test_identical_output_for_every_budget_policy_and_prefetch(ref, profile_path
         with record_trace(model) as trace:
             assert greedy(model) == tokens
         stats = offload_stats(model)
-        assert stats["expert_slots_per_layer"] == slots
-        assert stats["experts_resident_fraction"] == slots / 8
-        assert 0.0 <= stats["expert_hit_rate"] <= 1.0
+        assert stats.slots_per_layer == slots
+        assert stats.resident_fraction == slots / 8
+        assert 0.0 <= stats.hit_rate <= 1.0
         if prefetch:
-            assert 0.0 <= stats["prefetch_precision"] <= 1.0 and 0.0 <= stats["prefetch_recall"] <= 1.0
+            assert 0.0 <= stats.prefetch_precision <= 1.0 and 0.0 <= stats.prefetch_recall <= 1.0
         else:
             prof = json.loads(profile_path.read_text())["layers"] if profile else None
             sim = simulate(trace, policy, slots, profile={int(k): v for k, v in prof.items()} if prof else None)
-            assert (sim.hits, sim.misses) == (stats["expert_hits"], stats["expert_misses"])
-            assert {x["layer"]: (x["hits"], x["misses"]) for x in stats["expert_layers"]} == sim.per_layer
+            assert (sim.hits, sim.misses) == (stats.hits, stats.misses)
+            assert {x.layer: (x.hits, x.misses) for x in stats.layers} == sim.per_layer
         assert torch.equal(prefill_logits(model), logits)  # bit-identical: same kernels, same summation order
     finally:
         model.offload.close()
@@ -153,11 +153,11 @@ def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
     the graphs' pool come from the same allocator: the plan counts them before sizing the slots (H200 runs overshot
     the budget without them)."""
     from marco_local.offload.budget import CUDA_GRAPH_POOL_RESERVE, CUDA_LIBRARY_RESERVE
-    from marco_local.offload.install import _make_plan, _moe_blocks
+    from marco_local.offload.install import make_plan, moe_blocks
     from marco_local.offload.store import ExpertLayout
 
     model = load_model(ref[0], dtype=torch.float32)
-    cfg, blocks = model.config, _moe_blocks(model)
+    cfg, blocks = model.config, moe_blocks(model)
     layout = ExpertLayout(blocks[0][1].experts, cfg.num_experts)
     per_slot = layout.expert_bytes * len(blocks)
     dense = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4  # float32 temporaries of a gathered expert
@@ -165,10 +165,10 @@ def test_cuda_plan_sets_aside_gathered_experts_and_cublas_workspace(ref):
     direct = cfg.num_experts_per_tok * layout.expert_bytes
     scratch = 2 * gathered + direct + CUDA_LIBRARY_RESERVE + CUDA_GRAPH_POOL_RESERVE
     fixed, cuda = 1 << 20, torch.device("cuda")
-    plan = _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + 3 * per_slot)), cuda, fixed)
+    plan = make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + 3 * per_slot)), cuda, fixed)
     assert plan.scratch_bytes == scratch and plan.slots == 3
     with pytest.raises(MarcoError, match="too small"):
-        _make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + per_slot - 1)), cuda, fixed)
+        make_plan(model, layout, 0, 0, Placement(gpu_mem=str(fixed + scratch + per_slot - 1)), cuda, fixed)
 
 
 def decode_logits(model, tokens=(9, 100, 3, 77, 250, 1, 42, 8)) -> list[torch.Tensor]:
@@ -187,11 +187,11 @@ def test_load_all_when_the_slots_hold_every_expert(ref):
     model = load_offloaded(ref[0], Placement(experts_resident="100%"), torch.float32, "cpu")
     for x in model.offload.layers:
         x.load_all()
-        assert x.slot_map is not None and x.table.resident == x.num_experts and x.stats()["hits"] == 0
+        assert x.slot_map is not None and x.table.resident == x.num_experts and x.stats().hits == 0
     for got, ref_logits in zip(decode_logits(model), want, strict=True):
         torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
     stats = model.offload.stats()
-    assert stats["expert_misses"] == 0 and stats["expert_hit_rate"] == 1.0
+    assert stats.misses == 0 and stats.hit_rate == 1.0
     model.offload.close()
     fewer = load_offloaded(ref[0], Placement(experts_resident="3"), torch.float32, "cpu")
     for x in fewer.offload.layers:
@@ -218,7 +218,7 @@ def test_misses_computed_on_the_cpu_where_they_lie(ref, slots):
     for got, ref_logits in zip(decode_logits(model), want, strict=True):
         torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
     stats = model.offload.stats()
-    assert stats["expert_cpu_computed"] > 0 and stats["expert_misses_on_cpu"]
+    assert stats.cpu_experts > 0 and stats.misses_on_cpu
     assert greedy(model) == tokens
     decoder = GraphedDecoder(model, min_window=8)
     assert all(decoder.split)
@@ -236,9 +236,9 @@ def test_miss_handling_choices(ref):
     model = load_model(folder, dtype=torch.float32)
     install(model, Placement(experts_resident="2"))  # auto on the CPU: copies (the cost model runs on CUDA)
     assert not any(x.misses_on_cpu for x in model.offload.layers) and model.offload.miss_costs is None
-    from marco_local.offload.install import _miss_costs
+    from marco_local.offload.misses import miss_costs
 
-    copy_s, cpu_s = _miss_costs(model.offload.layers[0], model.config.hidden_size, torch.float32)
+    copy_s, cpu_s = miss_costs(model.offload.layers[0], model.config.hidden_size, torch.float32)
     assert copy_s > 0 and cpu_s > 0
     with pytest.raises(MarcoError, match="expert-misses cpu is for CUDA"):  # on the CPU every expert is computed there
         offloaded(folder, experts_resident="2", misses="cpu")
@@ -371,14 +371,18 @@ def test_verbose_stats_count_experts_read_in_place():
     from types import SimpleNamespace
 
     from marco_local.cli.ui import stats_line
+    from marco_local.offload import LayerStats, OffloadStats
 
-    stats = {"experts_resident_fraction": 0.5, "expert_hit_rate": 0.9, "expert_bytes_moved": 0}
+    def stats(moved: int, in_place: int, stall_s: float) -> OffloadStats:
+        layer = LayerStats(0, 4, 8, 4, 9, 1, moved, in_place, 0, stall_s, 0, 0.0)
+        return OffloadStats([layer], slots_per_layer=4)
+
     reply = SimpleNamespace(
         prompt_tokens=4, prompt_tps=10.0, generation_tokens=8, generation_tps=5.0, time_to_first_token=0.1,
-        peak_memory=1 << 20, cached_prompt_tokens=0, stats=dict(stats, expert_bytes_read_in_place=3 << 20,
-                                                                expert_stall_s=0.0),
+        peak_memory=1 << 20, cached_prompt_tokens=0, stats=stats(0, 3 << 20, 0.0),
     )  # fmt: skip
-    assert "0 B moved, 3.0 MiB read in place, stalled 0.00 s" in stats_line(reply, moves=True)
-    reply.stats = dict(stats, expert_bytes_read_in_place=0, expert_stall_s=0.25, expert_bytes_moved=2 << 20)
+    line = stats_line(reply, moves=True)
+    assert "50% of experts resident · expert hits 90% · 0 B moved, 3.0 MiB read in place, stalled 0.00 s" in line
+    reply.stats = stats(2 << 20, 0, 0.25)
     line = stats_line(reply, moves=True)
     assert "2.0 MiB moved, stalled 0.25 s" in line and "in place" not in line

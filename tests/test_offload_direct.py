@@ -26,7 +26,7 @@ from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.offload import Event, Placement, Trace, install
 from marco_local.offload.direct import EMPTY, gather_rows, route_reference
-from marco_local.offload.install import enable_direct
+from marco_local.offload.misses import enable_direct
 from marco_local.offload.trace import simulate_direct
 
 PROMPT = [5, 17, 33, 2, 91, 120, 7, 64, 250, 3, 44, 19]
@@ -36,7 +36,7 @@ STREAM = [9, 100, 3, 77, 250, 1, 42, 8, 19, 64, 5, 200, 31, 6, 90, 11, 2, 150, 7
 def direct_model(folder, slots: str, **placement):
     model = load_model(folder, dtype=torch.float32)
     install(model, Placement(experts_resident=slots, **placement))
-    enable_direct(model.offload, model.config.num_experts_per_tok)
+    enable_direct(model.offload.layers, model.config.num_experts_per_tok)
     return model
 
 
@@ -101,7 +101,7 @@ def test_direct_decode_matches_the_resident_model(checkpoint, slots):
         assert_consistent(x)
         assert x.lru.counts()[0] == len(STREAM)  # the device routed every decode token
     st = model.offload.stats()
-    assert st["expert_misses"] > 0 and st["expert_hits"] > 0 and st["expert_bytes_read_in_place"] > 0
+    assert st.misses > 0 and st.hits > 0 and st.bytes_read_in_place > 0
     model.offload.close()
 
 
@@ -110,7 +110,7 @@ def test_a_step_stopped_between_route_and_gather_leaves_no_stale_slot(checkpoint
     """Ctrl-C between a token's route (the device's map already names the new slots) and its gather (their bytes):
     the next call empties the cache, a static profile's pinned experts come back, and the step run again gives the
     resident model's logits, as do the steps after it."""
-    from marco_local.offload import experts as offloaded
+    from marco_local.offload import misses as offloaded
 
     folder, _ = checkpoint
     resident = load_model(folder, dtype=torch.float32)
@@ -184,10 +184,10 @@ def test_hits_counted_on_the_device_are_exact(checkpoint):
             forward(model, torch.tensor([[t]]), cache)
     for h in handles:
         h.remove()
-    got = {x.layer: x.stats()["hits"] for x in model.offload.layers}
+    got = {x.layer: x.stats().hits for x in model.offload.layers}
     assert got == want and sum(want.values()) > 0
     A = model.config.num_experts_per_tok
-    assert all(x.stats()["hits"] + x.stats()["misses"] == len(STREAM) * A for x in model.offload.layers)
+    assert all(x.stats().hits + x.stats().misses == len(STREAM) * A for x in model.offload.layers)
     model.offload.close()
 
 
@@ -226,7 +226,7 @@ def assert_hot_set_pinned(model, freq: dict[str, list[float]], hot: int) -> None
     """Each layer's `hot` most frequent profile experts are pinned and resident on the device."""
     for x in model.offload.layers:
         ranked = sorted(range(x.num_experts), key=lambda e: -freq[str(x.layer)][e])
-        assert sorted(x.pinned_experts) == sorted(ranked[:hot])
+        assert sorted(x.misses.pinned) == sorted(ranked[:hot])
         dmap, pinned = x.lru.dmap.tolist(), x.lru.pinned.tolist()
         assert all(dmap[e] >= 0 and pinned[dmap[e]] for e in ranked[:hot])
         assert_consistent(x)
@@ -281,7 +281,7 @@ def check_direct_layer(inner, top_k: int, tokens: int = 8) -> None:
         w = torch.rand(1, top_k, generator=g)
         torch.testing.assert_close(x(h, idx, w), reference.forward_gathered(h, idx, w), rtol=1e-6, atol=1e-6)
         assert_consistent(x)
-    assert x.stats()["hits"] > 0
+    assert x.stats().hits > 0
 
 
 def test_direct_reads_of_stacked_float_experts(checkpoint):

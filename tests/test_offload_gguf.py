@@ -39,7 +39,7 @@ def test_quantized_gguf_experts_offload_identically(q4_top4_path, dtype, kernels
         assert greedy(model) == want
         assert torch.equal(prefill_logits(model), logits)
         assert torch.equal(decode_logits(model), steps)
-        assert offload_stats(model)["expert_slots_per_layer"] == int(slots)
+        assert offload_stats(model).slots_per_layer == int(slots)
 
 
 def test_ram_budget_with_experts_held_in_ram_is_refused_clearly(q4_path, int4_kernels):

@@ -15,7 +15,8 @@ from marco_local.errors import MarcoError
 from marco_local.generate import PromptCache, generate_step
 from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
-from marco_local.offload import Placement, install, load_offloaded, offload_stats
+from marco_local.load.offloaded import load_offloaded
+from marco_local.offload import Placement, install, offload_stats
 from marco_local.sampling import make_sampler
 
 pytestmark = [
@@ -55,7 +56,7 @@ def test_cuda_offload_same_tokens(ref, slots, prefetch):
     assert all(x.direct == (not prefetch and not full) for x in model.offload.layers)
     assert greedy(model) == tokens
     torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
-    assert (offload_stats(model)["expert_misses"] > 0) == (not full)
+    assert (offload_stats(model).misses > 0) == (not full)
     model.offload.close()
 
 
@@ -98,7 +99,7 @@ def test_cuda_misses_computed_on_the_cpu(ref, graphs):
         assert GraphedDecoder.supports(model)
         set_decode_step(model, GraphedDecoder(model, min_window=16))
     assert greedy(model) == tokens
-    assert offload_stats(model)["expert_cpu_computed"] > 0
+    assert offload_stats(model).cpu_experts > 0
     if graphs:
         assert decode_step(model).captures >= 1 and not decode_step(model).failed
     model.offload.close()
@@ -122,7 +123,7 @@ def test_cuda_direct_reads(ref, slots, graphs):
     assert greedy(model) == tokens
     torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
     st = offload_stats(model)
-    assert st["expert_misses"] > 0 and st["expert_hits"] > 0
+    assert st.misses > 0 and st.hits > 0
     if graphs:
         assert decode_step(model).captures >= 1 and not decode_step(model).failed
     for x in model.offload.layers:  # the slots hold the experts the device's map says
@@ -136,10 +137,10 @@ def test_cuda_miss_cost_model_measures(ref):
     """`auto` where direct reads are not taken (--prefetch, or --expert-policy lfu) measures a copy against the CPU."""
     folder, _, _ = ref
     lfu = load_offloaded(folder, Placement(experts_resident="2", policy="lfu"), torch.float32, "cuda")
-    assert not any(x.direct for x in lfu.offload.layers) and offload_stats(lfu)["miss_copy_us"] > 0
+    assert not any(x.direct for x in lfu.offload.layers) and offload_stats(lfu).miss_copy_us > 0
     lfu.offload.close()
     model = load_offloaded(folder, Placement(experts_resident="2", prefetch=True), torch.float32, "cuda")
-    copy_us, cpu_us = offload_stats(model)["miss_copy_us"], offload_stats(model)["miss_cpu_us"]
+    copy_us, cpu_us = offload_stats(model).miss_copy_us, offload_stats(model).miss_cpu_us
     assert copy_us > 0 and cpu_us > 0
     assert all(x.misses_on_cpu == (cpu_us < 0.8 * copy_us) for x in model.offload.layers)
     model.offload.close()
@@ -150,7 +151,7 @@ def test_cuda_step_stopped_midway_leaves_no_stale_slot(ref, misses, monkeypatch)
     """Ctrl-C after the cache names an expert's new slot and before its bytes are queued (a copy, or the direct
     gather): the step run again, and the steps after it, give the resident model's logits (tests/
     test_offload_interrupt.py on the CPU)."""
-    from marco_local.offload import experts as offloaded
+    from marco_local.offload import misses as offloaded
 
     folder, _, _ = ref
     feed = [11, 140, 23, 7, 300, 19, 88, 2]

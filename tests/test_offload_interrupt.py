@@ -17,7 +17,8 @@ from marco_local.decode import forward
 from marco_local.layers.kv_cache import make_cache
 from marco_local.load.checkpoint import load_model
 from marco_local.load.gguf import load_gguf
-from marco_local.offload import Placement, install, load_offloaded
+from marco_local.load.offloaded import load_offloaded
+from marco_local.offload import Placement, install
 
 PROMPT = [5, 17, 33, 2, 91, 120, 7, 64]
 FEED = [11, 140, 23, 7, 300, 19, 88, 2, 45, 61, 130, 9]

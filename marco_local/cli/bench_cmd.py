@@ -95,15 +95,15 @@ def bench(
         )
     data = result.to_json()
     stats = offload_stats(lm.model)
-    if stats:
-        keys = (
-            "experts_resident_fraction",
-            "expert_hit_rate",
-            "expert_bytes_moved",
-            "expert_bytes_read_in_place",
-            "expert_stall_s",
-        )
-        data["offload"] = {k: stats[k] for k in keys} | {"expert_slots_per_layer": stats["expert_slots_per_layer"]}
+    if stats is not None:
+        data["offload"] = {
+            "experts_resident_fraction": stats.resident_fraction,
+            "expert_hit_rate": stats.hit_rate,
+            "expert_bytes_moved": stats.bytes_moved,
+            "expert_bytes_read_in_place": stats.bytes_read_in_place,
+            "expert_stall_s": stats.stall_s,
+            "expert_slots_per_layer": stats.slots_per_layer,
+        }
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
         return
@@ -119,12 +119,12 @@ def bench(
     if data["peak_vram_bytes"] is not None:
         mem += f" · peak VRAM {ui.human_bytes(data['peak_vram_bytes'])}"
     out.print(mem, soft_wrap=True, markup=False)
-    if stats:
-        hit, in_place = stats["expert_hit_rate"], stats["expert_bytes_read_in_place"]
+    if stats is not None:
+        hit, in_place = stats.hit_rate, stats.bytes_read_in_place
         out.print(
-            f"experts: {stats['experts_resident_fraction']:.0%} resident"
+            f"experts: {stats.resident_fraction:.0%} resident"
             + (f" · hit rate {hit:.0%}" if hit is not None else "")
-            + f" · {ui.human_bytes(stats['expert_bytes_moved'])} read · stalled {stats['expert_stall_s']:.2f} s"
+            + f" · {ui.human_bytes(stats.bytes_moved)} read · stalled {stats.stall_s:.2f} s"
             + (f" · {ui.human_bytes(in_place)} read in place" if in_place else ""),
             soft_wrap=True,
             markup=False,

@@ -480,7 +480,8 @@ class ChatUI:
         s = self.session
         ui.info(f"Model      {self.model_name}")
         if self.lm is not None:
-            from ..inventory import param_counts
+            from ..offload import fast_memory
+            from ..offload.memory import param_counts
             from ..offload.store import tensor_bytes
 
             p = next(self.lm.model.parameters())
@@ -488,11 +489,11 @@ class ChatUI:
             n, nbytes = param_counts(self.lm.model.config).total, tensor_bytes(self.lm.model)
             ui.info(f"Path       {self.lm.source.path} ({self.lm.source.format})")
             where = f"{self.lm.device}, computing in {str(p.dtype).removeprefix('torch.')}"
-            rt = getattr(self.lm.model, "offload", None)
-            if rt is not None and hasattr(rt, "plan"):
+            fast = fast_memory(self.lm.model)
+            if fast is not None:
                 ui.info(
-                    f"Placement  non-expert weights on {where}; {rt.plan.slots} experts per layer in fast memory "
-                    f"({ui.human_bytes(rt.fast_bytes)}), the rest offloaded"
+                    f"Placement  non-expert weights on {where}; {fast.experts_per_layer} experts per layer in fast "
+                    f"memory ({ui.human_bytes(fast.nbytes)}), the rest offloaded"
                 )
             else:
                 ui.info(f"Placement  all weights on {where}")
@@ -515,9 +516,9 @@ class ChatUI:
             return
         finish = last.response.finish_reason or "interrupted"
         ui.info(ui.stats_line(last.response) + f" · finish: {finish} · {seed_text(last)}")
-        st = last.response.stats or {}
-        if st.get("experts_total"):
+        st = last.response.stats
+        if st is not None and st.experts:
             ui.info(
-                f"experts: {st.get('experts_resident')} of {st['experts_total']} resident, "
-                f"{st.get('expert_hits', 0)} hits / {st.get('expert_misses', 0)} misses, {ui.expert_traffic(st)}"
+                f"experts: {st.resident} of {st.experts} resident, "
+                f"{st.hits} hits / {st.misses} misses, {ui.expert_traffic(st)}"
             )

@@ -93,8 +93,9 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Architecture, parameters (total/active), tensor types, bits per weight, expert size, and memory per placement."""
-    from ..inventory import RUNTIME_MARGIN, model_info
+    from ..inventory import model_info
     from ..offload.budget import parse_size
+    from ..offload.memory import RUNTIME_MARGIN
 
     mi = model_info(model, ctx=ctx, gpu_mem=parse_size(gpu_mem) if gpu_mem else None)
     if as_json:

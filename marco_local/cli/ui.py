@@ -10,9 +10,13 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from ..offload.stats import OffloadStats
 
 console = Console(stderr=True, highlight=False, no_color=bool(os.environ.get("NO_COLOR")) or None)
 
@@ -104,9 +108,9 @@ def stats_line(r, moves: bool = False) -> str:
     ]
     if r.cached_prompt_tokens:
         parts.insert(1, f"{r.cached_prompt_tokens} cached")
-    if r.stats and "experts_resident_fraction" in r.stats:
-        parts.append(f"{r.stats['experts_resident_fraction']:.0%} of experts resident")
-    hit = r.stats.get("expert_hit_rate") if r.stats else None
+    if r.stats is not None:
+        parts.append(f"{r.stats.resident_fraction:.0%} of experts resident")
+    hit = r.stats.hit_rate if r.stats is not None else None
     if hit is not None:
         parts.append(f"expert hits {hit:.0%}")
     if moves and hit is not None:
@@ -114,12 +118,12 @@ def stats_line(r, moves: bool = False) -> str:
     return " · ".join(parts)
 
 
-def expert_traffic(stats: dict) -> str:
+def expert_traffic(stats: OffloadStats) -> str:
     """What the expert cache's misses cost: bytes copied into slots, bytes the GPU read in place from host RAM (direct
     reads, `auto`'s choice on CUDA: without them a run that missed would seem to move nothing), time stalled."""
-    in_place = stats.get("expert_bytes_read_in_place", 0)
+    in_place = stats.bytes_read_in_place
     return (
-        f"{human_bytes(stats.get('expert_bytes_moved', 0))} moved"
+        f"{human_bytes(stats.bytes_moved)} moved"
         + (f", {human_bytes(in_place)} read in place" if in_place else "")
-        + f", stalled {stats.get('expert_stall_s', 0):.2f} s"
+        + f", stalled {stats.stall_s:.2f} s"
     )

@@ -11,7 +11,7 @@ Traced experts (a hook) keep the module path. Activations and norms are float32 
 loader's form on the native kernels), so outputs differ from it by summation order only; tests/test_native_decode.py
 bounds both against the float32 exact path of the same file.
 
-The loader attaches it as `model.decode_step` when the model qualifies (`NativeDecoder.supports`): on the CPU,
+`decode.decode_step` makes it for a model that qualifies (`NativeDecoder.supports`): on the CPU,
 every attention projection and the output matrix on the native kernels, batch 1 at call time. Invariants: no
 allocation per step beyond the output logits and the MLP module's own tensors; weights are read where they lie.
 """

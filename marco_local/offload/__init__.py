@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # for type checkers and editors; at run time `__getattr__` imports on use
     from .budget import Placement, Plan, parse_resident, parse_size, plan_slots
     from .experts import OffloadedExperts
-    from .install import OffloadRuntime, install, load_offloaded, load_profile, offload_stats
+    from .install import FastMemory, OffloadRuntime, fast_memory, install, load_profile, offload_stats
     from .policy import LFU, LRU, POLICIES, StaticHotSet, make_policy_factory
     from .slots import SlotTable
+    from .stats import LayerStats, OffloadStats
     from .store import ExpertLayout, ExpertStore, FileStore, MemoryStore, RepackStore
     from .trace import Event, Trace, TraceRecorder, locality, record_trace, simulate, synthetic_trace
 
@@ -26,9 +27,10 @@ _EXPORTS = {  # name -> submodule: imported on first use, so that `marco info` c
     "parse_size": "budget",
     "plan_slots": "budget",
     "OffloadedExperts": "experts",
+    "FastMemory": "install",
     "OffloadRuntime": "install",
+    "fast_memory": "install",
     "install": "install",
-    "load_offloaded": "install",
     "load_profile": "install",
     "offload_stats": "install",
     "LFU": "policy",
@@ -37,6 +39,8 @@ _EXPORTS = {  # name -> submodule: imported on first use, so that `marco info` c
     "StaticHotSet": "policy",
     "make_policy_factory": "policy",
     "SlotTable": "slots",
+    "LayerStats": "stats",
+    "OffloadStats": "stats",
     "ExpertLayout": "store",
     "ExpertStore": "store",
     "FileStore": "store",
@@ -80,8 +84,11 @@ __all__ = [
     "Event",
     "ExpertLayout",
     "ExpertStore",
+    "FastMemory",
     "FileStore",
+    "LayerStats",
     "MemoryStore",
+    "OffloadStats",
     "OffloadRuntime",
     "OffloadedExperts",
     "Placement",
@@ -91,8 +98,8 @@ __all__ = [
     "StaticHotSet",
     "Trace",
     "TraceRecorder",
+    "fast_memory",
     "install",
-    "load_offloaded",
     "load_profile",
     "locality",
     "make_policy_factory",

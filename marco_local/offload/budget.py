@@ -151,6 +151,11 @@ class Plan:
     def slot_bytes(self) -> int:
         return self.slots * self.expert_bytes * self.moe_layers
 
+    @property
+    def fast_bytes(self) -> int:
+        """What the plan holds in fast memory: the fixed part, the slots and the working buffers."""
+        return self.fixed_bytes + self.slot_bytes + self.scratch_bytes
+
 
 def plan_slots(
     num_experts: int,

@@ -9,15 +9,10 @@ next group loading (CPU loader thread, or CUDA copy stream) while the current on
 through an inner module with its own `forward` (a quantized decode kernel that walks idx in routing order), or
 through stacked experts on CUDA (gathered by slot id), goes to that forward with slot ids instead.
 
-Misses computed where they lie (`misses_on_cpu`, chosen by install's cost model or `--expert-misses cpu`): a single
-token's resident experts run from their slots (queued on the device), its missing ones on the CPU from the store's
-rows through `twin()` (the inner module bound to the store, no copy) meanwhile; nothing is copied and the cache does
-not change. Needs a store in host RAM (`MemoryStore`: CUDA's pinned tier).
-
-Misses read in place (`direct`, `--expert-misses direct`, CUDA; offload/direct.py): a single token's experts are
-gathered on the device into a small buffer, each from its slot or from the pinned store (a missing one also lands in
-the least recently used slot), and computed from there; the slot map and LRU stamps live on the device
-(`direct.DeviceLRU`), so the host takes no part in a decode step. A prompt synchronizes the host's table with them.
+What a miss does is the layer's `misses` (offload/misses.py, chosen once at install): a copy into a slot; or, for a
+single token, a computation on the CPU from the store's rows through `twin()` (the inner module bound to the store,
+no copy) while the device computes the resident experts (`misses_on_cpu`); or a read in place by the device, which
+keeps the slot map itself (`direct`, offload/direct.py). A prompt always streams through the host's table.
 
 Invariants: owns the fast-tier slots and never allocates them again (decode allocates no slot memory); never evicts
 an expert the current group needs; a speculative prefetch for this layer finishes (CPU thread) or is ordered before
@@ -42,9 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.qwen3_moe import Experts
-from .direct import DeviceLRU, gather_rows
+from .direct import DeviceLRU
+from .misses import COPY, CopyMisses, DirectMisses
 from .policy import Policy
 from .slots import SlotTable
+from .stats import LayerStats
 from .store import ExpertLayout, ExpertStore, MemoryStore
 
 
@@ -79,15 +76,12 @@ class OffloadedExperts(nn.Module):
         self.gather_decode = self.device.type == "cuda" and getattr(inner, "gathers", False)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.copies_in_flight = False  # copies queued on copy_stream that the compute stream has not waited for
-        # miss handling (install's cost model): False copies a missing expert into a slot; True computes it on the
-        # CPU from the store while the device computes the resident ones (`cpu_twin`: the inner module on the store)
-        self.misses_on_cpu = False
+        # what a missing expert costs (offload/misses.py, chosen at install): a copy into a slot, a computation on the
+        # CPU from the store (`cpu_twin`: the inner module on the store), or a read in place by the device
+        self.misses: CopyMisses = COPY
         self.cpu_twin: nn.Module | None = None
         # expert id -> slot on the device, once `load_all` has made every expert resident for good
         self.slot_map: torch.Tensor | None = None
-        # direct reads (`enable_direct`): a token's missing experts are read from host RAM by the device, which
-        # keeps the slot map itself
-        self.lru: DeviceLRU | None = None
         # speculation: the next layer's router and cache, set by `link`
         self.next: OffloadedExperts | None = None
         self.next_gate: nn.Module | None = None
@@ -104,8 +98,7 @@ class OffloadedExperts(nn.Module):
         self.cpu_experts, self.cpu_s = 0, 0.0
         self.pred_total = self.pred_hit = self.actual_total = 0
         self.table.hits = self.table.misses = self.table.calls = 0
-        if self.lru is not None:
-            self.direct_base = self.lru.counts()  # (tokens, hits) so far: the statistics count from here
+        self.misses.reset_stats()
 
     @property
     def slot_bytes(self) -> int:
@@ -190,7 +183,8 @@ class OffloadedExperts(nn.Module):
         self.preload(range(self.num_experts))
         self._load_wait(None)
         self.slot_map = torch.tensor(self.table.slot_of, device=self.device)
-        self.lru = None  # nothing can miss: direct reads have nothing to do, and the host's table stays the truth
+        if self.misses.direct:  # nothing can miss: direct reads have nothing to do, the host's table stays the truth
+            self.misses = COPY
         self.reset_stats()
 
     def _settle(self, experts: list[int]) -> None:
@@ -254,9 +248,7 @@ class OffloadedExperts(nn.Module):
         if self.slot_map is not None:  # every expert loaded at install and nothing placed since: intact
             return
         self.table.clear()
-        if self.lru is not None:
-            self._fetch(self.table.preload(self.pinned_experts))
-            self.lru.from_table(self.table, self.pinned_experts)
+        self.misses.emptied(self)
 
     # -- the routing loop ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -269,16 +261,7 @@ class OffloadedExperts(nn.Module):
         if self.slot_map is not None and x.shape[0] == 1 and getattr(self.inner, "gathers", False):
             self.count_resident_token(idx.numel())  # every expert resident: ids map to slots on the device
             return self.inner.forward_gathered(x, self.slot_map[idx], weights)
-        if self.lru is not None:
-            if x.shape[0] == 1:
-                return self.forward_direct(x, idx, weights)
-            self.lru.to_table(self.table)  # a prompt streams through the host's table: give it the device's state
-            try:
-                return self._forward_on_host(x, idx, weights)
-            finally:  # a static profile's hot set comes back (the stream may have passed over it), then the device
-                self._fetch(self.table.preload(self.pinned_experts))
-                self.lru.from_table(self.table, self.pinned_experts)
-        return self._forward_on_host(x, idx, weights)
+        return self.misses.forward(self, x, idx, weights)
 
     def _forward_on_host(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The host decides what is resident (the slot table), copies, then computes."""
@@ -289,8 +272,9 @@ class OffloadedExperts(nn.Module):
         experts, counts = experts_t.tolist(), counts_t.tolist()
         self._settle(experts)
         self._speculate(x)
-        if self.misses_on_cpu and x.shape[0] == 1 and getattr(self.inner, "gathers", False):
-            return self._decode_split(x, idx, weights, experts)
+        y = self.misses.single_token(self, x, idx, weights, experts)
+        if y is not None:
+            return y
         if (self.own_forward or self.gather_decode) and x.shape[0] == 1 and len(experts) <= self.table.num_slots:
             # a quantized module's batched decode kernel, or the gathered CUDA decode: they walk idx in routing
             # order, so slot ids change nothing
@@ -325,24 +309,24 @@ class OffloadedExperts(nn.Module):
                 self._fetch(self.table.assign(*nxt))
         return out
 
-    # -- direct reads: missing experts read by the device from host RAM (offload/direct.py) -----------------------
+    # -- how misses are handled (offload/misses.py) ---------------------------------------------------------------
+    @property
+    def misses_on_cpu(self) -> bool:
+        """A single token's missing experts are computed on the CPU where they lie."""
+        return self.misses.on_cpu
+
     @property
     def direct(self) -> bool:
-        return self.lru is not None
+        """The device reads missing experts in place and keeps the slot map (`lru`)."""
+        return self.misses.direct
 
-    def enable_direct(self, scratch: torch.Tensor, top_k: int, pinned_experts: list[int] = ()) -> None:
-        """Read a token's missing experts from the store where they lie, the device keeping its own slot map
-        (`DeviceLRU`). `scratch`: a device buffer of at least top_k * expert_bytes bytes, shared by the layers (they
-        run one after another); `pinned_experts` (a static profile's hot set) are never evicted. Needs stacked
-        experts and the store in host RAM (pinned on CUDA)."""
-        if not isinstance(self.store, MemoryStore) or not getattr(self.inner, "gathers", False):
-            raise ValueError("direct reads need stacked experts and a store in host RAM")
-        self.top_k, self.pinned_experts = top_k, list(pinned_experts)
-        self.gathered = scratch[: top_k * self.layout.expert_bytes].view(top_k, -1)
-        self.scratch_inner = self._bound_copy(self.gathered)
-        self.lru = DeviceLRU(self.num_experts, self.table.num_slots, top_k, self.device)
-        self.lru.from_table(self.table, self.pinned_experts)
-        self.direct_base = self.lru.counts()
+    @property
+    def lru(self) -> DeviceLRU | None:
+        return self.misses.lru
+
+    def enable_direct(self, scratch: torch.Tensor, top_k: int, pinned_experts: Sequence[int] = ()) -> None:
+        """Read a token's missing experts from the store where they lie (`DirectMisses`)."""
+        self.misses = DirectMisses(self, scratch, top_k, pinned_experts)
 
     def _bound_copy(self, rows: torch.Tensor) -> nn.Module:
         """A shallow copy of the inner module whose per-expert tensors are views of `rows` (no copy of weights)."""
@@ -350,14 +334,6 @@ class OffloadedExperts(nn.Module):
         twin._parameters, twin._buffers = dict(self.inner._parameters), dict(self.inner._buffers)
         self.layout.bind(twin, rows)
         return twin
-
-    def forward_direct(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """One token, nothing decided on the host: its experts routed through the device's cache, gathered from
-        their slots or from host RAM, then computed as a resident layer computes them."""
-        ids = idx.reshape(-1)
-        src, dst = self.lru.route(ids)
-        gather_rows(self.gathered, self.slots, self.store.rows, src, ids, dst)
-        return self.scratch_inner.forward_all(x, weights)
 
     # -- misses computed where they lie ------------------------------------------------------------------------------
     def can_compute_on_cpu(self) -> bool:
@@ -457,32 +433,27 @@ class OffloadedExperts(nn.Module):
         self.table.hits += experts
         self.table.calls += 1
 
-    def stats(self) -> dict:
+    def stats(self) -> LayerStats:
         t = self.table
-        hits, misses, read_in_place = t.hits, t.misses, 0
-        if self.lru is not None:  # the device counted its tokens and hits; each miss read an expert across the bus
-            (tokens, direct_hits), (tokens0, hits0) = self.lru.counts(), self.direct_base
-            direct_hits -= hits0
-            direct_misses = (tokens - tokens0) * self.top_k - direct_hits
-            hits, misses = hits + direct_hits, misses + direct_misses
-            read_in_place = direct_misses * self.layout.expert_bytes
-        return {
-            "layer": self.layer,
-            "slots": t.num_slots,
-            "experts": t.num_experts,
-            "resident": t.resident,
-            "hits": hits,
-            "misses": misses,
-            "hit_rate": hits / max(hits + misses, 1),
-            "bytes_moved": self.bytes_moved,
-            "bytes_read_in_place": read_in_place,
-            "prefetch_bytes": self.prefetch_bytes,
-            "stall_s": self.stall_s,
-            "cpu_experts": self.cpu_experts,
-            "cpu_s": self.cpu_s,
-            "prefetch_precision": self.pred_hit / self.pred_total if self.pred_total else None,
-            "prefetch_recall": self.pred_hit / self.actual_total if self.actual_total else None,
-        }
+        hits, misses, read_in_place = self.misses.counts(self)
+        hits, misses = t.hits + hits, t.misses + misses
+        return LayerStats(
+            layer=self.layer,
+            slots=t.num_slots,
+            experts=t.num_experts,
+            resident=t.resident,
+            hits=hits,
+            misses=misses,
+            bytes_moved=self.bytes_moved,
+            bytes_read_in_place=read_in_place,
+            prefetch_bytes=self.prefetch_bytes,
+            stall_s=self.stall_s,
+            cpu_experts=self.cpu_experts,
+            cpu_s=self.cpu_s,
+            guessed=self.pred_total,
+            guessed_right=self.pred_hit,
+            routed=self.actual_total,
+        )
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, slots={self.table.num_slots}/{self.num_experts}"

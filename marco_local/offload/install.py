@@ -1,11 +1,10 @@
 """Put a model's experts under offloading: build the stores, size the slots from the budget, swap `mlp.experts`.
 
-Two entry points: `load_offloaded` builds a model from a Hugging Face folder without ever materialising its experts
-(non-expert weights are read as usual; experts stay in the file and are read with positional reads, or are copied
-once into pinned host RAM on CUDA); `install` wraps the experts of a model that is already loaded (in RAM, or as
-zero-copy views of a memory-mapped GGUF, which become a file store; quantized GGUF experts loaded with
-`experts_in_file` become a file store too when their slots hold raw blocks (native kernels, float32), else a
-`RepackStore` that repacks an expert's raw blocks into the int4 form on a miss).
+`install` wraps the experts of a model that is already loaded (in RAM, or as zero-copy views of a memory-mapped GGUF,
+which become a file store; quantized GGUF experts loaded with `experts_in_file` become a file store too when their
+slots hold raw blocks (native kernels, float32), else a `RepackStore` that repacks an expert's raw blocks into the
+int4 form on a miss). The loader that builds a model with its experts left in a safetensors checkpoint
+(load/offloaded.py) uses the same steps: `make_plan` before any expert byte is read, then `wrap`.
 Both attach an `OffloadRuntime` as `model.offload`, which owns the prefetch thread and reports the stats
 (`offload_stats(model)`).
 Invariant: the plan is computed and checked against the budget before any expert byte is read.
@@ -15,34 +14,28 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..config import load_config
 from ..errors import MarcoError
-from ..formats.checkpoint import Checkpoint
 from ..layers.kv_cache import kv_cache_bytes
-from ..load.checkpoint import check_checkpoint
-from ..load.meta import meta_device
-from ..models.qwen3_moe import Qwen3MoeForCausalLM
+from . import memory, misses
 from .budget import (
     AUTO_GPU_MARGIN,
-    WORKING_RESERVE,
     Placement,
     Plan,
-    cuda_scratch_bytes,
     format_bytes,
     parse_size,
     plan_slots,
 )
-from .direct import unavailable_reason as direct_unavailable
 from .experts import OffloadedExperts
-from .policy import LFU, StaticHotSet, make_policy_factory
+from .policy import make_policy_factory
+from .stats import OffloadStats
 from .store import (
     ExpertLayout,
     ExpertStore,
@@ -53,11 +46,8 @@ from .store import (
     mapped_segments,
     raw_segments,
     raw_tensors,
-    safetensors_segments,
     tensor_bytes,
 )
-
-ProgressFn = Callable[[int, int], None]
 
 
 class OffloadRuntime:
@@ -76,37 +66,19 @@ class OffloadRuntime:
         for x in self.layers:
             x.reset_stats()
 
-    def stats(self) -> dict:
-        per_layer = [x.stats() for x in self.layers]
-        hits = sum(s["hits"] for s in per_layer)
-        misses = sum(s["misses"] for s in per_layer)
-        pred = sum(x.pred_total for x in self.layers)
-        pred_hit = sum(x.pred_hit for x in self.layers)
-        actual = sum(x.actual_total for x in self.layers)
-        return {
-            "expert_hit_rate": hits / (hits + misses) if hits + misses else None,
-            "expert_hits": hits,
-            "expert_misses": misses,
-            "experts_resident": sum(s["resident"] for s in per_layer),
-            "experts_total": sum(s["experts"] for s in per_layer),
-            "experts_resident_fraction": sum(s["slots"] for s in per_layer) / sum(s["experts"] for s in per_layer),
-            "expert_slots_per_layer": self.plan.slots,
-            "expert_bytes_moved": sum(s["bytes_moved"] for s in per_layer),
-            "expert_stall_s": sum(s["stall_s"] for s in per_layer),
-            "prefetch_precision": pred_hit / pred if pred else None,
-            "prefetch_recall": pred_hit / actual if actual else None,
-            "expert_misses_on_cpu": any(x.misses_on_cpu for x in self.layers),
-            "expert_misses_direct": any(x.direct for x in self.layers),
-            "expert_bytes_read_in_place": sum(s["bytes_read_in_place"] for s in per_layer),
-            "expert_cpu_computed": sum(s["cpu_experts"] for s in per_layer),
-            "expert_cpu_s": sum(s["cpu_s"] for s in per_layer),
-            "miss_copy_us": None if self.miss_costs is None else 1e6 * self.miss_costs[0],
-            "miss_cpu_us": None if self.miss_costs is None else 1e6 * self.miss_costs[1],
-            "offload_budget_bytes": self.plan.budget,
-            "offload_fixed_bytes": self.plan.fixed_bytes,
-            "offload_fast_bytes": self.fast_bytes,
-            "expert_layers": per_layer,
-        }
+    def stats(self) -> OffloadStats:
+        costs = self.miss_costs
+        return OffloadStats(
+            layers=[x.stats() for x in self.layers],
+            slots_per_layer=self.plan.slots,
+            misses_on_cpu=any(x.misses_on_cpu for x in self.layers),
+            misses_direct=any(x.direct for x in self.layers),
+            miss_copy_s=None if costs is None else costs[0],
+            miss_cpu_s=None if costs is None else costs[1],
+            budget_bytes=self.plan.budget,
+            fixed_bytes=self.plan.fixed_bytes,
+            fast_bytes=self.fast_bytes,
+        )
 
     def close(self) -> None:
         for x in self.layers:
@@ -120,10 +92,23 @@ class OffloadRuntime:
             x.store.close()
 
 
-def offload_stats(model: nn.Module) -> dict:
-    """The expert-cache stats of a model (empty for a model that is not offloaded): feeds GenerationResponse.stats."""
+def offload_stats(model: nn.Module) -> OffloadStats | None:
+    """The expert-cache stats of a model (None for a model that is not offloaded): feeds GenerationResponse.stats."""
     rt = getattr(model, "offload", None)
-    return rt.stats() if isinstance(rt, OffloadRuntime) else {}
+    return rt.stats() if isinstance(rt, OffloadRuntime) else None
+
+
+class FastMemory(NamedTuple):
+    """What an offloaded model keeps of its experts in fast memory."""
+
+    experts_per_layer: int
+    nbytes: int  # the slots and the stores' working buffers
+
+
+def fast_memory(model: nn.Module) -> FastMemory | None:
+    """The experts an offloaded model keeps in fast memory (what the chat's /info shows); None when not offloaded."""
+    rt = getattr(model, "offload", None)
+    return FastMemory(rt.plan.slots, rt.fast_bytes) if isinstance(rt, OffloadRuntime) else None
 
 
 def load_profile(path: str | Path) -> dict[int, list[float]]:
@@ -164,13 +149,13 @@ def _spans(layers: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
-def _moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
 
 
-def _non_expert_bytes(model: nn.Module) -> int:
+def non_expert_bytes(model: nn.Module) -> int:
     """Everything but the experts: weights (however a quantized module keeps them), norms, rotary tables."""
-    return tensor_bytes(model, skip={id(b.experts) for _, b in _moe_blocks(model)})
+    return tensor_bytes(model, skip={id(b.experts) for _, b in moe_blocks(model)})
 
 
 def file_mappings(paths: list[Path]) -> list[tuple[Path, int, int]]:
@@ -190,10 +175,12 @@ def file_mappings(paths: list[Path]) -> list[tuple[Path, int, int]]:
     return found
 
 
-def _kv_bytes(cfg, ctx: int, dtype: torch.dtype, device: torch.device) -> int:
-    """The KV cache for `ctx` tokens plus the working reserve: what the budget sets aside besides weights."""
+def fixed_bytes(model: nn.Module, ctx: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The budget's fixed part for this model (the planner's `fixed_bytes`): its non-expert tensors, the KV cache
+    for `ctx` tokens in the activation dtype, and the working reserve."""
+    cfg = model.config
     kv = kv_cache_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx, dtype, device)
-    return kv + WORKING_RESERVE
+    return memory.fixed_bytes(non_expert_bytes(model), kv)
 
 
 def _budget(placement: Placement, device: torch.device) -> tuple[int | None, str]:
@@ -213,17 +200,19 @@ def _budget(placement: Placement, device: torch.device) -> tuple[int | None, str
     return (parse_size(placement.ram_mem) if placement.ram_mem else None), "--ram-mem"
 
 
-def _make_plan(
+def make_plan(
     model: nn.Module,
     layout: ExpertLayout,
     in_ram: int,
     scratch: int,
     placement: Placement,
     device: torch.device,
-    fixed_bytes: int,
+    fixed: int,
 ) -> Plan:
+    """Slots per layer for `placement` (the planner's `plan_slots`), refused before any expert byte is read when the
+    budget cannot hold `fixed` bytes and one expert per layer. `scratch`: the stores' own buffers (CPU)."""
     cfg = model.config
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     if not blocks:
         raise MarcoError("this model has no MoE layers to offload")
     budget, what = _budget(placement, device)
@@ -233,15 +222,12 @@ def _make_plan(
             f"({format_bytes(in_ram)}), and a RAM budget needs experts that can stay in their file",
             hint="bound the fast slots with --experts-resident, or use a bf16 checkpoint folder or a GGUF file",
         )
+    scratch = memory.expert_scratch(cfg, layout.expert_bytes, device.type == "cuda", scratch)
     resident = placement.experts_resident
-    if device.type == "cuda":
-        scratch = cuda_scratch_bytes(
-            cfg.num_experts_per_tok, layout.expert_bytes, cfg.hidden_size, cfg.moe_intermediate_size
-        )
-    return plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed_bytes, budget, resident, scratch, what)
+    return plan_slots(cfg.num_experts, len(blocks), layout.expert_bytes, fixed, budget, resident, scratch, what)
 
 
-def _wrap(
+def wrap(
     model: nn.Module,
     layouts: dict[int, ExpertLayout],
     make_store: Callable[[int, ExpertLayout], ExpertStore],
@@ -252,7 +238,7 @@ def _wrap(
     """Per layer, build its store and swap in the OffloadedExperts (so a store that copies the experts into RAM frees
     the layer's original tensors before the next layer is copied); then prefetch links and profile warm-up."""
     cfg = model.config
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     profile = load_profile(placement.profile) if placement.profile else None
     if profile is not None:
         _check_profile(profile, placement.profile, cfg, [i for i, _ in blocks])
@@ -282,110 +268,12 @@ def _wrap(
         for x in layers:
             x.reset_stats()
     rt = OffloadRuntime(layers, plan, executor)
-    _choose_miss_handling(rt, placement, cfg, model.model.norm.weight.dtype)
+    rt.miss_costs = misses.choose(layers, placement, cfg, model.model.norm.weight.dtype)
     if device.type == "cuda":  # a budget that holds every expert: load them now, decode then needs no host step
         for x in layers:
             x.load_all()
     model.offload = rt
     return rt
-
-
-MISS_HANDLING = ("auto", "copy", "cpu", "direct")
-CPU_MISS_MARGIN = 0.8  # auto computes misses on the CPU only when that is clearly cheaper than a copy
-
-
-def _miss_costs(x: OffloadedExperts, hidden: int, dtype: torch.dtype) -> tuple[float, float]:
-    """Seconds (medians of 5) to copy one expert into a slot, and to compute one expert for one token on the CPU."""
-    cuda = x.device.type == "cuda"
-
-    def median_time(fn: Callable[[], object]) -> float:
-        times = []
-        for _ in range(5):
-            if cuda:
-                torch.cuda.synchronize(x.device)
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(x.device)
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[2]
-
-    twin, token, row = x.twin(), torch.randn(1, hidden).to(dtype), torch.empty_like(x.slots[0])
-    copy_s = median_time(lambda: x.store.read_into(0, row))  # into a row of its own: the slots keep their experts
-    cpu_s = median_time(lambda: twin.expert_forward(0, token))
-    return copy_s, cpu_s
-
-
-def _lfu_refusal() -> MarcoError:
-    return MarcoError(
-        "--expert-misses direct evicts the least recently used expert", hint="use --expert-policy lru or static with it"
-    )
-
-
-def _direct_refusal(rt: OffloadRuntime) -> MarcoError | None:
-    """Why missing experts cannot be read in place here (offload/direct.py), or None when they can."""
-    device = rt.layers[0].device
-    if device.type == "cuda":
-        if not all(isinstance(x.store, MemoryStore) and getattr(x.inner, "gathers", False) for x in rt.layers):
-            return MarcoError("reading missing experts in place needs stacked experts in host RAM")
-        if isinstance(rt.layers[0].table.policy, LFU):
-            return _lfu_refusal()
-    reason = direct_unavailable(device)
-    return MarcoError(reason, hint="use --expert-misses copy") if reason else None
-
-
-def _choose_miss_handling(rt: OffloadRuntime, placement: Placement, cfg, dtype: torch.dtype) -> None:
-    """Read a missing expert in place, copy it into a slot, or compute it on the CPU where it lies (pinned host RAM)
-    while the GPU computes the resident ones. `auto` on CUDA reads in place wherever that works and no --prefetch
-    was asked for: the decode step stays one CUDA graph, where a copy cuts it at every layer (H100, Nano-shaped nf4,
-    50% of the experts resident: 0.88 of the resident speed, copies 0.72). Else it measures a copy against the CPU
-    and takes the CPU when it is clearly cheaper (on an H200: copy 42 us, CPU 100-120 us per bf16 Nano expert)."""
-    if placement.misses not in MISS_HANDLING:
-        raise MarcoError(f"unknown --expert-misses {placement.misses!r}", hint="use auto, copy, cpu or direct")
-    on_cuda = rt.layers[0].device.type == "cuda"
-    if placement.misses == "direct" or (placement.misses == "auto" and on_cuda and not placement.prefetch):
-        refusal = _direct_refusal(rt)
-        if refusal is None:
-            enable_direct(rt, cfg.num_experts_per_tok)
-            return
-        if placement.misses == "direct":
-            raise refusal
-    able = all(x.can_compute_on_cpu() for x in rt.layers)
-    on_cpu = False
-    if placement.misses == "cpu":
-        if not able and rt.layers[0].device.type == "cpu":
-            raise MarcoError(
-                "--expert-misses cpu is for CUDA (the CPU computes the missing experts while the GPU computes the "
-                "others); on a CPU-only run every expert is computed on the CPU already",
-                hint="leave --expert-misses out",
-            )
-        if not able:
-            raise MarcoError(
-                "--expert-misses cpu needs the experts in host RAM as plain tensors (a checkpoint folder on CUDA)",
-                hint="use --expert-misses copy",
-            )
-        on_cpu = True
-    elif placement.misses == "auto" and able and on_cuda:
-        rt.miss_costs = _miss_costs(rt.layers[0], cfg.hidden_size, dtype)
-        on_cpu = rt.miss_costs[1] < CPU_MISS_MARGIN * rt.miss_costs[0]
-    for x in rt.layers:
-        x.misses_on_cpu = on_cpu
-
-
-def enable_direct(rt: OffloadRuntime, top_k: int) -> None:
-    """Every layer reads its missing experts where they lie and keeps its slot map on the device
-    (offload/direct.py), through one gather buffer the layers share (they run one after another on one stream).
-    LRU eviction; a static profile's top experts (all but top_k of the slots) are pinned."""
-    first = rt.layers[0]
-    if isinstance(first.table.policy, LFU):
-        raise _lfu_refusal()
-    width = max(x.layout.expert_bytes for x in rt.layers)
-    scratch = torch.zeros(top_k * width, dtype=torch.uint8, device=first.device)
-    for x in rt.layers:
-        policy, keep = x.table.policy, max(0, x.table.num_slots - top_k)
-        static = isinstance(policy, StaticHotSet) and keep
-        pinned = sorted(range(x.num_experts), key=lambda e: -policy.freq[e])[:keep] if static else []
-        x.enable_direct(scratch, top_k, pinned)
 
 
 def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> OffloadRuntime:
@@ -398,7 +286,7 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
     layouts: dict[int, ExpertLayout] = {}
     segments: dict[int, list | None] = {}
     raws: dict[int, list] = {}  # GGUF experts loaded with experts_in_file: repacked from the file on a miss
-    for i, block in _moe_blocks(model):
+    for i, block in moe_blocks(model):
         if hasattr(block.experts, "use_slots"):  # per-expert modules that would keep private copies (bitsandbytes)
             block.experts.use_slots()
         layouts[i] = ExpertLayout(block.experts, cfg.num_experts)
@@ -423,9 +311,9 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
         shared = ThreadScratch(max(RepackStore.raw_bytes(r) for r in raws.values()))
         work = max(RepackStore.work_bytes(layouts[i]) for i in raws)
         scratch += ThreadScratch.THREADS * (shared.nbytes + work)
-        blocks = dict(_moe_blocks(model))
+        blocks = dict(moe_blocks(model))
         stores |= {i: RepackStore(layouts[i], blocks[i].experts, r, shared) for i, r in raws.items()}
-    blocks = dict(_moe_blocks(model))
+    blocks = dict(moe_blocks(model))
 
     def make_store(i: int, layout: ExpertLayout) -> ExpertStore:
         if i in stores:
@@ -437,61 +325,7 @@ def install(model: nn.Module, placement: Placement, files: list[Path] = ()) -> O
         return store
 
     dtype = model.model.norm.weight.dtype  # the activation dtype: the KV cache is allocated in it
-    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype, device)
+    fixed = fixed_bytes(model, placement.ctx, dtype, device)
     largest = max(layouts.values(), key=lambda lay: lay.expert_bytes)  # layers may mix types (Q4_K_M: Q4_K/Q6_K)
-    plan = _make_plan(model, largest, in_ram if device.type == "cpu" else 0, scratch, placement, device, fixed)
-    return _wrap(model, layouts, make_store, plan, placement, device)
-
-
-def load_offloaded(
-    folder: str | Path,
-    placement: Placement,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    progress: ProgressFn | None = None,
-) -> Qwen3MoeForCausalLM:
-    """A Hugging Face checkpoint with its experts left in the file (CPU) or in pinned host RAM (CUDA)."""
-    device = torch.device(device)
-    cfg = load_config(folder)
-    ckpt = Checkpoint(folder)
-    check_checkpoint(cfg, ckpt)
-    with meta_device():
-        model = Qwen3MoeForCausalLM(cfg).to(dtype)
-    blocks = _moe_blocks(model)
-    expert_params = {id(p) for _, b in blocks for p in b.experts.parameters()}
-    params = [(n, p) for n, p in model.named_parameters() if id(p) not in expert_params]
-    stores: dict[int, ExpertStore] = {}
-    for i, block in blocks:  # headers only: fail on a bad checkpoint before reading weights
-        layout = ExpertLayout(block.experts, cfg.num_experts)
-        stores[i] = FileStore(layout, safetensors_segments(ckpt.file_of, f"model.layers.{i}.mlp.experts", layout))
-    fixed = _non_expert_bytes(model) + _kv_bytes(cfg, placement.ctx, dtype, device)
-    scratch = sum(st.resident_bytes for st in stores.values())
-    plan = _make_plan(model, stores[blocks[0][0]].layout, 0, scratch, placement, device, fixed)  # before any read
-    total = len(params)
-    for k, (name, p) in enumerate(params):
-        if name not in ckpt:
-            raise MarcoError(f"tensor {name} is missing from the checkpoint in {ckpt.folder}")
-        found = list(ckpt.shape(name))
-        if found != list(p.shape):
-            raise MarcoError(
-                f"tensor {name} has shape {found} in {ckpt.folder}, the config implies {list(p.shape)}",
-                hint="config.json and the weights do not belong together",
-            )
-        owner_name, attr = name.rsplit(".", 1)
-        value = ckpt.get(name).to(device=device, dtype=dtype)
-        model.get_submodule(owner_name)._parameters[attr] = nn.Parameter(value, requires_grad=False)
-        if progress:
-            progress(k + 1, total)
-    del ckpt  # drop the safetensors mappings: their touched pages would otherwise count toward RSS
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-
-    def make_store(i: int, layout: ExpertLayout) -> ExpertStore:
-        if device.type != "cuda":
-            return stores[i]
-        pinned = MemoryStore.from_store(stores[i], pin=True)  # slow tier = pinned host RAM, filled once from the file
-        stores[i].close()
-        return pinned
-
-    _wrap(model, {i: st.layout for i, st in stores.items()}, make_store, plan, placement, device)
-    return model.eval()
+    plan = make_plan(model, largest, in_ram if device.type == "cpu" else 0, scratch, placement, device, fixed)
+    return wrap(model, layouts, make_store, plan, placement, device)
