@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import decode
 from .cpu_share import CpuShare
 from .generate import peak_memory_bytes, prefill, prefill_chunk
 from .layers.kv_cache import make_cache
@@ -83,7 +84,7 @@ def run_benchmark(
 
     share = CpuShare() if device.type == "cpu" else None  # threads follow the free cores, as in generation
 
-    def decode(n: int) -> float:
+    def timed_decode(n: int) -> float:
         cache.reset()
         logits = decode.forward(model, prompt[:, :1], cache)
         _sync(device)
@@ -105,13 +106,13 @@ def run_benchmark(
         _sync(device)
         return prompt_tokens / (time.perf_counter() - start)
 
-    decode(min(4, decode_tokens))  # warm-up
+    timed_decode(min(4, decode_tokens))  # warm-up
     prompt_tps: list[float] = []
     decode_tps: list[float] = []
     try:
         for i in range(repeats):
             prompt_tps.append(timed_prefill())
-            decode_tps.append(decode(decode_tokens))
+            decode_tps.append(timed_decode(decode_tokens))
             if progress:
                 progress(i + 1, repeats)
     finally:
