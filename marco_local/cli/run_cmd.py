@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from ..errors import MarcoError
-from ..layers.kv_cache import make_cache
 from . import ui
 from .options import (
     Ctx,
@@ -84,6 +83,7 @@ def run(
 ) -> None:
     """Answer one prompt and exit. Only the answer goes to stdout. Without a prompt, in a terminal: a chat."""
     from ..generate import UNTIL_FULL, PromptCache, stream_generate
+    from ..layers.kv_cache import make_cache
     from ..offload import Placement, TraceRecorder, offload_stats
     from ..offload.trace import FORMAT as TRACE_FORMAT
     from ..runtime import load

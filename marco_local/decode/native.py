@@ -193,7 +193,8 @@ class NativeDecoder:
     def supports(model: nn.Module) -> bool:
         """On the CPU, every projection and the output matrix a native `QLinear`, norms in float32 (the GGUF loader's
         form when the native kernels run: activations in float32, KV cache in bf16)."""
-        if not native.available() or model.model.norm.weight.dtype != torch.float32:
+        norm = getattr(getattr(model, "model", None), "norm", None)
+        if norm is None or not native.available() or norm.weight.dtype != torch.float32:
             return False
         if model.model.norm.weight.device.type != "cpu":
             return False
